@@ -1,0 +1,188 @@
+"""The session's event hub: one event source per session namespace, fanned out to every open monitor,
+and the severed-attachment detection driven by it.
+
+Policy for slow consumers: each Monitor has its own bounded buffer. When it is full, events for that
+monitor alone are dropped and counted; as soon as there is room again it receives `EventsDropped(count)`.
+The hub never waits for a consumer, so one slow monitor cannot stall the others, the severing logic or
+the session.
+
+Backends without an event source fall back to polling `is_attached` (every `POLL_INTERVAL` seconds)
+for severing; monitors then deliver only AttachmentSevered events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from ._errors import BackendUnavailable
+from ._types import State
+from .events import (
+    DeviceRemoved,
+    Event,
+    EventsDropped,
+    FilterAdded,
+    FilterRemoved,
+    KernelEvent,
+    QdiscRemoved,
+    Resynced,
+)
+
+if TYPE_CHECKING:
+    from ._session import Session
+
+__all__ = ["Monitor"]
+
+log = logging.getLogger("asynctc")
+
+POLL_INTERVAL = 1.0
+
+
+class Monitor:
+    """An async iterator of events (see `asynctc.events`), from `Session.open_monitor()`.
+
+    `async for event in monitor:` ends when the monitor's block or the session closes.
+    """
+
+    def __init__(self, buffer: int) -> None:
+        if buffer < 1:
+            raise ValueError(f"buffer must be >= 1, got {buffer}")
+        self._send, self._recv = trio.open_memory_channel[Event](buffer)
+        self._dropped = 0
+        self.dropped_total = 0
+
+    def _offer(self, ev: Event) -> None:
+        try:
+            if self._dropped:
+                self._send.send_nowait(EventsDropped(self._dropped))
+                self._dropped = 0
+            self._send.send_nowait(ev)
+        except trio.WouldBlock:
+            self._dropped += 1
+            self.dropped_total += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def receive(self) -> Event:
+        """The next event; raises trio.EndOfChannel once the monitor is closed."""
+        return await self._recv.receive()
+
+    def __aiter__(self) -> Monitor:
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self._recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+    def _close(self) -> None:
+        self._send.close()
+
+
+class _Hub:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._subs: set[Monitor] = set()
+        self._ready: trio.Event | None = None
+        self._closed = False
+        self.polling = False
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def attachment_added(self) -> None:
+        """Start watching (in the background) once the session has something to lose."""
+        if self._ready is None and self._session._nursery is not None and not self._closed:
+            self._ready = trio.Event()
+            self._session._nursery.start_soon(self._run, self._ready)
+
+    async def ensure_started(self) -> None:
+        """Start watching if not yet, and wait until the event source is subscribed."""
+        if self._ready is None:
+            if self._session._nursery is None or self._closed:
+                return
+            self._ready = trio.Event()
+            self._session._nursery.start_soon(self._run, self._ready)
+        await self._ready.wait()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for m in list(self._subs):
+            m._close()
+        self._subs.clear()
+
+    # -- subscribers ---------------------------------------------------------------------------------
+    def subscribe(self, buffer: int) -> Monitor:
+        m = Monitor(buffer)
+        self._subs.add(m)
+        return m
+
+    def unsubscribe(self, m: Monitor) -> None:
+        self._subs.discard(m)
+        m._close()
+
+    def publish(self, ev: Event) -> None:
+        for m in list(self._subs):
+            m._offer(ev)
+
+    # -- the watcher ---------------------------------------------------------------------------------
+    async def _run(self, ready: trio.Event) -> None:
+        session = self._session
+        assert session._primary is not None
+        try:
+            try:
+                cm = session._primary.open_event_source()
+            except BackendUnavailable:
+                await self._poll(ready)
+                return
+            async with cm as source:
+                ready.set()
+                # Anything severed before the subscription took effect is found now.
+                await session._check_alive(session.attachments, "severed before events were watched")
+                while True:
+                    for ev in await source.receive():
+                        await self._dispatch(ev)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            # The event source broke (its socket failed...): say so, and keep severing detection alive
+            # by polling rather than letting the session die.
+            log.error("asynctc: the event source of %r failed (%r); falling back to polling", session, exc)
+            await self._poll(ready)
+        finally:
+            ready.set()
+
+    async def _poll(self, ready: trio.Event) -> None:
+        self.polling = True
+        ready.set()
+        while True:
+            await self._session._check_alive(self._session.attachments, "found severed (polled)")
+            await trio.sleep(POLL_INTERVAL)
+
+    async def _dispatch(self, ev: KernelEvent | Resynced) -> None:
+        session = self._session
+        if isinstance(ev, FilterAdded | FilterRemoved):
+            owned = session.owns_filter(ev.ifindex, ev.direction, ev.priority, ev.handle)
+            if owned != ev.owned:
+                ev = dataclasses.replace(ev, owned=owned)
+        self.publish(ev)
+        live = [a for a in session.attachments if a.state is State.ATTACHED]
+        if isinstance(ev, DeviceRemoved):
+            hit = [a for a in live if a.info.ifindex == ev.ifindex]
+            await session._check_alive(hit, f"device {ev.name} (ifindex {ev.ifindex}) was deleted")
+        elif isinstance(ev, QdiscRemoved):
+            hit = [a for a in live if a.info.ifindex == ev.ifindex and a.info.handle is not None]
+            await session._check_alive(hit, f"the {ev.kind} qdisc of ifindex {ev.ifindex} was deleted")
+        elif isinstance(ev, FilterRemoved):
+            hit = [
+                a for a in live
+                if a.info.ifindex == ev.ifindex and a.info.handle is not None
+                and (ev.direction is None or a.info.direction is ev.direction)
+                and (ev.priority == 0 or a.info.priority == ev.priority)
+                and (ev.handle == 0 or a.info.handle == ev.handle)
+            ]
+            await session._check_alive(hit, "its filter was deleted by someone else")
+        elif isinstance(ev, Resynced):
+            await session._check_alive(live, f"found severed after a resync ({ev.reason})")

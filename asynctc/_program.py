@@ -1,0 +1,148 @@
+"""Program: an owned handle on a loaded BPF program."""
+
+from __future__ import annotations
+
+import os
+from types import TracebackType
+
+from ._errors import ProgramError, from_errno
+from .lowlevel import bpf
+
+__all__ = ["PROG_TYPE_NAMES", "Program"]
+
+PROG_TYPE_NAMES = {
+    bpf.BPF_PROG_TYPE_SOCKET_FILTER: "SOCKET_FILTER",
+    bpf.BPF_PROG_TYPE_SCHED_CLS: "SCHED_CLS",
+    4: "SCHED_ACT",
+    bpf.BPF_PROG_TYPE_XDP: "XDP",
+}
+
+
+class Program:
+    """An owned handle on a loaded BPF program: it holds its own fd, closed by `close()`.
+
+    Build one with `from_fd` (duplicates the fd: the caller keeps theirs), `from_pinned` or `from_id`, or
+    with `asynctc.programs`. The identity (`id`, `name`, `tag`, `type`) is read once from the kernel; it
+    never changes for a loaded program. Usable as a context manager that closes it.
+
+    Simulated programs of the mock backend (`MockKernel.program`) are Programs without an fd.
+    """
+
+    __slots__ = ("_fd", "_id", "_name", "_tag", "_type", "__weakref__")
+
+    def __init__(self, fd: int | None, *, id: int, name: str, tag: str, type: int) -> None:
+        self._fd = fd
+        self._id = id
+        self._name = name
+        self._tag = tag
+        self._type = type
+
+    @classmethod
+    def _adopt_fd(cls, fd: int) -> Program:
+        """Take ownership of `fd` (already ours); close it if it is not a usable program."""
+        if bpf.fd_object_kind(fd) != "prog":
+            os.close(fd)
+            raise ProgramError("the fd does not refer to a BPF program (is it a map or a link?)")
+        try:
+            info = bpf.prog_info(fd)
+        except bpf.BpfError as exc:
+            os.close(fd)
+            raise from_errno(exc.errno or 0, op="prog_info") from None
+        return cls(fd, id=info.id, name=info.name, tag=info.tag, type=info.type)
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Program:
+        """A Program on a duplicate of `fd` (the caller keeps ownership of `fd`)."""
+        try:
+            dup = os.dup(fd)
+        except OSError as exc:
+            raise ProgramError(f"fd {fd} is not open: {exc.strerror}; pass the fd of a loaded BPF program",
+                               errno=exc.errno) from None
+        return cls._adopt_fd(dup)
+
+    @classmethod
+    def from_pinned(cls, path: str | os.PathLike[str]) -> Program:
+        """The program pinned at `path` on bpffs."""
+        try:
+            fd = bpf.obj_get(os.fspath(path))
+        except bpf.BpfError as exc:
+            raise from_errno(exc.errno or 0, op="obj_get", program=os.fspath(path)) from None
+        return cls._adopt_fd(fd)
+
+    @classmethod
+    def from_id(cls, prog_id: int) -> Program:
+        """The loaded program with this id (needs CAP_SYS_ADMIN)."""
+        try:
+            fd = bpf.prog_get_fd_by_id(int(prog_id))
+        except bpf.BpfError as exc:
+            raise from_errno(exc.errno or 0, op="prog_get_fd_by_id", program=f"program id {prog_id}") from None
+        return cls._adopt_fd(fd)
+
+    @property
+    def fd(self) -> int:
+        """The program's fd; ProgramError if it is closed or simulated (mock only)."""
+        if self._fd is None:
+            raise ProgramError(f"{self} is simulated: it exists only in a MockKernel, use the mock backend")
+        if self._fd < 0:
+            raise ProgramError(f"{self} is closed; load or open the program again")
+        return self._fd
+
+    @property
+    def id(self) -> int:
+        return self._id
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def tag(self) -> str:
+        return self._tag
+
+    @property
+    def type(self) -> int:
+        """The BPF program type (3 = BPF_PROG_TYPE_SCHED_CLS, the one tc hooks run)."""
+        return self._type
+
+    @property
+    def type_name(self) -> str:
+        return PROG_TYPE_NAMES.get(self._type, f"type {self._type}")
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is not None and self._fd < 0
+
+    @property
+    def simulated(self) -> bool:
+        return self._fd is None
+
+    def check_usable(self) -> None:
+        """Raise ProgramError unless this program can be attached to a tc hook."""
+        if self.closed:
+            raise ProgramError(f"{self} is closed; load or open the program again")
+        if self._type != bpf.BPF_PROG_TYPE_SCHED_CLS:
+            raise ProgramError(
+                f"{self} is a {self.type_name} program; tc hooks run only SCHED_CLS "
+                "(BPF_PROG_TYPE_SCHED_CLS) programs: load it with that type"
+            )
+
+    def close(self) -> None:
+        """Close the program's fd. Idempotent. Attachments keep their own references."""
+        if self._fd is not None and self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> Program:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = " closed" if self.closed else (" simulated" if self.simulated else "")
+        return f"<Program id={self._id} name={self._name!r} type={self.type_name}{state}>"
+
+    def __str__(self) -> str:
+        return f"program {self._id}" + (f" ({self._name})" if self._name else "")

@@ -1,0 +1,152 @@
+"""Frozen value types of the public API: directions, positions, hook contents, results."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, TypeAlias, Union
+
+if TYPE_CHECKING:
+    from ._attachment import Attachment
+    from ._program import Program
+
+
+class Direction(str, enum.Enum):
+    """The traffic-control hook a program runs in: packets arriving on, or leaving, a device."""
+
+    INGRESS = "ingress"
+    EGRESS = "egress"
+
+    @classmethod
+    def coerce(cls, value: Direction | str) -> Direction:
+        """Accept a Direction or its name ("ingress"/"egress", any case); raise ValueError otherwise."""
+        if isinstance(value, Direction):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls(value.lower())
+            except ValueError:
+                pass
+        raise ValueError(f"direction must be 'ingress' or 'egress' (or asynctc.Direction), got {value!r}")
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class State(enum.Enum):
+    """Where an Attachment is in its lifecycle."""
+
+    ATTACHED = "attached"
+    DETACHED = "detached"
+    SEVERED = "severed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+Offload: TypeAlias = Literal["never", "prefer", "require"]
+OFFLOAD_MODES: tuple[str, ...] = ("never", "prefer", "require")
+
+UpdateMethod: TypeAlias = Literal["link_update", "netlink_replace", "make_before_break"]
+
+# What a relative position can be anchored to: a Program, an Attachment, or a program id.
+Anchor: TypeAlias = Union["Program", "Attachment", int]
+
+
+@dataclass(frozen=True, slots=True)
+class First:
+    """Run before every program present on the hook."""
+
+
+@dataclass(frozen=True, slots=True)
+class Last:
+    """Run after every program present on the hook (the default)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Before:
+    """Run immediately before `anchor` (a Program, an Attachment or a program id) on the same hook."""
+
+    anchor: Anchor
+
+
+@dataclass(frozen=True, slots=True)
+class After:
+    """Run immediately after `anchor` (a Program, an Attachment or a program id) on the same hook."""
+
+    anchor: Anchor
+
+
+Position: TypeAlias = First | Last | Before | After
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentInfo:
+    """What and where an attachment is.
+
+    `link_id` is set for tcx links (bpf_link backend); `handle` and `priority` for cls_bpf filters
+    (netlink backend). `netns` is the namespace name or path the session works in (None: the caller's).
+    """
+
+    backend: str
+    netns: str | None
+    dev: str
+    ifindex: int
+    direction: Direction
+    prog_id: int
+    link_id: int | None
+    handle: int | None
+    priority: int | None
+    offloaded: bool
+    pinned: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HookEntry:
+    """One program on a hook, as the kernel reports it.
+
+    `kind` is "tcx" for a tcx program (link or not) and "cls_bpf" for a legacy filter. `owned` is True only
+    for what the querying session created or adopted.
+    """
+
+    prog_id: int
+    prog_name: str
+    prog_tag: str
+    kind: Literal["tcx", "cls_bpf"]
+    link_id: int | None
+    handle: int | None
+    priority: int | None
+    owned: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    """The programs on one device and direction, in run order (tcx first, then cls_bpf by priority).
+
+    `revision` is the tcx revision of the hook (None where the hook has no revision, as legacy tc without
+    tcx support).
+    """
+
+    revision: int | None
+    entries: tuple[HookEntry, ...]
+
+    @property
+    def prog_ids(self) -> tuple[int, ...]:
+        """The program ids in run order."""
+        return tuple(e.prog_id for e in self.entries)
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateResult:
+    """How an Attachment.update was carried out and the hook's revision afterwards (None if it has none)."""
+
+    method: UpdateMethod
+    revision: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Whether a backend can work here, and why (or why not)."""
+
+    available: bool
+    reason: str

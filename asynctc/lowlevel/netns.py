@@ -1,0 +1,161 @@
+"""Run synchronous calls in worker threads, inside a network namespace.
+
+Every blocking kernel call of asynctc (bpf(2), close() of a link fd, netlink sends and dumps) goes through a
+`NetnsRunner`: the call runs in a trio worker thread, bounded by the runner's CapacityLimiter, and, when the
+runner has a namespace, the thread enters that namespace for the call and leaves it afterwards.
+
+Why threads enter namespaces: BPF_LINK_CREATE and BPF_PROG_QUERY resolve `target_ifindex` in the calling
+thread's network namespace, and a netlink socket binds to the namespace of the thread that creates it.
+
+A pooled worker thread must never go back to the pool in the wrong namespace: if restoring the thread's own
+namespace fails, the process is ended (os.abort) rather than letting later work run in the wrong place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as _errno
+import os
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+__all__ = ["CLONE_NEWNET", "NetnsRunner", "netns_path", "setns"]
+
+CLONE_NEWNET = 0x40000000
+NETNS_RUN_DIR = "/run/netns"
+
+T = TypeVar("T")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.setns.restype = ctypes.c_int
+
+
+def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
+    """Move the calling thread into the namespace behind `fd` (Python 3.11 has no os.setns)."""
+    if _libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def netns_path(netns: str | os.PathLike[str]) -> str:
+    """The path of a namespace given by name (under /run/netns) or by path."""
+    s = os.fspath(netns)
+    if "/" in s:
+        return s
+    return f"{NETNS_RUN_DIR}/{s}"
+
+
+_thread_state = threading.local()
+
+
+def _own_netns_fd() -> int:
+    """An fd on the namespace this worker thread had when it first ran work for us (kept per thread)."""
+    fd: int | None = getattr(_thread_state, "home_fd", None)
+    if fd is None:
+        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        _thread_state.home_fd = fd
+    return fd
+
+
+def _restore_or_die(home_fd: int) -> None:
+    try:
+        setns(home_fd)
+    except BaseException as exc:  # pragma: no cover - only when the kernel refuses to let us back
+        sys.stderr.write(
+            f"asynctc: FATAL: could not restore a worker thread's network namespace ({exc!r}); "
+            "ending the process rather than running later work in the wrong namespace\n"
+        )
+        sys.stderr.flush()
+        os.abort()
+
+
+class NetnsRunner:
+    """Runs sync callables in worker threads, in one network namespace, bounded by a CapacityLimiter.
+
+    Args:
+        netns: None for the caller's namespace, a name under /run/netns, or a path to a namespace file.
+        limiter: bounds how many worker threads this runner uses at once (one per session, typically).
+    """
+
+    def __init__(self, netns: str | os.PathLike[str] | None, limiter: trio.CapacityLimiter) -> None:
+        self.netns: str | None = None if netns is None else os.fspath(netns)
+        self.limiter = limiter
+        self._ns_fd: int | None = None
+        if netns is not None:
+            path = netns_path(netns)
+            try:
+                self._ns_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                from .._errors import TCError
+
+                raise TCError(
+                    f"network namespace {self.netns!r} not found (looked for {path}); "
+                    "create it with `ip netns add NAME` or pass a path to a namespace file",
+                    errno=_errno.ENOENT,
+                ) from None
+            except PermissionError as exc:
+                from .._errors import PermissionDenied
+
+                raise PermissionDenied(
+                    f"cannot open network namespace {path}: {exc.strerror}; needs root (CAP_SYS_ADMIN)",
+                    errno=exc.errno,
+                ) from None
+            self._check_is_netns(path)
+
+    def _check_is_netns(self, path: str) -> None:
+        assert self._ns_fd is not None
+        st = os.fstat(self._ns_fd)
+        try:
+            own = os.stat("/proc/self/ns/net")
+        except OSError:  # pragma: no cover
+            return
+        if st.st_dev != own.st_dev:
+            os.close(self._ns_fd)
+            self._ns_fd = None
+            from .._errors import TCError
+
+            raise TCError(f"{path} is not a network namespace file (use a name under /run/netns or its path)")
+
+    @property
+    def in_other_netns(self) -> bool:
+        return self._ns_fd is not None
+
+    def call_in_netns(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn(*args)` in the namespace on the CURRENT thread, synchronously (for worker threads)."""
+        if self._ns_fd is None:
+            return fn(*args)
+        home = _own_netns_fd()
+        setns(self._ns_fd)
+        try:
+            return fn(*args)
+        finally:
+            _restore_or_die(home)
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn(*args)` in a worker thread in the namespace and return its result.
+
+        The call is not abandoned on cancellation: trio waits for the thread (kernel calls are bounded in
+        time) and the cancellation is delivered at the caller's next checkpoint. So when this returns, the
+        caller knows the kernel's answer, and can record or roll back what the kernel did.
+        """
+        return await trio.to_thread.run_sync(self.call_in_netns, fn, *args, limiter=self.limiter)
+
+    def close(self) -> None:
+        if self._ns_fd is not None:
+            os.close(self._ns_fd)
+            self._ns_fd = None
+
+    def __repr__(self) -> str:
+        return f"NetnsRunner(netns={self.netns!r})"
+
+
+def current_netns_inode() -> int:
+    """The inode of the calling thread's network namespace (identifies a namespace)."""
+    return Path("/proc/thread-self/ns/net").stat().st_ino

@@ -1,0 +1,103 @@
+"""Built-in BPF programs for demos and tests: constant verdicts and packet counting.
+
+Loading them needs CAP_BPF. Verdicts mean the same in the tcx and the cls_bpf (direct-action) hooks:
+"pass" (TCX_PASS / TC_ACT_OK = 0), "drop" (TCX_DROP / TC_ACT_SHOT = 2) and "next" (TCX_NEXT /
+TC_ACT_UNSPEC = -1: let the next program decide).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, TypeAlias
+
+from ._errors import ProgramError, from_errno
+from ._program import Program
+from .lowlevel import bpf
+
+__all__ = ["VERDICTS", "CountingProgram", "Verdict", "constant", "counting", "verdict_value"]
+
+Verdict: TypeAlias = Literal["pass", "drop", "next"]
+VERDICTS: dict[str, int] = {"pass": 0, "drop": 2, "next": -1}
+
+
+def verdict_value(verdict: str) -> int:
+    """The return code of a verdict name; ValueError naming the choices otherwise."""
+    try:
+        return VERDICTS[verdict]
+    except KeyError:
+        raise ValueError(f"verdict must be one of {sorted(VERDICTS)}, got {verdict!r}") from None
+
+
+def _load(insns: bytes, name: str) -> int:
+    try:
+        return bpf.prog_load(bpf.BPF_PROG_TYPE_SCHED_CLS, insns, name=name)
+    except bpf.BpfError as exc:
+        raise from_errno(exc.errno or 0, op="prog_load", program=name, detail=exc.log or None) from None
+
+
+def constant(verdict: Verdict = "pass", *, name: str | None = None) -> Program:
+    """A SCHED_CLS program that returns `verdict` for every packet."""
+    code = verdict_value(verdict)
+    a = bpf.asm
+    fd = _load(a.mov64_imm(0, code) + a.exit(), name or f"atc_{verdict}")
+    return Program._adopt_fd(fd)
+
+
+class CountingProgram(Program):
+    """A SCHED_CLS program that counts the packets it sees in an array map, then returns its verdict."""
+
+    __slots__ = ("_map_fd",)
+
+    def __init__(self, fd: int, map_fd: int) -> None:
+        info = bpf.prog_info(fd)
+        super().__init__(fd, id=info.id, name=info.name, tag=info.tag, type=info.type)
+        self._map_fd = map_fd
+
+    def count(self) -> int:
+        """How many packets this program has seen (reads its map)."""
+        if self._map_fd < 0:
+            raise ProgramError(f"{self} is closed; its counter is gone with it")
+        return bpf.map_lookup_u64(self._map_fd, 0)
+
+    def reset(self) -> None:
+        """Set the counter back to 0."""
+        if self._map_fd < 0:
+            raise ProgramError(f"{self} is closed; its counter is gone with it")
+        bpf.map_update(self._map_fd, 0, bytes(8))
+
+    def close(self) -> None:
+        super().close()
+        if self._map_fd >= 0:
+            fd, self._map_fd = self._map_fd, -1
+            os.close(fd)
+
+
+def counting(verdict: Verdict = "pass", *, name: str | None = None) -> CountingProgram:
+    """A program that counts every packet (`.count()`) and returns `verdict`.
+
+    Eleven instructions: look up key 0 of a one-entry array map, atomically add 1, return the verdict.
+    """
+    code = verdict_value(verdict)
+    try:
+        map_fd = bpf.map_create_array(8, 1, name="atc_count")
+    except bpf.BpfError as exc:
+        raise from_errno(exc.errno or 0, op="map_create", program="counting program") from None
+    a = bpf.asm
+    insns = (
+        a.ld_map_fd(1, map_fd)
+        + a.st_mem_w(10, -4, 0)
+        + a.mov64_reg(2, 10)
+        + a.add64_imm(2, -4)
+        + a.call(1)  # bpf_map_lookup_elem
+        + a.jeq_imm(0, 0, 2)
+        + a.mov64_imm(1, 1)
+        + a.atomic_add64(0, 1)
+        + a.mov64_imm(0, code)
+        + a.exit()
+    )
+    try:
+        fd = _load(insns, name or f"atc_count_{verdict}"[:15])
+    except BaseException:
+        os.close(map_fd)
+        raise
+    return CountingProgram(fd, map_fd)
