@@ -20,6 +20,7 @@ import trio
 
 from ._errors import BackendUnavailable
 from ._types import State
+from .lowlevel.netns import NetnsNameWatch
 from .events import (
     DeviceRemoved,
     Event,
@@ -129,6 +130,33 @@ class _Hub:
 
     # -- the watcher ---------------------------------------------------------------------------------
     async def _run(self, ready: trio.Event) -> None:
+        session = self._session
+        async with trio.open_nursery() as nursery:
+            if session.netns is not None and session.runner.ns_inode is not None:
+                nursery.start_soon(self._watch_netns, nursery.cancel_scope)
+            await self._run_events(ready)
+
+    async def _watch_netns(self, stop: trio.CancelScope) -> None:
+        """When the session's namespace is deleted by name, let go of it so the kernel can destroy it,
+        severing what the session held there."""
+        session = self._session
+        assert session.netns is not None and session.runner.ns_inode is not None
+        try:
+            watch = NetnsNameWatch(session.netns, session.runner.ns_inode)
+        except OSError as exc:
+            log.warning("asynctc: cannot watch namespace %r for deletion: %r", session.netns, exc)
+            return
+        try:
+            await watch.wait_gone()
+        finally:
+            watch.close()
+        stop.cancel()  # the event source's socket holds the namespace too
+        with trio.CancelScope(shield=True):
+            await session._on_netns_gone(f"network namespace {session.netns!r} was deleted")
+        for m in list(self._subs):
+            m._close()
+
+    async def _run_events(self, ready: trio.Event) -> None:
         session = self._session
         assert session._primary is not None
         try:

@@ -540,6 +540,18 @@ class Session:
             if not alive:
                 await self._on_severed(att, reason)
 
+    async def _on_netns_gone(self, reason: str) -> None:
+        """The session's namespace was deleted: sever and release everything held in it, close the
+        backends' sockets and the namespace fd so the kernel can destroy it."""
+        for att in list(self._attachments.values()):
+            await self._on_severed(att, reason)
+        for be in list(self._backends.values()):
+            try:
+                await be.aclose()
+            except Exception as exc:
+                log.warning("asynctc: closing the %s backend after %s failed: %r", be.name, reason, exc)
+        self._runner.close(reason)
+
     # -- close ---------------------------------------------------------------------------------------
     async def _close(self) -> list[BaseException]:
         """Detach what the session owns (not pinned), release the rest, close backends. Shielded and

@@ -143,7 +143,8 @@ class Backend(abc.ABC):
         """Acquire what the backend needs (sockets...). Called once before any other instance method."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
-        """Release what `open` acquired. Called once, after the session detached what it owned."""
+        """Release what `open` acquired, after the session detached what it owned. Idempotent: it is
+        called again at session close if the namespace went away earlier."""
 
     # -- devices --------------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -88,6 +88,8 @@ class NetnsRunner:
         self.netns: str | None = None if netns is None else os.fspath(netns)
         self.limiter = limiter
         self._ns_fd: int | None = None
+        self.ns_inode: int | None = None
+        self.gone_reason: str | None = None
         if netns is not None:
             path = netns_path(netns)
             try:
@@ -112,6 +114,7 @@ class NetnsRunner:
     def _check_is_netns(self, path: str) -> None:
         assert self._ns_fd is not None
         st = os.fstat(self._ns_fd)
+        self.ns_inode = st.st_ino
         try:
             own = os.stat("/proc/self/ns/net")
         except OSError:  # pragma: no cover
@@ -130,6 +133,15 @@ class NetnsRunner:
     def call_in_netns(self, fn: Callable[..., T], *args: object) -> T:
         """Run `fn(*args)` in the namespace on the CURRENT thread, synchronously (for worker threads)."""
         if self._ns_fd is None:
+            if self.netns is not None:
+                # Never fall back to the caller's namespace: that would act on the wrong devices.
+                from .._errors import TCError
+
+                raise TCError(
+                    f"network namespace {self.netns!r} is gone"
+                    + (f" ({self.gone_reason})" if self.gone_reason else " (the session released it)")
+                    + "; open a new session in an existing namespace"
+                )
             return fn(*args)
         home = _own_netns_fd()
         setns(self._ns_fd)
@@ -147,7 +159,10 @@ class NetnsRunner:
         """
         return await trio.to_thread.run_sync(self.call_in_netns, fn, *args, limiter=self.limiter)
 
-    def close(self) -> None:
+    def close(self, reason: str | None = None) -> None:
+        """Let go of the namespace; later calls raise TCError rather than run anywhere else."""
+        if reason is not None and self.gone_reason is None:
+            self.gone_reason = reason
         if self._ns_fd is not None:
             os.close(self._ns_fd)
             self._ns_fd = None
@@ -159,3 +174,60 @@ class NetnsRunner:
 def current_netns_inode() -> int:
     """The inode of the calling thread's network namespace (identifies a namespace)."""
     return Path("/proc/thread-self/ns/net").stat().st_ino
+
+
+# --- watching a namespace's name ---------------------------------------------------------------------
+
+IN_NONBLOCK = 0o4000
+IN_CLOEXEC = 0o2000000
+IN_MOVED_FROM = 0x40
+IN_DELETE = 0x200
+IN_DELETE_SELF = 0x400
+IN_UNMOUNT = 0x2000
+
+_libc.inotify_init1.argtypes = [ctypes.c_int]
+_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+
+
+class NetnsNameWatch:
+    """Waits, without polling, until a named namespace's file is removed (`ip netns del`) or replaced.
+
+    A namespace lives as long as anything holds it; a session's own fds and sockets would keep a deleted
+    namespace alive forever. Watching the name (inotify on its directory) tells the session when to let go.
+    """
+
+    def __init__(self, netns: str | os.PathLike[str], ns_inode: int) -> None:
+        self.path = netns_path(netns)
+        self._ino = ns_inode
+        self._fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if self._fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        directory = os.path.dirname(self.path) or "."
+        mask = IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF | IN_UNMOUNT
+        if _libc.inotify_add_watch(self._fd, os.fsencode(directory), mask) < 0:
+            err = ctypes.get_errno()
+            os.close(self._fd)
+            raise OSError(err, f"inotify_add_watch {directory}: {os.strerror(err)}")
+
+    def gone(self) -> bool:
+        """Whether the path no longer names the namespace it named when the session opened."""
+        try:
+            return os.stat(self.path).st_ino != self._ino
+        except FileNotFoundError:
+            return True
+
+    async def wait_gone(self) -> None:
+        """Return once the namespace's name is gone (checked after every change in its directory)."""
+        while not self.gone():
+            await trio.lowlevel.wait_readable(self._fd)
+            try:
+                while os.read(self._fd, 65536):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)

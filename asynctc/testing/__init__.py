@@ -1,0 +1,18 @@
+"""Helpers for testing code that uses asynctc, and for testing backends.
+
+- `check_backend(...)`: the conformance suite any Backend implementation can run against itself.
+- Throwaway network environments: `temp_netns`, `veth_pair`, `bpffs_mount`, `send_frames`.
+- A pytest plugin (`-p asynctc.testing.pytest_plugin`) with fixtures `netns`, `veth`, `bpffs`.
+"""
+
+from ._netenv import VethPair as VethPair
+from ._netenv import bpffs_mount as bpffs_mount
+from ._netenv import can_run_kernel_tests as can_run_kernel_tests
+from ._netenv import create_netns as create_netns
+from ._netenv import delete_netns as delete_netns
+from ._netenv import ip as ip
+from ._netenv import kernel_test_skip_reason as kernel_test_skip_reason
+from ._netenv import send_frames as send_frames
+from ._netenv import temp_netns as temp_netns
+from ._netenv import unique_name as unique_name
+from ._netenv import veth_pair as veth_pair

@@ -1,0 +1,194 @@
+"""Throwaway network environments for tests and demos: namespaces, veth pairs, bpffs, raw frames.
+
+Everything here is created under a unique name and removed by that name; nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ..lowlevel.netns import CLONE_NEWNET, netns_path, setns
+
+__all__ = [
+    "VethPair",
+    "bpffs_mount",
+    "can_run_kernel_tests",
+    "create_netns",
+    "delete_netns",
+    "ip",
+    "kernel_test_skip_reason",
+    "send_frames",
+    "temp_netns",
+    "unique_name",
+    "veth_pair",
+]
+
+BPF_FS_MAGIC = 0xCAFE4A11
+ETH_P_TEST = 0x88B5  # IEEE local experimental ethertype
+
+
+def unique_name(prefix: str = "atc") -> str:
+    """A short unique name usable for namespaces and (<= 15 chars) devices."""
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run `ip [-n NETNS] ARGS...`; raise with ip's own message on failure."""
+    cmd = ["ip", *(["-n", netns] if netns else []), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
+    return proc
+
+
+def _quiet(name: str) -> None:
+    # No IPv6 autoconfiguration (router solicitations, DAD, MLD): the only frames on a test device are
+    # the ones the test sends, so packet counts are exact.
+    def write() -> None:
+        for conf in ("all", "default"):
+            with open(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6", "w") as f:
+                f.write("1")
+
+    try:
+        _in_netns(name, write)
+    except FileNotFoundError:  # a kernel without IPv6
+        pass
+
+
+def create_netns(name: str | None = None) -> str:
+    """Create a named network namespace (`ip netns add`) with lo up and IPv6 off; return its name."""
+    name = name or unique_name()
+    ip("netns", "add", name)
+    try:
+        ip("link", "set", "lo", "up", netns=name)
+        _quiet(name)
+    except BaseException:
+        delete_netns(name)
+        raise
+    return name
+
+
+def delete_netns(name: str) -> None:
+    """Delete a namespace this process created (by name); quiet if it is already gone."""
+    ip("netns", "del", name, check=False)
+
+
+@contextmanager
+def temp_netns(prefix: str = "atc") -> Iterator[str]:
+    """A fresh uniquely named namespace, deleted afterwards."""
+    name = create_netns(unique_name(prefix))
+    try:
+        yield name
+    finally:
+        delete_netns(name)
+
+
+@dataclass(frozen=True)
+class VethPair:
+    """Two ends of a veth pair: `a` in namespace `netns_a`, `b` in `netns_b` (both up)."""
+
+    netns_a: str
+    a: str
+    netns_b: str
+    b: str
+
+
+def veth_pair(netns_a: str, a: str, netns_b: str | None = None, b: str | None = None) -> VethPair:
+    """Create a veth pair with end `a` in netns_a and end `b` in netns_b (default: netns_a), both up."""
+    netns_b = netns_b or netns_a
+    b = b or f"{a}p"
+    ip("link", "add", a, "type", "veth", "peer", "name", b, "netns", netns_b, netns=netns_a)
+    ip("link", "set", a, "up", netns=netns_a)
+    ip("link", "set", b, "up", netns=netns_b)
+    return VethPair(netns_a, a, netns_b, b)
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _in_netns(netns: str, fn: object, *args: object) -> object:
+    """Run fn(*args) on this thread inside `netns`, then come back (for helpers only)."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    target = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns(target, CLONE_NEWNET)
+        try:
+            return fn(*args)  # type: ignore[operator]
+        finally:
+            setns(home, CLONE_NEWNET)
+    finally:
+        os.close(target)
+        os.close(home)
+
+
+def _send(dev: str, count: int) -> int:
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_TEST))
+    try:
+        s.bind((dev, 0))
+        frame = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + struct.pack("!H", ETH_P_TEST) + bytes(50)
+        sent = 0
+        for _ in range(count):
+            s.send(frame)
+            sent += 1
+        return sent
+    finally:
+        s.close()
+
+
+def send_frames(dev: str, count: int = 1, *, netns: str | None = None) -> int:
+    """Send `count` 64-byte broadcast frames out of `dev` (AF_PACKET): they cross dev's egress hook and,
+    for a veth, arrive at its peer's ingress hook. Blocking; call from a thread in async code."""
+    if netns is None:
+        return _send(dev, count)
+    return int(_in_netns(netns, _send, dev, count))  # type: ignore[call-overload]
+
+
+@contextmanager
+def bpffs_mount() -> Iterator[str]:
+    """A private bpffs mounted on a fresh temporary directory, unmounted and removed afterwards."""
+    path = tempfile.mkdtemp(prefix="asynctc-bpffs-")
+    try:
+        proc = subprocess.run(["mount", "-t", "bpf", "bpf", path], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"cannot mount bpffs on {path}: {proc.stderr.strip()}")
+        try:
+            yield path
+        finally:
+            subprocess.run(["umount", "-l", path], capture_output=True)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def kernel_test_skip_reason() -> str | None:
+    """Why real-kernel tests cannot run here (None when they can): not root, or no BPF/netns support."""
+    if os.geteuid() != 0:
+        return "needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) to load BPF and create namespaces"
+    if shutil.which("ip") is None:
+        return "needs iproute2's `ip` command"
+    from ..lowlevel import bpf
+
+    try:
+        fd = bpf.prog_load(bpf.BPF_PROG_TYPE_SCHED_CLS, bpf.asm.mov64_imm(0, 0) + bpf.asm.exit())
+    except bpf.BpfError as exc:
+        return f"cannot load BPF programs here: {exc.strerror}"
+    os.close(fd)
+    if not os.path.exists("/proc/self/ns/net"):
+        return "no network namespaces"
+    return None
+
+
+def can_run_kernel_tests() -> bool:
+    return kernel_test_skip_reason() is None
+
+
