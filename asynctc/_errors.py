@@ -188,6 +188,7 @@ _BY_OP: dict[tuple[str, int], tuple[type[TCError], str]] = {
     ),
     ("filter_replace", _errno.ENOENT): (Severed, "the filter is gone: someone deleted it or its qdisc"),
     ("filter_delete", _errno.ENOENT): (Severed, "the filter is gone: someone deleted it or its qdisc"),
+    ("filter_get", _errno.ENOENT): (Severed, "the filter is gone: someone deleted it or its qdisc"),
     ("filter_add_hw", _errno.EINVAL): (
         OffloadError,
         "the device refused hardware offload (skip_sw); use offload='prefer' or 'never' to run in software",

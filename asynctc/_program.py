@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 from types import TracebackType
 
@@ -28,7 +29,7 @@ class Program:
     Simulated programs of the mock backend (`MockKernel.program`) are Programs without an fd.
     """
 
-    __slots__ = ("_fd", "_id", "_name", "_tag", "_type", "__weakref__")
+    __slots__ = ("__weakref__", "_fd", "_id", "_name", "_tag", "_type")
 
     def __init__(self, fd: int | None, *, id: int, name: str, tag: str, type: int) -> None:
         self._fd = fd
@@ -136,7 +137,10 @@ class Program:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: builtins.type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from ._program import Program
 
 
-class Direction(str, enum.Enum):
+class Direction(enum.StrEnum):
     """The traffic-control hook a program runs in: packets arriving on, or leaving, a device."""
 
     INGRESS = "ingress"
@@ -28,9 +28,6 @@ class Direction(str, enum.Enum):
             except ValueError:
                 pass
         raise ValueError(f"direction must be 'ingress' or 'egress' (or asynctc.Direction), got {value!r}")
-
-    def __str__(self) -> str:
-        return self.value
 
 
 class State(enum.Enum):

@@ -124,7 +124,12 @@ def _attr() -> ctypes.Array[ctypes.c_char]:
 
 
 def _put(buf: ctypes.Array[ctypes.c_char], fmt: str, offset: int, *values: int) -> None:
-    struct.pack_into(fmt, buf, offset, *values)  # type: ignore[arg-type]
+    struct.pack_into(fmt, buf, offset, *values)
+
+
+def _put_name(buf: ctypes.Array[ctypes.c_char], offset: int, name: str) -> None:
+    encoded = name.encode()[:15]
+    ctypes.memmove(ctypes.addressof(buf) + offset, encoded, len(encoded))
 
 
 def _addr(obj: ctypes.Array[ctypes.c_char] | ctypes.Array[ctypes.c_uint32]) -> int:
@@ -140,7 +145,7 @@ def close_fd(fd: int) -> None:
 # Instructions
 
 
-class asm:  # noqa: N801 - a namespace of instruction builders
+class asm:
     """A few eBPF instruction encoders, enough for asynctc's built-in programs."""
 
     @staticmethod
@@ -209,8 +214,7 @@ def prog_load(
     _put(attr, "<IIQQ", 0, prog_type, len(insns) // 8, _addr(code), _addr(lic))
     if logbuf is not None:
         _put(attr, "<IIQ", 24, 1, log_size, _addr(logbuf))
-    encoded = name.encode()[:15]
-    attr[48 : 48 + len(encoded)] = encoded
+    _put_name(attr, 48, name)
     _put(attr, "<II", 64, prog_ifindex, expected_attach_type)
     ret = int(_libc.syscall(SYS_bpf, BPF_PROG_LOAD, attr, ATTR_SIZE))
     if ret < 0:
@@ -224,8 +228,7 @@ def map_create_array(value_size: int = 8, max_entries: int = 1, *, name: str = "
     """BPF_MAP_CREATE of an ARRAY map with u32 keys; returns the map fd."""
     attr = _attr()
     _put(attr, "<IIIII", 0, BPF_MAP_TYPE_ARRAY, 4, value_size, max_entries, 0)
-    encoded = name.encode()[:15]
-    attr[28 : 28 + len(encoded)] = encoded  # map_name@28 (after inner_map_fd@20, numa_node@24)
+    _put_name(attr, 28, name)  # map_name@28 (after inner_map_fd@20, numa_node@24)
     try:
         return _sys_bpf(BPF_MAP_CREATE, attr, "map_create")
     except BpfError as exc:
@@ -265,7 +268,7 @@ def prog_test_run(prog_fd: int, data: bytes = bytes(64), repeat: int = 1) -> int
     _put(attr, "<IIII", 0, prog_fd, 0, len(data), 0)
     _put(attr, "<QQI", 16, _addr(buf), 0, repeat)
     _sys_bpf(BPF_PROG_TEST_RUN, attr, "prog_test_run")
-    return int(struct.unpack_from("<i", attr, 4)[0])  # type: ignore[arg-type]
+    return int(struct.unpack_from("<i", attr, 4)[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,10 +293,10 @@ def _get_info(fd: int, size: int, op: str) -> ctypes.Array[ctypes.c_char]:
 def prog_info(prog_fd: int) -> ProgInfo:
     """BPF_OBJ_GET_INFO_BY_FD on a program fd."""
     info = _get_info(prog_fd, 256, "prog_info")
-    ptype, pid = struct.unpack_from("<II", info, 0)  # type: ignore[arg-type]
-    tag = bytes(info[8:16]).hex()
-    name = bytes(info[64:80]).split(b"\0", 1)[0].decode(errors="replace")
-    (ifindex,) = struct.unpack_from("<I", info, 80)  # type: ignore[arg-type]
+    ptype, pid = struct.unpack_from("<II", info, 0)
+    tag = info.raw[8:16].hex()
+    name = info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
+    (ifindex,) = struct.unpack_from("<I", info, 80)
     return ProgInfo(type=ptype, id=pid, tag=tag, name=name, ifindex=ifindex)
 
 
@@ -349,8 +352,8 @@ class LinkInfo:
 
 def link_info(link_fd: int) -> LinkInfo:
     info = _get_info(link_fd, 64, "link_info")
-    ltype, lid, prog_id = struct.unpack_from("<III", info, 0)  # type: ignore[arg-type]
-    ifindex, attach_type = struct.unpack_from("<II", info, 16)  # type: ignore[arg-type]
+    ltype, lid, prog_id = struct.unpack_from("<III", info, 0)
+    ifindex, attach_type = struct.unpack_from("<II", info, 16)
     return LinkInfo(type=ltype, id=lid, prog_id=prog_id, ifindex=ifindex, attach_type=attach_type)
 
 
@@ -441,12 +444,12 @@ def prog_query(ifindex: int, attach_type: int, *, capacity: int = 64) -> HookQue
             _sys_bpf(BPF_PROG_QUERY, attr, "prog_query")
         except BpfError as exc:
             if exc.errno == _errno.ENOSPC:
-                (count,) = struct.unpack_from("<I", attr, 24)  # type: ignore[arg-type]
+                (count,) = struct.unpack_from("<I", attr, 24)
                 capacity = max(count, capacity * 2)
                 continue
             raise
-        (count,) = struct.unpack_from("<I", attr, 24)  # type: ignore[arg-type]
-        (revision,) = struct.unpack_from("<Q", attr, 56)  # type: ignore[arg-type]
+        (count,) = struct.unpack_from("<I", attr, 24)
+        (revision,) = struct.unpack_from("<Q", attr, 56)
         return HookQuery(
             revision=revision,
             prog_ids=tuple(prog_ids[:count]),

@@ -14,9 +14,10 @@ import struct
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..lowlevel.netns import CLONE_NEWNET, netns_path, setns
 
@@ -34,6 +35,7 @@ __all__ = [
     "veth_pair",
 ]
 
+T = TypeVar("T")
 BPF_FS_MAGIC = 0xCAFE4A11
 ETH_P_TEST = 0x88B5  # IEEE local experimental ethertype
 
@@ -117,14 +119,14 @@ def veth_pair(netns_a: str, a: str, netns_b: str | None = None, b: str | None = 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def _in_netns(netns: str, fn: object, *args: object) -> object:
+def _in_netns(netns: str, fn: Callable[..., T], *args: object) -> T:
     """Run fn(*args) on this thread inside `netns`, then come back (for helpers only)."""
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     target = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
     try:
         setns(target, CLONE_NEWNET)
         try:
-            return fn(*args)  # type: ignore[operator]
+            return fn(*args)
         finally:
             setns(home, CLONE_NEWNET)
     finally:
@@ -151,7 +153,7 @@ def send_frames(dev: str, count: int = 1, *, netns: str | None = None) -> int:
     for a veth, arrive at its peer's ingress hook. Blocking; call from a thread in async code."""
     if netns is None:
         return _send(dev, count)
-    return int(_in_netns(netns, _send, dev, count))  # type: ignore[call-overload]
+    return _in_netns(netns, _send, dev, count)
 
 
 @contextmanager
