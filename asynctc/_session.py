@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -143,6 +144,12 @@ class Session:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def kernel(self) -> Any:
+        """The in-memory kernel of a mock session (`asynctc_mock.MockKernel`: the one given as `kernel=`,
+        or the fresh one the session made); None for sessions on the real kernel."""
+        return self._kernel
 
     # -- backends ------------------------------------------------------------------------------------
     async def probe(self) -> dict[str, Probe]:
@@ -658,6 +665,15 @@ async def open_session(
             )
         else:
             name = backend
+        if kernel is None:
+            # A backend of kernel_kind "mock" with no kernel= gets a fresh one of its own making
+            # (`new_kernel()`), recorded here so the session exposes it (`session.kernel`) and refuses
+            # to mix in backends that drive the real kernel.
+            cls = registry.get(name)
+            new_kernel = getattr(cls, "new_kernel", None)
+            if getattr(cls, "kernel_kind", "linux") == "mock" and callable(new_kernel):
+                session._kernel = new_kernel()
+                session._ctx = dataclasses.replace(session._ctx, kernel=session._kernel)
         session._primary = await session._open_backend(name)
     except BaseException:
         with trio.move_on_after(cleanup_timeout, shield=True):

@@ -1,0 +1,55 @@
+"""asynctc_mock: the `mock` backend of asynctc, an in-memory model of the kernel's traffic-control rules.
+
+    import asynctc
+    from asynctc_mock import MockKernel
+
+    kernel = MockKernel()                       # devices lo, eth0, veth0, veth1
+    prog = kernel.program("drop")               # a simulated SCHED_CLS program, no privileges needed
+    async with asynctc.open_session(backend="mock", kernel=kernel) as session:
+        async with session.open_attachment("eth0", "ingress", prog):
+            assert kernel.send("eth0", "ingress") == "drop"
+
+Registered with asynctc through the entry-point group "asynctc" (name "mock"), like any third-party
+backend.
+"""
+
+from __future__ import annotations
+
+import asynctc
+
+from ._backend import MockAttachment as MockAttachment
+from ._backend import MockBackend as MockBackend
+from ._backend import MockEventSource as MockEventSource
+from ._kernel import MAX_TCX_PROGS as MAX_TCX_PROGS
+from ._kernel import FilterInfo as FilterInfo
+from ._kernel import KernelError as KernelError
+from ._kernel import KernelSnapshot as KernelSnapshot
+from ._kernel import LinkInfo as LinkInfo
+from ._kernel import MockKernel as MockKernel
+from ._kernel import QdiscInfo as QdiscInfo
+from ._kernel import SimulatedProgram as SimulatedProgram
+from ._kernel import TcxEntryInfo as TcxEntryInfo
+from ._kernel import TcxQuery as TcxQuery
+
+__all__ = [
+    "MAX_TCX_PROGS",
+    "FilterInfo",
+    "KernelError",
+    "KernelSnapshot",
+    "LinkInfo",
+    "MockAttachment",
+    "MockBackend",
+    "MockEventSource",
+    "MockKernel",
+    "QdiscInfo",
+    "SimulatedProgram",
+    "TcxEntryInfo",
+    "TcxQuery",
+    "asynctc_register_backends",
+]
+
+
+@asynctc.hookimpl
+def asynctc_register_backends(registry: asynctc.BackendRegistry) -> None:
+    """Register the mock backend under the name "mock"."""
+    registry.add(MockBackend)

@@ -1,0 +1,1339 @@
+"""MockKernel: an in-memory model of the Linux traffic-control rules asynctc depends on (see KERNEL.md).
+
+The model keeps the kernel's rules, not a list of successes: tcx hooks are ordered arrays of at most 63
+programs with revisions (including the reset rule), anchors, EEXIST/ENOENT/ERANGE/ESTALE answers, link
+compare-and-swap and severing; the legacy side has clsact/ingress qdiscs with a creator tag, cls_bpf
+filters keyed by (direction, priority, handle) with EXCL/REPLACE semantics and offload flags. Packets can
+be pushed through a hook (`send`), faults and latency can be injected, and every change is published as
+an `asynctc.events` event to subscribers.
+
+Threading: every public method takes one re-entrant lock, so the kernel can be driven from many worker
+threads at once (backends call it through `ctx.runner.run`). Injected latency sleeps while holding the
+lock, as the real kernel waits for RCU grace periods under rtnl: it blocks the calling thread, and the
+operations behind it queue up.
+
+Errors: low-level operations raise `KernelError` (an OSError with the kernel's errno and the operation
+name); backends turn them into asynctc exceptions with `asynctc.from_errno`.
+
+Process model (for orphans): objects record the session tag ("owner:pid.start.serial") of the session
+that created them. A tag's process is alive while a process with that pid and start time exists (read
+from /proc) and nobody called `kill_process(tag)`; `kill_process` also destroys the tag's unpinned links,
+as the real kernel does when the last fd of a link is closed by SIGKILL. Legacy filters survive.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import hashlib
+import itertools
+import os
+import re
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
+
+from asynctc import Direction, Program, ProgramError
+from asynctc.events import (
+    DeviceAdded,
+    DeviceRemoved,
+    FilterAdded,
+    FilterRemoved,
+    KernelEvent,
+    QdiscAdded,
+    QdiscRemoved,
+)
+from asynctc.lowlevel import bpf
+
+__all__ = [
+    "MAX_TCX_PROGS",
+    "FilterInfo",
+    "KernelError",
+    "KernelSnapshot",
+    "LinkInfo",
+    "MockKernel",
+    "QdiscInfo",
+    "SimulatedProgram",
+    "Subscription",
+    "TcxEntryInfo",
+    "TcxQuery",
+    "parse_session_tag",
+]
+
+MAX_TCX_PROGS = 63
+"""The most programs one tcx hook holds; the 64th attach fails with ERANGE."""
+
+TC_H_CLSACT = 0xFFFFFFF1
+"""Parent of the clsact (and ingress) qdisc."""
+CLSACT_HANDLE = 0xFFFF0000
+AUTO_PRIO_FIRST = 0xC000
+"""The priority the kernel gives the first filter added with priority 0."""
+
+SIM_PROG_ID_BASE = 1 << 30
+"""Simulated program ids start here, far above the ids of real programs."""
+
+Verdict: TypeAlias = Literal["pass", "drop", "next"]
+_VERDICT_CODES: dict[int, Verdict] = {0: "pass", 2: "drop", -1: "next"}
+_TAG_RE = re.compile(r"^(?P<owner>[^:/\s]+):(?P<pid>\d+)\.(?P<start>\d+)\.(?P<serial>\d+)(?:/.*)?$")
+
+DevRef: TypeAlias = "str | int"
+
+
+def parse_session_tag(name: str) -> tuple[str, int, str, int] | None:
+    """Split "owner:pid.start.serial" (optionally followed by "/anything") into its parts; None if `name`
+    is not a session tag."""
+    m = _TAG_RE.match(name)
+    if m is None:
+        return None
+    return m["owner"], int(m["pid"]), m["start"], int(m["serial"])
+
+
+class KernelError(OSError):
+    """A refused MockKernel operation: `errno` is what the real kernel answers, `op` what was attempted."""
+
+    def __init__(self, err: int, op: str, detail: str = "") -> None:
+        super().__init__(err, f"{op}: {os.strerror(err)}" + (f" ({detail})" if detail else ""))
+        self.op = op
+        self.detail = detail
+
+
+# -- value types returned by the kernel ------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class TcxEntryInfo:
+    """One program of a tcx hook: its program and its link (0 for a plain BPF_PROG_ATTACH entry)."""
+
+    prog_id: int
+    link_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class TcxQuery:
+    """BPF_PROG_QUERY's answer: the hook's revision and its entries in run order."""
+
+    revision: int
+    entries: tuple[TcxEntryInfo, ...]
+
+    @property
+    def prog_ids(self) -> tuple[int, ...]:
+        return tuple(e.prog_id for e in self.entries)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkInfo:
+    """A tcx link as bpf_link_info shows it: ifindex 0 once it was detached or severed."""
+
+    link_id: int
+    prog_id: int
+    ifindex: int
+    direction: Direction
+    creator: str | None
+    pinned: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class QdiscInfo:
+    """The clsact (or ingress) qdisc of a device and the session tag that created it (None: unknown)."""
+
+    ifindex: int
+    kind: str
+    handle: int
+    parent: int
+    creator: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FilterInfo:
+    """A tc filter: kind "bpf" for cls_bpf (with prog_id), another kind (e.g. "u32") for other classifiers.
+
+    `name` is cls_bpf's TCA_BPF_NAME; `skip_sw`, `skip_hw`, `in_hw` and `not_in_hw` are TCA_BPF_FLAGS_GEN.
+    """
+
+    ifindex: int
+    direction: Direction
+    priority: int
+    handle: int
+    kind: str
+    prog_id: int | None
+    name: str
+    skip_sw: bool
+    skip_hw: bool
+    in_hw: bool
+
+    @property
+    def not_in_hw(self) -> bool:
+        return not self.in_hw
+
+
+@dataclass(frozen=True, slots=True)
+class KernelSnapshot:
+    """What an event source can re-read after losing events: devices, qdiscs and filters."""
+
+    devices: dict[int, str]
+    qdiscs: dict[int, tuple[str, int, int]]
+    filters: dict[tuple[int, Direction, int, int], tuple[str, int | None]]
+
+
+# -- internal records ------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Prog:
+    id: int
+    name: str
+    tag: str
+    type: int
+    verdict: Verdict | None  # simulated programs
+    real_fd: int | None  # the kernel's own reference on a real program (a dup of its fd)
+    offloadable: bool
+    count: int = 0
+
+
+@dataclass(slots=True)
+class _Link:
+    id: int
+    prog_id: int
+    ifindex: int  # 0 once detached or severed
+    direction: Direction
+    creator: str | None
+    holders: int = 1  # open fds
+    pins: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class _Entry:
+    prog_id: int
+    link_id: int  # 0: attached without a link
+
+
+@dataclass(slots=True)
+class _Hook:
+    entries: list[_Entry] = field(default_factory=list)
+    revision: int = 1
+
+
+@dataclass(slots=True)
+class _Qdisc:
+    kind: str
+    creator: str | None
+
+
+@dataclass(slots=True)
+class _Filter:
+    direction: Direction
+    priority: int
+    handle: int
+    kind: str
+    prog_id: int | None
+    name: str
+    skip_sw: bool
+    skip_hw: bool
+    in_hw: bool
+    verdict: Verdict  # for non-bpf classifiers: what a match means
+
+
+@dataclass(slots=True)
+class _Device:
+    ifindex: int
+    name: str
+    offload: bool
+    hooks: dict[Direction, _Hook] = field(default_factory=lambda: {d: _Hook() for d in Direction})
+    qdisc: _Qdisc | None = None
+    filters: dict[tuple[Direction, int, int], _Filter] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Fault:
+    op: str
+    errno: int
+    skip: int
+    remaining: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Pin:
+    kind: Literal["link", "filter"]
+    link_id: int = 0
+    ifindex: int = 0
+    direction: Direction = Direction.INGRESS
+    priority: int = 0
+    handle: int = 0
+
+
+class Subscription:
+    """A subscriber's view of the kernel's events: a bounded queue that can overflow.
+
+    The queue has its own small lock, so `take_events` never waits for the kernel lock (which injected
+    latency may hold for long): an event source can call it from the trio thread. `wakeup` is called
+    (under the kernel lock, from whatever thread changed the kernel) whenever something becomes
+    available; it must not block.
+    """
+
+    def __init__(self, kernel: MockKernel, wakeup: Callable[[], None], capacity: int) -> None:
+        self._kernel = kernel
+        self._wakeup = wakeup
+        self.capacity = capacity
+        self._qlock = threading.Lock()
+        self._queue: deque[KernelEvent] = deque()
+        self._overflowed = False
+        self.lost = 0
+
+    def _push(self, ev: KernelEvent) -> None:
+        with self._qlock:
+            if self._overflowed or len(self._queue) >= self.capacity:
+                self._overflowed = True
+                self.lost += 1
+            else:
+                self._queue.append(ev)
+        self._wakeup()
+
+    def _overflow(self) -> None:
+        with self._qlock:
+            self.lost += len(self._queue)
+            self._queue.clear()
+            self._overflowed = True
+        self._wakeup()
+
+    def take_events(self) -> tuple[bool, list[KernelEvent]]:
+        """(overflowed, events queued now). When overflowed, the events are unusable: call `resync`."""
+        with self._qlock:
+            if self._overflowed:
+                return True, []
+            events = list(self._queue)
+            self._queue.clear()
+            return False, events
+
+    def resync(self) -> KernelSnapshot:
+        """After an overflow: the kernel's state now, read in the same critical section as the queue is
+        cleared, so the events queued after it are consistent with it. Takes the kernel lock: call it
+        from a worker thread."""
+        with self._kernel._lock, self._qlock:
+            self._queue.clear()
+            self._overflowed = False
+            return self._kernel._snapshot_locked()
+
+    def snapshot(self) -> KernelSnapshot:
+        """The kernel's state now, and a clean queue: the starting point of a subscriber (kernel lock)."""
+        return self.resync()
+
+    def close(self) -> None:
+        """Stop receiving events."""
+        self._kernel._unsubscribe(self)
+
+
+class SimulatedProgram(Program):
+    """A SCHED_CLS (or other type) program that exists only in one MockKernel: no fd, no privileges.
+
+    `count()` says how many packets it saw through `MockKernel.send`; `verdict` is what it returns.
+    `close()` makes the handle unusable for new attachments, as closing a real program's fd does;
+    attachments already made keep running it.
+    """
+
+    __slots__ = ("_closed", "_kernel", "_verdict")
+
+    def __init__(self, kernel: MockKernel, *, id: int, name: str, tag: str, type: int, verdict: Verdict) -> None:
+        super().__init__(None, id=id, name=name, tag=tag, type=type)
+        self._kernel = kernel
+        self._verdict: Verdict = verdict
+        self._closed = False
+
+    @property
+    def kernel(self) -> MockKernel:
+        """The MockKernel this program lives in."""
+        return self._kernel
+
+    @property
+    def verdict(self) -> Verdict:
+        return self._verdict
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def simulated(self) -> bool:
+        return True
+
+    @property
+    def fd(self) -> int:
+        raise ProgramError(f"{self} is simulated: it exists only in a MockKernel, use the mock backend")
+
+    def count(self) -> int:
+        """How many packets this program has seen in its kernel."""
+        return self._kernel._prog_count(self.id)
+
+    def reset(self) -> None:
+        """Set the packet counter back to 0."""
+        self._kernel._prog_reset(self.id)
+
+    def close(self) -> None:
+        """Close the handle (idempotent). Attachments keep running the program."""
+        self._closed = True
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return f"<SimulatedProgram id={self.id} name={self.name!r} {self.type_name} {self._verdict}{state}>"
+
+
+class MockKernel:
+    """An in-memory kernel: devices, tcx hooks and links, clsact qdiscs and cls_bpf filters, pins, events.
+
+    Args:
+        devices: names of the devices present at the start (ifindex 1, 2, ... in this order); none of
+            them can offload. Add offload-capable ones with `add_device(name, offload=True)`.
+
+    Attributes:
+        calls: how many times each operation kind was called (including failed calls), e.g.
+            `kernel.calls["link_create"]`.
+    """
+
+    def __init__(self, devices: Iterable[str] = ("lo", "eth0", "veth0", "veth1")) -> None:
+        self._lock = threading.RLock()
+        self._devices: dict[int, _Device] = {}
+        self._ifindexes = itertools.count(1)
+        self._sim_ids = itertools.count(SIM_PROG_ID_BASE)
+        self._link_ids = itertools.count(1)
+        self._progs: dict[int, _Prog] = {}
+        self._links: dict[int, _Link] = {}
+        self._pins: dict[str, _Pin] = {}
+        self._faults: list[_Fault] = []
+        self._latency: dict[str | None, float] = {}
+        self._subs: list[Subscription] = []
+        self._dead_tags: set[str] = set()
+        self.calls: Counter[str] = Counter()
+        for name in devices:
+            self.add_device(name)
+
+    def __repr__(self) -> str:
+        with self._lock:
+            devs = ", ".join(d.name for d in self._devices.values())
+        return f"<MockKernel devices=[{devs}]>"
+
+    # ====================================================================================================
+    # instrumentation: faults, latency, call counts
+    # ====================================================================================================
+    def inject_fault(self, op: str, errno: int, *, nth: int = 1, times: int = 1) -> None:
+        """Make the `nth` next call of operation `op` (counting from now) fail with `errno`, and the
+        `times - 1` calls after it too. A failing call changes nothing.
+
+        Operation names: "link_create", "link_update", "link_detach", "link_info", "prog_query",
+        "prog_attach", "prog_detach", "qdisc_add", "qdisc_delete", "qdisc_get", "filter_add",
+        "filter_add_hw" (the hardware step of a skip_sw add), "filter_replace", "filter_replace_hw",
+        "filter_delete", "filter_dump", "obj_pin", "obj_get", "obj_unpin", "dev_get".
+        """
+        if nth < 1 or times < 1:
+            raise ValueError(f"nth and times must be >= 1, got nth={nth} times={times}")
+        if errno <= 0:
+            raise ValueError(f"errno must be a positive errno, got {errno}")
+        with self._lock:
+            self._faults.append(_Fault(op, errno, nth - 1, times))
+
+    def clear_faults(self) -> None:
+        """Forget every pending injected fault."""
+        with self._lock:
+            self._faults.clear()
+
+    def set_latency(self, seconds: float, op: str | None = None) -> None:
+        """Make every operation (or only `op`) block its calling thread for `seconds`, holding the kernel
+        lock like a real kernel waiting for RCU under rtnl. 0 removes the latency."""
+        if seconds < 0:
+            raise ValueError(f"latency must be >= 0 seconds, got {seconds}")
+        with self._lock:
+            if seconds == 0:
+                self._latency.pop(op, None)
+            else:
+                self._latency[op] = seconds
+
+    def _enter(self, op: str) -> None:
+        """Account for one call of `op`: count it, sleep for injected latency, raise an injected fault."""
+        self.calls[op] += 1
+        delay = self._latency.get(op, self._latency.get(None, 0.0))
+        if delay:
+            time.sleep(delay)
+        for f in self._faults:
+            if f.op != op:
+                continue
+            if f.skip:
+                f.skip -= 1
+                continue
+            f.remaining -= 1
+            if f.remaining <= 0:
+                self._faults.remove(f)
+            raise KernelError(f.errno, op, "injected fault")
+
+    # ====================================================================================================
+    # devices
+    # ====================================================================================================
+    def add_device(self, name: str, *, offload: bool = False) -> int:
+        """Create a device and return its ifindex. `offload=True` makes it accept hardware-only (skip_sw)
+        filters, as a NIC with BPF offload would; others refuse them with EINVAL, like veth."""
+        if not name or len(name) > 15 or "/" in name or any(c.isspace() for c in name):
+            raise ValueError(f"invalid device name {name!r}")
+        with self._lock:
+            self._enter("dev_add")
+            if any(d.name == name for d in self._devices.values()):
+                raise KernelError(_errno.EEXIST, "dev_add", f"device {name} exists")
+            ifindex = next(self._ifindexes)
+            self._devices[ifindex] = _Device(ifindex, name, offload)
+            self._emit(DeviceAdded(ifindex, name))
+            return ifindex
+
+    def remove_device(self, dev: DevRef) -> None:
+        """Delete a device: its tcx links are severed (they live on with ifindex 0; updating them fails
+        with ENOLINK), its qdisc and filters are gone and its hooks with them."""
+        with self._lock:
+            self._enter("dev_del")
+            d = self._dev(dev, "dev_del")
+            for hook in d.hooks.values():
+                for e in hook.entries:
+                    if e.link_id:
+                        self._links[e.link_id].ifindex = 0
+            del self._devices[d.ifindex]
+            self._emit(DeviceRemoved(d.ifindex, d.name))
+            self._gc_progs()
+
+    def devices(self) -> dict[str, int]:
+        """{name: ifindex} of the present devices."""
+        with self._lock:
+            return {d.name: d.ifindex for d in self._devices.values()}
+
+    def dev_get(self, dev: DevRef) -> tuple[int, str, bool]:
+        """(ifindex, name, offload-capable) of a device; ENODEV if it does not exist."""
+        with self._lock:
+            self._enter("dev_get")
+            d = self._dev(dev, "dev_get")
+            return d.ifindex, d.name, d.offload
+
+    def _dev(self, dev: DevRef, op: str) -> _Device:
+        if isinstance(dev, int) and not isinstance(dev, bool):
+            d = self._devices.get(dev)
+        else:
+            d = next((x for x in self._devices.values() if x.name == dev), None)
+        if d is None:
+            raise KernelError(_errno.ENODEV, op, f"no device {dev!r}")
+        return d
+
+    # ====================================================================================================
+    # programs
+    # ====================================================================================================
+    def program(
+        self,
+        verdict: Verdict = "pass",
+        *,
+        name: str | None = None,
+        prog_type: int = bpf.BPF_PROG_TYPE_SCHED_CLS,
+        offloadable: bool = True,
+    ) -> SimulatedProgram:
+        """A simulated program returning `verdict` ("pass", "drop" or "next") for every packet.
+
+        Args:
+            verdict: what it returns.
+            name: its name (default "sim_<verdict>").
+            prog_type: its BPF program type; anything but SCHED_CLS (3) is refused by tc hooks.
+            offloadable: whether offload-capable devices accept it in hardware (False: skip_sw adds and
+                hardware updates with it fail with EINVAL, as a program the NIC cannot run).
+        """
+        if verdict not in ("pass", "drop", "next"):
+            raise ValueError(f"verdict must be 'pass', 'drop' or 'next', got {verdict!r}")
+        with self._lock:
+            pid = next(self._sim_ids)
+            pname = (name if name is not None else f"sim_{verdict}")[:15]
+            tag = hashlib.sha1(f"{pid}:{verdict}:{pname}".encode()).hexdigest()[:16]
+            self._progs[pid] = _Prog(pid, pname, tag, prog_type, verdict, None, offloadable)
+            return SimulatedProgram(self, id=pid, name=pname, tag=tag, type=prog_type, verdict=verdict)
+
+    def register_program(self, program: Program) -> int:
+        """Make a program known to the kernel and return its id. Simulated programs must come from this
+        kernel (EBADF otherwise, like an fd from nowhere); real programs are referenced by a duplicate of
+        their fd, held while anything on a hook (or a link) uses them. Closed programs: EBADF."""
+        with self._lock:
+            if isinstance(program, SimulatedProgram) or program.simulated:
+                rec = self._progs.get(program.id)
+                if rec is None or rec.verdict is None or getattr(program, "_kernel", self) is not self:
+                    raise KernelError(_errno.EBADF, "prog_get", f"{program} is not a program of this kernel")
+                if program.closed:
+                    raise KernelError(_errno.EBADF, "prog_get", f"{program} is closed")
+                return program.id
+            if program.closed:
+                raise KernelError(_errno.EBADF, "prog_get", f"{program} is closed")
+            rec = self._progs.get(program.id)
+            if rec is not None and rec.verdict is not None:
+                raise KernelError(_errno.EEXIST, "prog_get", f"id {program.id} collides with a simulated one")
+            if rec is None or rec.real_fd is None:
+                fd = os.dup(program.fd)
+                if rec is None:
+                    self._progs[program.id] = _Prog(
+                        program.id, program.name, program.tag, program.type, None, fd, False
+                    )
+                else:
+                    rec.real_fd = fd
+            return program.id
+
+    def _prog(self, prog_id: int, op: str) -> _Prog:
+        rec = self._progs.get(prog_id)
+        if rec is None:
+            raise KernelError(_errno.ENOENT, op, f"no program with id {prog_id}")
+        return rec
+
+    def _prog_count(self, prog_id: int) -> int:
+        with self._lock:
+            return self._progs[prog_id].count
+
+    def _prog_reset(self, prog_id: int) -> None:
+        with self._lock:
+            self._progs[prog_id].count = 0
+
+    def prog_info(self, prog_id: int) -> tuple[str, str, int]:
+        """(name, tag, type) of a known program; ENOENT otherwise."""
+        with self._lock:
+            rec = self._prog(prog_id, "prog_info")
+            return rec.name, rec.tag, rec.type
+
+    def _referenced_progs(self) -> set[int]:
+        used = {link.prog_id for link in self._links.values()}
+        for d in self._devices.values():
+            for hook in d.hooks.values():
+                used.update(e.prog_id for e in hook.entries)
+            used.update(f.prog_id for f in d.filters.values() if f.prog_id is not None)
+        return used
+
+    @contextmanager
+    def _gc_on_error(self) -> Iterator[None]:
+        """A refused operation drops the program reference `register_program` took for it."""
+        try:
+            yield
+        except KernelError:
+            self._gc_progs()
+            raise
+
+    def _gc_progs(self) -> None:
+        """Drop the kernel's reference on real programs nothing uses any more."""
+        used = self._referenced_progs()
+        for rec in self._progs.values():
+            if rec.real_fd is not None and rec.id not in used:
+                fd, rec.real_fd = rec.real_fd, None
+                os.close(fd)
+
+    # ====================================================================================================
+    # tcx
+    # ====================================================================================================
+    def _check_tcx_prog(self, prog_id: int, op: str) -> _Prog:
+        rec = self._progs.get(prog_id)
+        if rec is None:
+            raise KernelError(_errno.EBADF, op, f"no program with id {prog_id}")
+        if rec.type != bpf.BPF_PROG_TYPE_SCHED_CLS:
+            raise KernelError(_errno.EINVAL, op, f"program {prog_id} is not SCHED_CLS")
+        return rec
+
+    def _insert_index(
+        self, hook: _Hook, op: str, *, before: bool, after: bool, relative_id: int | None, relative_is_link: bool
+    ) -> int:
+        if before and after:
+            raise KernelError(_errno.ERANGE, op, "BPF_F_BEFORE and BPF_F_AFTER together")
+        if relative_id is None or relative_id == 0:
+            return 0 if before else len(hook.entries)
+        if not (before or after):
+            raise KernelError(_errno.EINVAL, op, "a relative needs BPF_F_BEFORE or BPF_F_AFTER")
+        for i, e in enumerate(hook.entries):
+            if (e.link_id if relative_is_link else e.prog_id) == relative_id:
+                return i if before else i + 1
+        what = "link" if relative_is_link else "program"
+        raise KernelError(_errno.ENOENT, op, f"relative {what} {relative_id} is not on the hook")
+
+    def _tcx_insert(
+        self,
+        op: str,
+        d: _Device,
+        direction: Direction,
+        prog_id: int,
+        link_id: int,
+        *,
+        before: bool,
+        after: bool,
+        relative_id: int | None,
+        relative_is_link: bool,
+        expected_revision: int,
+    ) -> None:
+        hook = d.hooks[direction]
+        if expected_revision and expected_revision != hook.revision:
+            raise KernelError(_errno.ESTALE, op, f"revision is {hook.revision}, not {expected_revision}")
+        if any(e.prog_id == prog_id for e in hook.entries):
+            raise KernelError(_errno.EEXIST, op, f"program {prog_id} is already on the hook")
+        if len(hook.entries) >= MAX_TCX_PROGS:
+            raise KernelError(_errno.ERANGE, op, f"the hook holds {MAX_TCX_PROGS} programs")
+        idx = self._insert_index(
+            hook, op, before=before, after=after, relative_id=relative_id, relative_is_link=relative_is_link
+        )
+        hook.entries.insert(idx, _Entry(prog_id, link_id))
+        hook.revision += 1
+
+    def _tcx_remove(self, d: _Device, direction: Direction, index: int) -> None:
+        hook = d.hooks[direction]
+        del hook.entries[index]
+        hook.revision += 1
+        if not hook.entries and not (d.qdisc is not None and d.qdisc.kind == "clsact"):
+            # The hook's state is freed with its last program unless clsact holds it: count from 1.
+            hook.revision = 1
+
+    def link_create(
+        self,
+        dev: DevRef,
+        direction: Direction | str,
+        prog_id: int,
+        *,
+        before: bool = False,
+        after: bool = False,
+        relative_id: int | None = None,
+        relative_is_link: bool = False,
+        expected_revision: int = 0,
+        creator: str | None = None,
+    ) -> int:
+        """BPF_LINK_CREATE of a tcx link; returns the new link id (its holder count is 1, an open fd).
+
+        `before`/`after` with no `relative_id` prepend/append (neither: append); with one, place the program
+        next to the relative program (or link, `relative_is_link`). Errors: EINVAL (not SCHED_CLS, relative
+        without before/after), ENODEV, ESTALE (`expected_revision`, 0 = don't check), EEXIST (program
+        already on the hook), ERANGE (hook full, or before and after together), ENOENT (relative not
+        attached). `creator` records the session tag that owns the link.
+        """
+        direction = Direction.coerce(direction)
+        op = "link_create"
+        with self._lock, self._gc_on_error():
+            self._enter(op)
+            self._check_tcx_prog(prog_id, op)
+            d = self._dev(dev, op)
+            link_id = next(self._link_ids)
+            self._tcx_insert(
+                op, d, direction, prog_id, link_id, before=before, after=after, relative_id=relative_id,
+                relative_is_link=relative_is_link, expected_revision=expected_revision,
+            )
+            self._links[link_id] = _Link(link_id, prog_id, d.ifindex, direction, creator)
+            return link_id
+
+    def prog_attach(
+        self,
+        dev: DevRef,
+        direction: Direction | str,
+        prog_id: int,
+        *,
+        before: bool = False,
+        after: bool = False,
+        relative_id: int | None = None,
+        relative_is_link: bool = False,
+        expected_revision: int = 0,
+    ) -> None:
+        """BPF_PROG_ATTACH to a tcx hook: a plain entry without a link (link id 0). Same rules as
+        `link_create`. Such entries are never touched by asynctc (they have no owner)."""
+        direction = Direction.coerce(direction)
+        op = "prog_attach"
+        with self._lock, self._gc_on_error():
+            self._enter(op)
+            self._check_tcx_prog(prog_id, op)
+            d = self._dev(dev, op)
+            self._tcx_insert(
+                op, d, direction, prog_id, 0, before=before, after=after, relative_id=relative_id,
+                relative_is_link=relative_is_link, expected_revision=expected_revision,
+            )
+
+    def prog_detach(self, dev: DevRef, direction: Direction | str, prog_id: int) -> None:
+        """BPF_PROG_DETACH of a plain (link-less) entry; ENOENT if it is not there."""
+        direction = Direction.coerce(direction)
+        op = "prog_detach"
+        with self._lock:
+            self._enter(op)
+            d = self._dev(dev, op)
+            for i, e in enumerate(d.hooks[direction].entries):
+                if e.prog_id == prog_id and e.link_id == 0:
+                    self._tcx_remove(d, direction, i)
+                    self._gc_progs()
+                    return
+            raise KernelError(_errno.ENOENT, op, f"program {prog_id} is not attached without a link")
+
+    def prog_query(self, dev: DevRef, direction: Direction | str) -> TcxQuery:
+        """BPF_PROG_QUERY: the hook's revision and entries in run order; ENODEV for a missing device."""
+        direction = Direction.coerce(direction)
+        with self._lock:
+            self._enter("prog_query")
+            hook = self._dev(dev, "prog_query").hooks[direction]
+            return TcxQuery(hook.revision, tuple(TcxEntryInfo(e.prog_id, e.link_id) for e in hook.entries))
+
+    def _link(self, link_id: int, op: str) -> _Link:
+        link = self._links.get(link_id)
+        if link is None:
+            raise KernelError(_errno.ENOENT, op, f"no link with id {link_id}")
+        return link
+
+    def _link_index(self, link: _Link) -> tuple[_Device, int] | None:
+        if link.ifindex == 0:
+            return None
+        d = self._devices.get(link.ifindex)
+        if d is None:
+            return None
+        for i, e in enumerate(d.hooks[link.direction].entries):
+            if e.link_id == link.id:
+                return d, i
+        return None
+
+    def link_info(self, link_id: int) -> LinkInfo:
+        """bpf_link_info of a link; ENOENT if no such link exists (closed and unpinned)."""
+        with self._lock:
+            self._enter("link_info")
+            link = self._link(link_id, "link_info")
+            return LinkInfo(link.id, link.prog_id, link.ifindex, link.direction, link.creator,
+                            tuple(sorted(link.pins)))
+
+    def link_update(self, link_id: int, new_prog_id: int, *, old_prog_id: int | None = None) -> None:
+        """BPF_LINK_UPDATE: swap the link's program in place. With `old_prog_id` (BPF_F_REPLACE) it is a
+        compare-and-swap: EPERM when the link runs another program. The same program again: success, no
+        revision change. ENOLINK on a detached or severed link, EINVAL for a non-SCHED_CLS program, EEXIST
+        when the new program is already elsewhere on the hook."""
+        op = "link_update"
+        with self._lock, self._gc_on_error():
+            self._enter(op)
+            link = self._link(link_id, op)
+            self._check_tcx_prog(new_prog_id, op)
+            where = self._link_index(link)
+            if where is None:
+                raise KernelError(_errno.ENOLINK, op, f"link {link_id} is detached")
+            d, idx = where
+            if old_prog_id is not None and old_prog_id != link.prog_id:
+                raise KernelError(_errno.EPERM, op, f"link runs program {link.prog_id}, not {old_prog_id}")
+            if new_prog_id == link.prog_id:
+                return
+            hook = d.hooks[link.direction]
+            if any(e.prog_id == new_prog_id for e in hook.entries):
+                raise KernelError(_errno.EEXIST, op, f"program {new_prog_id} is already on the hook")
+            hook.entries[idx].prog_id = new_prog_id
+            link.prog_id = new_prog_id
+            hook.revision += 1
+            self._gc_progs()
+
+    def link_detach(self, link_id: int) -> None:
+        """BPF_LINK_DETACH: take the link's program off its hook (revision +1, and the reset rule). On a
+        link that is already detached or severed it succeeds and does nothing, as the kernel does."""
+        op = "link_detach"
+        with self._lock:
+            self._enter(op)
+            link = self._link(link_id, op)
+            self._detach_link_locked(link)
+
+    def _detach_link_locked(self, link: _Link) -> None:
+        where = self._link_index(link)
+        if where is not None:
+            d, idx = where
+            self._tcx_remove(d, link.direction, idx)
+        link.ifindex = 0
+        self._gc_progs()
+
+    def link_close(self, link_id: int) -> None:
+        """close() of a link fd: the last close of an unpinned link detaches and destroys it; a pinned
+        link lives on. ENOENT if the link does not exist."""
+        with self._lock:
+            self._enter("link_close")
+            link = self._link(link_id, "link_close")
+            link.holders = max(0, link.holders - 1)
+            self._maybe_destroy(link)
+
+    def _maybe_destroy(self, link: _Link) -> None:
+        if link.holders == 0 and not link.pins:
+            self._detach_link_locked(link)
+            del self._links[link.id]
+            self._gc_progs()
+
+    def links(self) -> tuple[LinkInfo, ...]:
+        """Every link that exists (attached, detached or severed), by id."""
+        with self._lock:
+            return tuple(
+                LinkInfo(x.id, x.prog_id, x.ifindex, x.direction, x.creator, tuple(sorted(x.pins)))
+                for x in sorted(self._links.values(), key=lambda x: x.id)
+            )
+
+    # ====================================================================================================
+    # pins (bpffs)
+    # ====================================================================================================
+    def _check_pin_path(self, path: str, op: str) -> None:
+        if not path.startswith("/") or path.endswith("/"):
+            raise KernelError(_errno.EINVAL, op, f"{path!r} is not a file path on bpffs")
+
+    def obj_pin(self, link_id: int, path: str) -> None:
+        """Pin a link at `path` (absolute): it then outlives its holders. EEXIST if the path is taken."""
+        op = "obj_pin"
+        with self._lock:
+            self._enter(op)
+            self._check_pin_path(path, op)
+            link = self._link(link_id, op)
+            if path in self._pins:
+                raise KernelError(_errno.EEXIST, op, f"{path} exists")
+            self._pins[path] = _Pin("link", link_id=link_id)
+            link.pins.add(path)
+
+    def obj_pin_filter(self, dev: DevRef, direction: Direction | str, priority: int, handle: int,
+                       path: str) -> None:
+        """Record a cls_bpf filter at `path` (how the mock pins legacy attachments). EEXIST if taken,
+        ENOENT if the filter does not exist."""
+        direction = Direction.coerce(direction)
+        op = "obj_pin"
+        with self._lock:
+            self._enter(op)
+            self._check_pin_path(path, op)
+            d = self._dev(dev, op)
+            if (direction, priority, handle) not in d.filters:
+                raise KernelError(_errno.ENOENT, op, "no such filter")
+            if path in self._pins:
+                raise KernelError(_errno.EEXIST, op, f"{path} exists")
+            self._pins[path] = _Pin("filter", ifindex=d.ifindex, direction=direction, priority=priority,
+                                    handle=handle)
+
+    def obj_unpin(self, path: str) -> None:
+        """unlink() of a pin; a link nobody holds any more is destroyed. ENOENT if nothing is there."""
+        op = "obj_unpin"
+        with self._lock:
+            self._enter(op)
+            pin = self._pins.pop(path, None)
+            if pin is None:
+                raise KernelError(_errno.ENOENT, op, f"nothing pinned at {path}")
+            if pin.kind == "link":
+                link = self._links.get(pin.link_id)
+                if link is not None:
+                    link.pins.discard(path)
+                    self._maybe_destroy(link)
+
+    def obj_get(self, path: str) -> tuple[Literal["link"], int] | tuple[Literal["filter"], FilterInfo]:
+        """BPF_OBJ_GET of a pin: ("link", link_id) (the caller now holds one more fd on it), or
+        ("filter", FilterInfo) for a pinned filter. ENOENT if nothing is pinned there or the pinned
+        filter is gone."""
+        op = "obj_get"
+        with self._lock:
+            self._enter(op)
+            self._check_pin_path(path, op)
+            pin = self._pins.get(path)
+            if pin is None:
+                raise KernelError(_errno.ENOENT, op, f"nothing pinned at {path}")
+            if pin.kind == "link":
+                self._links[pin.link_id].holders += 1
+                return "link", pin.link_id
+            d = self._devices.get(pin.ifindex)
+            f = d.filters.get((pin.direction, pin.priority, pin.handle)) if d is not None else None
+            if d is None or f is None:
+                raise KernelError(_errno.ENOENT, op, f"the filter pinned at {path} is gone")
+            return "filter", self._filter_info(d, f)
+
+    def pins(self) -> dict[str, str]:
+        """{path: what} for every pin ("link N" or "filter IFINDEX/DIR/PRIO/HANDLE")."""
+        with self._lock:
+            return {
+                p: (f"link {x.link_id}" if x.kind == "link"
+                    else f"filter {x.ifindex}/{x.direction.value}/{x.priority}/{x.handle}")
+                for p, x in self._pins.items()
+            }
+
+    # ====================================================================================================
+    # legacy tc: qdiscs and filters
+    # ====================================================================================================
+    def qdisc_add(self, dev: DevRef, kind: str = "clsact", *, creator: str | None = None) -> None:
+        """Create the device's clsact (or ingress) qdisc, recording `creator` (a session tag). EEXIST if
+        one is there already (an ingress qdisc blocks clsact, and the other way round)."""
+        if kind not in ("clsact", "ingress"):
+            raise ValueError(f"the mock models clsact and ingress qdiscs only, got {kind!r}")
+        op = "qdisc_add"
+        with self._lock:
+            self._enter(op)
+            d = self._dev(dev, op)
+            if d.qdisc is not None:
+                raise KernelError(_errno.EEXIST, op, f"{d.name} has a {d.qdisc.kind} qdisc already")
+            d.qdisc = _Qdisc(kind, creator)
+            self._emit(QdiscAdded(d.ifindex, kind, CLSACT_HANDLE, TC_H_CLSACT))
+
+    def qdisc_get(self, dev: DevRef) -> QdiscInfo | None:
+        """The device's clsact/ingress qdisc, or None."""
+        with self._lock:
+            self._enter("qdisc_get")
+            d = self._dev(dev, "qdisc_get")
+            if d.qdisc is None:
+                return None
+            return QdiscInfo(d.ifindex, d.qdisc.kind, CLSACT_HANDLE, TC_H_CLSACT, d.qdisc.creator)
+
+    def qdisc_delete(self, dev: DevRef) -> None:
+        """Delete the device's clsact/ingress qdisc and every filter on it (whoever owns them); empty tcx
+        hooks of the device then count their revision from 1 again. ENOENT if there is none."""
+        op = "qdisc_delete"
+        with self._lock:
+            self._enter(op)
+            d = self._dev(dev, op)
+            if d.qdisc is None:
+                raise KernelError(_errno.ENOENT, op, f"{d.name} has no clsact/ingress qdisc")
+            kind, d.qdisc = d.qdisc.kind, None
+            d.filters.clear()
+            for hook in d.hooks.values():
+                if not hook.entries:
+                    hook.revision = 1
+            self._emit(QdiscRemoved(d.ifindex, kind, CLSACT_HANDLE, TC_H_CLSACT))
+            self._gc_progs()
+
+    def _check_parent(self, d: _Device, direction: Direction, op: str) -> None:
+        if d.qdisc is None or (d.qdisc.kind == "ingress" and direction is Direction.EGRESS):
+            raise KernelError(_errno.ENOENT, op, f"{d.name} has no qdisc for {direction.value} filters")
+
+    def _hw_step(self, d: _Device, prog: _Prog | None, op: str) -> None:
+        """The hardware step of a skip_sw add or an in_hw replace: the device and the program must allow it."""
+        self._enter(op)
+        if not d.offload:
+            raise KernelError(_errno.EINVAL, op, f"{d.name} cannot offload (skip_sw refused)")
+        if prog is not None and not prog.offloadable:
+            raise KernelError(_errno.EINVAL, op, f"the hardware of {d.name} refused program {prog.id}")
+
+    def filter_add(
+        self,
+        dev: DevRef,
+        direction: Direction | str,
+        prog_id: int,
+        *,
+        priority: int = 0,
+        handle: int = 0,
+        name: str = "",
+        skip_sw: bool = False,
+        skip_hw: bool = False,
+        excl: bool = True,
+    ) -> FilterInfo:
+        """RTM_NEWTFILTER of a cls_bpf filter (direct action) with CREATE (and EXCL unless `excl=False`,
+        which makes it CREATE|REPLACE). Returns the filter as the kernel recorded it.
+
+        priority 0: the kernel picks one (0xC000 on an empty hook, else one below the lowest); handle 0: the
+        lowest free handle. Errors: ENODEV; ENOENT when no qdisc holds that direction; EEXIST when the
+        (priority, handle) slot is taken and `excl`; EINVAL for a non-SCHED_CLS program, a priority used by
+        another classifier kind, skip_sw with skip_hw, or (raised by the "filter_add_hw" step) skip_sw on a
+        device or with a program the hardware refuses.
+        """
+        direction = Direction.coerce(direction)
+        op = "filter_add"
+        with self._lock, self._gc_on_error():
+            self._enter(op)
+            d = self._dev(dev, op)
+            prog = self._check_tcx_prog(prog_id, op)
+            self._check_parent(d, direction, op)
+            if not 0 <= priority <= 0xFFFF or not 0 <= handle <= 0xFFFFFFFF:
+                raise KernelError(_errno.EINVAL, op, "priority or handle out of range")
+            if skip_sw and skip_hw:
+                raise KernelError(_errno.EINVAL, op, "skip_sw and skip_hw together")
+            if priority == 0:
+                prios = [p for (dr, p, _h) in d.filters if dr is direction]
+                priority = min(prios) - 1 if prios else AUTO_PRIO_FIRST
+                if priority < 1:
+                    raise KernelError(_errno.ENOSPC, op, "no priority left below the lowest one")
+            same_prio = [f for (dr, p, _h), f in d.filters.items() if dr is direction and p == priority]
+            if any(f.kind != "bpf" for f in same_prio):
+                raise KernelError(_errno.EINVAL, op, f"priority {priority} holds another classifier kind")
+            if handle == 0:
+                taken = {f.handle for f in same_prio}
+                handle = next(h for h in itertools.count(1) if h not in taken)
+            key = (direction, priority, handle)
+            existing = d.filters.get(key)
+            if existing is not None and excl:
+                raise KernelError(_errno.EEXIST, op, f"filter prio {priority} handle {handle:#x} exists")
+            in_hw = False
+            if skip_sw:
+                self._hw_step(d, prog, "filter_add_hw")
+                in_hw = True
+            elif not skip_hw and d.offload and prog.offloadable:
+                in_hw = True
+            f = _Filter(direction, priority, handle, "bpf", prog_id, name, skip_sw, skip_hw, in_hw, "next")
+            d.filters[key] = f
+            self._emit(FilterAdded(d.ifindex, direction, priority, handle, "bpf", prog_id, False))
+            self._gc_progs()
+            return self._filter_info(d, f)
+
+    def filter_replace(
+        self,
+        dev: DevRef,
+        direction: Direction | str,
+        priority: int,
+        handle: int,
+        prog_id: int,
+        *,
+        name: str | None = None,
+    ) -> FilterInfo:
+        """RTM_NEWTFILTER with REPLACE (no CREATE): swap the program of an existing cls_bpf filter
+        atomically, keeping its flags (and its name unless `name` is given). ENOENT if the filter is gone,
+        EINVAL for a non-SCHED_CLS program or another classifier kind; for a filter in hardware, the
+        "filter_replace_hw" step may refuse (EINVAL) and then nothing changes."""
+        direction = Direction.coerce(direction)
+        op = "filter_replace"
+        with self._lock, self._gc_on_error():
+            self._enter(op)
+            d = self._dev(dev, op)
+            prog = self._check_tcx_prog(prog_id, op)
+            self._check_parent(d, direction, op)
+            f = d.filters.get((direction, priority, handle))
+            if f is None:
+                raise KernelError(_errno.ENOENT, op, f"no filter prio {priority} handle {handle:#x}")
+            if f.kind != "bpf":
+                raise KernelError(_errno.EINVAL, op, f"the filter is a {f.kind} filter, not bpf")
+            if f.in_hw:
+                try:
+                    self._hw_step(d, prog, "filter_replace_hw")
+                except KernelError:
+                    if f.skip_sw:
+                        raise
+                    # A filter also running in software loses its hardware copy, as not_in_hw says.
+                    f.in_hw = False
+            f.prog_id = prog_id
+            if name is not None:
+                f.name = name
+            self._emit(FilterAdded(d.ifindex, direction, priority, handle, "bpf", prog_id, False))
+            self._gc_progs()
+            return self._filter_info(d, f)
+
+    def filter_delete(self, dev: DevRef, direction: Direction | str, priority: int, handle: int) -> None:
+        """RTM_DELTFILTER of one filter; ENOENT if it is not there."""
+        direction = Direction.coerce(direction)
+        op = "filter_delete"
+        with self._lock:
+            self._enter(op)
+            d = self._dev(dev, op)
+            f = d.filters.pop((direction, priority, handle), None)
+            if f is None:
+                raise KernelError(_errno.ENOENT, op, f"no filter prio {priority} handle {handle:#x}")
+            self._emit(FilterRemoved(d.ifindex, direction, priority, handle, f.kind, f.prog_id, False))
+            self._gc_progs()
+
+    def filter_dump(self, dev: DevRef, direction: Direction | str) -> tuple[FilterInfo, ...]:
+        """Every filter of one direction in run order (priority, then handle)."""
+        direction = Direction.coerce(direction)
+        with self._lock:
+            self._enter("filter_dump")
+            d = self._dev(dev, "filter_dump")
+            return tuple(self._filter_info(d, f) for f in self._ordered_filters(d, direction))
+
+    def _ordered_filters(self, d: _Device, direction: Direction) -> list[_Filter]:
+        return sorted((f for f in d.filters.values() if f.direction is direction),
+                      key=lambda f: (f.priority, f.handle))
+
+    @staticmethod
+    def _filter_info(d: _Device, f: _Filter) -> FilterInfo:
+        return FilterInfo(d.ifindex, f.direction, f.priority, f.handle, f.kind, f.prog_id, f.name,
+                          f.skip_sw, f.skip_hw, f.in_hw)
+
+    # ====================================================================================================
+    # foreign objects (for tests): what other programs and tools put in the kernel
+    # ====================================================================================================
+    def add_foreign_filter(
+        self,
+        dev: DevRef,
+        direction: Direction | str,
+        program: Program | None = None,
+        *,
+        priority: int,
+        handle: int = 1,
+        kind: str | None = None,
+        name: str = "",
+        verdict: Verdict = "next",
+    ) -> FilterInfo:
+        """Add a filter as another tool would (`tc filter add ...`): a cls_bpf filter running `program`,
+        or, without a program, a classifier of `kind` (default "u32") whose match means `verdict`.
+        Creates the clsact qdisc (creator "foreign") when the device has none."""
+        direction = Direction.coerce(direction)
+        with self._lock:
+            d = self._dev(dev, "filter_add")
+            if d.qdisc is None:
+                self.qdisc_add(d.ifindex, creator="foreign")
+            if program is not None:
+                pid = self.register_program(program)
+                return self.filter_add(d.ifindex, direction, pid, priority=priority, handle=handle, name=name)
+            fkind = kind or "u32"
+            self._enter("filter_add")
+            self._check_parent(d, direction, "filter_add")
+            key = (direction, priority, handle)
+            if key in d.filters:
+                raise KernelError(_errno.EEXIST, "filter_add", "slot taken")
+            f = _Filter(direction, priority, handle, fkind, None, name, False, False, False, verdict)
+            d.filters[key] = f
+            self._emit(FilterAdded(d.ifindex, direction, priority, handle, fkind, None, False))
+            return self._filter_info(d, f)
+
+    def attach_foreign_tcx(
+        self,
+        dev: DevRef,
+        direction: Direction | str,
+        program: Program,
+        *,
+        link: bool = True,
+        first: bool = False,
+    ) -> int:
+        """Attach a program to a tcx hook as another process would: through a link held by that process
+        (returns the link id), or with `link=False` as a plain BPF_PROG_ATTACH entry (returns 0).
+        Appended, or prepended with `first=True`."""
+        pid = self.register_program(program)
+        if link:
+            return self.link_create(dev, direction, pid, before=first, after=not first, creator="foreign")
+        self.prog_attach(dev, direction, pid, before=first, after=not first)
+        return 0
+
+    # ====================================================================================================
+    # processes (orphans)
+    # ====================================================================================================
+    def kill_process(self, tag: str) -> None:
+        """Simulate the death of the session (process) whose session tag is `tag`: its unpinned links are
+        closed (and so detached), its filters stay behind as orphans, and `tag_alive(tag)` is False."""
+        with self._lock:
+            self._dead_tags.add(tag)
+            for link in list(self._links.values()):
+                if link.creator == tag:
+                    link.holders = 0
+                    self._maybe_destroy(link)
+
+    def tag_alive(self, tag: str) -> bool:
+        """Whether the process behind a session tag "owner:pid.start.serial" is alive: not killed with
+        `kill_process`, and a process with that pid and start time exists. Not a tag: False."""
+        parsed = parse_session_tag(tag)
+        if parsed is None:
+            return False
+        with self._lock:
+            if tag in self._dead_tags:
+                return False
+        _owner, pid, start, _serial = parsed
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[19] == start
+
+    # ====================================================================================================
+    # packets
+    # ====================================================================================================
+    def _run_prog(self, prog_id: int) -> Verdict:
+        rec = self._progs[prog_id]
+        if rec.verdict is not None:
+            rec.count += 1
+            return rec.verdict
+        if rec.real_fd is None:  # pragma: no cover - the kernel holds every attached real program
+            return "next"
+        code = bpf.prog_test_run(rec.real_fd)
+        return _VERDICT_CODES.get(code, "pass")
+
+    def send(self, dev: DevRef, direction: Direction | str, count: int = 1) -> Verdict:
+        """Push `count` packets through a device's hook and return the last packet's final verdict.
+
+        Run order: on ingress of an offload-capable device, filters in hardware first (by priority; "drop"
+        there ends the packet); then the tcx programs in array order until one says something other than
+        "next"; then, if tcx said "next" or is empty, the software cls_bpf filters (not skip_sw) by
+        priority with the same rule. A packet nobody decides on passes. Simulated programs count in Python;
+        real programs run through BPF_PROG_TEST_RUN, so a real counting program's map counts them.
+        """
+        direction = Direction.coerce(direction)
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        with self._lock:
+            d = self._dev(dev, "send")
+            final: Verdict = "pass"
+            for _ in range(count):
+                final = self._one_packet(d, direction)
+            return final
+
+    def _one_packet(self, d: _Device, direction: Direction) -> Verdict:
+        filters = self._ordered_filters(d, direction)
+        if direction is Direction.INGRESS and d.offload:
+            for f in filters:
+                if f.in_hw and f.prog_id is not None and self._run_prog(f.prog_id) == "drop":
+                    return "drop"
+        for e in list(d.hooks[direction].entries):
+            v = self._run_prog(e.prog_id)
+            if v != "next":
+                return v
+        for f in filters:
+            if f.skip_sw:
+                continue
+            v = self._run_prog(f.prog_id) if f.prog_id is not None else f.verdict
+            if v != "next":
+                return v
+        return "pass"
+
+    # ====================================================================================================
+    # events
+    # ====================================================================================================
+    def subscribe(self, wakeup: Callable[[], None], *, capacity: int = 4096) -> Subscription:
+        """Receive every kernel event from now on in a `Subscription` (bounded by `capacity`: beyond it
+        events are lost and the subscription is marked overflowed, like a netlink socket's ENOBUFS)."""
+        sub = Subscription(self, wakeup, capacity)
+        with self._lock:
+            self._subs.append(sub)
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            if sub in self._subs:
+                self._subs.remove(sub)
+
+    def overflow_events(self) -> None:
+        """Make every subscriber lose the events it has not taken yet, as a netlink reader that fell
+        behind does (ENOBUFS); each must re-read the kernel's state and resynchronise."""
+        with self._lock:
+            for sub in list(self._subs):
+                sub._overflow()
+
+    def _emit(self, ev: KernelEvent) -> None:
+        for sub in list(self._subs):
+            sub._push(ev)
+
+    def _snapshot_locked(self) -> KernelSnapshot:
+        devices = {d.ifindex: d.name for d in self._devices.values()}
+        qdiscs = {d.ifindex: (d.qdisc.kind, CLSACT_HANDLE, TC_H_CLSACT)
+                  for d in self._devices.values() if d.qdisc is not None}
+        filters = {(d.ifindex, f.direction, f.priority, f.handle): (f.kind, f.prog_id)
+                   for d in self._devices.values() for f in d.filters.values()}
+        return KernelSnapshot(devices, qdiscs, filters)
+
+    def snapshot(self) -> KernelSnapshot:
+        """Devices, qdiscs and filters now (what a resynchronising event source re-reads)."""
+        with self._lock:
+            return self._snapshot_locked()
+
+    # ====================================================================================================
+    # inspection for tests
+    # ====================================================================================================
+    def hook(self, dev: DevRef, direction: Direction | str) -> TcxQuery:
+        """The tcx hook now (like prog_query, but not counted and never faulted)."""
+        direction = Direction.coerce(direction)
+        with self._lock:
+            h = self._dev(dev, "hook").hooks[direction]
+            return TcxQuery(h.revision, tuple(TcxEntryInfo(e.prog_id, e.link_id) for e in h.entries))
+
+    def filters(self, dev: DevRef, direction: Direction | str) -> tuple[FilterInfo, ...]:
+        """The filters of one direction in run order (like filter_dump, not counted, never faulted)."""
+        direction = Direction.coerce(direction)
+        with self._lock:
+            d = self._dev(dev, "filters")
+            return tuple(self._filter_info(d, f) for f in self._ordered_filters(d, direction))
+
+    def qdisc(self, dev: DevRef) -> QdiscInfo | None:
+        """The device's clsact/ingress qdisc (not counted, never faulted)."""
+        with self._lock:
+            d = self._dev(dev, "qdisc")
+            if d.qdisc is None:
+                return None
+            return QdiscInfo(d.ifindex, d.qdisc.kind, CLSACT_HANDLE, TC_H_CLSACT, d.qdisc.creator)
+
+    def tagged(self, tag: str) -> tuple[tuple[object, ...], ...]:
+        """Everything attached that `tag` created: ("tcx", link_id) for attached links it created and
+        ("cls_bpf", ifindex, direction, priority, handle) for filters named with it, plus
+        ("qdisc", ifindex) for qdiscs it created. For leak checks in tests."""
+        out: list[tuple[object, ...]] = []
+        with self._lock:
+            for link in self._links.values():
+                if link.creator == tag and self._link_index(link) is not None:
+                    out.append(("tcx", link.id))
+            for d in self._devices.values():
+                for f in d.filters.values():
+                    if f.name == tag or f.name.startswith(tag + "/"):
+                        out.append(("cls_bpf", d.ifindex, f.direction, f.priority, f.handle))
+                if d.qdisc is not None and d.qdisc.creator == tag:
+                    out.append(("qdisc", d.ifindex))
+        return tuple(out)
+
+    def close(self) -> None:
+        """Drop the kernel's references on real programs (their dup'd fds). The kernel stays usable."""
+        with self._lock:
+            for rec in self._progs.values():
+                if rec.real_fd is not None:
+                    fd, rec.real_fd = rec.real_fd, None
+                    os.close(fd)
