@@ -1,0 +1,640 @@
+"""A trio-native rtnetlink transport, one per network namespace: requests with ACKs, dumps, multicast events.
+
+Why it is built this way (KERNEL.md has the measurements):
+
+- A netlink `send()` runs the whole kernel handler inside sendmsg, including the wait for rtnl; sent from
+  the trio thread it stalls the event loop for tens of milliseconds. So every send goes through the
+  namespace's `NetnsRunner` (a worker thread) and the trio thread only waits for readiness and parses.
+- Dump continuations run inside recvmsg, so a whole dump (send, then recv until NLMSG_DONE) runs in one
+  worker thread, on a dump socket of its own, and is decoded there too (a big dump is milliseconds of
+  decoding that must not run on the trio thread).
+- A netlink socket belongs to the namespace of the thread that created it: every socket here is created
+  through the runner, inside the namespace.
+
+Design of `NetlinkTransport` (requests with ACK): one request socket per transport. A request gets a fresh
+sequence number and a waiting slot in a dict *before* it is sent (so an ACK can never arrive "too early"),
+is sent from a worker thread, then waits on a trio.Event. A single reader task, living in the nursery that
+`open_transport()` owns, waits for the socket to become readable on the trio thread, reads everything
+available without blocking, decodes it (ACKs and errors are decoded with `struct`, microseconds) and hands
+each message to the slot of its sequence number. Sequence numbers are matched here, never by pyroute2.
+A background reader was chosen over "whoever waits reads" because it needs no hand-over between waiters
+when the reading one is cancelled: a cancelled waiter only removes its slot, and an ACK that arrives later
+for an unknown sequence number is dropped. Many tasks can have requests in flight on one transport at once;
+`max_in_flight` bounds them so that ACKs can never overflow the socket's receive buffer (an overflow would
+drop ACKs: the kernel does not block for a full unicast receiver).
+
+Errors: a kernel errno becomes asynctc's exception through `asynctc._errors.from_errno` with the operation
+and the kernel's extended-ACK text (NETLINK_EXT_ACK is requested on every socket); `.errno` keeps the raw
+errno. A closed transport raises `trio.ClosedResourceError`.
+
+`MulticastSocket` (events): subscribed to rtnetlink groups, read non-blockingly on the trio thread. When the
+kernel had to drop events because the receive buffer was full, `receive()` raises `EventsLost` once; the
+socket keeps working, and the consumer should re-dump and diff to resynchronise. NETLINK_NO_ENOBUFS is never
+set: it would hide the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as _errno
+import itertools
+import random
+import socket
+import struct
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Final, TypeVar
+
+import trio
+
+from .._errors import TCError, from_errno
+from . import codec
+from .codec import Message, NlDone, NlError
+from .netns import NetnsRunner
+
+__all__ = [
+    "NETLINK_CAP_ACK",
+    "NETLINK_EXT_ACK",
+    "SOL_NETLINK",
+    "SO_RCVBUFFORCE",
+    "EventsLost",
+    "MulticastSocket",
+    "NetlinkTransport",
+    "RequestBuilder",
+    "open_multicast_socket",
+    "open_netlink_socket",
+    "open_transport",
+]
+
+SOL_NETLINK: Final = 270
+NETLINK_ADD_MEMBERSHIP: Final = 1
+NETLINK_CAP_ACK: Final = 10
+NETLINK_EXT_ACK: Final = 11
+SO_RCVBUFFORCE: Final = 33
+
+T = TypeVar("T")
+
+RECV_SIZE: Final = 64 * 1024  # the kernel builds dump skbs of at most 32 KiB; events and ACKs are smaller
+DEFAULT_RCVBUF: Final = 1 << 20
+DUMP_TIMEOUT: Final = 10.0
+DUMP_POOL_SIZE: Final = 2
+
+RequestBuilder = Callable[[int], bytes]
+"""Builds one encoded request for a sequence number.
+
+For example `lambda seq: codec.encode_qdisc_add_clsact(seq, ifindex)`.
+"""
+
+
+class EventsLost(TCError):
+    """The kernel dropped rtnetlink events for this socket (ENOBUFS: its receive buffer was full).
+
+    A subclass of `asynctc.TCError` with `.errno == errno.ENOBUFS`. The socket keeps working and later
+    events arrive as usual, but some changes were never reported: re-dump what you track and diff against
+    your state. Raise the buffer with `open_multicast_socket(..., rcvbuf=...)` if this happens often.
+    """
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or "rtnetlink events were lost (ENOBUFS: the socket's receive buffer overflowed); "
+            "re-dump and diff to resynchronise, or open the socket with a larger rcvbuf",
+            errno=_errno.ENOBUFS,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sockets
+
+
+def open_netlink_socket(
+    groups: Iterable[int] = (), rcvbuf: int | None = None, blocking: bool = False
+) -> socket.socket:
+    """A NETLINK_ROUTE socket for the CALLING THREAD's network namespace (call it through the runner).
+
+    Extended ACKs (kernel error strings) and capped ACKs (errors do not echo the whole request) are
+    switched on. `groups` are rtnetlink multicast group numbers (RTNLGRP_LINK = 1, RTNLGRP_TC = 4),
+    joined with NETLINK_ADD_MEMBERSHIP. `rcvbuf` is set with SO_RCVBUFFORCE (past rmem_max; root only),
+    falling back to SO_RCVBUF (capped at rmem_max) without CAP_NET_ADMIN.
+    """
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+    try:
+        sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        if rcvbuf is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((0, 0))
+        for group in groups:
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+        sock.setblocking(blocking)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _force_ack(data: bytes) -> bytes:
+    """The request with NLM_F_REQUEST|NLM_F_ACK set: every request must be answered, or its waiter hangs."""
+    (flags,) = struct.unpack_from("=H", data, 6)
+    want = flags | codec.NLM_F_REQUEST | codec.NLM_F_ACK
+    if want == flags:
+        return data
+    buf = bytearray(data)
+    struct.pack_into("=H", buf, 6, want)
+    return bytes(buf)
+
+
+def _build(msg: bytes | RequestBuilder, seq: int) -> bytes:
+    return msg(seq) if callable(msg) else codec.set_seq(msg, seq)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Requests with ACK, and dumps
+
+
+class _Slot:
+    """Where the reader puts the answer to one request."""
+
+    __slots__ = ("answer", "event", "failure", "messages")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.messages: list[Message] = []
+        self.answer: NlError | NlDone | None = None
+        self.failure: BaseException | None = None
+
+
+class NetlinkTransport:
+    """rtnetlink for one network namespace: `request()` (with ACK) and `dump()`. Open with `open_transport()`.
+
+    All methods are called from trio tasks on the transport's trio thread; any number of tasks may use one
+    transport concurrently.
+    """
+
+    def __init__(
+        self,
+        runner: NetnsRunner,
+        sock: socket.socket,
+        *,
+        max_in_flight: int = 128,
+        max_senders: int = 4,
+    ) -> None:
+        self.runner = runner
+        self._sock = sock
+        self._portid: int = sock.getsockname()[0]
+        self._slots: dict[int, _Slot] = {}
+        self._seq = random.randrange(1, 1 << 31)
+        self._dump_seq = itertools.count(random.randrange(1, 1 << 31))
+        self._in_flight = trio.Semaphore(max_in_flight)
+        self._senders = trio.CapacityLimiter(max_senders)
+        self._closed = False
+        self._broken: BaseException | None = None
+        self._reader_scope: trio.CancelScope | None = None
+        self._pool: list[socket.socket] = []
+        self._pool_lock = threading.Lock()
+
+    # -- state ----------------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def in_flight(self) -> int:
+        """How many requests are waiting for their ACK now."""
+        return len(self._slots)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def portid(self) -> int:
+        """The request socket's netlink port id: multicast events caused by this transport's requests carry
+        it (and the request's seq), so a monitor can tell its own changes from other processes'."""
+        return self._portid
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the netlink transport is closed")
+        if self._broken is not None:
+            broken = self._broken
+            raise trio.BrokenResourceError(f"the netlink transport failed: {broken!r}") from broken
+
+    def _next_seq(self) -> int:
+        seq = self._seq
+        while True:
+            seq = seq + 1 if seq < 0xFFFFFFFF else 1  # 0 is what the kernel uses for its own events
+            if seq not in self._slots:
+                self._seq = seq
+                return seq
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    async def request(
+        self,
+        msg: bytes | RequestBuilder,
+        *,
+        op: str = "netlink",
+        backend: str | None = None,
+        dev: str | int | None = None,
+        direction: object | None = None,
+        program: object | None = None,
+    ) -> list[Message]:
+        """Send one request and wait for the kernel's ACK.
+
+        `msg` is an encoded message (its sequence number is overwritten) or a builder called with the
+        sequence number; the builder runs in the worker thread (pyroute2 encoding costs 0.1-0.2 ms that
+        should not run on the trio thread), so it must be a pure function of its arguments.
+        NLM_F_REQUEST|NLM_F_ACK are always set. The send runs in a worker thread (the socket is bound to
+        the namespace already); the wait is on the trio thread.
+
+        Returns the messages the kernel sent for this request before the ACK: empty for most requests; the
+        object for RTM_GET* without NLM_F_DUMP (e.g. `codec.encode_filter_get`), or the created object when
+        NLM_F_ECHO is set. An error ACK raises `from_errno(errno, op=op, ..., detail=<extended ACK text>)`
+        (so `.errno` is the kernel's errno). If the task is cancelled while waiting, the request may or may
+        not have taken effect in the kernel (it was sent); the transport stays consistent and drops the late
+        ACK. Cancellation while the send is in its worker thread waits for the send to finish.
+        """
+        self._check_usable()
+        async with self._in_flight:
+            self._check_usable()
+            seq = self._next_seq()
+            slot = _Slot()
+            self._slots[seq] = slot
+            try:
+                try:
+                    async with self._senders:
+                        await self._in_worker(self._build_and_send, msg, seq)
+                except OSError as exc:
+                    if self._closed:
+                        raise trio.ClosedResourceError("the netlink transport was closed") from exc
+                    raise from_errno(
+                        exc.errno or _errno.EIO, op=op, backend=backend, dev=dev, direction=direction,
+                        program=program, detail="netlink send failed",
+                    ) from exc
+                await slot.event.wait()
+            finally:
+                # Whatever happened (answer, cancellation, close), this seq is no longer awaited: a late
+                # answer for it is dropped by the reader.
+                self._slots.pop(seq, None)
+        if slot.failure is not None:
+            raise slot.failure
+        answer = slot.answer
+        assert answer is not None
+        if answer.errno:
+            raise from_errno(answer.errno, op=op, backend=backend, dev=dev, direction=direction,
+                             program=program, detail=answer.extack_msg)
+        return slot.messages
+
+    def _build_and_send(self, msg: bytes | RequestBuilder, seq: int) -> None:
+        """In the worker thread: encoding with pyroute2 costs 0.1-0.2 ms, which stays off the trio thread."""
+        self._send(_force_ack(_build(msg, seq)))
+
+    def _send(self, data: bytes) -> None:
+        sent = self._sock.send(data)
+        if sent != len(data):  # pragma: no cover - netlink sends whole datagrams or fails
+            raise OSError(_errno.EMSGSIZE, "short netlink send")
+
+    # -- the reader -----------------------------------------------------------------------------------
+
+    async def _read_loop(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The one reader: waits for readability, reads what is there, dispatches answers by sequence."""
+        with trio.CancelScope() as scope:
+            self._reader_scope = scope
+            task_status.started()
+            try:
+                while True:
+                    await trio.lowlevel.wait_readable(self._sock)
+                    self._read_available()
+            except trio.ClosedResourceError:
+                return
+            except OSError as exc:
+                # The socket failed in a way we cannot recover from: every waiter learns it, and so does
+                # every later request (BrokenResourceError). The owner's block is not crashed.
+                self._broken = exc
+                self._fail_all(trio.BrokenResourceError(f"netlink socket failed: {exc}"))
+
+    def _read_available(self, budget: int = 64) -> None:
+        """Read up to `budget` datagrams without blocking (a bound, so a flood cannot hold the loop)."""
+        sock = self._sock
+        for _ in range(budget):
+            try:
+                data = sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != _errno.ENOBUFS:
+                    raise
+                # Unicast answers were dropped because the receive buffer was full: which ones cannot be
+                # known, so every request waiting now is told so (its effect in the kernel is unknown).
+                self._fail_all(TCError(
+                    "a netlink answer was lost (ENOBUFS: receive buffer overflow); the request may or may "
+                    "not have taken effect: query the kernel", errno=_errno.ENOBUFS))
+                continue
+            self._dispatch(data)
+
+    def _dispatch(self, data: bytes) -> None:
+        slots = self._slots
+        for off, length, mtype, _flags, seq, _pid in codec.iter_headers(data):
+            slot = slots.get(seq)
+            if slot is None or slot.event.is_set():
+                continue  # an abandoned request's late answer, or nothing of ours: dropped
+            (msg,) = codec.decode_messages(data[off : off + length])
+            if mtype == codec.NLMSG_ERROR or mtype == codec.NLMSG_DONE:
+                assert isinstance(msg, (NlError, NlDone))
+                slot.answer = msg
+                slot.event.set()
+            else:
+                slot.messages.append(msg)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for slot in self._slots.values():
+            if not slot.event.is_set():
+                slot.failure = exc
+                slot.event.set()
+
+    # -- dumps ----------------------------------------------------------------------------------------
+
+    async def dump(
+        self,
+        request: bytes | RequestBuilder,
+        *,
+        op: str = "dump",
+        backend: str | None = None,
+        dev: str | int | None = None,
+        direction: object | None = None,
+        retries: int = 5,
+    ) -> list[Message]:
+        """Run a dump and return its decoded messages (without the final NlDone), e.g.
+        `await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETTFILTER, ifindex, parent))`
+        (the builder runs in the worker thread).
+
+        The whole dump runs in one worker thread inside the namespace, on a dump socket (a small pool of
+        them is kept per transport): the kernel builds each continuation inside recvmsg, so reading a dump
+        on the trio thread would stall it. Decoding runs in the worker as well. A dump interrupted by a
+        concurrent change (NLM_F_DUMP_INTR: the result may be inconsistent) is redone, up to `retries`
+        times; after that TCError(errno=EINTR). A kernel error raises `from_errno(errno, op=op, ...)`.
+        """
+        self._check_usable()
+        return await self._in_worker(self._dump_sync, request, op, backend, dev, direction, retries)
+
+    async def _in_worker(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn` in a worker thread bounded by the runner's limiter, WITHOUT entering the namespace:
+        the sockets are bound to it already (a netlink socket keeps the namespace it was created in), so
+        the two setns() calls, and their share of the GIL, are saved on every request."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.runner.limiter)
+
+    def _take_dump_socket(self) -> socket.socket:
+        with self._pool_lock:
+            if self._closed:
+                raise trio.ClosedResourceError("the netlink transport is closed")
+            if self._pool:
+                return self._pool.pop()
+        # A new dump socket must be created inside the namespace: enter it on this worker thread.
+        sock = self.runner.call_in_netns(open_netlink_socket, (), None, True)
+        sock.settimeout(DUMP_TIMEOUT)
+        return sock
+
+    def _give_back_dump_socket(self, sock: socket.socket, clean: bool) -> None:
+        with self._pool_lock:
+            if clean and not self._closed and len(self._pool) < DUMP_POOL_SIZE:
+                self._pool.append(sock)
+                return
+        sock.close()
+
+    def _dump_sync(
+        self,
+        request: bytes | RequestBuilder,
+        op: str,
+        backend: str | None,
+        dev: str | int | None,
+        direction: object | None,
+        retries: int,
+    ) -> list[Message]:
+        for _attempt in range(retries + 1):
+            seq = next(self._dump_seq) & 0xFFFFFFFF or 1
+            data = _build(request, seq)
+            sock = self._take_dump_socket()
+            clean = False
+            try:
+                chunks, end, interrupted = self._dump_once(sock, data, seq)
+                clean = True
+            except TimeoutError as exc:
+                raise TCError(f"{op.replace('_', ' ')} failed: the kernel did not finish the dump within "
+                              f"{DUMP_TIMEOUT:g} s", errno=_errno.ETIMEDOUT) from exc
+            finally:
+                self._give_back_dump_socket(sock, clean)
+            if end.errno:
+                raise from_errno(end.errno, op=op, backend=backend, dev=dev, direction=direction,
+                                 detail=end.extack_msg)
+            if interrupted:
+                continue
+            out: list[Message] = []
+            for chunk in chunks:
+                out.extend(m for m in codec.decode_messages(chunk)
+                           if m.seq == seq and not isinstance(m, (NlDone, NlError)))
+            return out
+        raise TCError(f"{op.replace('_', ' ')} failed: the dump was interrupted by concurrent changes "
+                      f"{retries + 1} times in a row (NLM_F_DUMP_INTR)", errno=_errno.EINTR)
+
+    @staticmethod
+    def _dump_once(sock: socket.socket, data: bytes, seq: int) -> tuple[list[bytes], NlError | NlDone, bool]:
+        """Send a dump request and read until its NLMSG_DONE (or error). Runs in a worker thread."""
+        sock.send(data)
+        chunks: list[bytes] = []
+        interrupted = False
+        while True:
+            chunk = sock.recv(RECV_SIZE)
+            chunks.append(chunk)
+            for off, length, mtype, flags, mseq, _pid in codec.iter_headers(chunk):
+                if mseq != seq:
+                    continue
+                if flags & codec.NLM_F_DUMP_INTR:
+                    interrupted = True
+                if mtype == codec.NLMSG_DONE or mtype == codec.NLMSG_ERROR:
+                    (end,) = codec.decode_messages(chunk[off : off + length])
+                    assert isinstance(end, (NlDone, NlError))
+                    return chunks, end, interrupted
+
+    # -- closing --------------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the transport (idempotent): waiting requests raise ClosedResourceError, sockets close."""
+        self._close()
+        await trio.lowlevel.checkpoint()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_all(trio.ClosedResourceError("the netlink transport was closed"))
+        if self._reader_scope is not None:
+            self._reader_scope.cancel()
+        trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
+        with self._pool_lock:
+            pool, self._pool = self._pool, []
+        for sock in pool:
+            sock.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._slots)} in flight"
+        return f"<NetlinkTransport netns={self.runner.netns!r} {state}>"
+
+
+@asynccontextmanager
+async def open_transport(
+    runner: NetnsRunner, *, rcvbuf: int = DEFAULT_RCVBUF, max_in_flight: int = 128, max_senders: int = 4
+) -> AsyncIterator[NetlinkTransport]:
+    """Open the rtnetlink transport of `runner`'s namespace; closed (and its reader stopped) on exit.
+
+        async with open_transport(runner) as nl:
+            await nl.request(lambda seq: codec.encode_qdisc_add_clsact(seq, ifindex), op="qdisc_add")
+            filters = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETTFILTER,
+                                                                          ifindex, codec.INGRESS_PARENT))
+
+    The request socket is created in a worker thread inside the namespace. Its receive buffer is raised to
+    `rcvbuf` so that `max_in_flight` answers always fit. At most `max_senders` worker threads send at once
+    (besides the runner's own limiter): the kernel serialises these handlers under rtnl anyway, and fewer
+    threads competing for the GIL keep the trio thread's latency low (measured: p99 loop lag 1.5 ms with 4
+    senders, 3-4.5 ms with 16, for 32 tasks churning filters). The reader task lives in a nursery owned by
+    this context manager: nothing outlives the block.
+    """
+    sock = await runner.run(open_netlink_socket, (), rcvbuf)
+    transport = NetlinkTransport(runner, sock, max_in_flight=max_in_flight, max_senders=max_senders)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(transport._read_loop)
+            try:
+                yield transport
+            finally:
+                transport._close()
+    finally:
+        transport._close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multicast events
+
+
+class MulticastSocket:
+    """A socket subscribed to rtnetlink multicast groups; `receive()` returns the next decoded events.
+
+    Reading happens on the trio thread (multicast delivery runs in the sender's context, so recv() only
+    copies queued messages). Each `receive()` call returns at most `max_batch` messages so that decoding a
+    burst never holds the trio thread for long (~0.06 ms per tc message, ~0.01 ms per link message).
+
+    To track state without a gap: open this socket first, then dump, then apply the events.
+    """
+
+    def __init__(self, sock: socket.socket, *, max_batch: int = 32) -> None:
+        self._sock = sock
+        self._max_batch = max_batch
+        self._lost = False
+        self._closed = False
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def rcvbuf(self) -> int:
+        """The receive buffer size the kernel uses (it doubles what was asked, for bookkeeping)."""
+        return self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+    async def receive(self) -> list[Message]:
+        """Wait for events and return them (a non-empty list, in the kernel's order).
+
+        Raises `EventsLost` when the kernel dropped events since the last call (ENOBUFS); messages read
+        before the loss was noticed are returned first, and the socket keeps working afterwards. Raises
+        trio.ClosedResourceError once closed. Cancellation never loses messages that were read.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("the multicast socket is closed")
+            if self._lost:
+                self._lost = False
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                raise EventsLost()
+            msgs = self._read_batch()
+            if msgs:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return msgs
+            if self._lost:
+                continue
+            await trio.lowlevel.wait_readable(self._sock)
+
+    def _read_batch(self) -> list[Message]:
+        out: list[Message] = []
+        while len(out) < self._max_batch:
+            try:
+                data = self._sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == _errno.ENOBUFS:
+                    self._lost = True
+                    break
+                raise
+            out.extend(codec.decode_messages(data))
+        return out
+
+    def close(self) -> None:
+        """Close the socket (idempotent); a task blocked in receive() gets trio.ClosedResourceError."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(RuntimeError):  # outside trio.run nobody can be waiting on it
+            trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    def __enter__(self) -> MulticastSocket:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> MulticastSocket:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+async def open_multicast_socket(
+    runner: NetnsRunner,
+    groups: Iterable[int] = (codec.RTNLGRP_LINK, codec.RTNLGRP_TC),
+    rcvbuf: int | None = None,
+    *,
+    max_batch: int = 32,
+) -> MulticastSocket:
+    """A `MulticastSocket` for `runner`'s namespace, joined to `groups` (created in a worker thread inside
+    the namespace). `rcvbuf` sets the receive buffer with SO_RCVBUFFORCE (bytes; the kernel doubles it).
+
+        async with await open_multicast_socket(runner) as events:
+            while True:
+                try:
+                    for msg in await events.receive():
+                        ...  # codec.LinkMsg / QdiscMsg / FilterMsg / ChainMsg
+                except EventsLost:
+                    ...  # re-dump and diff
+    """
+    sock = await runner.run(open_netlink_socket, tuple(groups), rcvbuf)
+    return MulticastSocket(sock, max_batch=max_batch)
