@@ -20,7 +20,6 @@ import trio
 
 from ._errors import BackendUnavailable
 from ._types import State
-from .lowlevel.netns import NetnsNameWatch
 from .events import (
     DeviceRemoved,
     Event,
@@ -31,6 +30,7 @@ from .events import (
     QdiscRemoved,
     Resynced,
 )
+from .lowlevel.netns import NetnsNameWatch
 
 if TYPE_CHECKING:
     from ._session import Session

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import dataclasses
 import itertools
 import logging
 import math
@@ -658,35 +659,27 @@ async def open_session(
         cleanup_timeout=cleanup_timeout,
         requested=backend,
     )
-    try:
-        if backend == "auto":
-            name = await session._select(
-                BackendRequest(requested="auto", purpose="session", offload="never", netns=session.netns)
-            )
-        else:
-            name = backend
-        if kernel is None:
-            # A backend of kernel_kind "mock" with no kernel= gets a fresh one of its own making
-            # (`new_kernel()`), recorded here so the session exposes it (`session.kernel`) and refuses
-            # to mix in backends that drive the real kernel.
-            cls = registry.get(name)
-            new_kernel = getattr(cls, "new_kernel", None)
-            if getattr(cls, "kernel_kind", "linux") == "mock" and callable(new_kernel):
-                session._kernel = new_kernel()
-                session._ctx = dataclasses.replace(session._ctx, kernel=session._kernel)
-        session._primary = await session._open_backend(name)
-    except BaseException:
-        with trio.move_on_after(cleanup_timeout, shield=True):
-            await session._close()
-        raise
-
     body_exc: BaseException | None = None
+    errors: list[BaseException] = []
     async with trio.open_nursery() as nursery:
         session._nursery = nursery
+        session._ctx = dataclasses.replace(session._ctx, nursery=nursery)
         try:
-            yield session
-        except BaseException as exc:
-            body_exc = exc
+            try:
+                if backend == "auto":
+                    name = await session._select(
+                        BackendRequest(requested="auto", purpose="session", offload="never", netns=session.netns)
+                    )
+                else:
+                    name = backend
+                session._primary = await session._open_backend(name)
+            except BaseException as exc:
+                body_exc = exc
+            else:
+                try:
+                    yield session
+                except BaseException as exc:
+                    body_exc = exc
         finally:
             errors = await session._close()
             await session._hub.aclose()

@@ -22,6 +22,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import trio
+
 from ._errors import BackendUnavailable, PinError
 from ._program import Program
 from ._types import AttachmentInfo, Direction, Hook, HookEntry, Offload, Probe, UpdateResult
@@ -51,6 +53,8 @@ class BackendContext:
             a backend records in the kernel to prove ownership after a restart.
         kernel: the MockKernel for the mock backend; None otherwise.
         options: backend-specific options given to `open_session(backend_options=...)`.
+        nursery: the session's nursery, for background tasks that must live as long as the session (a
+            netlink reader, say); cancelled after the backend's `aclose()`. None only while probing.
     """
 
     runner: NetnsRunner
@@ -59,6 +63,7 @@ class BackendContext:
     session_tag: str
     kernel: Any = None
     options: Mapping[str, object] = field(default_factory=dict)
+    nursery: trio.Nursery | None = None
 
 
 @dataclass(frozen=True, slots=True)
