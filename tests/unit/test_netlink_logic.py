@@ -1,0 +1,173 @@
+"""Logic of asynctc.lowlevel.netlink that the kernel cannot be made to show on demand: dump retries on
+NLM_F_DUMP_INTR, dump errors, and the order of events around an ENOBUFS. Fake sockets; no privileges."""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from asynctc._errors import DeviceNotFound, TCError
+from asynctc.lowlevel import codec as c
+from asynctc.lowlevel.netlink import (
+    EventsLost,
+    MulticastSocket,
+    NetlinkTransport,
+    open_netlink_socket,
+)
+from asynctc.lowlevel.netns import NetnsRunner
+
+
+def filter_msg(seq: int, prio: int, flags: int = c.NLM_F_MULTI) -> bytes:
+    data = bytearray(c.encode_filter(seq, c.RTM_NEWTFILTER, 0, 3, c.INGRESS_PARENT, prio, 1, prog_fd=1))
+    struct.pack_into("=H", data, 6, flags)
+    return bytes(data)
+
+
+def done(seq: int, err: int = 0, flags: int = c.NLM_F_MULTI) -> bytes:
+    return struct.pack("=IHHIIi", 20, c.NLMSG_DONE, flags, seq, 0, -err)
+
+
+class FakeDumpSocket:
+    """Answers each dump request with the next scripted reply (a function of the request's seq)."""
+
+    def __init__(self) -> None:
+        self.script: list[object] = []
+        self.pending: list[bytes] = []
+        self.closed = False
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        seq = struct.unpack_from("=I", data, 8)[0]
+        self.sent.append(data)
+        make = self.script.pop(0)
+        assert callable(make)
+        self.pending = list(make(seq))
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        return self.pending.pop(0)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def transport() -> Iterator[NetlinkTransport]:
+    sock = open_netlink_socket()  # unprivileged: a NETLINK_ROUTE socket needs no capability
+    t = NetlinkTransport(NetnsRunner(None, trio.CapacityLimiter(2)), sock)
+    try:
+        yield t
+    finally:
+        sock.close()
+
+
+def use_fake(transport: NetlinkTransport, fake: FakeDumpSocket, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "_take_dump_socket", lambda: fake)
+
+
+async def test_interrupted_dump_is_redone(transport: NetlinkTransport, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeDumpSocket()
+    fake.script = [
+        lambda seq: [filter_msg(seq, 1, c.NLM_F_MULTI | c.NLM_F_DUMP_INTR) + done(seq, flags=c.NLM_F_MULTI)],
+        lambda seq: [filter_msg(seq, 1), filter_msg(seq, 2) + done(seq)],
+    ]
+    use_fake(transport, fake, monkeypatch)
+    msgs = await transport.dump(lambda seq: c.encode_dump_request(seq, c.RTM_GETTFILTER, 3, c.INGRESS_PARENT))
+    assert len(fake.sent) == 2
+    assert [m.priority for m in msgs if isinstance(m, c.FilterMsg)] == [1, 2]
+    assert all(m.seq == struct.unpack_from("=I", fake.sent[1], 8)[0] for m in msgs)
+    assert not fake.closed  # a cleanly finished dump socket goes back to the pool
+    assert fake in transport._pool  # type: ignore[comparison-overlap]
+
+
+async def test_dump_gives_up_after_retries(transport: NetlinkTransport, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeDumpSocket()
+    fake.script = [lambda seq: [done(seq, flags=c.NLM_F_MULTI | c.NLM_F_DUMP_INTR)]] * 3
+    use_fake(transport, fake, monkeypatch)
+    with pytest.raises(TCError, match="interrupted") as exc:
+        await transport.dump(c.encode_dump_request(0, c.RTM_GETQDISC), op="qdisc_dump", retries=2)
+    assert exc.value.errno == errno.EINTR
+    assert len(fake.sent) == 3
+
+
+async def test_dump_error_becomes_contract_exception(transport: NetlinkTransport,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeDumpSocket()
+    fake.script = [lambda seq: [done(seq, errno.ENODEV)]]
+    use_fake(transport, fake, monkeypatch)
+    with pytest.raises(DeviceNotFound, match="filter dump on veth9") as exc:
+        await transport.dump(c.encode_dump_request(0, c.RTM_GETTFILTER, 9, c.INGRESS_PARENT),
+                             op="filter_dump", dev="veth9")
+    assert exc.value.errno == errno.ENODEV
+
+
+async def test_dump_of_a_bytes_request_gets_its_own_seq(transport: NetlinkTransport,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeDumpSocket()
+    fake.script = [lambda seq: [done(seq + 1), filter_msg(seq, 4) + done(seq)]]  # a foreign DONE is skipped
+    use_fake(transport, fake, monkeypatch)
+    msgs = await transport.dump(c.encode_dump_request(12345, c.RTM_GETTFILTER, 3, c.INGRESS_PARENT))
+    assert [m.priority for m in msgs if isinstance(m, c.FilterMsg)] == [4]
+
+
+class FakeMulticast:
+    def __init__(self, script: list[bytes | OSError]) -> None:
+        self.script = script
+        self.closed = False
+
+    def recv(self, size: int) -> bytes:
+        if not self.script:
+            raise BlockingIOError(errno.EAGAIN, "empty")
+        item = self.script.pop(0)
+        if isinstance(item, OSError):
+            raise item
+        return item
+
+    def fileno(self) -> int:
+        return -1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_events_before_a_loss_come_first_then_events_lost_then_more() -> None:
+    script: list[bytes | OSError] = [
+        filter_msg(0, 1), filter_msg(0, 2), OSError(errno.ENOBUFS, "No buffer space available"),
+        filter_msg(0, 3),
+    ]
+    events = MulticastSocket(FakeMulticast(script), max_batch=10)  # type: ignore[arg-type]
+    first = await events.receive()
+    assert [m.priority for m in first if isinstance(m, c.FilterMsg)] == [1, 2]
+    with pytest.raises(EventsLost) as lost:
+        await events.receive()
+    assert lost.value.errno == errno.ENOBUFS
+    assert "re-dump" in str(lost.value)
+    again = await events.receive()
+    assert [m.priority for m in again if isinstance(m, c.FilterMsg)] == [3]
+
+
+async def test_events_lost_first_when_nothing_was_read() -> None:
+    events = MulticastSocket(FakeMulticast([OSError(errno.ENOBUFS, "x"), filter_msg(0, 7)]))  # type: ignore[arg-type]
+    with pytest.raises(EventsLost):
+        await events.receive()
+    assert [m.priority for m in await events.receive() if isinstance(m, c.FilterMsg)] == [7]
+
+
+async def test_receive_batches_are_bounded() -> None:
+    events = MulticastSocket(FakeMulticast([filter_msg(0, p) for p in range(1, 8)]), max_batch=3)  # type: ignore[arg-type]
+    sizes = [len(await events.receive()) for _ in range(3)]
+    assert sizes == [3, 3, 1]
+    events.close()
+    events.close()
+    with pytest.raises(trio.ClosedResourceError):
+        await events.receive()
+
+
+async def test_other_recv_errors_propagate() -> None:
+    events = MulticastSocket(FakeMulticast([OSError(errno.EBADF, "bad")]))  # type: ignore[arg-type]
+    with pytest.raises(OSError, match="bad"):
+        await events.receive()
