@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import dataclasses
 import itertools
 import logging
 import math
@@ -151,6 +150,18 @@ class Session:
         """The in-memory kernel of a mock session (`asynctc_mock.MockKernel`: the one given as `kernel=`,
         or the fresh one the session made); None for sessions on the real kernel."""
         return self._kernel
+
+    def _default_kernel(self, name: str) -> None:
+        """A session on a backend of kernel_kind "mock" opened without kernel= gets a fresh kernel of the
+        backend's own making (its `new_kernel()`), recorded here so `session.kernel` exposes it and backends
+        that drive the real kernel are refused in this session."""
+        if self._kernel is not None:
+            return
+        cls = self._registry.get(name)
+        new_kernel = getattr(cls, "new_kernel", None)
+        if getattr(cls, "kernel_kind", "linux") == "mock" and callable(new_kernel):
+            self._kernel = new_kernel()
+            self._ctx = dataclasses.replace(self._ctx, kernel=self._kernel)
 
     # -- backends ------------------------------------------------------------------------------------
     async def probe(self) -> dict[str, Probe]:
@@ -672,6 +683,7 @@ async def open_session(
                     )
                 else:
                     name = backend
+                session._default_kernel(name)
                 session._primary = await session._open_backend(name)
             except BaseException as exc:
                 body_exc = exc
