@@ -72,6 +72,7 @@ __all__ = [
     "open_multicast_socket",
     "open_netlink_socket",
     "open_transport",
+    "start_transport",
 ]
 
 SOL_NETLINK: Final = 270
@@ -522,6 +523,27 @@ async def open_transport(
                 transport._close()
     finally:
         transport._close()
+
+
+async def start_transport(
+    runner: NetnsRunner,
+    nursery: trio.Nursery,
+    *,
+    rcvbuf: int = DEFAULT_RCVBUF,
+    max_in_flight: int = 128,
+    max_senders: int = 4,
+) -> NetlinkTransport:
+    """Open a transport whose reader task runs in `nursery` (e.g. a session's), for owners that cannot
+    hold a context manager open across calls; `await transport.aclose()` stops the reader and closes it.
+    Same behaviour as `open_transport` otherwise."""
+    sock = await runner.run(open_netlink_socket, (), rcvbuf)
+    transport = NetlinkTransport(runner, sock, max_in_flight=max_in_flight, max_senders=max_senders)
+    try:
+        await nursery.start(transport._read_loop)
+    except BaseException:
+        transport._close()
+        raise
+    return transport
 
 
 # ---------------------------------------------------------------------------------------------------------
