@@ -1,0 +1,306 @@
+"""The MockKernel's own rules (KERNEL.md), driven directly, without a session."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+
+import pytest
+from asynctc_mock import MAX_TCX_PROGS, KernelError, MockKernel
+
+from asynctc import Direction
+from asynctc.events import FilterAdded, QdiscAdded
+from asynctc.lowlevel import bpf
+
+IN = Direction.INGRESS
+
+
+def _errno(exc: pytest.ExceptionInfo[KernelError]) -> int | None:
+    return exc.value.errno
+
+
+def test_revision_counts_and_resets_without_clsact(kernel: MockKernel) -> None:
+    a, b = kernel.program(), kernel.program()
+    assert kernel.hook("eth0", IN).revision == 1
+    la = kernel.link_create("eth0", IN, a.id)
+    lb = kernel.link_create("eth0", IN, b.id)
+    assert kernel.hook("eth0", IN).revision == 3
+    kernel.link_detach(la)
+    assert kernel.hook("eth0", IN).revision == 4
+    kernel.link_detach(lb)
+    assert kernel.hook("eth0", IN).revision == 1  # the hook was freed with its last program
+
+
+def test_revision_goes_on_while_clsact_exists_and_resets_with_it(kernel: MockKernel) -> None:
+    a = kernel.program()
+    kernel.qdisc_add("eth0", creator="x")
+    la = kernel.link_create("eth0", IN, a.id)
+    lb = kernel.link_create("eth0", IN, kernel.program().id)
+    kernel.link_detach(la)
+    kernel.link_detach(lb)
+    assert kernel.hook("eth0", IN).revision == 5
+    kernel.link_create("eth0", IN, a.id)
+    assert kernel.hook("eth0", IN).revision == 6
+    kernel.link_detach(kernel.hook("eth0", IN).entries[0].link_id)
+    assert kernel.hook("eth0", IN).revision == 7
+    kernel.qdisc_delete("eth0")
+    assert kernel.hook("eth0", IN).revision == 1
+
+
+def test_anchors_and_their_errors(kernel: MockKernel) -> None:
+    p = [kernel.program(name=f"p{i}") for i in range(5)]
+    l0 = kernel.link_create("eth0", IN, p[0].id)
+    kernel.link_create("eth0", IN, p[1].id, before=True)  # prepend
+    kernel.link_create("eth0", IN, p[2].id, after=True, relative_id=l0, relative_is_link=True)
+    kernel.link_create("eth0", IN, p[3].id, before=True, relative_id=p[2].id)
+    assert kernel.hook("eth0", IN).prog_ids == (p[1].id, p[0].id, p[3].id, p[2].id)
+    with pytest.raises(KernelError) as e:
+        kernel.link_create("eth0", IN, p[4].id, before=True, relative_id=999)
+    assert _errno(e) == errno.ENOENT
+    with pytest.raises(KernelError) as e:
+        kernel.link_create("eth0", IN, p[4].id, before=True, after=True)
+    assert _errno(e) == errno.ERANGE
+    with pytest.raises(KernelError) as e:
+        kernel.link_create("eth0", IN, p[0].id)
+    assert _errno(e) == errno.EEXIST
+    with pytest.raises(KernelError) as e:
+        kernel.link_create("eth0", IN, p[4].id, expected_revision=2)
+    assert _errno(e) == errno.ESTALE
+    kernel.link_create("eth0", IN, p[4].id, expected_revision=kernel.hook("eth0", IN).revision)
+    assert len(kernel.hook("eth0", IN).entries) == 5
+
+
+def test_the_64th_program_is_refused(kernel: MockKernel) -> None:
+    for _ in range(MAX_TCX_PROGS):
+        kernel.link_create("veth0", IN, kernel.program().id)
+    before = kernel.hook("veth0", IN)
+    with pytest.raises(KernelError) as e:
+        kernel.link_create("veth0", IN, kernel.program().id)
+    assert _errno(e) == errno.ERANGE
+    assert kernel.hook("veth0", IN) == before
+
+
+def test_non_sched_cls_program_is_refused(kernel: MockKernel) -> None:
+    xdp = kernel.program(prog_type=bpf.BPF_PROG_TYPE_XDP)
+    with pytest.raises(KernelError) as e:
+        kernel.link_create("eth0", IN, xdp.id)
+    assert _errno(e) == errno.EINVAL
+    with pytest.raises(KernelError) as e:
+        kernel.link_create("nope0", IN, kernel.program().id)
+    assert _errno(e) == errno.ENODEV
+
+
+def test_link_update_compare_and_swap(kernel: MockKernel) -> None:
+    a, b, c = kernel.program(), kernel.program(), kernel.program()
+    link = kernel.link_create("eth0", IN, a.id)
+    rev = kernel.hook("eth0", IN).revision
+    kernel.link_update(link, a.id)  # same program: success, no new revision
+    assert kernel.hook("eth0", IN).revision == rev
+    with pytest.raises(KernelError) as e:
+        kernel.link_update(link, c.id, old_prog_id=b.id)
+    assert _errno(e) == errno.EPERM
+    assert kernel.hook("eth0", IN).prog_ids == (a.id,)
+    kernel.link_update(link, c.id, old_prog_id=a.id)
+    assert kernel.hook("eth0", IN).prog_ids == (c.id,)
+    assert kernel.hook("eth0", IN).revision == rev + 1
+
+
+def test_device_removal_severs_links(kernel: MockKernel) -> None:
+    a = kernel.program()
+    link = kernel.link_create("veth1", IN, a.id)
+    kernel.qdisc_add("veth1")
+    kernel.filter_add("veth1", IN, kernel.program().id, priority=5)
+    kernel.remove_device("veth1")
+    info = kernel.link_info(link)
+    assert info.ifindex == 0
+    with pytest.raises(KernelError) as e:
+        kernel.link_update(link, kernel.program().id)
+    assert _errno(e) == errno.ENOLINK
+    kernel.link_detach(link)  # succeeds on a severed link, as the kernel's does
+    with pytest.raises(KernelError) as e:
+        kernel.prog_query("veth1", IN)
+    assert _errno(e) == errno.ENODEV
+    new = kernel.add_device("veth1")
+    assert kernel.hook(new, IN).revision == 1
+    assert kernel.qdisc(new) is None
+
+
+def test_closing_the_last_fd_detaches_unless_pinned(kernel: MockKernel) -> None:
+    a, b = kernel.program(), kernel.program()
+    la = kernel.link_create("eth0", IN, a.id)
+    lb = kernel.link_create("eth0", IN, b.id)
+    kernel.obj_pin(lb, "/sys/fs/bpf/b")
+    kernel.link_close(la)
+    kernel.link_close(lb)
+    assert kernel.hook("eth0", IN).prog_ids == (b.id,)
+    kind, got = kernel.obj_get("/sys/fs/bpf/b")
+    assert (kind, got) == ("link", lb)
+    kernel.obj_unpin("/sys/fs/bpf/b")
+    assert kernel.hook("eth0", IN).prog_ids == (b.id,)  # obj_get's holder keeps it
+    kernel.link_close(lb)
+    assert kernel.hook("eth0", IN).prog_ids == ()
+    with pytest.raises(KernelError) as e:
+        kernel.obj_pin(la, "relative/path")
+    assert _errno(e) == errno.EINVAL
+
+
+def test_filters_excl_replace_delete(kernel: MockKernel) -> None:
+    a, b = kernel.program(), kernel.program()
+    with pytest.raises(KernelError) as e:
+        kernel.filter_add("eth0", IN, a.id, priority=3)
+    assert _errno(e) == errno.ENOENT  # no clsact
+    kernel.qdisc_add("eth0", creator="me")
+    f = kernel.filter_add("eth0", IN, a.id, priority=3, name="mine")
+    assert (f.priority, f.handle, f.in_hw) == (3, 1, False)
+    with pytest.raises(KernelError) as e:
+        kernel.filter_add("eth0", IN, b.id, priority=3, handle=1)
+    assert _errno(e) == errno.EEXIST
+    kernel.filter_add("eth0", IN, b.id, priority=3, handle=1, excl=False)  # CREATE|REPLACE
+    assert kernel.filters("eth0", IN)[0].prog_id == b.id
+    kernel.filter_replace("eth0", IN, 3, 1, a.id)
+    assert kernel.filters("eth0", IN)[0].prog_id == a.id
+    auto = kernel.filter_add("eth0", IN, b.id)
+    assert auto.priority == 2  # one below the lowest
+    kernel.filter_delete("eth0", IN, 3, 1)
+    with pytest.raises(KernelError) as e:
+        kernel.filter_delete("eth0", IN, 3, 1)
+    assert _errno(e) == errno.ENOENT
+    with pytest.raises(KernelError) as e:
+        kernel.filter_replace("eth0", IN, 3, 1, a.id)
+    assert _errno(e) == errno.ENOENT
+    kernel.qdisc_delete("eth0")
+    assert kernel.filters("eth0", IN) == ()
+
+
+def test_ingress_qdisc_blocks_clsact_and_kinds_do_not_mix(kernel: MockKernel) -> None:
+    kernel.qdisc_add("eth0", "ingress", creator="tc")
+    with pytest.raises(KernelError) as e:
+        kernel.qdisc_add("eth0", "clsact")
+    assert _errno(e) == errno.EEXIST
+    with pytest.raises(KernelError) as e:
+        kernel.filter_add("eth0", Direction.EGRESS, kernel.program().id, priority=1)
+    assert _errno(e) == errno.ENOENT
+    kernel.add_foreign_filter("eth0", IN, priority=7)
+    with pytest.raises(KernelError) as e:
+        kernel.filter_add("eth0", IN, kernel.program().id, priority=7, handle=2)
+    assert _errno(e) == errno.EINVAL
+
+
+def test_skip_sw_needs_an_offload_device(kernel: MockKernel) -> None:
+    nic = kernel.add_device("nic0", offload=True)
+    for dev in ("veth0", nic):
+        kernel.qdisc_add(dev)
+    with pytest.raises(KernelError) as e:
+        kernel.filter_add("veth0", IN, kernel.program().id, priority=1, skip_sw=True)
+    assert (e.value.errno, e.value.op) == (errno.EINVAL, "filter_add_hw")
+    f = kernel.filter_add(nic, IN, kernel.program().id, priority=1, skip_sw=True)
+    assert f.in_hw and f.skip_sw
+    bad = kernel.program(offloadable=False)
+    with pytest.raises(KernelError) as e:
+        kernel.filter_replace(nic, IN, 1, 1, bad.id)
+    assert e.value.op == "filter_replace_hw"
+    assert kernel.filters(nic, IN)[0].prog_id == f.prog_id
+
+
+def test_send_runs_tcx_in_order_then_filters_by_priority(kernel: MockKernel) -> None:
+    n1, n2, f_next, f_drop, late = (kernel.program("next"), kernel.program("next"), kernel.program("next"),
+                                    kernel.program("drop"), kernel.program("pass"))
+    kernel.link_create("eth0", IN, n1.id)
+    kernel.link_create("eth0", IN, n2.id)
+    kernel.qdisc_add("eth0")
+    kernel.filter_add("eth0", IN, late.id, priority=30)
+    kernel.filter_add("eth0", IN, f_drop.id, priority=20)
+    kernel.filter_add("eth0", IN, f_next.id, priority=10)
+    assert kernel.send("eth0", IN, 4) == "drop"
+    assert [p.count() for p in (n1, n2, f_next, f_drop, late)] == [4, 4, 4, 4, 0]
+    stop = kernel.program("pass")
+    kernel.link_create("eth0", IN, stop.id, before=True)
+    assert kernel.send("eth0", IN) == "pass"
+    assert (stop.count(), n1.count(), f_drop.count()) == (1, 4, 4)
+    assert kernel.send("eth0", Direction.EGRESS) == "pass"  # nobody decides: it passes
+
+
+def test_send_runs_real_programs_through_test_run(kernel: MockKernel, root: None) -> None:
+    from asynctc import programs
+
+    with programs.counting("next") as counter, programs.constant("drop") as dropper:
+        kernel.link_create("eth0", IN, kernel.register_program(counter))
+        kernel.link_create("eth0", IN, kernel.register_program(dropper))
+        assert kernel.send("eth0", IN, 3) == "drop"
+        assert counter.count() == 3
+    # The kernel keeps its own references: the closed handles do not stop the programs.
+    assert kernel.send("eth0", IN) == "drop"
+    kernel.close()
+
+
+def test_fault_injection_nth_and_times(kernel: MockKernel) -> None:
+    kernel.inject_fault("link_create", errno.EBUSY, nth=2, times=2)
+    kernel.link_create("eth0", IN, kernel.program().id)
+    for _ in range(2):
+        with pytest.raises(KernelError) as e:
+            kernel.link_create("eth0", IN, kernel.program().id)
+        assert _errno(e) == errno.EBUSY
+    kernel.link_create("eth0", IN, kernel.program().id)
+    assert kernel.calls["link_create"] == 4
+    assert len(kernel.hook("eth0", IN).entries) == 2
+
+
+def test_latency_blocks_the_calling_thread_and_serialises(kernel: MockKernel) -> None:
+    kernel.set_latency(0.05, op="link_create")
+    progs = [kernel.program() for _ in range(3)]
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=kernel.link_create, args=("eth0", IN, p.id)) for p in progs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert time.monotonic() - t0 >= 0.15  # under one lock, as under rtnl
+    assert len(kernel.hook("eth0", IN).entries) == 3
+    kernel.set_latency(0, op="link_create")
+    t0 = time.monotonic()
+    kernel.link_create("eth0", IN, kernel.program().id)
+    assert time.monotonic() - t0 < 0.05
+
+
+def test_events_and_overflow_at_the_kernel(kernel: MockKernel) -> None:
+    wakes: list[int] = []
+    sub = kernel.subscribe(lambda: wakes.append(1), capacity=2)
+    kernel.qdisc_add("eth0")
+    kernel.filter_add("eth0", IN, kernel.program().id, priority=1)
+    assert sub.take_events() == (False, [QdiscAdded(2, "clsact", 0xFFFF0000, 0xFFFFFFF1),
+                                         FilterAdded(2, IN, 1, 1, "bpf", sub_prog_id(kernel), False)])
+    kernel.remove_device("lo")
+    kernel.remove_device("veth0")
+    kernel.remove_device("veth1")  # the third one does not fit: lost
+    assert sub.lost == 1
+    assert sub.take_events() == (True, [])  # the queued ones are unusable now: resync
+    snap = sub.resync()
+    assert set(snap.devices) == {2}
+    assert sub.take_events() == (False, [])
+    kernel.add_device("new0")
+    assert sub.take_events()[1][0].name == "new0"  # type: ignore[union-attr]
+    assert wakes
+    sub.close()
+    kernel.remove_device("new0")
+    assert sub.take_events() == (False, [])
+    assert sub.lost == 1
+
+
+def sub_prog_id(kernel: MockKernel) -> int | None:
+    return kernel.filters("eth0", IN)[0].prog_id
+
+
+def test_kill_process_drops_unpinned_links_keeps_filters(kernel: MockKernel) -> None:
+    tag = "svc:1.2.3"
+    a, b = kernel.program(), kernel.program()
+    kernel.link_create("eth0", IN, a.id, creator=tag)
+    pinned = kernel.link_create("eth0", IN, b.id, creator=tag)
+    kernel.obj_pin(pinned, "/bpf/p")
+    kernel.qdisc_add("eth0", creator=tag)
+    kernel.filter_add("eth0", IN, a.id, priority=1, name=tag)
+    kernel.kill_process(tag)
+    assert kernel.hook("eth0", IN).prog_ids == (b.id,)
+    assert len(kernel.filters("eth0", IN)) == 1
+    assert not kernel.tag_alive(tag)
+    assert not kernel.tag_alive("not a tag")
