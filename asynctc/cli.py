@@ -220,13 +220,13 @@ def format_event(event: ev.Event, *, as_json: bool, now: float | None = None) ->
 
 async def _monitor(args: argparse.Namespace, out: TextIO) -> int:
     backend = args.backend
-    async with asynctc.open_session(backend, netns=args.netns) as session:
-        if not args.json:
-            where = f"namespace {args.netns}" if args.netns else "this namespace"
-            _say(out, f"watching {where} with the {session.backend_name} backend; Ctrl-C to stop")
-        async with session.open_monitor() as mon:
-            async for event in mon:
-                _say(out, format_event(event, as_json=args.json))
+    async with asynctc.open_session(backend, netns=args.netns) as session, session.open_monitor() as mon:
+        # Said once the subscription is in place (on stderr: stdout carries only events), so whoever
+        # reads it knows that every later change will be reported.
+        where = f"namespace {args.netns}" if args.netns else "this namespace"
+        _say(sys.stderr, f"watching {where} with the {session.backend_name} backend; Ctrl-C to stop")
+        async for event in mon:
+            _say(out, format_event(event, as_json=args.json))
     return 0
 
 

@@ -27,7 +27,6 @@ import asynctc
 from asynctc import (
     AttachmentInfo,
     Conflict,
-    DeviceNotFound,
     Direction,
     Hook,
     PinError,
@@ -41,6 +40,8 @@ from asynctc import (
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource
 from asynctc.lowlevel import bpf
 from asynctc.lowlevel import hook as hooklib
+from asynctc.lowlevel import netlink as nllib
+from asynctc.lowlevel.netdev import resolve_device
 
 __all__ = ["BpfLinkBackend", "LinkAttachment", "asynctc_register_backends"]
 
@@ -76,32 +77,6 @@ def _detach_and_close(fd: int) -> bool:
         os.close(fd)
 
 
-def resolve_device(dev: str | int, netns: str | None) -> tuple[int, str]:
-    """(ifindex, name) in the calling thread's namespace; DeviceNotFound otherwise (run in a worker)."""
-    where = f"network namespace {netns!r}" if netns else "the caller's network namespace"
-    if isinstance(dev, bool) or not isinstance(dev, str | int):
-        raise TypeError(f"dev must be a device name or an ifindex, got {dev!r}")
-    if isinstance(dev, int):
-        if dev <= 0:
-            raise DeviceNotFound(f"ifindex must be positive, got {dev}", errno=_errno.ENODEV)
-        try:
-            return dev, socket.if_indextoname(dev)
-        except OSError:
-            raise DeviceNotFound(
-                f"no device with ifindex {dev} in {where}; an ifindex is only valid in its own namespace: "
-                "use the device's name or open the session in the device's namespace",
-                errno=_errno.ENODEV,
-            ) from None
-    if not dev or len(dev) >= 16 or "/" in dev or "\0" in dev:
-        raise DeviceNotFound(f"{dev!r} is not a valid device name (1-15 characters)", errno=_errno.ENODEV)
-    try:
-        return socket.if_nametoindex(dev), dev
-    except OSError:
-        raise DeviceNotFound(
-            f"no device named {dev!r} in {where}; check `ip link` there", errno=_errno.ENODEV
-        ) from None
-
-
 class BpfLinkBackend(Backend):
     """tcx links (Linux >= 6.6). See the module docstring."""
 
@@ -112,6 +87,19 @@ class BpfLinkBackend(Backend):
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
         self._names = hooklib.ProgNameCache()
+        self._nl: nllib.NetlinkTransport | None = None
+
+    async def open(self) -> None:
+        """Start the rtnetlink transport that lists legacy cls_bpf filters in `query` (tcx itself needs
+        none); its reader runs in the session's nursery."""
+        if self.ctx.nursery is not None and self._nl is None:
+            self._nl = await nllib.start_transport(self.ctx.runner, self.ctx.nursery)
+
+    async def aclose(self) -> None:
+        """Close the transport (idempotent)."""
+        nl, self._nl = self._nl, None
+        if nl is not None:
+            await nl.aclose()
 
     @classmethod
     async def probe(cls, ctx: BackendContext) -> Probe:
@@ -303,8 +291,16 @@ class BpfLinkBackend(Backend):
 
     # -- query ---------------------------------------------------------------------------------------
     async def query(self, ifindex: int, direction: Direction) -> Hook:
+        """tcx entries in run order, then the hook's cls_bpf filters (another session's or process's
+        netlink attachments run after every tcx program)."""
+        nl = self._nl
+        filters: hooklib.FilterLister | None = None
+        if nl is not None:
+            async def filters(i: int, d: Direction) -> list[asynctc.HookEntry]:
+                return await hooklib.cls_bpf_entries(nl, i, d, self._names)
+
         return await hooklib.query_hook(self.ctx.runner, ifindex, direction, names=self._names,
-                                        backend=self.name)
+                                        backend=self.name, filters=filters)
 
     # -- pinning -------------------------------------------------------------------------------------
     async def pin(self, att: BackendAttachment, path: str) -> None:
@@ -385,9 +381,9 @@ class BpfLinkBackend(Backend):
 
     # -- events --------------------------------------------------------------------------------------
     def open_event_source(self) -> AbstractAsyncContextManager[EventSource]:
-        from asynctc._monitor_netlink import open_netlink_event_source
+        from asynctc._monitor_netlink import event_source_for
 
-        return open_netlink_event_source(self.ctx.runner)
+        return event_source_for(self.ctx)
 
 
 @asynctc.hookimpl

@@ -1,0 +1,240 @@
+"""The event source of the real backends: rtnetlink multicast (RTNLGRP_LINK, RTNLGRP_TC) for one namespace.
+
+It keeps the state it has reported (devices, qdiscs, clsact filters) so that:
+- every kernel message becomes at most one event (a RTM_NEWLINK for a flag change is not a new device);
+- when the kernel drops events (ENOBUFS), it re-dumps links, qdiscs and clsact filters, diffs them against
+  what it knew, emits the missed removals and additions as ordinary events and then `Resynced`: after that
+  its state equals the kernel's again.
+
+The socket is opened before the baseline dump, so nothing can happen unseen between the two. Reading runs
+on the trio thread (it only copies queued messages); dumps run in worker threads (lowlevel.netlink).
+
+tcx links produce no netlink events of their own: the session learns of severed links from DeviceRemoved
+and confirms each with the link's info (ifindex 0).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+from ._types import Direction
+from .backend import BackendContext, EventSource
+from .events import (
+    DeviceAdded,
+    DeviceRemoved,
+    FilterAdded,
+    FilterRemoved,
+    KernelEvent,
+    QdiscAdded,
+    QdiscRemoved,
+    Resynced,
+)
+from .lowlevel import codec
+from .lowlevel.netlink import EventsLost, MulticastSocket, NetlinkTransport, open_multicast_socket, open_transport
+from .lowlevel.netns import NetnsRunner
+
+__all__ = ["DEFAULT_EVENT_RCVBUF", "NetlinkEventSource", "event_source_for", "open_netlink_event_source"]
+
+log = logging.getLogger("asynctc")
+
+# Large enough to absorb a storm of a thousand interfaces while the reader is busy (root can force it
+# past rmem_max with SO_RCVBUFFORCE). The kernel doubles the value for its own bookkeeping.
+DEFAULT_EVENT_RCVBUF = 8 << 20
+
+PARENT_DIRECTION = {codec.INGRESS_PARENT: Direction.INGRESS, codec.EGRESS_PARENT: Direction.EGRESS}
+HOOK_QDISCS = ("clsact", "ingress")
+
+QdiscKey = tuple[int, int, int]  # ifindex, parent, handle
+FilterKey = tuple[int, int, int, int, int]  # ifindex, parent, chain, priority, handle
+FilterVal = tuple[str, int | None]  # kind, bpf program id
+
+
+def _filter_dump(seq: int, *, ifindex: int, parent: int) -> bytes:
+    return codec.encode_dump_request(seq, codec.RTM_GETTFILTER, ifindex, parent)
+
+
+class NetlinkEventSource(EventSource):
+    """Kernel events of one namespace; see the module docstring. Use `open_netlink_event_source`."""
+
+    def __init__(self, mc: MulticastSocket, nl: NetlinkTransport) -> None:
+        self._mc = mc
+        self._nl = nl
+        self.links: dict[int, str] = {}
+        self.qdiscs: dict[QdiscKey, str] = {}
+        self.filters: dict[FilterKey, FilterVal] = {}
+        self.resyncs = 0
+
+    # -- reading ---------------------------------------------------------------------------------------
+    async def receive(self) -> list[KernelEvent | Resynced]:
+        while True:
+            try:
+                msgs = await self._mc.receive()
+            except EventsLost:
+                return await self.resync("the kernel dropped events (ENOBUFS)")
+            out: list[KernelEvent | Resynced] = []
+            for m in msgs:
+                out.extend(self._apply(m))
+            if out:
+                return out
+
+    def _apply(self, m: codec.Message) -> list[KernelEvent]:
+        if isinstance(m, codec.LinkMsg):
+            return self._apply_link(m)
+        if isinstance(m, codec.QdiscMsg):
+            return self._apply_qdisc(m)
+        if isinstance(m, codec.FilterMsg):
+            return self._apply_filter(m)
+        if isinstance(m, codec.ChainMsg) and not m.is_new:
+            gone = [k for k in self.filters if k[0] == m.ifindex and k[1] == m.parent and k[2] == m.chain]
+            return [self._filter_removed(k) for k in gone]
+        return []
+
+    def _apply_link(self, m: codec.LinkMsg) -> list[KernelEvent]:
+        if m.is_new:
+            known = m.ifindex in self.links
+            if m.name:
+                self.links[m.ifindex] = m.name
+            elif not known:
+                self.links[m.ifindex] = ""
+            return [] if known else [DeviceAdded(m.ifindex, self.links[m.ifindex])]
+        if m.ifindex not in self.links:
+            return []
+        name = self.links.pop(m.ifindex) or (m.name or "")
+        # A deleted device takes its qdiscs and filters with it, without messages of their own.
+        for k in [k for k in self.filters if k[0] == m.ifindex]:
+            del self.filters[k]
+        for q in [q for q in self.qdiscs if q[0] == m.ifindex]:
+            del self.qdiscs[q]
+        return [DeviceRemoved(m.ifindex, name)]
+
+    def _apply_qdisc(self, m: codec.QdiscMsg) -> list[KernelEvent]:
+        key = (m.ifindex, m.parent, m.handle)
+        kind = m.kind or ""
+        if m.is_new:
+            known = key in self.qdiscs
+            self.qdiscs[key] = kind
+            return [] if known else [QdiscAdded(m.ifindex, kind, m.handle, m.parent)]
+        if key not in self.qdiscs:
+            return []
+        kind = self.qdiscs.pop(key) or kind
+        out: list[KernelEvent] = []
+        if kind in HOOK_QDISCS:
+            # Deleting clsact deletes every filter on it, including other owners'.
+            out.extend(self._filter_removed(k) for k in [k for k in self.filters if k[0] == m.ifindex])
+        out.append(QdiscRemoved(m.ifindex, kind, m.handle, m.parent))
+        return out
+
+    def _apply_filter(self, m: codec.FilterMsg) -> list[KernelEvent]:
+        direction = PARENT_DIRECTION.get(m.parent)
+        if m.is_new:
+            if m.handle == 0:
+                return []  # the classifier instance of a priority, not a filter
+            key = (m.ifindex, m.parent, m.chain, m.priority, m.handle)
+            val = (m.kind or "", m.bpf_id)
+            if direction is not None:
+                if self.filters.get(key) == val:
+                    return []
+                self.filters[key] = val
+            return [FilterAdded(m.ifindex, direction, m.priority, m.handle, val[0], val[1], False)]
+        # A deletion names one filter, or (handle 0) every filter of a priority, or (priority 0) the chain.
+        gone = [
+            k for k in self.filters
+            if k[0] == m.ifindex and k[1] == m.parent and k[2] == m.chain
+            and (m.priority == 0 or k[3] == m.priority) and (m.handle == 0 or k[4] == m.handle)
+        ]
+        if gone:
+            return [self._filter_removed(k) for k in gone]
+        if direction is None and m.handle:
+            return [FilterRemoved(m.ifindex, None, m.priority, m.handle, m.kind or "", m.bpf_id, False)]
+        return []
+
+    def _filter_removed(self, key: FilterKey) -> FilterRemoved:
+        kind, prog_id = self.filters.pop(key)
+        ifindex, parent, _chain, prio, handle = key
+        return FilterRemoved(ifindex, PARENT_DIRECTION.get(parent), prio, handle, kind, prog_id, False)
+
+    # -- dumps -----------------------------------------------------------------------------------------
+    async def _dump_state(self) -> tuple[dict[int, str], dict[QdiscKey, str], dict[FilterKey, FilterVal]]:
+        links: dict[int, str] = {}
+        for m in await self._nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETLINK),
+                                     op="link_dump"):
+            if isinstance(m, codec.LinkMsg):
+                links[m.ifindex] = m.name or ""
+        qdiscs: dict[QdiscKey, str] = {}
+        for m in await self._nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETQDISC),
+                                     op="qdisc_dump"):
+            if isinstance(m, codec.QdiscMsg) and m.ifindex in links:
+                qdiscs[(m.ifindex, m.parent, m.handle)] = m.kind or ""
+        filters: dict[FilterKey, FilterVal] = {}
+        hooked = sorted({k[0] for k, kind in qdiscs.items() if kind in HOOK_QDISCS})
+        for ifindex in hooked:
+            for parent in PARENT_DIRECTION:
+                try:
+                    msgs = await self._nl.dump(
+                        functools.partial(_filter_dump, ifindex=ifindex, parent=parent),
+                        op="filter_dump", dev=ifindex,
+                    )
+                except Exception as exc:  # the device went away meanwhile: its events will say so
+                    log.debug("asynctc: filter dump of ifindex %d failed during resync: %r", ifindex, exc)
+                    continue
+                for m in msgs:
+                    if isinstance(m, codec.FilterMsg) and m.handle != 0:
+                        filters[(m.ifindex, m.parent, m.chain, m.priority, m.handle)] = (m.kind or "", m.bpf_id)
+        return links, qdiscs, filters
+
+    async def baseline(self) -> None:
+        """Read the kernel's current state, without events (what already exists is not news)."""
+        self.links, self.qdiscs, self.filters = await self._dump_state()
+
+    async def resync(self, reason: str) -> list[KernelEvent | Resynced]:
+        """Re-dump, emit the differences (removals first, then additions), then Resynced."""
+        self.resyncs += 1
+        links, qdiscs, filters = await self._dump_state()
+        out: list[KernelEvent | Resynced] = []
+        for fk in [k for k in self.filters if filters.get(k) != self.filters[k]]:
+            out.append(self._filter_removed(fk))
+        for qk in [k for k in self.qdiscs if qdiscs.get(k) != self.qdiscs[k]]:
+            kind = self.qdiscs.pop(qk)
+            out.append(QdiscRemoved(qk[0], kind, qk[2], qk[1]))
+        for ifindex in [i for i in self.links if links.get(i) is None]:
+            out.append(DeviceRemoved(ifindex, self.links.pop(ifindex)))
+        for ifindex, name in links.items():
+            if ifindex not in self.links:
+                out.append(DeviceAdded(ifindex, name))
+        for qk, kind in qdiscs.items():
+            if qk not in self.qdiscs:
+                out.append(QdiscAdded(qk[0], kind, qk[2], qk[1]))
+        for fk, (kind, prog_id) in filters.items():
+            if fk not in self.filters:
+                out.append(FilterAdded(fk[0], PARENT_DIRECTION.get(fk[1]), fk[3], fk[4], kind, prog_id, False))
+        self.links, self.qdiscs, self.filters = links, qdiscs, filters
+        out.append(Resynced(reason))
+        return out
+
+
+@asynccontextmanager
+async def open_netlink_event_source(
+    runner: NetnsRunner, *, rcvbuf: int | None = DEFAULT_EVENT_RCVBUF
+) -> AsyncIterator[NetlinkEventSource]:
+    """Subscribe to the namespace's link and tc events, read the baseline, yield the source; closes its
+    sockets (and so releases the namespace) on exit."""
+    mc = await open_multicast_socket(runner, (codec.RTNLGRP_LINK, codec.RTNLGRP_TC), rcvbuf)
+    try:
+        async with open_transport(runner, max_in_flight=4) as nl:
+            source = NetlinkEventSource(mc, nl)
+            await source.baseline()
+            yield source
+    finally:
+        mc.close()
+
+
+def event_source_for(ctx: BackendContext) -> AbstractAsyncContextManager[NetlinkEventSource]:
+    """The event source for a real backend's session; `backend_options={"event_rcvbuf": BYTES}` sets the
+    socket's receive buffer (default DEFAULT_EVENT_RCVBUF; small values force resyncs, for tests)."""
+    rcvbuf = ctx.options.get("event_rcvbuf", DEFAULT_EVENT_RCVBUF)
+    if rcvbuf is not None and (not isinstance(rcvbuf, int) or isinstance(rcvbuf, bool) or rcvbuf < 256):
+        raise ValueError(f"backend_options['event_rcvbuf'] must be an int >= 256 (bytes), got {rcvbuf!r}")
+    return open_netlink_event_source(ctx.runner, rcvbuf=rcvbuf)
