@@ -205,6 +205,11 @@ _BY_OP: dict[tuple[str, int], tuple[type[TCError], str]] = {
         OffloadError,
         "the hardware refused the new program; the update was aborted and the old program keeps running",
     ),
+    ("clsact_add", _errno.EEXIST): (
+        AlreadyAttached,
+        "an ingress qdisc is in the way (clsact cannot share a device with it): delete it "
+        "(tc qdisc del dev DEV ingress) or use the bpf_link backend (tcx works beside it)",
+    ),
     ("qdisc_add", _errno.EEXIST): (
         AlreadyAttached,
         "another root/ingress qdisc is in the way; delete it or use the bpf_link backend",

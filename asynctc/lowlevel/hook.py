@@ -2,6 +2,11 @@
 
 Shared by the real backends so that a query lists both kinds in run order whichever backend a session
 uses. Entries come back with owned=False; the session marks what it owns.
+
+Legacy filters that are not cls_bpf (u32, ...) run no BPF program, so they are not listed: a HookEntry
+describes a program. They still occupy priorities, which the netlink backend takes into account when it
+places a filter. Only chain 0 is listed: filters on other chains run only when an action jumps there.
+On a kernel without tcx (before 6.6) the tcx part is empty and the revision is None.
 """
 
 from __future__ import annotations
@@ -10,13 +15,19 @@ import errno as _errno
 import os
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from .._errors import DeviceNotFound, from_errno
 from .._types import Direction, Hook, HookEntry
-from . import bpf
+from . import bpf, codec
 from .netns import NetnsRunner
 
-__all__ = ["ProgNameCache", "query_hook", "tcx_entries"]
+if TYPE_CHECKING:
+    from .netlink import NetlinkTransport
+
+__all__ = ["CLSACT_PARENTS", "ProgNameCache", "cls_bpf_entries", "dump_filters", "query_hook", "tcx_entries"]
+
+CLSACT_PARENTS = {Direction.INGRESS: codec.INGRESS_PARENT, Direction.EGRESS: codec.EGRESS_PARENT}
 
 ATTACH_TYPES = {Direction.INGRESS: bpf.BPF_TCX_INGRESS, Direction.EGRESS: bpf.BPF_TCX_EGRESS}
 
@@ -57,11 +68,18 @@ class ProgNameCache:
             self._map[prog_id] = (name, tag)
 
 
-def tcx_entries(ifindex: int, direction: Direction, names: ProgNameCache) -> tuple[int, list[HookEntry]]:
-    """(revision, tcx entries in run order) of a hook; run in a worker thread inside the namespace."""
+def tcx_entries(
+    ifindex: int, direction: Direction, names: ProgNameCache
+) -> tuple[int | None, list[HookEntry]]:
+    """(revision, tcx entries in run order) of a hook; run in a worker thread inside the namespace.
+
+    A kernel without tcx refuses the tcx attach types with EINVAL: then (None, []).
+    """
     try:
         q = bpf.prog_query(ifindex, ATTACH_TYPES[direction])
     except bpf.BpfError as exc:
+        if exc.errno == _errno.EINVAL:
+            return None, []
         if exc.errno == _errno.ENODEV:
             raise DeviceNotFound(f"no device with ifindex {ifindex} (it was deleted?)", errno=exc.errno) from None
         raise from_errno(exc.errno or 0, op="prog_query", dev=ifindex, direction=direction) from None
@@ -71,6 +89,41 @@ def tcx_entries(ifindex: int, direction: Direction, names: ProgNameCache) -> tup
         entries.append(HookEntry(prog_id=prog_id, prog_name=name, prog_tag=tag, kind="tcx",
                                  link_id=link_id or None, handle=None, priority=None, owned=False))
     return q.revision, entries
+
+
+def _names_of(names: ProgNameCache, prog_ids: Sequence[int]) -> list[tuple[str, str]]:
+    return [names.get(i) for i in prog_ids]
+
+
+async def dump_filters(
+    nl: NetlinkTransport, ifindex: int, direction: Direction, *, dev: str | int | None = None
+) -> list[codec.FilterMsg]:
+    """Every filter of the clsact hook `direction` of a device (any classifier, chain 0), without the
+    per-priority classifier heads (handle 0), sorted by (priority, handle). Empty when the device has no
+    clsact qdisc. DeviceNotFound when the device is gone."""
+    parent = CLSACT_PARENTS[direction]
+    msgs = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETTFILTER, ifindex, parent),
+                         op="filter_dump", dev=dev if dev is not None else ifindex, direction=direction)
+    out = [m for m in msgs if isinstance(m, codec.FilterMsg) and m.handle != 0 and m.chain == 0
+           and m.ifindex == ifindex and m.parent == parent]
+    out.sort(key=lambda m: (m.priority, m.handle))
+    return out
+
+
+async def cls_bpf_entries(
+    nl: NetlinkTransport, ifindex: int, direction: Direction, names: ProgNameCache
+) -> list[HookEntry]:
+    """The cls_bpf filters of a clsact hook in run order (priority, then handle), as HookEntry values with
+    kind "cls_bpf" and owned=False. Other classifiers (u32...) are left out: they run no BPF program."""
+    filters = [f for f in await dump_filters(nl, ifindex, direction) if f.kind == "bpf" and f.bpf_id]
+    ids = [f.bpf_id or 0 for f in filters]
+    prog_names = await nl.runner.run(_names_of, names, ids) if ids else []
+    entries = []
+    for f, (name, tag) in zip(filters, prog_names, strict=True):
+        entries.append(HookEntry(prog_id=f.bpf_id or 0, prog_name=name, prog_tag=f.bpf_tag or tag,
+                                 kind="cls_bpf", link_id=None, handle=f.handle, priority=f.priority,
+                                 owned=False))
+    return entries
 
 
 FilterLister = Callable[[int, Direction], Awaitable[Sequence[HookEntry]]]
