@@ -1,0 +1,804 @@
+"""The netlink backend: clsact qdiscs and cls_bpf direct-action filters over asynctc's trio rtnetlink
+transport (any kernel with clsact and cls_bpf; the legacy TC path).
+
+Ownership.
+- Filters: each filter's TCA_BPF_NAME carries an owner tag (`_policy` documents the format,
+  "asynctc:OWNER:PID.START.SERIAL:PROGNAME[:pinned]"), so whose a filter is can be proven from the kernel
+  alone, after a restart too. Before deleting or replacing its filter, the backend reads it back (a
+  filter get) and checks that the name is still the one it wrote: a filter someone else put in the same
+  slot is never touched (the kernel has no compare-and-delete, so a change between that read and the
+  delete is the one window left).
+- clsact: created only when absent (NLM_F_EXCL: an EEXIST means someone else made it, so it is not ours),
+  remembered per device by this backend instance (one per session), and deleted only when this instance
+  created it and no filter at all (any classifier, any chain) is left on either hook. Another process
+  adding a filter between that check and the delete is a window the kernel offers no way to close.
+  An `ingress` qdisc in the way of clsact raises AlreadyAttached (the kernel's EEXIST) naming the command
+  that removes it; nothing is left behind. Orphaned empty clsact qdiscs (their creator died) are left in
+  place by `reap_orphans`: whether asynctc made one cannot be told from the kernel, and an empty clsact
+  is harmless.
+
+Positions become priorities relative to every filter on the hook (see `_policy.choose_priority`);
+`priority=` (1..65535) and `handle=` (default 1) attach options choose the slot directly. Choosing a
+priority and adding the filter are serialised per device within a backend, and the kernel's EEXIST is
+the final word between processes (an automatically chosen priority is chosen again, up to 3 times).
+
+Offload: offload="never" asks for software only (skip_hw, so a real NIC does not also get the program);
+"require" asks for skip_sw (hardware only, OffloadError when refused, leaving no filter and no qdisc we
+created); "prefer" tries skip_sw, then software. `info.offloaded` is the kernel's in_hw flag read back
+from the created filter (NLM_F_ECHO). An update of an offloaded filter replaces it with skip_sw too: if
+the hardware refuses, the replace fails as a whole and the old program keeps running.
+
+Pinning. Filters outlive their process anyway; `pin(path)` records the attachment so that
+`adopt_pinned(path)` can take it over in a later session:
+- `path`: the filter's program, pinned (BPF_OBJ_PIN);
+- `path + "_record"`: a one-entry BPF array map whose 256-byte value is a `_policy.PinRecord` (magic,
+  ifindex, direction, priority, handle, program id, network namespace inode, filter name);
+- the filter is renamed with the ":pinned" mark (an atomic NLM_F_REPLACE with the same program), so that
+  `reap_orphans` never removes a pinned filter after its process died.
+`unpin()` removes both objects and renames the filter with the current session's tag. The program at
+`path` keeps its own name, so the bpf_link backend (tried first in a bpf_link session) sees a program,
+not a link, and passes it on.
+
+Orphans: `reap_orphans` dumps the clsact filters of every device, and deletes the cls_bpf filters tagged
+with this session's owner whose process is dead (no /proc/PID, or another start time there), unless
+pinned. A live process's filters (this one's included) and foreign filters are never touched. Process ids
+are those of the caller's pid namespace: owners sharing a tag across pid namespaces must not share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno as _errno
+import logging
+import os
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import ClassVar, Final
+
+import trio
+
+from asynctc import (
+    AlreadyAttached,
+    AnchorNotFound,
+    AttachmentInfo,
+    Conflict,
+    DeviceNotFound,
+    Direction,
+    Hook,
+    HookEntry,
+    HookFull,
+    OffloadError,
+    PermissionDenied,
+    PinError,
+    Probe,
+    Program,
+    Severed,
+    TCError,
+    UpdateResult,
+    from_errno,
+)
+from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource
+from asynctc.lowlevel import bpf, codec
+from asynctc.lowlevel import hook as hooklib
+from asynctc.lowlevel.netdev import resolve_device
+from asynctc.lowlevel.netlink import NetlinkTransport, open_transport, start_transport
+from asynctc.lowlevel.netns import current_netns_inode
+
+from ._policy import RECORD_SIZE, FilterTag, PinRecord, choose_priority, format_tag, parse_tag
+
+__all__ = ["FilterAttachment", "NetlinkBackend"]
+
+log = logging.getLogger("asynctc.netlink")
+
+ADD_FLAGS: Final = codec.NLM_F_REQUEST | codec.NLM_F_ACK | codec.NLM_F_CREATE | codec.NLM_F_EXCL | codec.NLM_F_ECHO
+# No NLM_F_CREATE: a replace of a filter that someone deleted fails with ENOENT instead of recreating it.
+REPLACE_FLAGS: Final = codec.NLM_F_REQUEST | codec.NLM_F_ACK | codec.NLM_F_REPLACE | codec.NLM_F_ECHO
+DELETE_FLAGS: Final = codec.NLM_F_REQUEST | codec.NLM_F_ACK
+OPTIONS: Final = frozenset({"priority", "handle"})
+DEFAULT_HANDLE: Final = 1
+AUTO_PRIORITY_ATTEMPTS: Final = 3
+CLEANUP_TIMEOUT: Final = 10.0
+RECORD_SUFFIX: Final = "_record"  # bpffs refuses names with dots (EPERM)
+
+_cls_bpf_known: list[bool] = []
+
+
+def _cls_bpf_present() -> bool | None:
+    """Whether the kernel has cls_bpf (loaded module, or built in: its classify function is a kernel
+    symbol); None when neither source can be read. The answer is cached once positive."""
+    if _cls_bpf_known:
+        return True
+    if os.path.isdir("/sys/module/cls_bpf"):
+        _cls_bpf_known.append(True)
+        return True
+    try:
+        with open("/proc/kallsyms", "rb") as f:
+            for line in f:
+                if line.endswith(b" cls_bpf_classify\n") or b" cls_bpf_classify\t" in line:
+                    _cls_bpf_known.append(True)
+                    return True
+    except OSError:
+        return None
+    release = os.uname().release
+    for index in ("modules.dep", "modules.builtin"):
+        try:
+            with open(f"/lib/modules/{release}/{index}", "rb") as f:
+                if b"/cls_bpf.ko" in f.read():
+                    return True  # loadable on demand (the kernel loads it on the first cls_bpf filter)
+        except OSError:
+            continue
+    return False
+
+
+def _process_alive(pid: int, start: str) -> bool:
+    """Whether process `pid` exists and started at `start` (clock ticks since boot, /proc/PID/stat
+    field 22): a reused pid of another process does not count."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    try:
+        return stat.rsplit(")", 1)[1].split()[19] == start
+    except IndexError:  # pragma: no cover - a malformed stat line
+        return True  # when in doubt, it is not an orphan
+
+
+def _tcx_revision(ifindex: int, direction: Direction) -> int | None:
+    try:
+        return bpf.prog_query(ifindex, hooklib.ATTACH_TYPES[direction]).revision
+    except bpf.BpfError:
+        return None
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _filter_options(options: Mapping[str, object]) -> tuple[int | None, int]:
+    """(priority or None, handle) from the attach options; ValueError naming the accepted values."""
+    unknown = sorted(set(options) - OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown netlink attach option(s) {unknown}; the netlink backend takes priority= "
+                         "(1..65535) and handle= (1..0xffffffff)")
+    priority = options.get("priority")
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
+                                 or not 1 <= priority <= 0xFFFF):
+        raise ValueError(f"priority must be an int in 1..65535 (a cls_bpf filter priority), got {priority!r}")
+    handle = options.get("handle", DEFAULT_HANDLE)
+    if isinstance(handle, bool) or not isinstance(handle, int) or not 1 <= handle <= 0xFFFFFFFF:
+        raise ValueError(f"handle must be an int in 1..0xffffffff, got {handle!r}")
+    return priority, handle
+
+
+class FilterAttachment(BackendAttachment):
+    """One cls_bpf filter of this backend: where it is, the TCA_BPF_NAME it was given (proof of ownership)
+    and a duplicate fd of its current program (for pinning and renaming)."""
+
+    def __init__(self, info: AttachmentInfo, *, name: str, prog_fd: int, gen_flags: int) -> None:
+        self.info = info
+        self.name = name
+        self.prog_fd: int | None = prog_fd
+        self.gen_flags = gen_flags  # the skip_hw/skip_sw request flags the filter was made with
+
+    @property
+    def parent(self) -> int:
+        return hooklib.CLSACT_PARENTS[self.info.direction]
+
+    @property
+    def slot(self) -> tuple[int, int]:
+        assert self.info.priority is not None and self.info.handle is not None
+        return self.info.priority, self.info.handle
+
+    def take_fd(self) -> int | None:
+        fd, self.prog_fd = self.prog_fd, None
+        return fd
+
+    def __repr__(self) -> str:
+        return f"<FilterAttachment {self.name!r} {self.info}>"
+
+
+class NetlinkBackend(Backend):
+    """clsact + cls_bpf filters over rtnetlink. See the module docstring.
+
+    Attach options: `priority=` (1..65535) and `handle=` (1..0xffffffff, default 1) choose the filter's
+    slot; without `priority=` the position chooses it.
+    """
+
+    name: ClassVar[str] = "netlink"
+    can_offload: ClassVar[bool] = True
+    has_revisions: ClassVar[bool] = False
+
+    def __init__(self, ctx: BackendContext) -> None:
+        super().__init__(ctx)
+        self._nl: NetlinkTransport | None = None
+        self._names = hooklib.ProgNameCache()
+        self._locks: dict[int, trio.Lock] = {}
+        self._created: set[int] = set()  # ifindexes whose clsact qdisc this instance created
+
+    # -- availability and lifecycle ------------------------------------------------------------------
+    @classmethod
+    async def probe(cls, ctx: BackendContext) -> Probe:
+        """rtnetlink must accept a change request (it checks CAP_NET_ADMIN before anything else: a qdisc
+        delete on ifindex 0 then fails harmlessly with ENODEV), and the kernel must have cls_bpf."""
+        refused: TCError | None = None
+        try:
+            async with open_transport(ctx.runner) as nl:
+                # Errors are caught inside the block: the transport's nursery would wrap them in a group.
+                try:
+                    await nl.request(lambda seq: codec.encode_qdisc_del(seq, 0, kind=None), op="netlink")
+                except DeviceNotFound:
+                    pass  # the expected answer: the request got past the capability check
+                except TCError as exc:
+                    refused = exc
+        except (OSError, TCError) as exc:
+            return Probe(False, f"rtnetlink is not usable here: {exc}")
+        if isinstance(refused, PermissionDenied):
+            return Probe(False, f"rtnetlink refused a tc change: {refused}")
+        if refused is not None:
+            return Probe(False, f"rtnetlink is not usable here: {refused}")
+        present = await ctx.runner.run(_cls_bpf_present)
+        if present is False:
+            return Probe(False, "the kernel has no cls_bpf classifier (CONFIG_NET_CLS_BPF)")
+        note = "" if present else " (cls_bpf's presence could not be checked)"
+        return Probe(True, f"rtnetlink with CAP_NET_ADMIN: clsact + cls_bpf filters{note}")
+
+    async def open(self) -> None:
+        """Start the rtnetlink transport; its reader runs in the session's nursery."""
+        if self._nl is not None:
+            return
+        if self.ctx.nursery is None:
+            raise TCError("the netlink backend needs the session's nursery to run its netlink reader")
+        self._nl = await start_transport(self.ctx.runner, self.ctx.nursery)
+
+    async def aclose(self) -> None:
+        """Delete the empty clsact qdiscs this instance created that an earlier cleanup could not, then
+        close the transport. Idempotent; failures are raised (after the transport is closed)."""
+        nl = self._nl
+        if nl is None:
+            return
+        failures: list[str] = []
+        try:
+            for ifindex in sorted(self._created):
+                try:
+                    await self._drop_clsact_if_empty(ifindex, ifindex, quiet=False)
+                except (TCError, OSError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+                    failures.append(f"ifindex {ifindex}: {exc}")
+        finally:
+            self._nl = None
+            await nl.aclose()
+        if failures:
+            raise TCError("the netlink backend could not delete clsact qdiscs it created: " + "; ".join(failures))
+
+    def _transport(self) -> NetlinkTransport:
+        if self._nl is None:
+            raise TCError("the netlink backend is closed (its session has ended)")
+        return self._nl
+
+    def _lock(self, ifindex: int) -> trio.Lock:
+        lock = self._locks.get(ifindex)
+        if lock is None:
+            lock = self._locks[ifindex] = trio.Lock()
+        return lock
+
+    async def resolve_device(self, dev: str | int) -> tuple[int, str]:
+        return await self.ctx.runner.run(resolve_device, dev, self.ctx.netns)
+
+    # -- clsact --------------------------------------------------------------------------------------
+    async def _ingress_slot_kind(self, ifindex: int, dev: str | int) -> str | None:
+        """The kind of the qdisc in the device's ingress slot ("clsact", "ingress"), None if empty."""
+        msgs = await self._transport().dump(
+            lambda seq: codec.encode_dump_request(seq, codec.RTM_GETQDISC), op="qdisc_dump", dev=dev)
+        for m in msgs:
+            if isinstance(m, codec.QdiscMsg) and m.ifindex == ifindex and m.parent == codec.CLSACT_PARENT:
+                return m.kind
+        return None
+
+    async def _ensure_clsact(self, ifindex: int, dev: str) -> None:
+        """Make sure the device has a clsact qdisc, creating it (EXCL) only when absent and recording then
+        that this instance created it. An ingress qdisc in the way raises AlreadyAttached."""
+        nl = self._transport()
+        for _ in range(3):
+            try:
+                await nl.request(lambda seq: codec.encode_qdisc_add_clsact(seq, ifindex), op="clsact_add",
+                                 backend=self.name, dev=dev)
+            except AlreadyAttached:
+                kind = await self._ingress_slot_kind(ifindex, dev)
+                if kind == "clsact":
+                    return  # someone's (or ours from before): used, never deleted unless ours
+                if kind is None:
+                    continue  # it went away meanwhile: try again
+                raise from_errno(_errno.EEXIST, op="clsact_add", backend=self.name, dev=dev,
+                                 detail=f"{dev} has an {kind} qdisc; `tc qdisc del dev {dev} {kind}` removes it"
+                                 ) from None
+            else:
+                self._created.add(ifindex)
+                return
+        raise TCError(f"the clsact qdisc of {dev} kept appearing and disappearing; another program is "
+                      "changing it: try again", errno=_errno.EAGAIN)
+
+    async def _any_filter(self, ifindex: int) -> bool:
+        """Whether any filter (any classifier, chain or hook) is on the device's clsact qdisc."""
+        nl = self._transport()
+        for parent in hooklib.CLSACT_PARENTS.values():
+            def build(seq: int, parent: int = parent) -> bytes:
+                return codec.encode_dump_request(seq, codec.RTM_GETTFILTER, ifindex, parent)
+
+            msgs = await nl.dump(build, op="filter_dump", dev=ifindex)
+            if any(isinstance(m, codec.FilterMsg) for m in msgs):
+                return True
+        return False
+
+    async def _drop_clsact_if_empty(self, ifindex: int, dev: str | int, *, quiet: bool = True) -> None:
+        """Delete the clsact qdisc if this instance created it and no filter is left on it. Call with the
+        device's lock held. A device or qdisc already gone is fine; other failures are logged (quiet) or
+        raised, and the qdisc stays remembered so that `aclose` tries again."""
+        if ifindex not in self._created:
+            return
+        try:
+            if await self._any_filter(ifindex):
+                return
+            await self._transport().request(lambda seq: codec.encode_qdisc_del(seq, ifindex),
+                                             op="qdisc_delete", backend=self.name, dev=dev)
+        except DeviceNotFound:
+            pass  # the device is gone, and its qdisc with it
+        except TCError as exc:
+            # EINVAL/ENOENT: no clsact there any more (someone deleted it, or replaced it by another kind,
+            # which the kind check keeps us from deleting).
+            if exc.errno not in (_errno.EINVAL, _errno.ENOENT):
+                if not quiet:
+                    raise
+                log.warning("asynctc netlink: could not delete the clsact qdisc of %s: %s", dev, exc)
+                return
+        self._created.discard(ifindex)
+
+    async def _cleanup_clsact(self, ifindex: int, dev: str) -> None:
+        with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+            try:
+                await self._drop_clsact_if_empty(ifindex, dev)
+            except Exception as exc:  # reported; the caller's own error wins
+                log.warning("asynctc netlink: cleanup of the clsact qdisc of %s failed: %r", dev, exc)
+
+    # -- attach --------------------------------------------------------------------------------------
+    async def _choose(self, request: AttachRequest) -> int:
+        """A free priority for the request's position among the filters on the hook now."""
+        filters = await hooklib.dump_filters(self._transport(), request.ifindex, request.direction,
+                                             dev=request.dev)
+        p = request.placement
+        anchor_prio: int | None = None
+        if p.where in ("before", "after"):
+            if p.priority is not None and p.handle is not None:
+                anchor = next((f for f in filters if (f.priority, f.handle) == (p.priority, p.handle)
+                               and f.kind == "bpf"), None)
+            else:
+                anchor = next((f for f in filters if f.kind == "bpf" and f.bpf_id == p.prog_id), None)
+            if anchor is None:
+                raise AnchorNotFound(
+                    f"the anchor (program {p.prog_id}) is not a cls_bpf filter on {request.dev} "
+                    f"{request.direction} [netlink backend]; tcx programs always run before filters, so a "
+                    "filter cannot be placed relative to one. query() the hook and anchor to a filter",
+                    errno=_errno.ENOENT)
+            anchor_prio = anchor.priority
+        got = choose_priority(p.where, {f.priority for f in filters}, anchor_prio)
+        if got is None:
+            where = p.where if anchor_prio is None else f"{p.where} priority {anchor_prio}"
+            raise HookFull(
+                f"no free filter priority {where} on {request.dev} {request.direction} [netlink backend]: "
+                "the neighbouring priorities are taken and other owners' filters are never moved; pass "
+                "priority= explicitly (1..65535)", errno=_errno.ERANGE)
+        return got
+
+    async def _add_filter(
+        self, request: AttachRequest, priority: int | None, handle: int, name: str
+    ) -> tuple[codec.FilterMsg, int]:
+        """Add the filter (choosing its priority unless given), in hardware first where asked; returns
+        the created filter as the kernel echoed it and the skip flags it was made with."""
+        nl = self._transport()
+        prog_fd = request.program.fd
+        parent = hooklib.CLSACT_PARENTS[request.direction]
+        ifindex = request.ifindex
+        modes: list[tuple[int, str]] = {
+            "require": [(codec.TCA_CLS_FLAGS_SKIP_SW, "filter_add_hw")],
+            "prefer": [(codec.TCA_CLS_FLAGS_SKIP_SW, "filter_add_hw"), (codec.TCA_CLS_FLAGS_SKIP_HW, "filter_add")],
+            "never": [(codec.TCA_CLS_FLAGS_SKIP_HW, "filter_add")],
+        }[request.offload]
+        for attempt in range(AUTO_PRIORITY_ATTEMPTS):
+            prio = priority if priority is not None else await self._choose(request)
+            for gen_flags, op in modes:
+                def build(seq: int, prio: int = prio, gen_flags: int = gen_flags) -> bytes:
+                    return codec.encode_filter(seq, codec.RTM_NEWTFILTER, ADD_FLAGS, ifindex, parent, prio,
+                                               handle, codec.ETH_P_ALL, prog_fd, name, True, gen_flags)
+                try:
+                    msgs = await nl.request(build, op=op, backend=self.name, dev=request.dev,
+                                            direction=request.direction, program=request.program)
+                except OffloadError as exc:
+                    if request.offload == "prefer" and gen_flags & codec.TCA_CLS_FLAGS_SKIP_SW:
+                        log.info("asynctc netlink: %s refused hardware offload (%s); attaching in software",
+                                 request.dev, exc)
+                        continue
+                    raise
+                except AlreadyAttached:
+                    if priority is not None or attempt + 1 == AUTO_PRIORITY_ATTEMPTS:
+                        raise
+                    break  # another process took the priority we chose: choose again
+                return await self._echoed(msgs, ifindex, parent, prio, handle, request.dev), gen_flags
+        raise AssertionError("unreachable: every attempt returns or raises")  # pragma: no cover
+
+    async def _echoed(
+        self, msgs: list[codec.Message], ifindex: int, parent: int, prio: int, handle: int, dev: str
+    ) -> codec.FilterMsg:
+        for m in msgs:
+            if isinstance(m, codec.FilterMsg) and (m.priority, m.handle) == (prio, handle) and m.bpf_id:
+                return m
+        got = await self._get(ifindex, parent, prio, handle, dev)
+        if got is None:
+            raise from_errno(_errno.ENOENT, op="filter_get", backend=self.name, dev=dev,
+                             detail="the filter vanished right after it was added")
+        return got
+
+    async def attach(self, request: AttachRequest) -> FilterAttachment:
+        priority, handle = _filter_options(request.options)
+        prog_fd = request.program.fd  # ProgramError when closed or simulated
+        name = format_tag(self.ctx.session_tag, request.program.name)
+        dup = await trio.to_thread.run_sync(os.dup, prog_fd, limiter=self.ctx.runner.limiter)
+        try:
+            async with self._lock(request.ifindex):
+                await self._ensure_clsact(request.ifindex, request.dev)
+                try:
+                    f, gen_flags = await self._add_filter(request, priority, handle, name)
+                except BaseException:
+                    await self._cleanup_clsact(request.ifindex, request.dev)
+                    raise
+        except BaseException:
+            os.close(dup)
+            raise
+        info = AttachmentInfo(
+            backend=self.name, netns=self.ctx.netns, dev=request.dev, ifindex=request.ifindex,
+            direction=request.direction, prog_id=f.bpf_id or request.program.id, link_id=None,
+            handle=f.handle, priority=f.priority, offloaded=f.in_hw, pinned=None,
+        )
+        return FilterAttachment(info, name=name, prog_fd=dup, gen_flags=gen_flags)
+
+    # -- reading one filter --------------------------------------------------------------------------
+    async def _get(self, ifindex: int, parent: int, prio: int, handle: int, dev: str | int) -> codec.FilterMsg | None:
+        """The filter in a slot (a filter get), None if there is none. DeviceNotFound if the device is gone."""
+        try:
+            msgs = await self._transport().request(
+                lambda seq: codec.encode_filter_get(seq, ifindex, parent, prio, handle), op="filter_get",
+                backend=self.name, dev=dev)
+        except Severed:  # ENOENT: no such priority or handle
+            return None
+        except TCError as exc:
+            if exc.errno == _errno.EINVAL:  # no clsact qdisc (any more), or another kind in the slot
+                return None
+            raise
+        return next((m for m in msgs if isinstance(m, codec.FilterMsg)), None)
+
+    async def _current(self, att: FilterAttachment) -> codec.FilterMsg | None:
+        """Our filter as the kernel has it now; None if it is gone or the slot holds someone else's."""
+        prio, handle = att.slot
+        try:
+            cur = await self._get(att.info.ifindex, att.parent, prio, handle, att.info.dev)
+        except DeviceNotFound:
+            return None
+        if cur is None or cur.kind != "bpf" or cur.bpf_name != att.name:
+            return None
+        return cur
+
+    # -- detach, liveness ----------------------------------------------------------------------------
+    async def detach(self, att: BackendAttachment) -> bool:
+        assert isinstance(att, FilterAttachment)
+        info = att.info
+        prio, handle = att.slot
+        ours = False
+        async with self._lock(info.ifindex):
+            if await self._current(att) is not None:
+                try:
+                    await self._transport().request(
+                        lambda seq: codec.encode_filter(seq, codec.RTM_DELTFILTER, DELETE_FLAGS, info.ifindex,
+                                                        att.parent, prio, handle),
+                        op="filter_delete", backend=self.name, dev=info.dev, direction=info.direction)
+                    ours = True
+                except (Severed, DeviceNotFound):
+                    ours = False  # deleted under us between the check and the delete
+            await self._drop_clsact_if_empty(info.ifindex, info.dev)
+        await self._release_fd(att)
+        if info.pinned is not None:
+            await self._remove_pin(info.pinned)
+            att.info = dataclasses.replace(att.info, pinned=None)
+        return ours
+
+    async def _release_fd(self, att: FilterAttachment) -> None:
+        fd = att.take_fd()
+        if fd is not None:
+            await trio.to_thread.run_sync(os.close, fd, limiter=self.ctx.runner.limiter)
+
+    async def release(self, att: BackendAttachment) -> None:
+        """A pinned filter stays; only our duplicate of its program's fd is closed."""
+        assert isinstance(att, FilterAttachment)
+        await self._release_fd(att)
+
+    async def is_attached(self, att: BackendAttachment) -> bool:
+        assert isinstance(att, FilterAttachment)
+        cur = await self._current(att)
+        return cur is not None and cur.bpf_id == att.info.prog_id
+
+    # -- update --------------------------------------------------------------------------------------
+    async def _replace(
+        self, att: FilterAttachment, prog_fd: int, name: str, program: object, skip_sw: bool
+    ) -> codec.FilterMsg:
+        """NLM_F_REPLACE of our filter's program and name in its slot (atomic for packets)."""
+        info = att.info
+        prio, handle = att.slot
+        gen_flags = codec.TCA_CLS_FLAGS_SKIP_SW if skip_sw else att.gen_flags & codec.TCA_CLS_FLAGS_SKIP_HW
+        op = "filter_replace_hw" if skip_sw else "filter_replace"
+
+        def build(seq: int) -> bytes:
+            return codec.encode_filter(seq, codec.RTM_NEWTFILTER, REPLACE_FLAGS, info.ifindex, att.parent, prio,
+                                       handle, codec.ETH_P_ALL, prog_fd, name, True, gen_flags)
+
+        msgs = await self._transport().request(build, op=op, backend=self.name, dev=info.dev,
+                                               direction=info.direction, program=program)
+        return await self._echoed(msgs, info.ifindex, att.parent, prio, handle, info.dev)
+
+    async def update(self, att: BackendAttachment, program: Program, *, expected: Program | None) -> UpdateResult:
+        assert isinstance(att, FilterAttachment)
+        info = att.info
+        where = f"update of {info.dev} {info.direction} prio {info.priority} handle {info.handle:#x} [netlink backend]"
+        cur = await self._current(att)
+        if cur is None:
+            raise Severed(f"{where} failed: the filter is gone (deleted, or its slot now holds someone else's "
+                          "filter); nothing was changed", errno=_errno.ENOENT)
+        if expected is not None and cur.bpf_id != expected.id:
+            raise Conflict(f"{where}: the filter runs program {cur.bpf_id}, not the expected {expected.id}; "
+                           "nothing was changed. query() and retry", errno=_errno.EPERM)
+        tag = parse_tag(att.name)
+        new_name = format_tag(tag.session_tag if tag else self.ctx.session_tag, program.name,
+                              pinned=bool(tag and tag.pinned))
+        new_fd = await trio.to_thread.run_sync(os.dup, program.fd, limiter=self.ctx.runner.limiter)
+        try:
+            f = await self._replace(att, program.fd, new_name, program, cur.skip_sw)
+        except BaseException:
+            os.close(new_fd)
+            raise
+        old_fd, att.prog_fd = att.prog_fd, new_fd
+        if old_fd is not None:
+            await trio.to_thread.run_sync(os.close, old_fd, limiter=self.ctx.runner.limiter)
+        att.name = new_name
+        att.info = dataclasses.replace(info, prog_id=f.bpf_id or program.id, offloaded=f.in_hw)
+        if info.pinned is not None:
+            await self._repin(att, info.pinned)
+        revision = await self.ctx.runner.run(_tcx_revision, info.ifindex, info.direction)
+        return UpdateResult("netlink_replace", revision)
+
+    # -- query ---------------------------------------------------------------------------------------
+    async def _filters(self, ifindex: int, direction: Direction) -> list[HookEntry]:
+        return await hooklib.cls_bpf_entries(self._transport(), ifindex, direction, self._names)
+
+    async def query(self, ifindex: int, direction: Direction) -> Hook:
+        return await hooklib.query_hook(self.ctx.runner, ifindex, direction, names=self._names,
+                                        backend=self.name, filters=self._filters)
+
+    # -- pinning -------------------------------------------------------------------------------------
+    def _record(self, att: FilterAttachment, name: str) -> Callable[[], PinRecord]:
+        """A builder (run in a worker inside the namespace: it reads the namespace's inode)."""
+        info = att.info
+        prio, handle = att.slot
+
+        def build() -> PinRecord:
+            return PinRecord(ifindex=info.ifindex, direction=info.direction, priority=prio, handle=handle,
+                             prog_id=info.prog_id, netns=current_netns_inode(), name=name)
+
+        return build
+
+    @staticmethod
+    def _write_pin(prog_fd: int, path: str, record: Callable[[], PinRecord], *, replace: bool) -> None:
+        """Pin the program at `path` and the record map at `path + "_record"` (in a worker). With
+        `replace`, existing pins there are replaced; otherwise nothing is left behind on failure."""
+        rec = record().encode()
+        if replace:
+            _unlink_quiet(path)
+            _unlink_quiet(path + RECORD_SUFFIX)
+        bpf.obj_pin(prog_fd, path)
+        try:
+            map_fd = bpf.map_create_array(RECORD_SIZE, 1, name="atc_nl_pin")
+            try:
+                bpf.map_update(map_fd, 0, rec)
+                bpf.obj_pin(map_fd, path + RECORD_SUFFIX)
+            finally:
+                os.close(map_fd)
+        except BaseException:
+            _unlink_quiet(path)
+            raise
+
+    async def _remove_pin(self, path: str) -> None:
+        def remove() -> None:
+            _unlink_quiet(path)
+            _unlink_quiet(path + RECORD_SUFFIX)
+
+        try:
+            await self.ctx.runner.run(remove)
+        except OSError as exc:
+            raise PinError(f"cannot unpin {path}: {exc.strerror}", errno=exc.errno) from None
+
+    async def pin(self, att: BackendAttachment, path: str) -> None:
+        assert isinstance(att, FilterAttachment)
+        info = att.info
+        if info.pinned is not None:
+            if info.pinned == path:
+                return
+            raise PinError(f"{info.dev}: already pinned at {info.pinned}; unpin() first")
+        prog_fd = att.prog_fd
+        cur = await self._current(att)
+        if prog_fd is None or cur is None:
+            raise Severed(f"cannot pin the filter of {info.dev} {info.direction} prio {info.priority}: it is gone",
+                          errno=_errno.ENOENT)
+        tag = parse_tag(att.name)
+        pinned_name = format_tag(tag.session_tag if tag else self.ctx.session_tag, _prog_name(tag, info),
+                                 pinned=True)
+        try:
+            await self.ctx.runner.run(
+                lambda: self._write_pin(prog_fd, path, self._record(att, pinned_name), replace=False))
+        except bpf.BpfError as exc:
+            raise from_errno(exc.errno or 0, op="obj_pin", backend=self.name, dev=path) from None
+        try:
+            # Mark the filter pinned in the kernel, so that no reap_orphans ever removes it.
+            await self._replace(att, prog_fd, pinned_name, f"program {info.prog_id}", cur.skip_sw)
+        except BaseException:
+            with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                await self._remove_pin(path)
+            raise
+        att.name = pinned_name
+        att.info = dataclasses.replace(info, pinned=path)
+
+    async def _repin(self, att: FilterAttachment, path: str) -> None:
+        """After an update: the pin names the new program and the record its id and the filter's name."""
+        prog_fd = att.prog_fd
+        assert prog_fd is not None
+        try:
+            await self.ctx.runner.run(lambda: self._write_pin(prog_fd, path, self._record(att, att.name),
+                                                              replace=True))
+        except bpf.BpfError as exc:
+            att.info = dataclasses.replace(att.info, pinned=None)
+            raise PinError(f"the update succeeded but re-pinning {path} failed ({exc}); pin the attachment "
+                           "again", errno=exc.errno) from None
+
+    async def unpin(self, att: BackendAttachment) -> None:
+        assert isinstance(att, FilterAttachment)
+        info = att.info
+        path = info.pinned
+        if path is None:
+            return
+        # The filter becomes this session's (reaped after this process dies, detached when it closes).
+        name = format_tag(self.ctx.session_tag, _prog_name(parse_tag(att.name), info))
+        cur = await self._current(att)
+        if cur is not None and att.prog_fd is not None:
+            await self._replace(att, att.prog_fd, name, f"program {info.prog_id}", cur.skip_sw)
+            att.name = name
+        await self._remove_pin(path)
+        att.info = dataclasses.replace(att.info, pinned=None)
+
+    async def adopt_pinned(self, path: str) -> FilterAttachment | None:
+        def read() -> tuple[int, PinRecord, str] | None:
+            try:
+                fd = bpf.obj_get(path)
+            except bpf.BpfError as exc:
+                raise from_errno(exc.errno or 0, op="obj_get", backend=self.name, dev=path) from None
+            try:
+                if bpf.fd_object_kind(fd) != "prog":
+                    os.close(fd)
+                    return None  # a tcx link (the bpf_link backend's) or a map: not ours
+                try:
+                    map_fd = bpf.obj_get(path + RECORD_SUFFIX)
+                except bpf.BpfError:
+                    os.close(fd)
+                    return None  # a pinned program without our record: not an attachment of ours
+                try:
+                    if bpf.fd_object_kind(map_fd) != "map":
+                        os.close(fd)
+                        return None
+                    try:
+                        rec = PinRecord.decode(bpf.map_lookup(map_fd, 0, RECORD_SIZE))
+                    except bpf.BpfError:
+                        rec = None
+                finally:
+                    os.close(map_fd)
+                if rec is None:
+                    os.close(fd)
+                    return None
+                if rec.netns != current_netns_inode():
+                    raise TCError(f"the filter pinned at {path} is in another network namespace than "
+                                  f"{'namespace ' + repr(self.ctx.netns) if self.ctx.netns else 'this one'}; "
+                                  "open the session in the namespace of its device")
+                try:
+                    dev = resolve_device(rec.ifindex, self.ctx.netns)[1]
+                except DeviceNotFound:
+                    raise Severed(f"the filter pinned at {path} was severed: its device (ifindex {rec.ifindex}) "
+                                  "is gone; unpin it (remove the pin and its _record)", errno=_errno.ENODEV) from None
+                return fd, rec, dev
+            except BaseException:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                raise
+
+        got = await self.ctx.runner.run(read)
+        if got is None:
+            return None
+        fd, rec, dev = got
+        try:
+            parent = hooklib.CLSACT_PARENTS[rec.direction]
+            cur = await self._get(rec.ifindex, parent, rec.priority, rec.handle, dev)
+            if cur is None or cur.kind != "bpf" or cur.bpf_id != rec.prog_id:
+                raise Severed(
+                    f"the filter pinned at {path} ({dev} {rec.direction} prio {rec.priority} handle "
+                    f"{rec.handle:#x}) is gone or now runs another program; unpin it (remove the pin and its "
+                    "_record)", errno=_errno.ENOENT)
+        except BaseException:
+            os.close(fd)
+            raise
+        info = AttachmentInfo(
+            backend=self.name, netns=self.ctx.netns, dev=dev, ifindex=rec.ifindex, direction=rec.direction,
+            prog_id=rec.prog_id, link_id=None, handle=rec.handle, priority=rec.priority,
+            offloaded=cur.in_hw, pinned=path,
+        )
+        gen_flags = (cur.gen_flags or 0) & (codec.TCA_CLS_FLAGS_SKIP_HW | codec.TCA_CLS_FLAGS_SKIP_SW)
+        return FilterAttachment(info, name=cur.bpf_name or rec.name, prog_fd=fd, gen_flags=gen_flags)
+
+    # -- orphans -------------------------------------------------------------------------------------
+    async def reap_orphans(self) -> tuple[HookEntry, ...]:
+        """Delete the cls_bpf filters tagged with this owner whose process is dead (and not pinned);
+        return them. Empty clsact qdiscs are left (see the module docstring)."""
+        nl = self._transport()
+        links = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETLINK), op="link_dump")
+        candidates: list[tuple[Direction, codec.FilterMsg, str, int, str]] = []
+        for link in links:
+            if not isinstance(link, codec.LinkMsg):
+                continue
+            for direction in Direction:
+                try:
+                    filters = await hooklib.dump_filters(nl, link.ifindex, direction, dev=link.name)
+                except DeviceNotFound:
+                    break  # deleted meanwhile
+                for f in filters:
+                    tag = parse_tag(f.bpf_name) if f.kind == "bpf" else None
+                    if tag is None or tag.owner != self.ctx.owner or tag.pinned or not f.bpf_id:
+                        continue
+                    candidates.append((direction, f, link.name or str(link.ifindex), tag.pid, tag.start))
+        if not candidates:
+            return ()
+        alive = await self.ctx.runner.run(lambda: [_process_alive(c[3], c[4]) for c in candidates])
+        dead = [c for c, live in zip(candidates, alive, strict=True) if not live]
+        # Names before the deletes: a deleted filter's program may be freed with it.
+        names = await self.ctx.runner.run(lambda: [self._names.get(c[1].bpf_id or 0) for c in dead])
+        removed: list[HookEntry] = []
+        for (direction, f, dev, _pid, _start), (prog_name, prog_tag) in zip(dead, names, strict=True):
+            def build(seq: int, f: codec.FilterMsg = f) -> bytes:
+                return codec.encode_filter(seq, codec.RTM_DELTFILTER, DELETE_FLAGS, f.ifindex, f.parent,
+                                           f.priority, f.handle)
+
+            async with self._lock(f.ifindex):
+                try:
+                    await nl.request(build, op="filter_delete", backend=self.name, dev=dev, direction=direction)
+                except (Severed, DeviceNotFound):
+                    continue  # someone else removed it first
+            removed.append(HookEntry(prog_id=f.bpf_id or 0, prog_name=prog_name, prog_tag=f.bpf_tag or prog_tag,
+                                     kind="cls_bpf", link_id=None, handle=f.handle, priority=f.priority,
+                                     owned=False))
+            log.info("asynctc netlink: reaped orphaned filter %r on %s %s", f.bpf_name, dev, direction)
+        return tuple(removed)
+
+    # -- events --------------------------------------------------------------------------------------
+    def open_event_source(self) -> AbstractAsyncContextManager[EventSource]:
+        from asynctc._monitor_netlink import open_netlink_event_source
+
+        return open_netlink_event_source(self.ctx.runner)
+
+
+def _prog_name(tag: FilterTag | None, info: AttachmentInfo) -> str:
+    """The program name part of a filter's tag (else a stand-in naming the program's id)."""
+    return tag.prog_name if tag is not None else f"prog{info.prog_id}"
