@@ -157,10 +157,11 @@ def collect_backends(pm: pluggy.PluginManager) -> BackendRegistry:
 
 
 def notify(pm: pluggy.PluginManager, event: object) -> None:
-    """Call asynctc_attachment_event; an observer's exception is logged, never raised into a lifecycle."""
-    try:
-        pm.hook.asynctc_attachment_event(event=event)
-    except Exception:
-        log.exception("asynctc: an asynctc_attachment_event implementation raised")
-
-
+    """Call every asynctc_attachment_event implementation, each on its own: an observer's exception is
+    logged and neither reaches the lifecycle nor keeps the other observers from seeing the event."""
+    kwargs = {"event": event}
+    for impl in pm.hook.asynctc_attachment_event.get_hookimpls():
+        try:
+            impl.function(*(kwargs[name] for name in impl.argnames))
+        except Exception:
+            log.exception("asynctc: the asynctc_attachment_event implementation of %s raised", impl.plugin_name)

@@ -651,12 +651,16 @@ async def open_session(
     for label, value in (("op_timeout", op_timeout), ("cleanup_timeout", cleanup_timeout)):
         if not (value > 0) or math.isnan(value):
             raise ValueError(f"{label} must be > 0 seconds, got {value!r}")
-    if kernel is not None and backend not in ("mock", "auto"):
-        raise ValueError(f"kernel= is for backend='mock' only (got backend={backend!r})")
-    if kernel is not None:
-        backend = "mock"
     pm = _plugins.make_plugin_manager(plugins=plugins) if plugins else _plugins.get_plugin_manager()
     registry = _plugins.collect_backends(pm)
+    if kernel is not None:
+        if backend == "auto":
+            backend = "mock"
+        if getattr(registry.get(backend), "kernel_kind", "linux") != "mock":
+            raise ValueError(
+                f"kernel= is for in-memory kernel backends such as 'mock'; backend {backend!r} drives the real "
+                "kernel: leave kernel= out"
+            )
     runner = NetnsRunner(netns, trio.CapacityLimiter(max_workers))
     session = Session(
         pm=pm,

@@ -16,3 +16,4 @@ from ._netenv import send_frames as send_frames
 from ._netenv import temp_netns as temp_netns
 from ._netenv import unique_name as unique_name
 from ._netenv import veth_pair as veth_pair
+from .conformance import check_backend as check_backend
