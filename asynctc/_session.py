@@ -364,8 +364,9 @@ class Session:
     ) -> AsyncIterator[Attachment]:
         """`attach` as an async context manager: the attachment is detached when the block exits, normally,
         by an exception or by cancellation (shielded, bounded by the session's cleanup_timeout). A failing
-        detach is raised if the block succeeded, and attached as a note (and logged) if the block failed:
-        it never hides the block's own error. A pinned attachment is left in place."""
+        detach is raised as CleanupError (its `errors` hold the cause) if the block succeeded, and attached
+        as a note (and logged) if the block failed: it never hides the block's own error. The attachment then
+        stays in the session, which tries again when it closes. A pinned attachment is left in place."""
         att = await self.attach(
             dev, direction, program, position=position, expected_revision=expected_revision,
             offload=offload, backend=backend, **options,
@@ -388,7 +389,7 @@ class Session:
                 raise TCError(f"detaching {att!r} did not finish within {self.cleanup_timeout}s")
         except Exception as exc:
             if original is None:
-                raise
+                raise CleanupError(f"detaching {att!r} at the end of its block failed: {exc}", [exc]) from exc
             log.error("asynctc: cleanup of %r failed while handling %r: %r", att, original, exc)
             original.add_note(f"asynctc: cleanup of {att!r} also failed: {exc!r}")
 

@@ -226,13 +226,14 @@ def test_keyboard_interrupt_during_a_lifecycle_leaves_nothing() -> None:
     assert_clean(kernel)
 
 
-async def test_failing_detach_in_open_attachment_is_raised(kernel: MockKernel) -> None:
+async def test_failing_detach_in_open_attachment_is_a_cleanup_error(kernel: MockKernel) -> None:
     async with asynctc.open_session(backend="mock", kernel=kernel) as s:
         kernel.inject_fault("link_detach", errno.EIO)
-        with pytest.raises(asynctc.TCError) as e:
+        with pytest.raises(asynctc.CleanupError) as e:
             async with s.open_attachment("eth0", IN, kernel.program()):
                 pass
-        assert e.value.errno == errno.EIO
+        (cause,) = e.value.errors
+        assert isinstance(cause, asynctc.TCError) and cause.errno == errno.EIO
         assert len(s.attachments) == 1  # still attached, still known: the session retries at close
     assert_clean(kernel)
 
