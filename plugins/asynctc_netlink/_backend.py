@@ -9,7 +9,8 @@ Ownership.
   slot is never touched (the kernel has no compare-and-delete, so a change between that read and the
   delete is the one window left).
 - clsact: created only when absent (NLM_F_EXCL: an EEXIST means someone else made it, so it is not ours),
-  remembered per device by this backend instance (one per session), and deleted only when this instance
+  remembered per device by this backend instance (one per session; two sessions of one process are two
+  owners, serialised only by the kernel), and deleted only when this instance
   created it and no filter at all (any classifier, any chain) is left on either hook. Another process
   adding a filter between that check and the delete is a window the kernel offers no way to close.
   An `ingress` qdisc in the way of clsact raises AlreadyAttached (the kernel's EEXIST) naming the command
@@ -183,6 +184,9 @@ class FilterAttachment(BackendAttachment):
         self.name = name
         self.prog_fd: int | None = prog_fd
         self.gen_flags = gen_flags  # the skip_hw/skip_sw request flags the filter was made with
+        # Replaces in flight (update, pin, unpin rename the filter): while one runs, the name in the kernel
+        # may already be the new one, so a concurrent liveness check must not call the filter foreign.
+        self.busy = 0
 
     @property
     def parent(self) -> int:
@@ -494,19 +498,23 @@ class NetlinkBackend(Backend):
         info = att.info
         prio, handle = att.slot
         ours = False
-        async with self._lock(info.ifindex):
-            if await self._current(att) is not None:
-                try:
-                    await self._transport().request(
-                        lambda seq: codec.encode_filter(seq, codec.RTM_DELTFILTER, DELETE_FLAGS, info.ifindex,
-                                                        att.parent, prio, handle),
-                        op="filter_delete", backend=self.name, dev=info.dev, direction=info.direction)
-                    ours = True
-                except (Severed, DeviceNotFound):
-                    ours = False  # deleted under us between the check and the delete
-            await self._drop_clsact_if_empty(info.ifindex, info.dev)
-        await self._release_fd(att)
+        try:
+            async with self._lock(info.ifindex):
+                if await self._current(att) is not None:
+                    try:
+                        await self._transport().request(
+                            lambda seq: codec.encode_filter(seq, codec.RTM_DELTFILTER, DELETE_FLAGS, info.ifindex,
+                                                            att.parent, prio, handle),
+                            op="filter_delete", backend=self.name, dev=info.dev, direction=info.direction)
+                        ours = True
+                    except (Severed, DeviceNotFound):
+                        ours = False  # deleted under us between the check and the delete
+                await self._drop_clsact_if_empty(info.ifindex, info.dev)
+        finally:
+            # Whatever the kernel said, our resources go (the contract: detach releases in both cases).
+            await self._release_fd(att)
         if info.pinned is not None:
+            # A record of a filter that is gone would only make adopt_pinned fail later.
             await self._remove_pin(info.pinned)
             att.info = dataclasses.replace(att.info, pinned=None)
         return ours
@@ -522,9 +530,11 @@ class NetlinkBackend(Backend):
         await self._release_fd(att)
 
     async def is_attached(self, att: BackendAttachment) -> bool:
+        """Whether our filter is still in its slot: a cls_bpf filter with the name we gave it (the name is
+        the proof; during one of our own replaces, which renames it, the filter counts as ours)."""
         assert isinstance(att, FilterAttachment)
         cur = await self._current(att)
-        return cur is not None and cur.bpf_id == att.info.prog_id
+        return cur is not None or att.busy > 0
 
     # -- update --------------------------------------------------------------------------------------
     async def _replace(
@@ -540,9 +550,15 @@ class NetlinkBackend(Backend):
             return codec.encode_filter(seq, codec.RTM_NEWTFILTER, REPLACE_FLAGS, info.ifindex, att.parent, prio,
                                        handle, codec.ETH_P_ALL, prog_fd, name, True, gen_flags)
 
-        msgs = await self._transport().request(build, op=op, backend=self.name, dev=info.dev,
-                                               direction=info.direction, program=program)
-        return await self._echoed(msgs, info.ifindex, att.parent, prio, handle, info.dev)
+        att.busy += 1
+        try:
+            msgs = await self._transport().request(build, op=op, backend=self.name, dev=info.dev,
+                                                   direction=info.direction, program=program)
+            f = await self._echoed(msgs, info.ifindex, att.parent, prio, handle, info.dev)
+            att.name = name
+            return f
+        finally:
+            att.busy -= 1
 
     async def update(self, att: BackendAttachment, program: Program, *, expected: Program | None) -> UpdateResult:
         assert isinstance(att, FilterAttachment)
@@ -631,6 +647,8 @@ class NetlinkBackend(Backend):
             if info.pinned == path:
                 return
             raise PinError(f"{info.dev}: already pinned at {info.pinned}; unpin() first")
+        if "." in os.path.basename(path):
+            raise PinError(f"cannot pin at {path}: bpffs refuses names with a dot; pick a name without one")
         prog_fd = att.prog_fd
         cur = await self._current(att)
         if prog_fd is None or cur is None:

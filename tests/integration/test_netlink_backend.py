@@ -426,6 +426,8 @@ async def test_pin_survives_the_session_and_is_adopted(veth: VethPair, bpffs: st
         assert f.bpf_name is not None and f.bpf_name.endswith(":pinned") and f.bpf_id == prog.id
         with pytest.raises(asynctc.PinError, match="already pinned"):
             await att.pin(path + "2")
+        with pytest.raises(asynctc.PinError, match="dot"):
+            await (await s.attach("veth0", "egress", programs.constant("pass"))).pin(path + ".x")
     # the session closed: the pinned filter stays and runs
     await frames(veth, 2)
     assert prog.count() == 2
