@@ -131,10 +131,21 @@ class _Hub:
     # -- the watcher ---------------------------------------------------------------------------------
     async def _run(self, ready: trio.Event) -> None:
         session = self._session
-        async with trio.open_nursery() as nursery:
-            if session.netns is not None and session.runner.ns_inode is not None:
-                nursery.start_soon(self._watch_netns, nursery.cancel_scope)
-            await self._run_events(ready)
+        try:
+            async with trio.open_nursery() as nursery:
+                if session.netns is not None and session.runner.ns_inode is not None:
+                    nursery.start_soon(self._watch_netns, nursery.cancel_scope)
+                await self._run_events(ready)
+        except BaseException as exc:
+            # While the session closes, its runner and sockets go away under the watcher: whatever that
+            # makes the watcher raise (a TCError beside the Cancelled, in a group) ends it quietly rather
+            # than failing the session's nursery. Otherwise errors were handled below; only
+            # cancellation gets here.
+            if session._closed or self._closed:
+                return
+            raise exc
+        finally:
+            ready.set()
 
     async def _watch_netns(self, stop: trio.CancelScope) -> None:
         """When the session's namespace is deleted by name, let go of it so the kernel can destroy it,
@@ -175,6 +186,8 @@ class _Hub:
         except trio.Cancelled:
             raise
         except Exception as exc:
+            if session._closed or self._closed:
+                return
             # The event source broke (its socket failed...): say so, and keep severing detection alive
             # by polling rather than letting the session die.
             log.error("asynctc: the event source of %r failed (%r); falling back to polling", session, exc)

@@ -549,16 +549,24 @@ class Session:
         self._hub.publish(AttachmentSevered(att, reason))
 
     async def _check_alive(self, atts: Iterable[Attachment], reason: str) -> None:
+        """Ask the kernel about each attachment and record the severed ones. Each check holds the
+        attachment's lock, so it never races an update or a detach of the same attachment (an answer read
+        before a concurrent update finished could otherwise release a live attachment)."""
         for att in list(atts):
+            if self._closed:
+                return
             if att.state is not State.ATTACHED or att._released:
                 continue
-            try:
-                alive = await att._backend.is_attached(att._batt)
-            except Exception as exc:
-                log.warning("asynctc: could not check %r: %r", att, exc)
-                continue
-            if not alive:
-                await self._on_severed(att, reason)
+            async with att._lock:
+                if att.state is not State.ATTACHED or att._released or self._closed:
+                    continue
+                try:
+                    alive = await att._backend.is_attached(att._batt)
+                except Exception as exc:
+                    log.warning("asynctc: could not check %r: %r", att, exc)
+                    continue
+                if not alive:
+                    await self._on_severed(att, reason, locked=True)
 
     async def _on_netns_gone(self, reason: str) -> None:
         """The session's namespace was deleted: sever and release everything held in it, close the
