@@ -1,0 +1,135 @@
+"""Severing on the real kernel, by every cause, for the netlink backend (bpf_link's device and namespace
+causes are in test_bpf_link.py), plus the cross-backend paths: "auto" sending offload requests to netlink,
+and Ctrl-C in a program leaving no legacy filter behind."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import trio
+
+import asynctc
+from asynctc import events as ev
+from asynctc import programs
+from asynctc.testing import VethPair, create_netns, delete_netns, ip, unique_name, veth_pair
+
+pytestmark = pytest.mark.kernel
+
+
+def tc(netns: str, *args: str) -> None:
+    proc = subprocess.run(["tc", "-n", netns, *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"tc {' '.join(args)}: {proc.stderr.strip()}")
+
+
+async def severed_event(mon: asynctc.Monitor, att: asynctc.Attachment) -> ev.AttachmentSevered:
+    with trio.fail_after(10):
+        async for e in mon:
+            if isinstance(e, ev.AttachmentSevered) and e.attachment is att:
+                return e
+    raise AssertionError("monitor ended")
+
+
+CAUSES = {
+    "device deleted": lambda v: ip("link", "del", v.a, netns=v.netns_a),
+    "clsact deleted": lambda v: tc(v.netns_a, "qdisc", "del", "dev", v.a, "clsact"),
+    "filter deleted": lambda v: tc(v.netns_a, "filter", "del", "dev", v.a, "ingress", "prio", "100"),
+    "chain flushed": lambda v: tc(v.netns_a, "filter", "del", "dev", v.a, "ingress"),
+}
+
+
+@pytest.mark.parametrize("cause", list(CAUSES))
+async def test_netlink_attachment_severed_by(cause: str, veth: VethPair) -> None:
+    async with asynctc.open_session("netlink", netns=veth.netns_a) as s, s.open_monitor() as mon:
+        att = await s.attach(veth.a, "ingress", programs.constant("pass"), priority=100)
+        other = await s.attach(veth.a, "egress", programs.constant("pass"), priority=100)
+        CAUSES[cause](veth)
+        event = await severed_event(mon, att)
+        assert att.state is asynctc.State.SEVERED and event.reason
+        with trio.fail_after(10):
+            await att.wait_severed()
+        await att.detach()  # a no-op
+        assert att.state is asynctc.State.SEVERED
+        assert att not in s.attachments
+        # only what the cause removed is severed
+        both = cause in ("device deleted", "clsact deleted")
+        expect_other = asynctc.State.SEVERED if both else asynctc.State.ATTACHED
+        if both:
+            with trio.fail_after(10):
+                await other.wait_severed()
+        assert other.state is expect_other
+
+
+async def test_netlink_attachment_severed_by_namespace_deletion(netns: str) -> None:
+    doomed = create_netns(unique_name("atcd"))
+    try:
+        veth_pair(doomed, "nd0", netns, "nd1")
+        async with asynctc.open_session("netlink", netns=doomed) as s:
+            att = await s.attach("nd0", "ingress", programs.constant("pass"))
+            delete_netns(doomed)
+            with trio.fail_after(15):
+                await att.wait_severed()
+            assert "deleted" in (att.sever_reason or "")
+            await att.detach()
+            with pytest.raises(asynctc.TCError, match="gone"):
+                await s.query("nd0", "ingress")
+    finally:
+        delete_netns(doomed)
+
+
+async def test_auto_sends_offload_requests_to_netlink(veth: VethPair) -> None:
+    async with asynctc.open_session(netns=veth.netns_a) as s:
+        assert s.backend_name == "bpf_link"
+        soft = await s.attach(veth.a, "ingress", programs.constant("pass"))
+        hw = await s.attach(veth.a, "ingress", programs.constant("pass"), offload="prefer")
+        assert soft.info.backend == "bpf_link" and soft.info.link_id
+        # veth refuses hardware: netlink fell back to software and says so
+        assert hw.info.backend == "netlink" and hw.info.offloaded is False and hw.info.priority
+        kinds = [(e.kind, e.owned) for e in (await s.query(veth.a, "ingress")).entries]
+        assert kinds == [("tcx", True), ("cls_bpf", True)]
+        with pytest.raises(asynctc.OffloadError):
+            await s.attach(veth.a, "egress", programs.constant("pass"), offload="require")
+        assert (await s.query(veth.a, "egress")).entries == ()
+    async with asynctc.open_session(netns=veth.netns_a) as s:
+        assert (await s.query(veth.a, "ingress")).entries == ()
+
+
+def test_ctrl_c_leaves_no_legacy_filter_and_no_qdisc(veth: VethPair) -> None:
+    """Legacy filters outlive their process: a Ctrl-C must still remove them (and the clsact we made)."""
+    code = textwrap.dedent(f"""
+        import trio, asynctc
+        from asynctc import programs
+        async def main():
+            async with asynctc.open_session("netlink", netns={veth.netns_a!r}) as s:
+                async with s.open_attachment({veth.a!r}, "ingress", programs.constant("pass")):
+                    await s.attach({veth.a!r}, "egress", programs.constant("pass"))
+                    print("attached", flush=True)
+                    await trio.sleep_forever()
+        trio.run(main)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "attached"
+        qdiscs = json.loads(subprocess.run(["tc", "-n", veth.netns_a, "-j", "qdisc", "show", "dev", veth.a],
+                                           capture_output=True, text=True, check=True).stdout)
+        assert "clsact" in [q["kind"] for q in qdiscs]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    for direction in ("ingress", "egress"):
+        out = subprocess.run(["tc", "-n", veth.netns_a, "filter", "show", "dev", veth.a, direction],
+                             capture_output=True, text=True).stdout
+        assert out.strip() == "", out
+    qdiscs = json.loads(subprocess.run(["tc", "-n", veth.netns_a, "-j", "qdisc", "show", "dev", veth.a],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert "clsact" not in [q["kind"] for q in qdiscs]
