@@ -183,9 +183,15 @@ class Session:
 
     async def _select(self, request: BackendRequest) -> str:
         available = await self.probe()
-        if request.purpose == "session":
-            # "auto" never picks the in-memory mock: it is chosen by name.
-            available = {k: v for k, v in available.items() if k != "mock"}
+        if self._primary is not None:
+            # One session, one kernel: only backends of the session's kind (real or in-memory) qualify.
+            kind = self._primary.kernel_kind
+            available = {k: v for k, v in available.items()
+                         if getattr(self._registry.get(k), "kernel_kind", "linux") == kind}
+        else:
+            # "auto" never picks an in-memory kernel for a session: those are chosen by name.
+            available = {k: v for k, v in available.items()
+                         if getattr(self._registry.get(k), "kernel_kind", "linux") != "mock"}
         choice: str | None = self._pm.hook.asynctc_select_backend(request=request, available=available)
         if choice is None:
             reasons = "; ".join(f"{k}: {v.reason}" for k, v in available.items()) or "none installed"
@@ -205,8 +211,15 @@ class Session:
             if be is not None:
                 return be
             cls = self._registry.get(name)
-            if self._kernel is not None and name != "mock" and getattr(cls, "kernel_kind", "linux") != "mock":
+            kind = getattr(cls, "kernel_kind", "linux")
+            if self._kernel is not None and kind != "mock":
                 raise TCError(f"this session runs on a MockKernel; backend {name!r} needs the real kernel")
+            if self._primary is not None and kind != self._primary.kernel_kind:
+                raise TCError(
+                    f"backend {name!r} works on {'an in-memory' if kind == 'mock' else 'the real'} kernel, this "
+                    f"session on {'an in-memory' if self._primary.kernel_kind == 'mock' else 'the real'} one; "
+                    "open a separate session for it"
+                )
             probe = await cls.probe(self._ctx)
             if not probe.available:
                 raise BackendUnavailable(f"the {name} backend is not available here: {probe.reason}")

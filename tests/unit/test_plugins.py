@@ -185,3 +185,27 @@ def test_the_public_api_contract_names_exist() -> None:
     for err in ["DeviceNotFound", "ProgramError", "PermissionDenied", "AlreadyAttached", "StaleRevision",
                 "HookFull", "Conflict", "Severed", "NotOwned", "BackendUnavailable", "OffloadError"]:
         assert issubclass(getattr(asynctc, err), asynctc.TCError), err
+
+
+async def test_a_session_never_mixes_kernel_kinds() -> None:
+    class PickMockForAttaches:
+        @asynctc.hookimpl
+        def asynctc_select_backend(self, request: BackendRequest) -> str | None:
+            return "mock" if request.purpose == "attach" else None
+
+    kernel = MockKernel()
+    async with asynctc.open_session("mock", kernel=kernel) as s:
+        with pytest.raises(asynctc.TCError, match="needs the real kernel"):
+            await s.attach("eth0", "ingress", kernel.program(), backend="bpf_link")
+        assert s.attachments == ()
+    if not (await_probe_real()):
+        pytest.skip("needs a real-kernel backend (root) for the other direction")
+    async with asynctc.open_session(plugins=[PickMockForAttaches()]) as s:
+        with pytest.raises(asynctc.TCError, match="in-memory"):
+            await s.attach("lo", "ingress", kernel.program(), backend="mock")
+
+
+def await_probe_real() -> bool:
+    from asynctc.testing import can_run_kernel_tests
+
+    return can_run_kernel_tests()
