@@ -2,7 +2,8 @@
 and the severed-attachment detection driven by it.
 
 Policy for slow consumers: each Monitor has its own bounded buffer. When it is full, events for that
-monitor alone are dropped and counted; as soon as there is room again it receives `EventsDropped(count)`.
+monitor alone are dropped and counted; once the consumer has read what was buffered, it receives
+`EventsDropped(count)`, before any later event.
 The hub never waits for a consumer, so one slow monitor cannot stall the others, the severing logic or
 the session.
 
@@ -68,15 +69,27 @@ class Monitor:
             pass
 
     async def receive(self) -> Event:
-        """The next event; raises trio.EndOfChannel once the monitor is closed."""
-        return await self._recv.receive()
+        """The next event; raises trio.EndOfChannel once the monitor is closed.
+
+        When events were dropped for this monitor, `EventsDropped(count)` comes as soon as the consumer has
+        read what was buffered before the loss (and before any later event)."""
+        try:
+            ev = self._recv.receive_nowait()
+        except trio.WouldBlock:
+            if self._dropped:
+                count, self._dropped = self._dropped, 0
+                await trio.lowlevel.checkpoint()
+                return EventsDropped(count)
+            return await self._recv.receive()
+        await trio.lowlevel.checkpoint()
+        return ev
 
     def __aiter__(self) -> Monitor:
         return self
 
     async def __anext__(self) -> Event:
         try:
-            return await self._recv.receive()
+            return await self.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise StopAsyncIteration from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -150,9 +151,18 @@ def get_plugin_manager() -> pluggy.PluginManager:
         return _default_pm
 
 
+_registries: weakref.WeakKeyDictionary[pluggy.PluginManager, BackendRegistry] = weakref.WeakKeyDictionary()
+
+
 def collect_backends(pm: pluggy.PluginManager) -> BackendRegistry:
-    registry = BackendRegistry()
-    pm.hook.asynctc_register_backends(registry=registry)
+    """The backends registered by `pm`'s plugins, collected once per plugin manager."""
+    with _lock:
+        registry = _registries.get(pm)
+    if registry is None:
+        registry = BackendRegistry()
+        pm.hook.asynctc_register_backends(registry=registry)
+        with _lock:
+            registry = _registries.setdefault(pm, registry)
     return registry
 
 

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import threading
+import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -21,6 +22,7 @@ from ._errors import (
     AnchorNotFound,
     BackendUnavailable,
     CleanupError,
+    NotOwned,
     OffloadError,
     PinError,
     ProgramError,
@@ -52,12 +54,12 @@ __all__ = ["Session", "open_session"]
 log = logging.getLogger("asynctc")
 
 DEFAULT_MAX_WORKERS = 64
-DEFAULT_OP_TIMEOUT = 30.0
 DEFAULT_CLEANUP_TIMEOUT = 30.0
 
 _serials = itertools.count(1)
 _session_serials = itertools.count(1)
 _serial_lock = threading.Lock()
+_open_sessions: weakref.WeakSet[Session] = weakref.WeakSet()  # for NotOwned: pins held by live sessions
 
 
 def _process_start_time(pid: int) -> str:
@@ -84,7 +86,6 @@ class Session:
         owner: str,
         kernel: Any,
         backend_options: Mapping[str, object],
-        op_timeout: float,
         cleanup_timeout: float,
         requested: str,
     ) -> None:
@@ -95,7 +96,6 @@ class Session:
         self._owner = owner
         self._kernel = kernel
         self._requested = requested
-        self.op_timeout = op_timeout
         self.cleanup_timeout = cleanup_timeout
         with _serial_lock:
             serial = next(_session_serials)
@@ -115,6 +115,7 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self._hub = _Hub(self)
+        _open_sessions.add(self)
 
     # -- public properties ---------------------------------------------------------------------------
     @property
@@ -458,6 +459,14 @@ class Session:
         for att in self._attachments.values():
             if att.info.pinned == spath:
                 return att
+        for other in list(_open_sessions):
+            if other is not self and not other._closed and any(
+                a.info.pinned == spath for a in other._attachments.values()
+            ):
+                raise NotOwned(
+                    f"the attachment pinned at {spath!r} is held by another open session ({other!r}); it can be "
+                    "adopted once that session closes (pinned attachments outlive it) or unpins it"
+                )
         assert self._primary is not None
         candidates = [self._primary.name] + [n for n in self._registry.names() if n != self._primary.name]
         errors: list[str] = []
@@ -517,14 +526,13 @@ class Session:
     # -- internal: used by Attachment and the hub ----------------------------------------------------
     @contextmanager
     def _shield(self, op: str, att: Attachment | None, **where: object) -> Iterator[None]:
-        with trio.move_on_after(self.op_timeout, shield=True) as scope:
+        """Run a kernel-changing step to completion whatever happens to the calling task: cancellation is
+        delivered at the caller's next checkpoint, after the step, so the session's records always match
+        what the kernel did. There is no deadline here on purpose: a deadline could only fire between the
+        steps of an operation, leaving it half done. Each blocking kernel call is bounded by the kernel
+        itself, and each netlink request by its transport's answer timeout."""
+        with trio.CancelScope(shield=True):
             yield
-        if scope.cancelled_caught:
-            target = repr(att) if att is not None else " ".join(f"{k}={v}" for k, v in where.items())
-            raise TCError(
-                f"{op} of {target} did not finish within {self.op_timeout}s (op_timeout); the kernel may be "
-                "stuck under rtnl. query() the hook to see its state"
-            )
 
     def _forget(self, att: Attachment) -> None:
         self._attachments.pop(att._serial, None)
@@ -598,6 +606,7 @@ class Session:
         """Detach what the session owns (not pinned), release the rest, close backends. Shielded and
         bounded; returns the failures (the caller reports them)."""
         self._closed = True
+        _open_sessions.discard(self)
         errors: list[BaseException] = []
         atts = list(self._attachments.values())
 
@@ -643,7 +652,6 @@ async def open_session(
     kernel: Any = None,
     *,
     max_workers: int = DEFAULT_MAX_WORKERS,
-    op_timeout: float = DEFAULT_OP_TIMEOUT,
     cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT,
     plugins: Iterable[object] | None = None,
     backend_options: Mapping[str, object] | None = None,
@@ -657,7 +665,6 @@ async def open_session(
         owner: the tag marking what this session creates (how orphans are recognised later).
         kernel: for backend="mock" only: an asynctc_mock.MockKernel (a fresh one when omitted).
         max_workers: how many worker threads the session's blocking kernel calls may use at once.
-        op_timeout: bound on one kernel-changing operation (they run shielded from cancellation).
         cleanup_timeout: bound on cleanup when the session closes.
         plugins: extra plugin objects for this session only (a fresh plugin manager is built for it).
         backend_options: backend-specific options (see each backend's docs).
@@ -670,9 +677,8 @@ async def open_session(
         raise ValueError(f"owner must be a short tag without ':', '/', spaces or NUL, got {owner!r}")
     if max_workers < 1:
         raise ValueError(f"max_workers must be >= 1, got {max_workers}")
-    for label, value in (("op_timeout", op_timeout), ("cleanup_timeout", cleanup_timeout)):
-        if not (value > 0) or math.isnan(value):
-            raise ValueError(f"{label} must be > 0 seconds, got {value!r}")
+    if not (cleanup_timeout > 0) or math.isnan(cleanup_timeout):
+        raise ValueError(f"cleanup_timeout must be > 0 seconds, got {cleanup_timeout!r}")
     pm = _plugins.make_plugin_manager(plugins=plugins) if plugins else _plugins.get_plugin_manager()
     registry = _plugins.collect_backends(pm)
     if kernel is not None:
@@ -692,7 +698,6 @@ async def open_session(
         owner=owner,
         kernel=kernel,
         backend_options=backend_options or {},
-        op_timeout=op_timeout,
         cleanup_timeout=cleanup_timeout,
         requested=backend,
     )

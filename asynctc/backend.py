@@ -124,9 +124,10 @@ class Backend(abc.ABC):
         kernel_kind: "linux" for backends that drive the real kernel, "mock" for in-memory models; a
             session only combines backends of one kind.
 
-    The core runs attach, update, detach, pin, unpin and adopt_pinned shielded from cancellation (bounded
-    by the session's op_timeout), so a backend's multi-step operation is never interrupted half-way by a
-    cancellation; it must still leave nothing behind when one of its own steps fails.
+    The core runs attach, update, detach, pin, unpin, adopt_pinned and reap_orphans shielded from
+    cancellation, so a backend's multi-step operation is never interrupted half-way; it must still leave
+    nothing behind when one of its own steps fails, and it must not wait without bound (each netlink
+    request has an answer timeout; each bpf() call is bounded by the kernel).
     """
 
     name: ClassVar[str]

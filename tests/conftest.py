@@ -6,9 +6,9 @@ import os
 from collections.abc import AsyncIterator
 
 import pytest
-from asynctc_mock import MockKernel
 
 import asynctc
+from asynctc_mock import MockKernel
 
 
 @pytest.fixture

@@ -86,6 +86,7 @@ T = TypeVar("T")
 RECV_SIZE: Final = 64 * 1024  # the kernel builds dump skbs of at most 32 KiB; events and ACKs are smaller
 DEFAULT_RCVBUF: Final = 1 << 20
 DUMP_TIMEOUT: Final = 10.0
+ANSWER_TIMEOUT: Final = 30.0  # a safety net: the ACK is queued before the worker's send() returns
 DUMP_POOL_SIZE: Final = 2
 
 RequestBuilder = Callable[[int], bytes]
@@ -204,6 +205,7 @@ class NetlinkTransport:
         self._reader_scope: trio.CancelScope | None = None
         self._pool: list[socket.socket] = []
         self._pool_lock = threading.Lock()
+        self.answer_timeout = ANSWER_TIMEOUT
 
     # -- state ----------------------------------------------------------------------------------------
 
@@ -284,7 +286,15 @@ class NetlinkTransport:
                         exc.errno or _errno.EIO, op=op, backend=backend, dev=dev, direction=direction,
                         program=program, detail="netlink send failed",
                     ) from exc
-                await slot.event.wait()
+                with trio.move_on_after(self.answer_timeout):
+                    await slot.event.wait()
+                if not slot.event.is_set():
+                    # The kernel answers inside sendmsg, so a missing ACK means it was lost (the ENOBUFS
+                    # path fails waiters at once); never wait forever, even inside a shield.
+                    raise TCError(
+                        f"{op}: no answer from the kernel within {self.answer_timeout}s; the request may or "
+                        "may not have taken effect: query the kernel", errno=_errno.ETIMEDOUT,
+                    )
             finally:
                 # Whatever happened (answer, cancellation, close), this seq is no longer awaited: a late
                 # answer for it is dropped by the reader.

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from asynctc_mock import MockKernel
 
 from asynctc import programs
 from asynctc.testing import VethPair, check_backend
+from asynctc_mock import MockKernel
 
 
 async def test_mock_tcx() -> None:

@@ -445,3 +445,21 @@ async def test_socket_is_created_in_the_namespace(runner: NetnsRunner, nl_netns:
     assert sorted(m.name or "" for m in links if isinstance(m, c.LinkMsg)) == ["lo", "veth0", "veth1"]
     assert [(m.ifindex, m.name) for m in got if isinstance(m, c.LinkMsg)] == [(nl_netns.veth1, "veth1")]
     assert socket.if_nametoindex("lo") == 1
+
+
+async def test_a_lost_answer_times_out_instead_of_waiting_forever(
+    nl: NetlinkTransport, nl_netns: NlNetns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even inside a shield, a request never waits forever: if its answer is lost, TCError(ETIMEDOUT)
+    says the request may or may not have taken effect, and the transport keeps working."""
+    ifx = nl_netns.veth0
+    monkeypatch.setattr(nl, "_dispatch", lambda data: None)  # every answer is lost
+    nl.answer_timeout = 0.2
+    with trio.CancelScope(shield=True), pytest.raises(TCError, match="may or may not have taken effect") as exc:
+        await nl.request(lambda seq: c.encode_qdisc_add_clsact(seq, ifx), op="qdisc_add")
+    assert exc.value.errno == errno.ETIMEDOUT
+    monkeypatch.undo()
+    # the request did reach the kernel; the transport still works
+    with pytest.raises(AlreadyAttached):
+        await nl.request(lambda seq: c.encode_qdisc_add_clsact(seq, ifx), op="qdisc_add")
+    assert nl.in_flight == 0

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from asynctc_mock import MockBackend, MockKernel
 
 import asynctc
 from asynctc import events
 from asynctc._plugins import BackendRegistry, PluginError, make_plugin_manager
 from asynctc.hookspecs import BackendRequest
+from asynctc_mock import MockBackend, MockKernel
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
