@@ -9,11 +9,18 @@ it; "prefer" falls back to software where it does not, "require" raises OffloadE
 Every kernel call goes through `ctx.runner` (a worker thread), like the real backends' syscalls: injected
 latency blocks a worker thread, never the trio thread.
 
-Ownership records in the kernel: links carry the creating session's tag (`ctx.session_tag`), filters are
-named with it (cls_bpf's TCA_BPF_NAME), and a clsact qdisc records the tag of the session that created
-it. A session deletes a clsact qdisc only if its own tag created it and no filter is left on it.
-Orphans (`reap_orphans`) are filters named with a tag of this session's owner whose process is dead
-(`MockKernel.tag_alive`), and empty clsact qdiscs such a process created.
+Legacy filters follow the netlink backend's policy, `asynctc.lowlevel.tcpolicy`: positions become
+priorities by `place_filter` (HookFull when there is no gap, AnchorNotFound for an anchor that is not a
+cls_bpf filter), the default handle is 1, a filter is named with the owner tag
+"asynctc:OWNER:PID.START.SERIAL:PROGNAME" (`format_tag`), renamed with the ":pinned" mark while pinned, and
+a software filter is added with skip_hw, so that an offload-capable device does not also run it in
+hardware.
+
+Ownership records in the kernel: links carry the creating session's tag (`ctx.session_tag`), filters its
+owner tag (cls_bpf's TCA_BPF_NAME), and a clsact qdisc records the tag of the session that created it. A
+session deletes a clsact qdisc only if its own tag created it and no filter is left on it.
+Orphans (`reap_orphans`) are unpinned filters whose owner tag names this session's owner and a dead
+process (`MockKernel.tag_alive`), and empty clsact qdiscs such a process created.
 """
 
 from __future__ import annotations
@@ -29,13 +36,11 @@ from typing import Literal, TypedDict, TypeVar
 import trio
 
 from asynctc import (
-    AnchorNotFound,
     AttachmentInfo,
     Conflict,
     Direction,
     Hook,
     HookEntry,
-    HookFull,
     OffloadError,
     PinError,
     Probe,
@@ -55,6 +60,13 @@ from asynctc.events import (
     QdiscRemoved,
     Resynced,
 )
+from asynctc.lowlevel.tcpolicy import (
+    AUTO_PRIORITY_ATTEMPTS,
+    filter_slot_options,
+    format_tag,
+    parse_tag,
+    place_filter,
+)
 
 from ._kernel import FilterInfo, KernelError, KernelSnapshot, MockKernel, Subscription, parse_session_tag
 
@@ -64,12 +76,8 @@ log = logging.getLogger("asynctc.mock")
 
 T = TypeVar("T")
 
-PRIO_BASE = 0x8000
-"""The priority of the first filter on an empty hook (room on both sides)."""
-PRIO_STEP = 0x100
-"""The gap left between priorities given for First()/Last()."""
-PRIO_END = 0x10000
-
+CLEANUP_TIMEOUT = 10.0
+"""How long the undoing of a half-done operation may take (shielded from cancellation)."""
 
 
 class _Where(TypedDict):
@@ -90,21 +98,11 @@ class MockAttachment(BackendAttachment):
         self.info = info
         self.kind: Literal["tcx", "filter"] = kind
         self.filter_name = filter_name
+        self.renaming = 0  # our own replaces in flight (they rename the filter: it still counts as ours)
         self.closed = False  # the link "fd" was closed
 
     def __repr__(self) -> str:
         return f"<MockAttachment {self.kind} {self.info}>"
-
-
-def _between(lo: int, hi: int) -> int | None:
-    """A priority strictly between lo and hi (0 and PRIO_END are the open ends), leaving room."""
-    if hi - lo <= 1:
-        return None
-    if lo == 0 and hi - PRIO_STEP > 0:
-        return hi - PRIO_STEP
-    if hi == PRIO_END and lo + PRIO_STEP < PRIO_END:
-        return lo + PRIO_STEP
-    return (lo + hi) // 2
 
 
 class MockBackend(Backend):
@@ -129,6 +127,7 @@ class MockBackend(Backend):
             raise TypeError(f"the mock backend needs an asynctc_mock.MockKernel as kernel=, got {kernel!r}")
         self.kernel: MockKernel = kernel
         self.tag = ctx.session_tag
+        self._locks: dict[int, trio.Lock] = {}  # per ifindex: choosing a priority and adding the filter
 
     @classmethod
     def new_kernel(cls) -> MockKernel:
@@ -154,6 +153,12 @@ class MockBackend(Backend):
             exc.errno or 0, op=op or exc.op, backend=self.name, dev=dev, direction=direction, program=program,
             detail=exc.detail or None,
         )
+
+    def _lock(self, ifindex: int) -> trio.Lock:
+        lock = self._locks.get(ifindex)
+        if lock is None:
+            lock = self._locks[ifindex] = trio.Lock()
+        return lock
 
     # -- devices --------------------------------------------------------------------------------------
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
@@ -240,70 +245,49 @@ class MockBackend(Backend):
 
     def _choose_priority(self, request: AttachRequest, filters: tuple[FilterInfo, ...]) -> int:
         """Map a position onto a priority between the existing filters' (the netlink backend's rule)."""
-        p = request.placement
-        prios = sorted({f.priority for f in filters})
-        if p.where in ("first", "last"):
-            if not prios:
-                return PRIO_BASE
-            got = _between(0, prios[0]) if p.where == "first" else _between(prios[-1], PRIO_END)
-            edge = "first" if p.where == "first" else "last"
-            if got is None:
-                raise HookFull(f"no free priority left to put a filter {edge} on {request.dev} "
-                               f"{request.direction}; pass priority= explicitly", errno=_errno.ERANGE)
-            return got
-        if p.priority is not None and p.handle is not None:
-            anchor = next((f for f in filters if (f.priority, f.handle) == (p.priority, p.handle)), None)
-        else:
-            anchor = next((f for f in filters if f.kind == "bpf" and f.prog_id == p.prog_id), None)
-        if anchor is None:
-            raise AnchorNotFound(
-                f"the anchor (program {p.prog_id}) is not a cls_bpf filter on {request.dev} "
-                f"{request.direction}; tcx programs always run before filters, so a filter cannot be placed "
-                "relative to one. query() the hook and anchor to a filter", errno=_errno.ENOENT)
-        i = prios.index(anchor.priority)
-        if p.where == "before":
-            got = _between(prios[i - 1] if i > 0 else 0, anchor.priority)
-        else:
-            got = _between(anchor.priority, prios[i + 1] if i + 1 < len(prios) else PRIO_END)
-        if got is None:
-            raise HookFull(f"no free priority {p.where} priority {anchor.priority} on {request.dev} "
-                           f"{request.direction}; pass priority= explicitly", errno=_errno.ERANGE)
-        return got
+        return place_filter(request.placement, [(f.priority, f.handle, f.kind, f.prog_id) for f in filters],
+                            dev=request.dev, direction=request.direction, backend=self.name)
 
     async def _attach_filter(self, request: AttachRequest, *, skip_sw: bool) -> MockAttachment:
+        priority, handle = filter_slot_options(request.options)
         prog_id = await self._register(request.program)
-        created = await self._ensure_clsact(request)
-        try:
-            priority = request.options.get("priority")
-            handle = request.options.get("handle", 0)
-            if priority is not None and (not isinstance(priority, int) or not 1 <= priority <= 0xFFFF):
-                raise ValueError(f"priority must be an int in 1..65535, got {priority!r}")
-            if not isinstance(handle, int) or not 0 <= handle <= 0xFFFFFFFF:
-                raise ValueError(f"handle must be an int in 0..0xffffffff, got {handle!r}")
-            if priority is None:
-                try:
-                    filters = await self._k(self.kernel.filter_dump, request.ifindex, request.direction)
-                except KernelError as exc:
-                    raise self._err(exc, dev=request.dev, direction=request.direction) from None
-                priority = self._choose_priority(request, filters)
+        async with self._lock(request.ifindex):
+            created = await self._ensure_clsact(request)
             try:
-                f = await self._k(
-                    self.kernel.filter_add, request.ifindex, request.direction, prog_id, priority=priority,
-                    handle=handle, name=self.tag, skip_sw=skip_sw,
-                )
-            except KernelError as exc:
-                raise self._err(exc, dev=request.dev, direction=request.direction,
-                                program=request.program) from None
-        except BaseException:
-            if created:
-                await self._drop_qdisc_if_empty(request.ifindex)
-            raise
+                f = await self._add_filter(request, prog_id, priority, handle, skip_sw=skip_sw)
+            except BaseException:
+                if created:
+                    await self._drop_qdisc_if_empty(request.ifindex)
+                raise
         info = AttachmentInfo(
             backend=self.name, netns=self.ctx.netns, dev=request.dev, ifindex=request.ifindex,
             direction=request.direction, prog_id=prog_id, link_id=None, handle=f.handle, priority=f.priority,
             offloaded=f.skip_sw, pinned=None,
         )
         return MockAttachment(info, kind="filter", filter_name=f.name)
+
+    async def _add_filter(
+        self, request: AttachRequest, prog_id: int, priority: int | None, handle: int, *, skip_sw: bool
+    ) -> FilterInfo:
+        """Add the filter named with our owner tag, choosing its priority unless given (again, when another
+        session took the chosen one meanwhile). A software filter gets skip_hw: an offload-capable device
+        must not also run it in hardware."""
+        where = _Where(dev=request.dev, direction=request.direction, program=request.program)
+        name = format_tag(self.tag, request.program.name)
+        for attempt in range(AUTO_PRIORITY_ATTEMPTS):
+            prio = priority
+            try:
+                if prio is None:
+                    filters = await self._k(self.kernel.filter_dump, request.ifindex, request.direction)
+                    prio = self._choose_priority(request, filters)
+                return await self._k(self.kernel.filter_add, request.ifindex, request.direction, prog_id,
+                                     priority=prio, handle=handle, name=name, skip_sw=skip_sw, skip_hw=not skip_sw)
+            except KernelError as exc:
+                if (exc.errno == _errno.EEXIST and exc.op == "filter_add" and priority is None
+                        and attempt + 1 < AUTO_PRIORITY_ATTEMPTS):
+                    continue  # another session took the priority we chose: choose again
+                raise self._err(exc, **where) from None
+        raise AssertionError("unreachable: every attempt returns or raises")  # pragma: no cover
 
     async def _drop_qdisc_if_empty(self, ifindex: int) -> None:
         """Delete the device's clsact qdisc if this session created it and no filter is on it. A failure
@@ -371,7 +355,8 @@ class MockBackend(Backend):
                 if exc.errno != _errno.ENOENT:
                     raise self._err(exc, op="obj_unpin", dev=info.dev) from None
             att.info = replace(info, pinned=None)
-        await self._drop_qdisc_if_empty(info.ifindex)
+        async with self._lock(info.ifindex):  # not between another attach's clsact check and its filter add
+            await self._drop_qdisc_if_empty(info.ifindex)
         return not gone
 
     async def _current_filter(self, att: MockAttachment) -> FilterInfo | None:
@@ -386,7 +371,23 @@ class MockBackend(Backend):
 
     async def _filter_is_ours(self, att: MockAttachment) -> bool:
         f = await self._current_filter(att)
-        return f is not None and f.kind == "bpf" and f.name == att.filter_name and f.prog_id == att.info.prog_id
+        if f is None or f.kind != "bpf":
+            return False
+        return att.renaming > 0 or (f.name == att.filter_name and f.prog_id == att.info.prog_id)
+
+    async def _replace_filter(self, att: MockAttachment, prog_id: int, name: str) -> FilterInfo:
+        """Replace our filter's program and name in its slot (atomic for packets), as the netlink backend
+        does for update, pin and unpin. KernelError as the kernel raised it."""
+        info = att.info
+        assert info.priority is not None and info.handle is not None
+        att.renaming += 1
+        try:
+            f = await self._k(self.kernel.filter_replace, info.ifindex, info.direction, info.priority,
+                              info.handle, prog_id, name=name)
+            att.filter_name = name
+            return f
+        finally:
+            att.renaming -= 1
 
     async def is_attached(self, att: BackendAttachment) -> bool:
         """Whether the link is still on its hook, or the filter is still there and still ours."""
@@ -525,9 +526,10 @@ class MockBackend(Backend):
                 f"program {cur.prog_id}, not {expected.id}; nothing was changed. query() and retry",
                 errno=_errno.EPERM,
             )
+        tag = parse_tag(att.filter_name)
+        name = format_tag(tag.session_tag if tag else self.tag, program.name, pinned=bool(tag and tag.pinned))
         try:
-            await self._k(self.kernel.filter_replace, info.ifindex, info.direction, info.priority, info.handle,
-                          new_id)
+            await self._replace_filter(att, new_id, name)
         except KernelError as exc:
             raise self._err(exc, **where) from None
         att.info = replace(info, prog_id=new_id)
@@ -557,7 +559,8 @@ class MockBackend(Backend):
 
     # -- pins -----------------------------------------------------------------------------------------
     async def pin(self, att: BackendAttachment, path: str) -> None:
-        """Pin the link (or record the filter) at `path` in the kernel's pin table."""
+        """Pin the link (or record the filter) at `path` in the kernel's pin table. A pinned filter is
+        renamed with the ":pinned" mark, so that no `reap_orphans` ever removes it."""
         assert isinstance(att, MockAttachment)
         info = att.info
         if info.pinned is not None:
@@ -573,14 +576,41 @@ class MockBackend(Backend):
                               info.handle, path)
         except KernelError as exc:
             raise self._err(exc, op="obj_pin", dev=info.dev, direction=info.direction) from None
+        if att.kind == "filter":
+            tag = parse_tag(att.filter_name)
+            name = format_tag(tag.session_tag if tag else self.tag, self._prog_name(att), pinned=True)
+            try:
+                try:
+                    await self._replace_filter(att, info.prog_id, name)
+                except KernelError as exc:
+                    raise self._err(exc, op="filter_replace", dev=info.dev, direction=info.direction) from None
+            except BaseException:
+                with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                    try:
+                        await self._k(self.kernel.obj_unpin, path)
+                    except KernelError as exc:
+                        log.warning("asynctc mock: removing the pin %s again failed: %s", path, exc)
+                raise
         att.info = replace(info, pinned=path)
 
+    def _prog_name(self, att: MockAttachment) -> str:
+        """The program name part of a filter's owner tag (else a stand-in naming the program's id)."""
+        tag = parse_tag(att.filter_name)
+        return tag.prog_name if tag is not None else f"prog{att.info.prog_id}"
+
     async def unpin(self, att: BackendAttachment) -> None:
-        """Remove the pin; the attachment is the session's again."""
+        """Remove the pin; the attachment is the session's again (a filter is renamed with this session's
+        tag: reaped after this process dies, detached when the session closes)."""
         assert isinstance(att, MockAttachment)
         path = att.info.pinned
         if path is None:
             return
+        if att.kind == "filter" and await self._filter_is_ours(att):
+            try:
+                await self._replace_filter(att, att.info.prog_id, format_tag(self.tag, self._prog_name(att)))
+            except KernelError as exc:
+                if exc.errno not in (_errno.ENOENT, _errno.ENODEV):
+                    raise self._err(exc, op="filter_replace", dev=att.info.dev) from None
         try:
             await self._k(self.kernel.obj_unpin, path)
         except KernelError as exc:
@@ -636,16 +666,22 @@ class MockBackend(Backend):
                     raise self._err(exc, dev=att.info.dev) from None
 
     # -- orphans --------------------------------------------------------------------------------------
-    def _is_orphan_tag(self, name: str) -> bool:
-        parsed = parse_session_tag(name)
+    def _is_dead_session(self, session_tag: str) -> bool:
+        """Whether `session_tag` is another session of this owner whose process is dead."""
+        parsed = parse_session_tag(session_tag)
         if parsed is None or parsed[0] != self.ctx.owner:
             return False
-        tag = name.split("/", 1)[0]
+        tag = session_tag.split("/", 1)[0]
         return tag != self.tag and not self.kernel.tag_alive(tag)
 
+    def _is_orphan_filter(self, name: str) -> bool:
+        """Whether a filter's name is the owner tag of a dead session of this owner, and not pinned."""
+        tag = parse_tag(name)
+        return tag is not None and not tag.pinned and self._is_dead_session(tag.session_tag)
+
     async def reap_orphans(self) -> tuple[HookEntry, ...]:
-        """Delete cls_bpf filters named with a tag of this session's owner whose process is dead (tcx
-        links die with their process, unless pinned on purpose), then the empty clsact qdiscs such a
+        """Delete the unpinned cls_bpf filters whose owner tag names this session's owner and a dead process
+        (tcx links die with their process, unless pinned on purpose), then the empty clsact qdiscs such a
         process created. Returns the filters removed."""
         return await self._k(self._reap_sync)
 
@@ -656,7 +692,7 @@ class MockBackend(Backend):
             try:
                 for direction in Direction:
                     for f in k.filter_dump(ifindex, direction):
-                        if f.kind != "bpf" or f.prog_id is None or not self._is_orphan_tag(f.name):
+                        if f.kind != "bpf" or f.prog_id is None or not self._is_orphan_filter(f.name):
                             continue
                         name, tag, _type = k.prog_info(f.prog_id)
                         try:
@@ -669,7 +705,7 @@ class MockBackend(Backend):
                                                  False))
                 q = k.qdisc_get(ifindex)
                 if (q is not None and q.kind == "clsact" and q.creator is not None
-                        and self._is_orphan_tag(q.creator)
+                        and self._is_dead_session(q.creator)
                         and not any(k.filter_dump(ifindex, d) for d in Direction)):
                     k.qdisc_delete(ifindex)
             except KernelError as exc:

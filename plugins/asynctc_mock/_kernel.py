@@ -15,10 +15,11 @@ operations behind it queue up.
 Errors: low-level operations raise `KernelError` (an OSError with the kernel's errno and the operation
 name); backends turn them into asynctc exceptions with `asynctc.from_errno`.
 
-Process model (for orphans): objects record the session tag ("owner:pid.start.serial") of the session
-that created them. A tag's process is alive while a process with that pid and start time exists (read
-from /proc) and nobody called `kill_process(tag)`; `kill_process` also destroys the tag's unpinned links,
-as the real kernel does when the last fd of a link is closed by SIGKILL. Legacy filters survive.
+Process model (for orphans): objects record the session tag ("owner:pid.start.serial") of the session that
+created them (a filter inside its owner tag, the name `asynctc.lowlevel.tcpolicy.format_tag` gives). A tag's
+process is alive while a process with that pid and start time exists (read from /proc) and nobody called
+`kill_process(tag)`; `kill_process` also destroys the tag's unpinned links, as the real kernel does when the
+last fd of a link is closed by SIGKILL. Legacy filters survive.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from asynctc.events import (
     QdiscRemoved,
 )
 from asynctc.lowlevel import bpf
+from asynctc.lowlevel.tcpolicy import parse_tag
 
 __all__ = [
     "MAX_TCX_PROGS",
@@ -1172,8 +1174,13 @@ class MockKernel:
     # processes (orphans)
     # ====================================================================================================
     def kill_process(self, tag: str) -> None:
-        """Simulate the death of the session (process) whose session tag is `tag`: its unpinned links are
-        closed (and so detached), its filters stay behind as orphans, and `tag_alive(tag)` is False."""
+        """Simulate the death of the session (process) whose session tag is `tag` (or whose owner tag, a
+        filter's name as `asynctc.lowlevel.tcpolicy.format_tag` makes it, is `tag`): its unpinned links are
+        closed (and so detached), its filters stay behind as orphans, and `tag_alive` of its session tag is
+        False."""
+        owner_tag = parse_tag(tag)
+        if owner_tag is not None:
+            tag = owner_tag.session_tag
         with self._lock:
             self._dead_tags.add(tag)
             for link in list(self._links.values()):

@@ -1,6 +1,7 @@
 """The netlink backend of asynctc: clsact qdiscs and cls_bpf direct-action filters over rtnetlink, the
 legacy TC path that works on every kernel with cls_bpf. `_backend` documents ownership, offload, the pin
-format and orphan reaping; `_policy` the priority rules and the owner tag format.
+format and orphan reaping; `_policy` the pin record. The priority rules and the owner tag format are
+`asynctc.lowlevel.tcpolicy`'s (shared with the mock backend), re-exported here.
 
 Registered through the "asynctc" entry-point group, as a third-party backend would be.
 """
@@ -8,9 +9,10 @@ Registered through the "asynctc" entry-point group, as a third-party backend wou
 from __future__ import annotations
 
 import asynctc
+from asynctc.lowlevel.tcpolicy import FilterTag, choose_priority, format_tag, parse_tag
 
 from ._backend import FilterAttachment, NetlinkBackend
-from ._policy import FilterTag, PinRecord, choose_priority, format_tag, parse_tag
+from ._policy import PinRecord
 
 __all__ = [
     "FilterAttachment",

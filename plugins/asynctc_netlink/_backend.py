@@ -2,9 +2,9 @@
 transport (any kernel with clsact and cls_bpf; the legacy TC path).
 
 Ownership.
-- Filters: each filter's TCA_BPF_NAME carries an owner tag (`_policy` documents the format,
-  "asynctc:OWNER:PID.START.SERIAL:PROGNAME[:pinned]"), so whose a filter is can be proven from the kernel
-  alone, after a restart too. Before deleting or replacing its filter, the backend reads it back (a
+- Filters: each filter's TCA_BPF_NAME carries an owner tag (`asynctc.lowlevel.tcpolicy` documents the
+  format, "asynctc:OWNER:PID.START.SERIAL:PROGNAME[:pinned]"), so whose a filter is can be proven from
+  the kernel alone, after a restart too. Before deleting or replacing its filter, the backend reads it back (a
   filter get) and checks that the name is still the one it wrote: a filter someone else put in the same
   slot is never touched (the kernel has no compare-and-delete, so a change between that read and the
   delete is the one window left).
@@ -18,10 +18,11 @@ Ownership.
   place by `reap_orphans`: whether asynctc made one cannot be told from the kernel, and an empty clsact
   is harmless.
 
-Positions become priorities relative to every filter on the hook (see `_policy.choose_priority`);
-`priority=` (1..65535) and `handle=` (default 1) attach options choose the slot directly. Choosing a
-priority and adding the filter are serialised per device within a backend, and the kernel's EEXIST is
-the final word between processes (an automatically chosen priority is chosen again, up to 3 times).
+Positions become priorities relative to every filter on the hook (see
+`asynctc.lowlevel.tcpolicy.choose_priority`); `priority=` (1..65535) and `handle=` (default 1) attach
+options choose the slot directly. Choosing a priority and adding the filter are serialised per device
+within a backend, and the kernel's EEXIST is the final word between processes (an automatically chosen
+priority is chosen again, up to 3 times).
 
 Offload: offload="never" asks for software only (skip_hw, so a real NIC does not also get the program);
 "require" asks for skip_sw (hardware only, OffloadError when refused, leaving no filter and no qdisc we
@@ -60,14 +61,12 @@ import trio
 
 from asynctc import (
     AlreadyAttached,
-    AnchorNotFound,
     AttachmentInfo,
     Conflict,
     DeviceNotFound,
     Direction,
     Hook,
     HookEntry,
-    HookFull,
     OffloadError,
     PermissionDenied,
     PinError,
@@ -84,8 +83,16 @@ from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel.netdev import resolve_device
 from asynctc.lowlevel.netlink import NetlinkTransport, open_transport, start_transport
 from asynctc.lowlevel.netns import current_netns_inode
+from asynctc.lowlevel.tcpolicy import (
+    AUTO_PRIORITY_ATTEMPTS,
+    FilterTag,
+    filter_slot_options,
+    format_tag,
+    parse_tag,
+    place_filter,
+)
 
-from ._policy import RECORD_SIZE, FilterTag, PinRecord, choose_priority, format_tag, parse_tag
+from ._policy import RECORD_SIZE, PinRecord
 
 __all__ = ["FilterAttachment", "NetlinkBackend"]
 
@@ -96,8 +103,6 @@ ADD_FLAGS: Final = codec.NLM_F_REQUEST | codec.NLM_F_ACK | codec.NLM_F_CREATE | 
 REPLACE_FLAGS: Final = codec.NLM_F_REQUEST | codec.NLM_F_ACK | codec.NLM_F_REPLACE | codec.NLM_F_ECHO
 DELETE_FLAGS: Final = codec.NLM_F_REQUEST | codec.NLM_F_ACK
 OPTIONS: Final = frozenset({"priority", "handle"})
-DEFAULT_HANDLE: Final = 1
-AUTO_PRIORITY_ATTEMPTS: Final = 3
 CLEANUP_TIMEOUT: Final = 10.0
 RECORD_SUFFIX: Final = "_record"  # bpffs refuses names with dots (EPERM)
 
@@ -165,14 +170,7 @@ def _filter_options(options: Mapping[str, object]) -> tuple[int | None, int]:
     if unknown:
         raise ValueError(f"unknown netlink attach option(s) {unknown}; the netlink backend takes priority= "
                          "(1..65535) and handle= (1..0xffffffff)")
-    priority = options.get("priority")
-    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
-                                 or not 1 <= priority <= 0xFFFF):
-        raise ValueError(f"priority must be an int in 1..65535 (a cls_bpf filter priority), got {priority!r}")
-    handle = options.get("handle", DEFAULT_HANDLE)
-    if isinstance(handle, bool) or not isinstance(handle, int) or not 1 <= handle <= 0xFFFFFFFF:
-        raise ValueError(f"handle must be an int in 1..0xffffffff, got {handle!r}")
-    return priority, handle
+    return filter_slot_options(options)
 
 
 class FilterAttachment(BackendAttachment):
@@ -371,29 +369,8 @@ class NetlinkBackend(Backend):
         """A free priority for the request's position among the filters on the hook now."""
         filters = await hooklib.dump_filters(self._transport(), request.ifindex, request.direction,
                                              dev=request.dev)
-        p = request.placement
-        anchor_prio: int | None = None
-        if p.where in ("before", "after"):
-            if p.priority is not None and p.handle is not None:
-                anchor = next((f for f in filters if (f.priority, f.handle) == (p.priority, p.handle)
-                               and f.kind == "bpf"), None)
-            else:
-                anchor = next((f for f in filters if f.kind == "bpf" and f.bpf_id == p.prog_id), None)
-            if anchor is None:
-                raise AnchorNotFound(
-                    f"the anchor (program {p.prog_id}) is not a cls_bpf filter on {request.dev} "
-                    f"{request.direction} [netlink backend]; tcx programs always run before filters, so a "
-                    "filter cannot be placed relative to one. query() the hook and anchor to a filter",
-                    errno=_errno.ENOENT)
-            anchor_prio = anchor.priority
-        got = choose_priority(p.where, {f.priority for f in filters}, anchor_prio)
-        if got is None:
-            where = p.where if anchor_prio is None else f"{p.where} priority {anchor_prio}"
-            raise HookFull(
-                f"no free filter priority {where} on {request.dev} {request.direction} [netlink backend]: "
-                "the neighbouring priorities are taken and other owners' filters are never moved; pass "
-                "priority= explicitly (1..65535)", errno=_errno.ERANGE)
-        return got
+        return place_filter(request.placement, [(f.priority, f.handle, f.kind, f.bpf_id) for f in filters],
+                            dev=request.dev, direction=request.direction, backend=self.name)
 
     async def _add_filter(
         self, request: AttachRequest, priority: int | None, handle: int, name: str

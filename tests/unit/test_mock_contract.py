@@ -13,6 +13,7 @@ import asynctc
 from asynctc import After, Before, Direction, First, Last, State
 from asynctc.events import AttachmentSevered, DeviceRemoved, FilterRemoved, Resynced
 from asynctc.lowlevel import bpf
+from asynctc.lowlevel.tcpolicy import format_tag
 
 IN = Direction.INGRESS
 EG = Direction.EGRESS
@@ -406,7 +407,8 @@ async def test_reap_orphans(kernel: MockKernel) -> None:
         async with asynctc.open_session(backend="mock", kernel=kernel, owner="svc") as live:
             mine = await live.attach("eth0", IN, kernel.program(), mode="legacy")
             kernel.add_foreign_filter("eth0", EG, kernel.program(), priority=3, name="other:1.1.1")
-            kernel.add_foreign_filter("eth0", EG, kernel.program(), priority=4, name="svc:0.1.1")  # no such process
+            # The owner tag of a session of this owner whose process does not exist:
+            kernel.add_foreign_filter("eth0", EG, kernel.program(), priority=4, name=format_tag("svc:0.1.1", "p"))
             removed = await live.reap_orphans()
             assert {(e.priority, e.owned) for e in removed} == {(orphan.info.priority, False), (4, False)}
             assert [f.name for f in kernel.filters("eth0", IN)] == [kernel.filters("eth0", IN)[0].name]
