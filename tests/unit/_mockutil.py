@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from asynctc_mock import MockKernel
-
 import asynctc
 from asynctc import Direction
+from asynctc_mock import MockKernel
 
 
 def kernel_entries(kernel: MockKernel, *, foreign: frozenset[object] = frozenset()) -> set[tuple[object, ...]]:

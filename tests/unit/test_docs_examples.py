@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from asynctc_mock import MockBackend, MockKernel
 
 import asynctc
 from asynctc import After, Before, First, Last, programs
 from asynctc import events as ev
 from asynctc.testing import VethPair, check_backend, send_frames
+from asynctc_mock import MockBackend, MockKernel
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

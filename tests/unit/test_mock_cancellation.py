@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import trio
 from _mockutil import assert_consistent, kernel_entries, qdiscs
-from asynctc_mock import MockKernel
 
 import asynctc
 from asynctc import Direction, State
+from asynctc_mock import MockKernel
 
 IN = Direction.INGRESS
 MAX_STEPS = 200

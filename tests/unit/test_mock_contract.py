@@ -7,13 +7,13 @@ import errno
 import pytest
 import trio
 from _mockutil import assert_consistent, kernel_entries, qdiscs
-from asynctc_mock import MockKernel, SimulatedProgram
 
 import asynctc
 from asynctc import After, Before, Direction, First, Last, State
 from asynctc.events import AttachmentSevered, DeviceRemoved, FilterRemoved, Resynced
 from asynctc.lowlevel import bpf
 from asynctc.lowlevel.tcpolicy import format_tag
+from asynctc_mock import MockKernel, SimulatedProgram
 
 IN = Direction.INGRESS
 EG = Direction.EGRESS

@@ -7,11 +7,11 @@ import threading
 import time
 
 import pytest
-from asynctc_mock import MAX_TCX_PROGS, KernelError, MockKernel
 
 from asynctc import Direction
 from asynctc.events import FilterAdded, QdiscAdded
 from asynctc.lowlevel import bpf
+from asynctc_mock import MAX_TCX_PROGS, KernelError, MockKernel
 
 IN = Direction.INGRESS
 

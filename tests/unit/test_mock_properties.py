@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import trio
 from _mockutil import assert_consistent, kernel_entries, qdiscs
-from asynctc_mock import MockKernel, SimulatedProgram
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import asynctc
 from asynctc import After, Before, Direction, First, Last, State
+from asynctc_mock import MockKernel, SimulatedProgram
 
 DEVS = ("eth0", "veth0")
 DIRS = (Direction.INGRESS, Direction.EGRESS)
