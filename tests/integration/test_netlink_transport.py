@@ -11,7 +11,6 @@ import os
 import random
 import socket
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -257,14 +256,16 @@ async def test_cancelled_requests_leave_the_transport_consistent(nl: NetlinkTran
     # An answer for a sequence number nobody waits for (an abandoned request's) is dropped.
     stray = c.encode_filter(0x7FFF_FFF0, c.RTM_DELTFILTER, DEL, ifx, c.INGRESS_PARENT, 77, 1)
     await nl.runner.run(nl._sock.send, stray)
-    await trio.sleep(0.05)
+    # (the reader handles datagrams in order: the requests below are answered only after the stray was
+    # dropped, and they must still be answered correctly)
 
     # Random cancellation points across many requests: afterwards every filter the kernel holds is one we
     # tried to add, and requests still work.
     attempted: set[int] = set()
+    rng = random.Random(20261125)
     for prio in range(2, 60):
         attempted.add(prio)
-        with trio.move_on_after(random.choice([0, 0.0001, 0.001, 0.005, 1])):
+        with trio.move_on_after(rng.choice([0, 0.0001, 0.001, 0.005, 1])):
             await nl.request(add_filter(ifx, prio, 1, prog), op="filter_add")
     assert nl.in_flight == 0
     present = {f.priority for f in await dump_filters(nl, ifx)}
@@ -391,48 +392,6 @@ async def test_overflow_raises_events_lost_and_the_socket_keeps_working(
         await nl.request(del_filter(ifx, 40, 1), op="filter_delete")
         seen = await _collect(events, lambda s: any(isinstance(m, c.FilterMsg) for m in s))
         assert [(m.type, m.priority) for m in seen if isinstance(m, c.FilterMsg)] == [(c.RTM_DELTFILTER, 40)]
-
-
-async def test_loop_lag_stays_small_during_filter_churn(nl: NetlinkTransport, nl_netns: NlNetns,
-                                                        prog: int) -> None:
-    """The trio thread never blocks for long: a ticker measures loop lag during 200 add/delete cycles
-    (8 tasks at once) plus dumps."""
-    ifx = nl_netns.veth0
-    await nl.request(lambda seq: c.encode_qdisc_add_clsact(seq, ifx), op="qdisc_add")
-    lags: list[float] = []
-    done = trio.Event()
-
-    async def ticker() -> None:
-        while not done.is_set():
-            t0 = time.perf_counter()
-            await trio.sleep(0.001)
-            lags.append(time.perf_counter() - t0 - 0.001)
-
-    counter = iter(range(200))
-
-    async def worker() -> None:
-        for i in counter:
-            prio = 1 + i
-            await nl.request(add_filter(ifx, prio, 1, prog), op="filter_add")
-            if i % 20 == 0:
-                await dump_filters(nl, ifx)
-            await nl.request(del_filter(ifx, prio, 1), op="filter_delete")
-
-    t0 = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(ticker)
-        async with trio.open_nursery() as workers:
-            for _ in range(8):
-                workers.start_soon(worker)
-        done.set()
-    elapsed = time.perf_counter() - t0
-    lags.sort()
-    worst, p99 = lags[-1], lags[int(len(lags) * 0.99)]
-    print(f"\nloop lag over 200 cls_bpf add+delete cycles in {elapsed:.2f} s: "
-          f"max {worst * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms, median {lags[len(lags) // 2] * 1e3:.3f} ms "
-          f"({len(lags)} ticks)")
-    assert p99 < 0.005
-    assert worst < 0.015  # generous: a shared 2-core CI machine can preempt the process itself
 
 
 async def test_socket_is_created_in_the_namespace(runner: NetnsRunner, nl_netns: NlNetns) -> None:
