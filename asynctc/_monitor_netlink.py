@@ -15,11 +15,15 @@ and confirms each with the link's info (ifindex 0).
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
+import trio
+
+from ._errors import TCError
 from ._types import Direction
 from .backend import BackendContext, EventSource
 from .events import (
@@ -43,6 +47,7 @@ log = logging.getLogger("asynctc")
 # Large enough to absorb a storm of a thousand interfaces while the reader is busy (root can force it
 # past rmem_max with SO_RCVBUFFORCE). The kernel doubles the value for its own bookkeeping.
 DEFAULT_EVENT_RCVBUF = 8 << 20
+RESYNC_ATTEMPTS = 12  # with the pauses, about 3.5 s of a storm interrupting every dump
 
 PARENT_DIRECTION = {codec.INGRESS_PARENT: Direction.INGRESS, codec.EGRESS_PARENT: Direction.EGRESS}
 HOOK_QDISCS = ("clsact", "ingress")
@@ -62,6 +67,8 @@ class NetlinkEventSource(EventSource):
     def __init__(self, mc: MulticastSocket, nl: NetlinkTransport) -> None:
         self._mc = mc
         self._nl = nl
+        self._runner = nl.runner
+        self.discarded = 0
         self.links: dict[int, str] = {}
         self.qdiscs: dict[QdiscKey, str] = {}
         self.filters: dict[FilterKey, FilterVal] = {}
@@ -187,12 +194,31 @@ class NetlinkEventSource(EventSource):
 
     async def baseline(self) -> None:
         """Read the kernel's current state, without events (what already exists is not news)."""
-        self.links, self.qdiscs, self.filters = await self._dump_state()
+        self.links, self.qdiscs, self.filters = await self._dump_state_retrying()
+
+    async def _dump_state_retrying(
+        self,
+    ) -> tuple[dict[int, str], dict[QdiscKey, str], dict[FilterKey, FilterVal]]:
+        """`_dump_state`, tried again (with a growing pause) while a storm keeps interrupting the dumps
+        (NLM_F_DUMP_INTR, errno EINTR): giving up would leave the monitor blind."""
+        for attempt in range(RESYNC_ATTEMPTS):
+            try:
+                return await self._dump_state()
+            except TCError as exc:
+                if exc.errno != errno.EINTR or attempt + 1 == RESYNC_ATTEMPTS:
+                    raise
+            await trio.sleep(min(0.005 * 2**attempt, 0.5))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def resync(self, reason: str) -> list[KernelEvent | Resynced]:
-        """Re-dump, emit the differences (removals first, then additions), then Resynced."""
+        """Empty the socket's queue, re-dump, emit the differences (removals first, then additions), then
+        Resynced.
+
+        The queue is emptied first: the dump supersedes what is in it, and the kernel reports a later loss
+        only once the queue has been empty (see MulticastSocket.drain)."""
         self.resyncs += 1
-        links, qdiscs, filters = await self._dump_state()
+        self.discarded += await self._runner.run(self._mc.drain)
+        links, qdiscs, filters = await self._dump_state_retrying()
         out: list[KernelEvent | Resynced] = []
         for fk in [k for k in self.filters if filters.get(k) != self.filters[k]]:
             out.append(self._filter_removed(fk))

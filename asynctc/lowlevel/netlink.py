@@ -626,6 +626,27 @@ class MulticastSocket:
             out.extend(codec.decode_messages(data))
         return out
 
+    def drain(self) -> int:
+        """Read and discard everything queued (blocking I/O-free; call it from a worker thread for a big
+        queue); returns how many datagrams were discarded.
+
+        Why: after an overflow the kernel marks the socket congested (NETLINK_S_CONGESTED) and reports
+        ENOBUFS again only once the receive queue has been emptied; a consumer that re-dumps after a loss
+        must empty the queue first (the dump supersedes what is in it), or later losses go unreported."""
+        count = 0
+        while not self._closed:
+            try:
+                self._sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != _errno.ENOBUFS:
+                    raise
+                continue
+            count += 1
+        self._lost = False
+        return count
+
     def close(self) -> None:
         """Close the socket (idempotent); a task blocked in receive() gets trio.ClosedResourceError."""
         if self._closed:
