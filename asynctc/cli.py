@@ -64,7 +64,7 @@ def _real_kernel_possible() -> str | None:
     return kernel_test_skip_reason()
 
 
-async def _demo_real(out: TextIO, backend: str) -> int:
+async def _demo_real(out: TextIO, backend: str, hold: bool = False) -> int:
     from asynctc import programs
     from asynctc.testing import create_netns, delete_netns, send_frames, unique_name, veth_pair
 
@@ -100,6 +100,10 @@ async def _demo_real(out: TextIO, backend: str) -> int:
                           f"revision {result.revision}")
                 await frames(5)
                 _say(out, f"sent 5 more frames: {counter.name} {counter.count()}, {v2.name} {v2.count()}")
+                if hold:
+                    _say(out, f"holding: {v2.name} stays attached in namespace {ns_a} until Ctrl-C "
+                              f"(try: nsenter --net=/run/netns/{ns_a} bpftool net)")
+                    await trio.sleep_forever()
             hook = await session.query("demo0", "ingress")
             _say(out, f"detached; hook demo0/ingress now holds {len(hook.entries)} program(s)")
         return 0
@@ -143,7 +147,7 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
         return await _demo_mock(out, None)
     why = _real_kernel_possible()
     if why is None:
-        return await _demo_real(out, args.backend)
+        return await _demo_real(out, args.backend, args.hold)
     if args.backend != "auto":
         _say(out, f"error: backend {args.backend!r} needs the real kernel, which is not usable here: {why}")
         return 2
@@ -240,6 +244,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="attach a counting program, send packets, update it, detach it")
     d.add_argument("--backend", default="auto",
                    help="auto (real kernel where possible, else mock), bpf_link, netlink or mock")
+    d.add_argument("--hold", action="store_true",
+                   help="on a real kernel, keep the updated program attached until Ctrl-C, then clean up")
     b = sub.add_parser("backends", help="installed backends and whether each works here")
     b.add_argument("--netns", default=None, help="probe inside this network namespace")
     b.add_argument("--json", action="store_true", help="one JSON object per backend")
