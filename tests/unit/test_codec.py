@@ -328,3 +328,16 @@ def test_uncapped_error_finds_extack_after_the_echoed_request() -> None:
     msg = struct.pack("=IHHII", 16 + len(body), c.NLMSG_ERROR, c.NLM_F_ACK_TLVS, 8, 0) + body
     assert decode_messages(msg) == [NlError(seq=8, errno=errno.EBUSY, extack_msg="nope",
                                             orig_type=c.RTM_NEWQDISC)]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in FIXTURES.glob("*.bin")))
+def test_fast_tc_decoding_equals_pyroute2(name: str) -> None:
+    """tc messages are decoded with struct on hot paths; pyroute2's TcMsg is the reference: they must agree
+    on every field of every recorded kernel message."""
+    data = (FIXTURES / f"{name}.bin").read_bytes()
+    for off, length, mtype, _flags, seq, pid in c.iter_headers(data):
+        if mtype not in (c.RTM_NEWQDISC, c.RTM_DELQDISC, c.RTM_NEWTFILTER, c.RTM_DELTFILTER,
+                         c.RTM_NEWCHAIN, c.RTM_DELCHAIN):
+            continue
+        (fast,) = decode_messages(data[off : off + length])
+        assert fast == c.decode_tc_with_pyroute2(data[off : off + length], mtype, seq, pid)
