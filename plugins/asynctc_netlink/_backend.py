@@ -424,7 +424,9 @@ class NetlinkBackend(Backend):
         priority, handle = _filter_options(request.options)
         prog_fd = request.program.fd  # ProgramError when closed or simulated
         name = format_tag(self.ctx.session_tag, request.program.name)
-        dup = await trio.to_thread.run_sync(os.dup, prog_fd, limiter=self.ctx.runner.limiter)
+        # dup/close of a *program* fd never block (only closing an attached tcx link fd waits for RCU):
+        # no worker-thread hop for them.
+        dup = os.dup(prog_fd)
         try:
             async with self._lock(request.ifindex):
                 await self._ensure_clsact(request.ifindex, request.dev)
@@ -499,7 +501,8 @@ class NetlinkBackend(Backend):
     async def _release_fd(self, att: FilterAttachment) -> None:
         fd = att.take_fd()
         if fd is not None:
-            await trio.to_thread.run_sync(os.close, fd, limiter=self.ctx.runner.limiter)
+            os.close(fd)  # a program fd: closing it never blocks (see attach)
+        await trio.lowlevel.checkpoint()
 
     async def release(self, att: BackendAttachment) -> None:
         """A pinned filter stays; only our duplicate of its program's fd is closed."""
@@ -551,7 +554,7 @@ class NetlinkBackend(Backend):
         tag = parse_tag(att.name)
         new_name = format_tag(tag.session_tag if tag else self.ctx.session_tag, program.name,
                               pinned=bool(tag and tag.pinned))
-        new_fd = await trio.to_thread.run_sync(os.dup, program.fd, limiter=self.ctx.runner.limiter)
+        new_fd = os.dup(program.fd)
         try:
             f = await self._replace(att, program.fd, new_name, program, cur.skip_sw)
         except BaseException:
@@ -559,7 +562,7 @@ class NetlinkBackend(Backend):
             raise
         old_fd, att.prog_fd = att.prog_fd, new_fd
         if old_fd is not None:
-            await trio.to_thread.run_sync(os.close, old_fd, limiter=self.ctx.runner.limiter)
+            os.close(old_fd)
         att.name = new_name
         att.info = dataclasses.replace(info, prog_id=f.bpf_id or program.id, offloaded=f.in_hw)
         if info.pinned is not None:
