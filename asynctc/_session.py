@@ -48,6 +48,7 @@ from .backend import AttachRequest, Backend, BackendAttachment, BackendContext, 
 from .events import AttachmentEvent, AttachmentSevered
 from .hookspecs import BackendRequest
 from .lowlevel.netns import NetnsRunner
+from .lowlevel.tcpolicy import process_start_time
 
 __all__ = ["Session", "open_session"]
 
@@ -62,17 +63,6 @@ _serials = itertools.count(1)
 _session_serials = itertools.count(1)
 _serial_lock = threading.Lock()
 _open_sessions: weakref.WeakSet[Session] = weakref.WeakSet()  # for NotOwned: pins held by live sessions
-
-
-def _process_start_time(pid: int) -> str:
-    """The start time of a process in clock ticks since boot (field 22 of /proc/PID/stat): with the pid, it
-    names a process uniquely, even after its pid is reused."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return "0"
-    return stat.rsplit(")", 1)[1].split()[19]
 
 
 class Session:
@@ -106,7 +96,7 @@ class Session:
             runner=runner,
             netns=netns,
             owner=owner,
-            session_tag=f"{owner}:{pid}.{_process_start_time(pid)}.{serial}",
+            session_tag=f"{owner}:{pid}.{process_start_time(pid) or 0}.{serial}",
             kernel=kernel,
             options=dict(backend_options),
         )

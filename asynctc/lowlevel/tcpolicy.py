@@ -50,8 +50,11 @@ __all__ = [
     "choose_priority",
     "filter_slot_options",
     "format_tag",
+    "parse_session_tag",
     "parse_tag",
     "place_filter",
+    "process_alive",
+    "process_start_time",
 ]
 
 PRIO_BASE: Final = 0x8000
@@ -191,13 +194,45 @@ def parse_tag(name: str | None) -> FilterTag | None:
     if not name:
         return None
     parts = name.split(":")
-    if len(parts) not in (4, 5) or parts[0] != TAG_PREFIX or not parts[1]:
+    if len(parts) not in (4, 5) or parts[0] != TAG_PREFIX:
         return None
     pinned = len(parts) == 5
     if pinned and parts[4] != PINNED_MARK:
         return None
-    ident = parts[2].split(".")
-    if len(ident) != 3 or not all(x.isdigit() for x in ident):
+    session = parse_session_tag(f"{parts[1]}:{parts[2]}")
+    if session is None:
         return None
-    return FilterTag(owner=parts[1], pid=int(ident[0]), start=ident[1], serial=int(ident[2]),
-                     prog_name=parts[3], pinned=pinned)
+    owner, pid, start, serial = session
+    return FilterTag(owner=owner, pid=pid, start=start, serial=serial, prog_name=parts[3], pinned=pinned)
+
+
+def parse_session_tag(tag: str) -> tuple[str, int, str, int] | None:
+    """Split a session tag "owner:pid.start.serial" (`BackendContext.session_tag`) into (owner, pid,
+    start, serial); None if `tag` is not one. Owners hold no ':', '/', white space or NUL."""
+    owner, sep, ident = tag.partition(":")
+    if not sep or not owner or any(c in owner for c in "/\0") or any(c.isspace() for c in owner):
+        return None
+    parts = ident.split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        return None
+    return owner, int(parts[0]), parts[1], int(parts[2])
+
+
+def process_start_time(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (field 22 of /proc/PID/stat): with the
+    pid it names a process uniquely, even after the pid is reused. None if there is no such process; ""
+    if its stat line cannot be read as expected."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def process_alive(pid: int, start: str) -> bool:
+    """Whether process `pid` exists and started at `start`: a reused pid of another process does not
+    count. A stat line that cannot be read counts as alive (when in doubt, nothing is an orphan)."""
+    now = process_start_time(pid)
+    return now is not None and now in (start, "")

@@ -64,11 +64,12 @@ from asynctc.lowlevel.tcpolicy import (
     AUTO_PRIORITY_ATTEMPTS,
     filter_slot_options,
     format_tag,
+    parse_session_tag,
     parse_tag,
     place_filter,
 )
 
-from ._kernel import FilterInfo, KernelError, KernelSnapshot, MockKernel, Subscription, parse_session_tag
+from ._kernel import FilterInfo, KernelError, KernelSnapshot, MockKernel, Subscription
 
 __all__ = ["MockAttachment", "MockBackend", "MockEventSource", "diff_snapshots"]
 
@@ -671,8 +672,7 @@ class MockBackend(Backend):
         parsed = parse_session_tag(session_tag)
         if parsed is None or parsed[0] != self.ctx.owner:
             return False
-        tag = session_tag.split("/", 1)[0]
-        return tag != self.tag and not self.kernel.tag_alive(tag)
+        return session_tag != self.tag and not self.kernel.tag_alive(session_tag)
 
     def _is_orphan_filter(self, name: str) -> bool:
         """Whether a filter's name is the owner tag of a dead session of this owner, and not pinned."""

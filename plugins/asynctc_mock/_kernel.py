@@ -28,7 +28,6 @@ import errno as _errno
 import hashlib
 import itertools
 import os
-import re
 import threading
 import time
 from collections import Counter, deque
@@ -48,7 +47,7 @@ from asynctc.events import (
     QdiscRemoved,
 )
 from asynctc.lowlevel import bpf
-from asynctc.lowlevel.tcpolicy import parse_tag
+from asynctc.lowlevel.tcpolicy import parse_session_tag, parse_tag, process_alive
 
 __all__ = [
     "MAX_TCX_PROGS",
@@ -62,7 +61,6 @@ __all__ = [
     "Subscription",
     "TcxEntryInfo",
     "TcxQuery",
-    "parse_session_tag",
 ]
 
 MAX_TCX_PROGS = 63
@@ -79,18 +77,8 @@ SIM_PROG_ID_BASE = 1 << 30
 
 Verdict: TypeAlias = Literal["pass", "drop", "next"]
 _VERDICT_CODES: dict[int, Verdict] = {0: "pass", 2: "drop", -1: "next"}
-_TAG_RE = re.compile(r"^(?P<owner>[^:/\s]+):(?P<pid>\d+)\.(?P<start>\d+)\.(?P<serial>\d+)(?:/.*)?$")
 
 DevRef: TypeAlias = "str | int"
-
-
-def parse_session_tag(name: str) -> tuple[str, int, str, int] | None:
-    """Split "owner:pid.start.serial" (optionally followed by "/anything") into its parts; None if `name`
-    is not a session tag."""
-    m = _TAG_RE.match(name)
-    if m is None:
-        return None
-    return m["owner"], int(m["pid"]), m["start"], int(m["serial"])
 
 
 class KernelError(OSError):
@@ -1198,12 +1186,7 @@ class MockKernel:
             if tag in self._dead_tags:
                 return False
         _owner, pid, start, _serial = parsed
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            return False
-        return stat.rsplit(")", 1)[1].split()[19] == start
+        return process_alive(pid, start)
 
     # ====================================================================================================
     # packets

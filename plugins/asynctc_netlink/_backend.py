@@ -90,6 +90,7 @@ from asynctc.lowlevel.tcpolicy import (
     format_tag,
     parse_tag,
     place_filter,
+    process_alive,
 )
 
 from ._policy import RECORD_SIZE, PinRecord
@@ -134,20 +135,6 @@ def _cls_bpf_present() -> bool | None:
         except OSError:
             continue
     return False
-
-
-def _process_alive(pid: int, start: str) -> bool:
-    """Whether process `pid` exists and started at `start` (clock ticks since boot, /proc/PID/stat
-    field 22): a reused pid of another process does not count."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    try:
-        return stat.rsplit(")", 1)[1].split()[19] == start
-    except IndexError:  # pragma: no cover - a malformed stat line
-        return True  # when in doubt, it is not an orphan
 
 
 def _tcx_revision(ifindex: int, direction: Direction) -> int | None:
@@ -769,7 +756,7 @@ class NetlinkBackend(Backend):
                     candidates.append((direction, f, link.name or str(link.ifindex), tag.pid, tag.start))
         if not candidates:
             return ()
-        alive = await self.ctx.runner.run(lambda: [_process_alive(c[3], c[4]) for c in candidates])
+        alive = await self.ctx.runner.run(lambda: [process_alive(c[3], c[4]) for c in candidates])
         dead = [c for c, live in zip(candidates, alive, strict=True) if not live]
         # Names before the deletes: a deleted filter's program may be freed with it.
         names = await self.ctx.runner.run(lambda: [self._names.get(c[1].bpf_id or 0) for c in dead])

@@ -130,3 +130,23 @@ def test_place_filter_anchors_to_cls_bpf_filters_only() -> None:
     with pytest.raises(asynctc.HookFull, match="priority=") as f:
         _place(Placement("first"), [(1, 1, "bpf", 1)])
     assert f.value.errno == errno.ERANGE
+
+
+def test_session_tags_parse_and_reject() -> None:
+    from asynctc.lowlevel.tcpolicy import parse_session_tag
+
+    assert parse_session_tag("app:123.456.7") == ("app", 123, "456", 7)
+    for bad in ("app", "app:1.2", "app:1.2.x", ":1.2.3", "a b:1.2.3", "a/b:1.2.3", "app:1.2.3:x"):
+        assert parse_session_tag(bad) is None, bad
+
+
+def test_process_identity_survives_pid_reuse() -> None:
+    import os
+
+    from asynctc.lowlevel.tcpolicy import process_alive, process_start_time
+
+    start = process_start_time(os.getpid())
+    assert start and start.isdigit()
+    assert process_alive(os.getpid(), start)
+    assert not process_alive(os.getpid(), str(int(start) + 1))  # same pid, another process
+    assert process_start_time(2**22 + 1) is None and not process_alive(2**22 + 1, start)
