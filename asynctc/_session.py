@@ -414,8 +414,8 @@ class Session:
         assert self._primary is not None
         ifindex, _ = await self._primary.resolve_device(dev)
         hook = await self._primary.query(ifindex, direction)
-        return Hook(revision=hook.revision, entries=tuple(self._mark_owned(e, ifindex, direction)
-                                                          for e in hook.entries))
+        keys = self._owned_keys(ifindex, direction)
+        return Hook(revision=hook.revision, entries=tuple(self._mark_owned(e, keys) for e in hook.entries))
 
     def _owned_keys(self, ifindex: int, direction: Direction) -> set[tuple[object, ...]]:
         keys: set[tuple[object, ...]] = set()
@@ -429,8 +429,8 @@ class Session:
                 keys.add(("cls_bpf", i.priority, i.handle))
         return keys
 
-    def _mark_owned(self, e: HookEntry, ifindex: int, direction: Direction) -> HookEntry:
-        keys = self._owned_keys(ifindex, direction)
+    @staticmethod
+    def _mark_owned(e: HookEntry, keys: set[tuple[object, ...]]) -> HookEntry:
         key: tuple[object, ...] = ("tcx", e.link_id) if e.kind == "tcx" else ("cls_bpf", e.priority, e.handle)
         owned = key in keys
         if owned == e.owned:

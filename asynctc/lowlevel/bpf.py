@@ -15,7 +15,6 @@ import ctypes.util
 import errno as _errno
 import os
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -482,6 +481,3 @@ def probe_tcx() -> tuple[bool, str]:
     finally:
         os.close(fd)
 
-
-def ids_to_fds(ids: Sequence[int]) -> list[int]:  # pragma: no cover - convenience for tools
-    return [prog_get_fd_by_id(i) for i in ids]

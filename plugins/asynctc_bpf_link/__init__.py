@@ -45,7 +45,7 @@ from asynctc.lowlevel.netdev import resolve_device
 
 __all__ = ["BpfLinkBackend", "LinkAttachment", "asynctc_register_backends"]
 
-ATTACH_TYPES = {Direction.INGRESS: bpf.BPF_TCX_INGRESS, Direction.EGRESS: bpf.BPF_TCX_EGRESS}
+ATTACH_TYPES = hooklib.ATTACH_TYPES
 DIRECTIONS = {v: k for k, v in ATTACH_TYPES.items()}
 
 # errnos with which the kernel refuses an in-place link update that a make-before-break can still do
