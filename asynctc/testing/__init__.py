@@ -13,6 +13,7 @@ from ._netenv import delete_netns as delete_netns
 from ._netenv import ip as ip
 from ._netenv import kernel_test_skip_reason as kernel_test_skip_reason
 from ._netenv import send_frames as send_frames
+from ._netenv import tc as tc
 from ._netenv import temp_netns as temp_netns
 from ._netenv import unique_name as unique_name
 from ._netenv import veth_pair as veth_pair

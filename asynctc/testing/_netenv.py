@@ -5,8 +5,6 @@ Everything here is created under a unique name and removed by that name; nothing
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import shutil
 import socket
@@ -19,7 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ..lowlevel.netns import CLONE_NEWNET, netns_path, setns
+import trio
+
+from ..lowlevel.netns import NetnsRunner
 
 __all__ = [
     "VethPair",
@@ -30,13 +30,13 @@ __all__ = [
     "ip",
     "kernel_test_skip_reason",
     "send_frames",
+    "tc",
     "temp_netns",
     "unique_name",
     "veth_pair",
 ]
 
 T = TypeVar("T")
-BPF_FS_MAGIC = 0xCAFE4A11
 ETH_P_TEST = 0x88B5  # IEEE local experimental ethertype
 
 
@@ -45,13 +45,22 @@ def unique_name(prefix: str = "atc") -> str:
     return f"{prefix}{uuid.uuid4().hex[:8]}"
 
 
-def ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run `ip [-n NETNS] ARGS...`; raise with ip's own message on failure."""
-    cmd = ["ip", *(["-n", netns] if netns else []), *args]
+def _iproute2(tool: str, args: tuple[str, ...], netns: str | None, check: bool) -> subprocess.CompletedProcess[str]:
+    cmd = [tool, *(["-n", netns] if netns else []), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
     return proc
+
+
+def ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run `ip [-n NETNS] ARGS...`; raise with ip's own message on failure."""
+    return _iproute2("ip", args, netns, check)
+
+
+def tc(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run `tc [-n NETNS] ARGS...` (foreign qdiscs and filters for tests); raise with tc's message on failure."""
+    return _iproute2("tc", args, netns, check)
 
 
 def _quiet(name: str) -> None:
@@ -116,22 +125,13 @@ def veth_pair(netns_a: str, a: str, netns_b: str | None = None, b: str | None = 
     return VethPair(netns_a, a, netns_b, b)
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
 def _in_netns(netns: str, fn: Callable[..., T], *args: object) -> T:
-    """Run fn(*args) on this thread inside `netns`, then come back (for helpers only)."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    target = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
+    """Run fn(*args) on this thread inside `netns`, then come back (NetnsRunner.call_in_netns)."""
+    runner = NetnsRunner(netns, trio.CapacityLimiter(1))
     try:
-        setns(target, CLONE_NEWNET)
-        try:
-            return fn(*args)
-        finally:
-            setns(home, CLONE_NEWNET)
+        return runner.call_in_netns(fn, *args)
     finally:
-        os.close(target)
-        os.close(home)
+        runner.close()
 
 
 def _send(dev: str, count: int) -> int:

@@ -14,10 +14,8 @@ import pytest
 from ._netenv import (
     VethPair,
     bpffs_mount,
-    create_netns,
-    delete_netns,
     kernel_test_skip_reason,
-    unique_name,
+    temp_netns,
     veth_pair,
 )
 
@@ -39,30 +37,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason=f"real-kernel test: {reason}"))
 
 
-@pytest.fixture
-def netns() -> Iterator[str]:
-    """A fresh, uniquely named network namespace (lo up), deleted after the test."""
+def _require_kernel() -> None:
     reason = _skip_reason()
     if reason:
         pytest.skip(f"real-kernel test: {reason}")
-    name = create_netns(unique_name("atct"))
-    try:
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A fresh, uniquely named network namespace (lo up), deleted after the test."""
+    _require_kernel()
+    with temp_netns("atct") as name:
         yield name
-    finally:
-        delete_netns(name)
 
 
 @pytest.fixture
 def peer_netns() -> Iterator[str]:
     """A second fresh namespace, for the far end of a veth pair."""
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(f"real-kernel test: {reason}")
-    name = create_netns(unique_name("atcp"))
-    try:
+    _require_kernel()
+    with temp_netns("atcp") as name:
         yield name
-    finally:
-        delete_netns(name)
 
 
 @pytest.fixture
@@ -75,8 +69,6 @@ def veth(netns: str, peer_netns: str) -> VethPair:
 @pytest.fixture
 def bpffs() -> Iterator[str]:
     """A private bpffs mount (a temporary directory), unmounted after the test."""
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(f"real-kernel test: {reason}")
+    _require_kernel()
     with bpffs_mount() as path:
         yield path

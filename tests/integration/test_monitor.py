@@ -17,15 +17,9 @@ import trio
 
 import asynctc
 from asynctc import events as ev
-from asynctc.testing import create_netns, delete_netns, ip, unique_name
+from asynctc.testing import create_netns, delete_netns, ip, tc, unique_name
 
 pytestmark = pytest.mark.kernel
-
-
-def tc(*args: str, netns: str) -> None:
-    proc = subprocess.run(["tc", "-n", netns, *args], capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"tc {' '.join(args)}: {proc.stderr.strip()}")
 
 
 async def next_matching(mon: asynctc.Monitor, pred: Callable[[ev.Event], bool], timeout: float = 10) -> ev.Event:

@@ -25,23 +25,16 @@ from asynctc import After, Before, Direction, First, Last, programs
 from asynctc.lowlevel import bpf, codec
 from asynctc.lowlevel.netlink import NetlinkTransport, open_transport
 from asynctc.lowlevel.netns import NetnsRunner
-from asynctc.testing import VethPair, ip, send_frames
+from asynctc.testing import VethPair, ip, send_frames, tc
 
 pytestmark = pytest.mark.kernel
 
 PARENTS = {"ingress": codec.INGRESS_PARENT, "egress": codec.EGRESS_PARENT}
 
 
-def tc(*args: str, netns: str) -> str:
-    proc = subprocess.run(["tc", "-n", netns, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"tc {' '.join(args)} failed: {proc.stderr.strip()}")
-    return proc.stdout
-
-
 def qdisc_kinds(netns: str, dev: str = "veth0") -> list[str]:
     """Kinds of the qdiscs in the device's ingress slot (clsact or ingress)."""
-    out = json.loads(tc("-j", "qdisc", "show", "dev", dev, netns=netns) or "[]")
+    out = json.loads(tc("-j", "qdisc", "show", "dev", dev, netns=netns).stdout or "[]")
     return [q["kind"] for q in out if q["kind"] in ("clsact", "ingress")]
 
 

@@ -16,15 +16,9 @@ import trio
 import asynctc
 from asynctc import events as ev
 from asynctc import programs
-from asynctc.testing import VethPair, create_netns, delete_netns, ip, unique_name, veth_pair
+from asynctc.testing import VethPair, create_netns, delete_netns, ip, tc, unique_name, veth_pair
 
 pytestmark = pytest.mark.kernel
-
-
-def tc(netns: str, *args: str) -> None:
-    proc = subprocess.run(["tc", "-n", netns, *args], capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"tc {' '.join(args)}: {proc.stderr.strip()}")
 
 
 async def severed_event(mon: asynctc.Monitor, att: asynctc.Attachment) -> ev.AttachmentSevered:
@@ -37,9 +31,9 @@ async def severed_event(mon: asynctc.Monitor, att: asynctc.Attachment) -> ev.Att
 
 CAUSES = {
     "device deleted": lambda v: ip("link", "del", v.a, netns=v.netns_a),
-    "clsact deleted": lambda v: tc(v.netns_a, "qdisc", "del", "dev", v.a, "clsact"),
-    "filter deleted": lambda v: tc(v.netns_a, "filter", "del", "dev", v.a, "ingress", "prio", "100"),
-    "chain flushed": lambda v: tc(v.netns_a, "filter", "del", "dev", v.a, "ingress"),
+    "clsact deleted": lambda v: tc("qdisc", "del", "dev", v.a, "clsact", netns=v.netns_a),
+    "filter deleted": lambda v: tc("filter", "del", "dev", v.a, "ingress", "prio", "100", netns=v.netns_a),
+    "chain flushed": lambda v: tc("filter", "del", "dev", v.a, "ingress", netns=v.netns_a),
 }
 
 
@@ -116,8 +110,7 @@ def test_ctrl_c_leaves_no_legacy_filter_and_no_qdisc(veth: VethPair) -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "attached"
-        qdiscs = json.loads(subprocess.run(["tc", "-n", veth.netns_a, "-j", "qdisc", "show", "dev", veth.a],
-                                           capture_output=True, text=True, check=True).stdout)
+        qdiscs = json.loads(tc("-j", "qdisc", "show", "dev", veth.a, netns=veth.netns_a).stdout)
         assert "clsact" in [q["kind"] for q in qdiscs]
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
@@ -127,9 +120,7 @@ def test_ctrl_c_leaves_no_legacy_filter_and_no_qdisc(veth: VethPair) -> None:
             proc.kill()
             proc.communicate()
     for direction in ("ingress", "egress"):
-        out = subprocess.run(["tc", "-n", veth.netns_a, "filter", "show", "dev", veth.a, direction],
-                             capture_output=True, text=True).stdout
+        out = tc("filter", "show", "dev", veth.a, direction, netns=veth.netns_a).stdout
         assert out.strip() == "", out
-    qdiscs = json.loads(subprocess.run(["tc", "-n", veth.netns_a, "-j", "qdisc", "show", "dev", veth.a],
-                                       capture_output=True, text=True, check=True).stdout)
+    qdiscs = json.loads(tc("-j", "qdisc", "show", "dev", veth.a, netns=veth.netns_a).stdout)
     assert "clsact" not in [q["kind"] for q in qdiscs]
