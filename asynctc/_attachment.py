@@ -67,8 +67,12 @@ class Attachment:
     def __repr__(self) -> str:
         i = self.info
         where = f"{i.dev}/{i.direction.value}"
-        ident = f"link {i.link_id}" if i.link_id is not None else f"prio {i.priority} handle {i.handle:#x}" \
-            if i.priority is not None and i.handle is not None else ""
+        if i.link_id is not None:
+            ident = f"link {i.link_id}"
+        elif i.priority is not None and i.handle is not None:
+            ident = f"prio {i.priority} handle {i.handle:#x}"
+        else:
+            ident = ""
         return f"<Attachment {i.backend} {where} prog {i.prog_id} {ident} {self._state.value}>"
 
     # -- helpers -------------------------------------------------------------------------------------

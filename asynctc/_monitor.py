@@ -106,20 +106,22 @@ class _Hub:
         self.polling = False
 
     # -- lifecycle -----------------------------------------------------------------------------------
-    def attachment_added(self) -> None:
-        """Start watching (in the background) once the session has something to lose."""
+    def _start(self) -> trio.Event | None:
+        """Start the watcher in the session's nursery unless it runs already; its readiness event."""
         if self._ready is None and self._session._nursery is not None and not self._closed:
             self._ready = trio.Event()
             self._session._nursery.start_soon(self._run, self._ready)
+        return self._ready
+
+    def attachment_added(self) -> None:
+        """Start watching (in the background) once the session has something to lose."""
+        self._start()
 
     async def ensure_started(self) -> None:
         """Start watching if not yet, and wait until the event source is subscribed."""
-        if self._ready is None:
-            if self._session._nursery is None or self._closed:
-                return
-            self._ready = trio.Event()
-            self._session._nursery.start_soon(self._run, self._ready)
-        await self._ready.wait()
+        ready = self._start()
+        if ready is not None:
+            await ready.wait()
 
     async def aclose(self) -> None:
         self._closed = True
