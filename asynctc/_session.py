@@ -103,6 +103,7 @@ class Session:
         self._backends: dict[str, Backend] = {}
         self._backend_locks: dict[str, trio.Lock] = {}
         self._primary: Backend | None = None
+        self._attach_choices: dict[str, str] = {}  # offload mode -> backend chosen for "auto" attaches
         self._attachments: dict[int, Attachment] = {}
         self._nursery: trio.Nursery | None = None
         self._closed = False
@@ -223,19 +224,18 @@ class Session:
 
     async def _backend_for(self, name: str | None, offload: Offload) -> Backend:
         assert self._primary is not None
-        if name is None:
-            if offload != "never" and self._requested == "auto" and not self._primary.can_offload:
-                chosen = await self._select(
-                    BackendRequest(requested="auto", purpose="attach", offload=offload, netns=self._netns)
-                )
-                return await self._open_backend(chosen)
+        if name is None and not (offload != "never" and self._requested == "auto" and not self._primary.can_offload):
             return self._primary
-        if name == "auto":
+        if name is not None and name != "auto":
+            return await self._open_backend(name)
+        # Selection probes every backend; its answer for an offload mode holds for the session's life.
+        chosen = self._attach_choices.get(offload)
+        if chosen is None:
             chosen = await self._select(
                 BackendRequest(requested="auto", purpose="attach", offload=offload, netns=self._netns)
             )
-            return await self._open_backend(chosen)
-        return await self._open_backend(name)
+            self._attach_choices[offload] = chosen
+        return await self._open_backend(chosen)
 
     # -- attach --------------------------------------------------------------------------------------
     def _check_open(self) -> None:
