@@ -144,7 +144,11 @@ class _Hub:
             m._offer(ev)
 
     # -- the watcher ---------------------------------------------------------------------------------
+    @trio.lowlevel.enable_ki_protection
     async def _run(self, ready: trio.Event) -> None:
+        # KI-protected, as every background task of the session: trio then delivers a Ctrl-C to the main
+        # task at its next checkpoint instead of raising it inside the watcher, whose death would take the
+        # session's nursery (and the cleanup under way in it) down with it.
         session = self._session
         try:
             async with trio.open_nursery() as nursery:

@@ -319,8 +319,12 @@ class NetlinkTransport:
 
     # -- the reader -----------------------------------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection
     async def _read_loop(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The one reader: waits for readability, reads what is there, dispatches answers by sequence."""
+        """The one reader: waits for readability, reads what is there, dispatches answers by sequence.
+
+        KI-protected: a Ctrl-C must reach the main task (whose cleanup sends requests), never kill the
+        reader those requests' answers depend on."""
         with trio.CancelScope() as scope:
             self._reader_scope = scope
             task_status.started()

@@ -461,3 +461,18 @@ async def test_a_second_overflow_is_reported_only_after_draining(
         await nl.request(del_filter(ifx, 200, 1), op="filter_delete")
         seen = await _collect(events, lambda s: any(isinstance(m, c.FilterMsg) for m in s))
         assert [(m.type, m.priority) for m in seen if isinstance(m, c.FilterMsg)] == [(c.RTM_DELTFILTER, 200)]
+
+
+async def test_the_reader_is_ki_protected(nl: NetlinkTransport, nl_netns: NlNetns,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C must reach the main task, not kill the reader that cleanup requests wait on."""
+    protected: list[bool] = []
+    real = nl._dispatch
+
+    def spy(data: bytes) -> None:
+        protected.append(trio.lowlevel.currently_ki_protected())
+        real(data)
+
+    monkeypatch.setattr(nl, "_dispatch", spy)
+    await nl.request(lambda seq: c.encode_qdisc_add_clsact(seq, nl_netns.veth0), op="qdisc_add")
+    assert protected and all(protected)

@@ -49,3 +49,24 @@ async def test_a_slow_monitor_learns_of_dropped_events_when_it_drains() -> None:
 def test_backends_are_registered_once_per_plugin_manager() -> None:
     pm = get_plugin_manager()
     assert collect_backends(pm) is collect_backends(pm)
+
+
+async def test_the_session_watcher_is_ki_protected(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C must be delivered to the main task, never raised inside the session's background watcher
+    (its death would fail the nursery that the main task's cleanup runs in)."""
+    from asynctc._monitor import _Hub
+
+    protected: list[bool] = []
+    real = _Hub._dispatch
+
+    async def spy(self: _Hub, event: object) -> None:
+        protected.append(trio.lowlevel.currently_ki_protected())
+        await real(self, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_Hub, "_dispatch", spy)
+    kernel = MockKernel()
+    async with asynctc.open_session("mock", kernel=kernel) as s, s.open_monitor() as mon:
+        await trio.to_thread.run_sync(kernel.add_device, "kp0")
+        with trio.fail_after(10):
+            await mon.receive()
+    assert protected and all(protected)
