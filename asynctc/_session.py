@@ -153,7 +153,7 @@ class Session:
             return
         cls = self._registry.get(name)
         new_kernel = getattr(cls, "new_kernel", None)
-        if getattr(cls, "kernel_kind", "linux") == "mock" and callable(new_kernel):
+        if cls.kernel_kind == "mock" and callable(new_kernel):
             self._kernel = new_kernel()
             self._ctx = dataclasses.replace(self._ctx, kernel=self._kernel)
 
@@ -181,11 +181,11 @@ class Session:
             # One session, one kernel: only backends of the session's kind (real or in-memory) qualify.
             kind = self._primary.kernel_kind
             available = {k: v for k, v in available.items()
-                         if getattr(self._registry.get(k), "kernel_kind", "linux") == kind}
+                         if self._registry.get(k).kernel_kind == kind}
         else:
             # "auto" never picks an in-memory kernel for a session: those are chosen by name.
             available = {k: v for k, v in available.items()
-                         if getattr(self._registry.get(k), "kernel_kind", "linux") != "mock"}
+                         if self._registry.get(k).kernel_kind != "mock"}
         choice: str | None = self._pm.hook.asynctc_select_backend(request=request, available=available)
         if choice is None:
             reasons = "; ".join(f"{k}: {v.reason}" for k, v in available.items()) or "none installed"
@@ -205,7 +205,7 @@ class Session:
             if be is not None:
                 return be
             cls = self._registry.get(name)
-            kind = getattr(cls, "kernel_kind", "linux")
+            kind = cls.kernel_kind
             if self._kernel is not None and kind != "mock":
                 raise TCError(f"this session runs on a MockKernel; backend {name!r} needs the real kernel")
             if self._primary is not None and kind != self._primary.kernel_kind:
@@ -443,6 +443,23 @@ class Session:
             return False
         return ("cls_bpf", priority, handle) in self._owned_keys(ifindex, direction)
 
+    def _kin_names(self) -> list[str]:
+        """The session's backend first, then every other installed backend of its kind (real kernel or
+        in-memory): those that may hold what the session asks about."""
+        assert self._primary is not None
+        kind = self._primary.kernel_kind
+        others = [n for n in self._registry.names()
+                  if n != self._primary.name and self._registry.get(n).kernel_kind == kind]
+        return [self._primary.name, *others]
+
+    async def _open_kin(self, name: str, unavailable: list[str]) -> Backend | None:
+        """The backend `name`, opened; None (its reason appended to `unavailable`) if it cannot work here."""
+        try:
+            return await self._open_backend(name)
+        except BackendUnavailable as exc:
+            unavailable.append(str(exc))
+            return None
+
     async def adopt_pinned(self, path: str | os.PathLike[str]) -> Attachment:
         """Take ownership of the attachment pinned at `path` again (after a restart, or from another
         session). The attachment stays pinned; `unpin()` it to have it detached when the session closes."""
@@ -459,17 +476,10 @@ class Session:
                     f"the attachment pinned at {spath!r} is held by another open session ({other!r}); it can be "
                     "adopted once that session closes (pinned attachments outlive it) or unpins it"
                 )
-        assert self._primary is not None
-        candidates = [self._primary.name] + [n for n in self._registry.names() if n != self._primary.name]
         errors: list[str] = []
-        for name in candidates:
-            cls = self._registry.get(name)
-            if getattr(cls, "kernel_kind", "linux") != getattr(self._primary, "kernel_kind", "linux"):
-                continue
-            try:
-                be = await self._open_backend(name)
-            except BackendUnavailable as exc:
-                errors.append(str(exc))
+        for name in self._kin_names():
+            be = await self._open_kin(name, errors)
+            if be is None:
                 continue
             with self._shield("adopt", None, dev=spath):
                 batt = await be.adopt_pinned(spath)
@@ -484,15 +494,11 @@ class Session:
         """Remove what a dead process with this session's owner tag left behind (legacy filters outlive
         their process) and return what was removed. Never touches a live owner's or a foreign object."""
         self._check_open()
-        assert self._primary is not None
-        kind = getattr(self._primary, "kernel_kind", "linux")
         removed: list[HookEntry] = []
-        probes = await self.probe()
-        for name in self._registry.names():
-            cls = self._registry.get(name)
-            if getattr(cls, "kernel_kind", "linux") != kind or not probes[name].available:
+        for name in self._kin_names():
+            be = await self._open_kin(name, [])
+            if be is None:
                 continue
-            be = await self._open_backend(name)
             with self._shield("reap_orphans", None):
                 removed.extend(await be.reap_orphans())
         return tuple(removed)
@@ -676,7 +682,7 @@ async def open_session(
     if kernel is not None:
         if backend == "auto":
             backend = "mock"
-        if getattr(registry.get(backend), "kernel_kind", "linux") != "mock":
+        if registry.get(backend).kernel_kind != "mock":
             raise ValueError(
                 f"kernel= is for in-memory kernel backends such as 'mock'; backend {backend!r} drives the real "
                 "kernel: leave kernel= out"
