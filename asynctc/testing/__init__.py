@@ -12,6 +12,7 @@ from ._netenv import create_netns as create_netns
 from ._netenv import delete_netns as delete_netns
 from ._netenv import ip as ip
 from ._netenv import kernel_test_skip_reason as kernel_test_skip_reason
+from ._netenv import run_without_capabilities as run_without_capabilities
 from ._netenv import send_frames as send_frames
 from ._netenv import tc as tc
 from ._netenv import temp_netns as temp_netns

@@ -10,6 +10,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from typing import TypeVar
 
 import trio
 
-from ..lowlevel.netns import NetnsRunner
+from ..lowlevel.netns import NetnsRunner, netns_path
 
 __all__ = [
     "VethPair",
@@ -29,6 +30,7 @@ __all__ = [
     "delete_netns",
     "ip",
     "kernel_test_skip_reason",
+    "run_without_capabilities",
     "send_frames",
     "tc",
     "temp_netns",
@@ -123,6 +125,16 @@ def veth_pair(netns_a: str, a: str, netns_b: str | None = None, b: str | None = 
     ip("link", "set", a, "up", netns=netns_a)
     ip("link", "set", b, "up", netns=netns_b)
     return VethPair(netns_a, a, netns_b, b)
+
+
+def run_without_capabilities(
+    code: str, *, netns: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -c CODE` as a process with no capabilities at all (root with an empty bounding set,
+    `setpriv`), inside `netns` if given: how asynctc answers an unprivileged caller. Needs root to start."""
+    enter = ["nsenter", f"--net={netns_path(netns)}"] if netns else []
+    cmd = [*enter, "setpriv", "--bounding-set=-all", "--inh-caps=-all", "--", sys.executable, "-c", code]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
 def _in_netns(netns: str, fn: Callable[..., T], *args: object) -> T:

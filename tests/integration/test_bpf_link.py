@@ -15,7 +15,7 @@ import trio
 import asynctc
 from asynctc import After, Before, Direction, First, Last, programs
 from asynctc.lowlevel import bpf
-from asynctc.testing import VethPair, ip, send_frames
+from asynctc.testing import VethPair, ip, run_without_capabilities, send_frames
 
 pytestmark = pytest.mark.kernel
 
@@ -373,11 +373,7 @@ def test_without_capabilities_errors_name_the_capability(veth: VethPair) -> None
                 print("query:", type(err).__name__, err, flush=True)
         trio.run(main)
     """)
-    proc = subprocess.run(
-        ["nsenter", f"--net=/run/netns/{veth.netns_a}", "setpriv", "--bounding-set=-all", "--inh-caps=-all",
-         "--", sys.executable, "-c", code],
-        capture_output=True, text=True, timeout=60,
-    )
+    proc = run_without_capabilities(code, netns=veth.netns_a)
     lines = proc.stdout.splitlines()
     assert len(lines) == 3, (proc.stdout, proc.stderr)
     assert lines[0].startswith("load:") and "CAP_BPF" in lines[0]

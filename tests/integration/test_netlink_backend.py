@@ -25,7 +25,7 @@ from asynctc import After, Before, Direction, First, Last, programs
 from asynctc.lowlevel import bpf, codec
 from asynctc.lowlevel.netlink import NetlinkTransport, open_transport
 from asynctc.lowlevel.netns import NetnsRunner
-from asynctc.testing import VethPair, ip, send_frames, tc
+from asynctc.testing import VethPair, ip, run_without_capabilities, send_frames, tc
 
 pytestmark = pytest.mark.kernel
 
@@ -545,11 +545,7 @@ def test_without_capabilities_the_backend_says_cap_net_admin(veth: VethPair) -> 
                 print("session:", exc, flush=True)
         trio.run(main)
     """)
-    proc = subprocess.run(
-        ["nsenter", f"--net=/run/netns/{veth.netns_a}", "setpriv", "--bounding-set=-all", "--inh-caps=-all",
-         "--", sys.executable, "-c", code],
-        capture_output=True, text=True, timeout=60,
-    )
+    proc = run_without_capabilities(code, netns=veth.netns_a)
     lines = proc.stdout.splitlines()
     assert len(lines) == 1, (proc.stdout, proc.stderr)
     assert lines[0].startswith("session:") and "CAP_NET_ADMIN" in lines[0]
