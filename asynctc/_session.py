@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno as _errno
 import itertools
 import logging
 import math
@@ -107,6 +108,7 @@ class Session:
         self._attachments: dict[int, Attachment] = {}
         self._nursery: trio.Nursery | None = None
         self._closed = False
+        self._netns_gone: str | None = None  # why, once the session's namespace was deleted
         self._hub = _Hub(self)
         _open_sessions.add(self)
 
@@ -241,6 +243,9 @@ class Session:
     def _check_open(self) -> None:
         if self._closed:
             raise TCError("this session is closed; open a new one with asynctc.open_session()")
+        if self._netns_gone is not None:
+            raise TCError(f"network namespace {self.netns!r} is gone ({self._netns_gone}); open a new session "
+                          "in an existing namespace", errno=_errno.ENOENT)
 
     def _placement(self, position: Position, ifindex: int, direction: Direction) -> Placement:
         if isinstance(position, First):
@@ -589,7 +594,9 @@ class Session:
 
     async def _on_netns_gone(self, reason: str) -> None:
         """The session's namespace was deleted: sever and release everything held in it, close the
-        backends' sockets and the namespace fd so the kernel can destroy it."""
+        backends' sockets and the namespace fd so the kernel can destroy it. From now on every call
+        says that the namespace is gone."""
+        self._netns_gone = reason
         for att in list(self._attachments.values()):
             await self._on_severed(att, reason)
         for be in list(self._backends.values()):

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import errno as _errno
 import itertools
+import queue
 import random
 import socket
 import struct
@@ -164,48 +165,83 @@ def _build(msg: bytes | RequestBuilder, seq: int) -> bytes:
 # ---------------------------------------------------------------------------------------------------------
 # Requests with ACK, and dumps
 
+MAX_BATCH_JOBS: Final = 256
+MAX_SEND_BYTES: Final = 64 * 1024  # one sendmsg; the kernel refuses more than the socket's sndbuf (~208 KiB)
+CLOSE_WAIT: Final = DUMP_TIMEOUT + 5.0
+
 
 class _Slot:
-    """Where the reader puts the answer to one request."""
+    """Where the answer to one request or dump is put (by the reader, or by the kernel thread)."""
 
-    __slots__ = ("answer", "event", "failure", "messages")
+    __slots__ = ("answer", "event", "failure", "messages", "send_error", "withdrawn")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.messages: list[Message] = []
         self.answer: NlError | NlDone | None = None
-        self.failure: BaseException | None = None
+        self.failure: BaseException | None = None  # raised as is (closed, broken, a dump's error)
+        self.send_error: OSError | None = None  # the request's sendmsg failed: mapped by request()
+        # Set by the waiter when it stops waiting (answered, cancelled, timed out): the kernel thread skips
+        # a withdrawn job that it has not started yet.
+        self.withdrawn = False
+
+
+class _Send:
+    __slots__ = ("data", "slot")
+
+    def __init__(self, data: bytes, slot: _Slot) -> None:
+        self.data = data
+        self.slot = slot
+
+
+class _Dump:
+    __slots__ = ("backend", "dev", "direction", "op", "request", "retries", "slot")
+
+    def __init__(self, request: bytes | RequestBuilder, op: str, backend: str | None, dev: str | int | None,
+                 direction: object | None, retries: int, slot: _Slot) -> None:
+        self.request = request
+        self.op = op
+        self.backend = backend
+        self.dev = dev
+        self.direction = direction
+        self.retries = retries
+        self.slot = slot
+
+
+_STOP: Final = object()
+_Job = _Send | _Dump | object
+_Done = tuple[_Slot, "list[Message] | None", "BaseException | None"]
 
 
 class NetlinkTransport:
-    """rtnetlink for one network namespace: `request()` (with ACK) and `dump()`. Open with `open_transport()`.
+    """rtnetlink for one network namespace: `request()` (with ACK) and `dump()`. Open with `open_transport()`
+    or `start_transport()`.
 
     All methods are called from trio tasks on the transport's trio thread; any number of tasks may use one
-    transport concurrently.
+    transport concurrently. Requests and dumps reach the kernel in the order they were made.
     """
 
-    def __init__(
-        self,
-        runner: NetnsRunner,
-        sock: socket.socket,
-        *,
-        max_in_flight: int = 128,
-        max_senders: int = 4,
-    ) -> None:
+    def __init__(self, runner: NetnsRunner, sock: socket.socket, *, max_in_flight: int = 128) -> None:
         self.runner = runner
         self._sock = sock
         self._portid: int = sock.getsockname()[0]
         self._slots: dict[int, _Slot] = {}
+        self._dumps: set[_Slot] = set()
         self._seq = random.randrange(1, 1 << 31)
         self._dump_seq = itertools.count(random.randrange(1, 1 << 31))
         self._in_flight = trio.Semaphore(max_in_flight)
-        self._senders = trio.CapacityLimiter(max_senders)
         self._closed = False
         self._broken: BaseException | None = None
         self._reader_scope: trio.CancelScope | None = None
-        self._pool: list[socket.socket] = []
-        self._pool_lock = threading.Lock()
         self.answer_timeout = ANSWER_TIMEOUT
+        # The kernel thread: started on first use, ended by close. It alone uses the dump socket.
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._thread_exited = False
+        self._thread_done: trio.Event | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._state_lock = threading.Lock()  # thread start/exit vs close: who closes the sockets
+        self._dump_sock: socket.socket | None = None
 
     # -- state ----------------------------------------------------------------------------------------
 
@@ -257,35 +293,25 @@ class NetlinkTransport:
         """Send one request and wait for the kernel's ACK.
 
         `msg` is an encoded message (its sequence number is overwritten) or a builder called with the
-        sequence number; the builder runs in the worker thread (pyroute2 encoding costs 0.1-0.2 ms that
-        should not run on the trio thread), so it must be a pure function of its arguments.
-        NLM_F_REQUEST|NLM_F_ACK are always set. The send runs in a worker thread (the socket is bound to
-        the namespace already); the wait is on the trio thread.
+        sequence number, on the calling task (the `codec` encoders are memoized: ~2 us). NLM_F_REQUEST|
+        NLM_F_ACK are always set. The kernel thread sends it; the wait is on the trio thread.
 
         Returns the messages the kernel sent for this request before the ACK: empty for most requests; the
         object for RTM_GET* without NLM_F_DUMP (e.g. `codec.encode_filter_get`), or the created object when
         NLM_F_ECHO is set. An error ACK raises `from_errno(errno, op=op, ..., detail=<extended ACK text>)`
         (so `.errno` is the kernel's errno). If the task is cancelled while waiting, the request may or may
-        not have taken effect in the kernel (it was sent); the transport stays consistent and drops the late
-        ACK. Cancellation while the send is in its worker thread waits for the send to finish.
+        not have taken effect in the kernel (one the kernel thread had not sent yet never is); the transport
+        stays consistent and drops a late ACK.
         """
         self._check_usable()
         async with self._in_flight:
             self._check_usable()
             seq = self._next_seq()
+            data = _force_ack(_build(msg, seq))
             slot = _Slot()
             self._slots[seq] = slot
             try:
-                try:
-                    async with self._senders:
-                        await self._in_worker(self._build_and_send, msg, seq)
-                except OSError as exc:
-                    if self._closed:
-                        raise trio.ClosedResourceError("the netlink transport was closed") from exc
-                    raise from_errno(
-                        exc.errno or _errno.EIO, op=op, backend=backend, dev=dev, direction=direction,
-                        program=program, detail="netlink send failed",
-                    ) from exc
+                self._submit(_Send(data, slot))
                 with trio.move_on_after(self.answer_timeout):
                     await slot.event.wait()
                 if not slot.event.is_set():
@@ -298,24 +324,20 @@ class NetlinkTransport:
             finally:
                 # Whatever happened (answer, cancellation, close), this seq is no longer awaited: a late
                 # answer for it is dropped by the reader.
+                slot.withdrawn = True
                 self._slots.pop(seq, None)
         if slot.failure is not None:
             raise slot.failure
+        if slot.send_error is not None:
+            exc = slot.send_error
+            raise from_errno(exc.errno or _errno.EIO, op=op, backend=backend, dev=dev, direction=direction,
+                             program=program, detail="netlink send failed") from exc
         answer = slot.answer
         assert answer is not None
         if answer.errno:
             raise from_errno(answer.errno, op=op, backend=backend, dev=dev, direction=direction,
                              program=program, detail=answer.extack_msg)
         return slot.messages
-
-    def _build_and_send(self, msg: bytes | RequestBuilder, seq: int) -> None:
-        """In the worker thread: encoding with pyroute2 costs 0.1-0.2 ms, which stays off the trio thread."""
-        self._send(_force_ack(_build(msg, seq)))
-
-    def _send(self, data: bytes) -> None:
-        sent = self._sock.send(data)
-        if sent != len(data):  # pragma: no cover - netlink sends whole datagrams or fails
-            raise OSError(_errno.EMSGSIZE, "short netlink send")
 
     # -- the reader -----------------------------------------------------------------------------------
 
@@ -355,7 +377,7 @@ class NetlinkTransport:
                 # known, so every request waiting now is told so (its effect in the kernel is unknown).
                 self._fail_all(TCError(
                     "a netlink answer was lost (ENOBUFS: receive buffer overflow); the request may or may "
-                    "not have taken effect: query the kernel", errno=_errno.ENOBUFS))
+                    "not have taken effect: query the kernel", errno=_errno.ENOBUFS), dumps=False)
                 continue
             self._dispatch(data)
 
@@ -373,8 +395,11 @@ class NetlinkTransport:
             else:
                 slot.messages.append(msg)
 
-    def _fail_all(self, exc: BaseException) -> None:
-        for slot in self._slots.values():
+    def _fail_all(self, exc: BaseException, *, dumps: bool = True) -> None:
+        waiting = list(self._slots.values())
+        if dumps:
+            waiting.extend(self._dumps)
+        for slot in waiting:
             if not slot.event.is_set():
                 slot.failure = exc
                 slot.event.set()
@@ -393,40 +418,157 @@ class NetlinkTransport:
     ) -> list[Message]:
         """Run a dump and return its decoded messages (without the final NlDone), e.g.
         `await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETTFILTER, ifindex, parent))`
-        (the builder runs in the worker thread).
+        (the builder runs in the kernel thread).
 
-        The whole dump runs in one worker thread inside the namespace, on a dump socket (a small pool of
-        them is kept per transport): the kernel builds each continuation inside recvmsg, so reading a dump
-        on the trio thread would stall it. Decoding runs in the worker as well. A dump interrupted by a
-        concurrent change (NLM_F_DUMP_INTR: the result may be inconsistent) is redone, up to `retries`
-        times; after that TCError(errno=EINTR). A kernel error raises `from_errno(errno, op=op, ...)`.
+        The whole dump runs in the kernel thread, on a dump socket of its own: the kernel builds each
+        continuation inside recvmsg, so reading a dump on the trio thread would stall it. Decoding runs
+        there as well. A dump interrupted by a concurrent change (NLM_F_DUMP_INTR: the result may be
+        inconsistent) is redone, up to `retries` times; after that TCError(errno=EINTR). A kernel error
+        raises `from_errno(errno, op=op, ...)`. A cancelled caller stops waiting at once (a dump changes
+        nothing; its result is dropped).
         """
         self._check_usable()
-        return await self._in_worker(self._dump_sync, request, op, backend, dev, direction, retries)
+        slot = _Slot()
+        self._dumps.add(slot)
+        try:
+            self._submit(_Dump(request, op, backend, dev, direction, retries, slot))
+            await slot.event.wait()
+        finally:
+            slot.withdrawn = True
+            self._dumps.discard(slot)
+        if slot.failure is not None:
+            raise slot.failure
+        return slot.messages
 
-    async def _in_worker(self, fn: Callable[..., T], *args: object) -> T:
-        """Run `fn` in a worker thread bounded by the runner's limiter, WITHOUT entering the namespace:
-        the sockets are bound to it already (a netlink socket keeps the namespace it was created in), so
-        the two setns() calls, and their share of the GIL, are saved on every request."""
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.runner.limiter)
+    # -- the kernel thread ----------------------------------------------------------------------------
+
+    def _submit(self, job: _Send | _Dump) -> None:
+        """Queue a job for the kernel thread (started here on first use, on the trio thread)."""
+        if self._thread is None:
+            self._token = trio.lowlevel.current_trio_token()
+            self._thread_done = trio.Event()
+            name = f"asynctc-netlink[{self.runner.netns or 'own netns'}]"
+            thread = threading.Thread(target=self._kernel_loop, name=name, daemon=True)
+            with self._state_lock:
+                self._thread = thread
+            thread.start()
+        self._jobs.put(job)
+
+    def _kernel_loop(self) -> None:
+        """The kernel thread: takes every job queued now (up to MAX_BATCH_JOBS), sends consecutive requests
+        in one sendmsg (the kernel handles each message of it in turn, and ACKs each), runs dumps, and
+        reports what it has for the trio thread in one call. Ends at _STOP, closing the sockets."""
+        jobs = self._jobs
+        failure: BaseException | None = None
+        try:
+            while True:
+                batch = [jobs.get()]
+                while len(batch) < MAX_BATCH_JOBS:
+                    try:
+                        batch.append(jobs.get_nowait())
+                    except queue.Empty:
+                        break
+                if not self._run_batch(batch):
+                    return
+        except BaseException as exc:  # pragma: no cover - a bug; waiters must hear of it, not hang
+            failure = exc
+        finally:
+            with self._state_lock:
+                self._thread_exited = True
+                if self._closed:
+                    self._close_sockets()
+            self._report(self._thread_ended, failure)
+
+    def _run_batch(self, batch: list[_Job]) -> bool:
+        done: list[_Done] = []
+        sends: list[_Send] = []
+        size = 0
+        go_on = True
+        for job in batch:
+            if job is _STOP:
+                go_on = False
+                break
+            if self._closed:
+                break  # close() failed every waiter already
+            if isinstance(job, _Send):
+                if job.slot.withdrawn:
+                    continue
+                if sends and size + len(job.data) > MAX_SEND_BYTES:
+                    self._flush(sends, done)
+                    sends, size = [], 0
+                sends.append(job)
+                size += len(job.data)
+            elif isinstance(job, _Dump):
+                if sends:
+                    self._flush(sends, done)
+                    sends, size = [], 0
+                if not job.slot.withdrawn:
+                    done.append(self._run_dump(job))
+        if sends:
+            self._flush(sends, done)
+        if done:
+            self._report(self._deliver, done)
+        return go_on
+
+    def _flush(self, sends: list[_Send], done: list[_Done]) -> None:
+        data = sends[0].data if len(sends) == 1 else b"".join(s.data for s in sends)
+        try:
+            self._send(data)
+        except OSError as exc:
+            for s in sends:  # no ACK will come: request() maps the error with its own operation's words
+                s.slot.send_error = exc
+                done.append((s.slot, None, None))
+
+    def _send(self, data: bytes) -> None:
+        sent = self._sock.send(data)
+        if sent != len(data):  # pragma: no cover - netlink sends whole datagrams or fails
+            raise OSError(_errno.EMSGSIZE, "short netlink send")
+
+    def _run_dump(self, job: _Dump) -> _Done:
+        try:
+            msgs = self._dump_sync(job.request, job.op, job.backend, job.dev, job.direction, job.retries)
+        except BaseException as exc:
+            return job.slot, None, exc
+        return job.slot, msgs, None
+
+    def _report(self, fn: Callable[[T], None], arg: T) -> None:
+        token = self._token
+        assert token is not None
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(fn, arg)
+
+    def _deliver(self, done: list[_Done]) -> None:
+        """On the trio thread: hand the kernel thread's results to their waiters."""
+        for slot, msgs, exc in done:
+            if slot.event.is_set():
+                continue  # failed meanwhile (closed)
+            slot.failure = exc
+            if msgs is not None:
+                slot.messages = msgs
+            slot.event.set()
+
+    def _thread_ended(self, failure: BaseException | None) -> None:
+        if failure is not None and not self._closed:  # pragma: no cover - see _kernel_loop
+            self._broken = failure
+            self._fail_all(trio.BrokenResourceError(f"the netlink kernel thread failed: {failure!r}"))
+        assert self._thread_done is not None
+        self._thread_done.set()
+
+    # -- dumps, in the kernel thread ------------------------------------------------------------------
 
     def _take_dump_socket(self) -> socket.socket:
-        with self._pool_lock:
-            if self._closed:
-                raise trio.ClosedResourceError("the netlink transport is closed")
-            if self._pool:
-                return self._pool.pop()
-        # A new dump socket must be created inside the namespace: enter it on this worker thread.
-        sock = self.runner.call_in_netns(open_netlink_socket, (), None, True)
-        sock.settimeout(DUMP_TIMEOUT)
+        sock = self._dump_sock
+        if sock is None:
+            # A new dump socket must be created inside the namespace: enter it on this thread, and back.
+            sock = self.runner.call_in_netns(open_netlink_socket, (), None, True)
+            sock.settimeout(DUMP_TIMEOUT)
+            self._dump_sock = sock
         return sock
 
     def _give_back_dump_socket(self, sock: socket.socket, clean: bool) -> None:
-        with self._pool_lock:
-            if clean and not self._closed and len(self._pool) < DUMP_POOL_SIZE:
-                self._pool.append(sock)
-                return
-        sock.close()
+        if not clean:  # a dump left half read: its socket cannot be reused
+            self._dump_sock = None
+            sock.close()
 
     def _dump_sync(
         self,
@@ -465,7 +607,7 @@ class NetlinkTransport:
 
     @staticmethod
     def _dump_once(sock: socket.socket, data: bytes, seq: int) -> tuple[list[bytes], NlError | NlDone, bool]:
-        """Send a dump request and read until its NLMSG_DONE (or error). Runs in a worker thread."""
+        """Send a dump request and read until its NLMSG_DONE (or error). Runs in the kernel thread."""
         sock.send(data)
         chunks: list[bytes] = []
         interrupted = False
@@ -485,8 +627,14 @@ class NetlinkTransport:
     # -- closing --------------------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close the transport (idempotent): waiting requests raise ClosedResourceError, sockets close."""
+        """Close the transport (idempotent): waiting requests and dumps raise ClosedResourceError; returns
+        once the kernel thread has ended and the sockets are closed (a send the kernel holds up on rtnl is
+        waited for, up to CLOSE_WAIT seconds; the thread closes the sockets itself if it ends later)."""
         self._close()
+        done = self._thread_done
+        if done is not None:
+            with trio.move_on_after(CLOSE_WAIT, shield=True):
+                await done.wait()
         await trio.lowlevel.checkpoint()
 
     def _close(self) -> None:
@@ -496,12 +644,19 @@ class NetlinkTransport:
         self._fail_all(trio.ClosedResourceError("the netlink transport was closed"))
         if self._reader_scope is not None:
             self._reader_scope.cancel()
-        trio.lowlevel.notify_closing(self._sock)
+        with contextlib.suppress(RuntimeError):  # outside trio.run nobody can be waiting on it
+            trio.lowlevel.notify_closing(self._sock)
+        with self._state_lock:
+            if self._thread is None or self._thread_exited:
+                self._close_sockets()
+            else:
+                self._jobs.put(_STOP)  # the thread closes the sockets: it may be using them right now
+
+    def _close_sockets(self) -> None:
         self._sock.close()
-        with self._pool_lock:
-            pool, self._pool = self._pool, []
-        for sock in pool:
-            sock.close()
+        if self._dump_sock is not None:
+            self._dump_sock.close()
+            self._dump_sock = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._slots)} in flight"
@@ -510,9 +665,10 @@ class NetlinkTransport:
 
 @asynccontextmanager
 async def open_transport(
-    runner: NetnsRunner, *, rcvbuf: int = DEFAULT_RCVBUF, max_in_flight: int = 128, max_senders: int = 4
+    runner: NetnsRunner, *, rcvbuf: int = DEFAULT_RCVBUF, max_in_flight: int = 128
 ) -> AsyncIterator[NetlinkTransport]:
-    """Open the rtnetlink transport of `runner`'s namespace; closed (and its reader stopped) on exit.
+    """Open the rtnetlink transport of `runner`'s namespace; closed (its reader and kernel thread ended, its
+    sockets closed) on exit.
 
         async with open_transport(runner) as nl:
             await nl.request(lambda seq: codec.encode_qdisc_add_clsact(seq, ifindex), op="qdisc_add")
@@ -520,14 +676,11 @@ async def open_transport(
                                                                           ifindex, codec.INGRESS_PARENT))
 
     The request socket is created in a worker thread inside the namespace. Its receive buffer is raised to
-    `rcvbuf` so that `max_in_flight` answers always fit. At most `max_senders` worker threads send at once
-    (besides the runner's own limiter): the kernel serialises these handlers under rtnl anyway, and fewer
-    threads competing for the GIL keep the trio thread's latency low (measured: p99 loop lag 1.5 ms with 4
-    senders, 3-4.5 ms with 16, for 32 tasks churning filters). The reader task lives in a nursery owned by
-    this context manager: nothing outlives the block.
+    `rcvbuf` so that `max_in_flight` answers always fit. The reader task lives in a nursery owned by this
+    context manager: nothing outlives the block.
     """
     sock = await runner.run(open_netlink_socket, (), rcvbuf)
-    transport = NetlinkTransport(runner, sock, max_in_flight=max_in_flight, max_senders=max_senders)
+    transport = NetlinkTransport(runner, sock, max_in_flight=max_in_flight)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(transport._read_loop)
@@ -536,7 +689,7 @@ async def open_transport(
             finally:
                 transport._close()
     finally:
-        transport._close()
+        await transport.aclose()
 
 
 async def start_transport(
@@ -545,17 +698,16 @@ async def start_transport(
     *,
     rcvbuf: int = DEFAULT_RCVBUF,
     max_in_flight: int = 128,
-    max_senders: int = 4,
 ) -> NetlinkTransport:
     """Open a transport whose reader task runs in `nursery` (e.g. a session's), for owners that cannot
     hold a context manager open across calls; `await transport.aclose()` stops the reader and closes it.
     Same behaviour as `open_transport` otherwise."""
     sock = await runner.run(open_netlink_socket, (), rcvbuf)
-    transport = NetlinkTransport(runner, sock, max_in_flight=max_in_flight, max_senders=max_senders)
+    transport = NetlinkTransport(runner, sock, max_in_flight=max_in_flight)
     try:
         await nursery.start(transport._read_loop)
     except BaseException:
-        transport._close()
+        await transport.aclose()
         raise
     return transport
 

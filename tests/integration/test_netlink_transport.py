@@ -11,12 +11,15 @@ import os
 import random
 import socket
 import subprocess
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import pytest
 import trio
+import trio.testing
 
 from asynctc._errors import AlreadyAttached, DeviceNotFound, OffloadError, Severed, TCError
 from asynctc.lowlevel import bpf
@@ -236,16 +239,17 @@ async def test_cancelled_requests_leave_the_transport_consistent(nl: NetlinkTran
     ifx = nl_netns.veth0
     await nl.request(lambda seq: c.encode_qdisc_add_clsact(seq, ifx), op="qdisc_add")
 
-    # Cancel deterministically after the send, before the ACK is read: the request took effect in the
-    # kernel, the caller sees Cancelled, and the ACK that arrives for the abandoned seq is dropped.
+    # Cancel deterministically while the kernel thread is sending: the caller sees Cancelled, the request
+    # still takes effect in the kernel, and the ACK that arrives for the abandoned seq is dropped.
     real_send = nl._send
     scope = trio.CancelScope()
+    token = trio.lowlevel.current_trio_token()
 
-    def send_then_cancel(data: bytes) -> None:
+    def cancel_then_send(data: bytes) -> None:
+        trio.from_thread.run_sync(scope.cancel, trio_token=token)  # returns once the waiter is cancelled
         real_send(data)
-        trio.from_thread.run_sync(scope.cancel)
 
-    nl._send = send_then_cancel  # type: ignore[method-assign]
+    nl._send = cancel_then_send  # type: ignore[method-assign]
     with scope:
         await nl.request(add_filter(ifx, 1, 1, prog), op="filter_add")
     nl._send = real_send  # type: ignore[method-assign]
@@ -272,6 +276,42 @@ async def test_cancelled_requests_leave_the_transport_consistent(nl: NetlinkTran
     assert present <= attempted | {1}
     await nl.request(add_filter(ifx, 100, 1, prog), op="filter_add")
     await nl.request(del_filter(ifx, 100, 1), op="filter_delete")
+    assert nl.in_flight == 0
+
+
+async def test_a_request_cancelled_before_it_was_sent_is_never_sent(nl: NetlinkTransport, nl_netns: NlNetns,
+                                                                     prog: int) -> None:
+    """Requests wait in the kernel thread's queue while it is busy; one whose caller gave up before the
+    thread took it is withdrawn: the kernel never sees it. The requests queued around it are sent in
+    their order."""
+    ifx = nl_netns.veth0
+    await nl.request(lambda seq: c.encode_qdisc_add_clsact(seq, ifx), op="qdisc_add")
+    real_send = nl._send
+    entered, release = threading.Event(), threading.Event()
+    sent: list[bytes] = []
+
+    def held_send(data: bytes) -> None:
+        sent.append(data)
+        if len(sent) == 1:
+            entered.set()
+            release.wait(10)  # the kernel thread is busy with the first request
+        real_send(data)
+
+    nl._send = held_send  # type: ignore[method-assign]
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(nl.request, add_filter(ifx, 1, 1, prog), op="filter_add"))
+            await trio.to_thread.run_sync(entered.wait, 10)
+            with trio.move_on_after(0.05) as withdrawn:
+                await nl.request(add_filter(ifx, 2, 1, prog), op="filter_add")
+            assert withdrawn.cancelled_caught
+            nursery.start_soon(partial(nl.request, add_filter(ifx, 3, 1, prog), op="filter_add"))
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+    finally:
+        nl._send = real_send  # type: ignore[method-assign]
+    assert [(f.priority, f.handle) for f in await dump_filters(nl, ifx)] == [(1, 1), (3, 1)]
+    assert len(sent) == 2
     assert nl.in_flight == 0
 
 
