@@ -3,31 +3,34 @@
 Why it is built this way (KERNEL.md has the measurements):
 
 - A netlink `send()` runs the whole kernel handler inside sendmsg, including the wait for rtnl; sent from
-  the trio thread it stalls the event loop for tens of milliseconds. So every send runs in a worker thread
-  bounded by the `NetnsRunner`'s limiter, and the trio thread only waits for readiness and parses. (The
-  send does not enter the namespace: the socket is bound to it already; only creating a socket does.)
-- Dump continuations run inside recvmsg, so a whole dump (send, then recv until NLMSG_DONE) runs in one
-  worker thread, on a dump socket of its own, and is decoded there too (a big dump is milliseconds of
-  decoding that must not run on the trio thread).
+  the trio thread it stalls the event loop for tens of milliseconds. So sends leave the trio thread, and
+  the trio thread only waits for readiness and parses.
+- Dump continuations run inside recvmsg, so a whole dump (send, then recv until NLMSG_DONE) runs off the
+  trio thread too, on a dump socket of its own, and is decoded there.
 - A netlink socket belongs to the namespace of the thread that created it: every socket here is created
-  through the runner, inside the namespace.
+  inside the namespace (through the runner); using it later needs no namespace switch.
 
-Design of `NetlinkTransport` (requests with ACK): one request socket per transport. A request gets a fresh
-sequence number and a waiting slot in a dict *before* it is sent (so an ACK can never arrive "too early"),
-is sent from a worker thread, then waits on a trio.Event. A single reader task, living in the nursery that
-`open_transport()` owns, waits for the socket to become readable on the trio thread, reads everything
-available without blocking, decodes it (ACKs and errors are decoded with `struct`, microseconds) and hands
-each message to the slot of its sequence number. Sequence numbers are matched here, never by pyroute2.
-A background reader was chosen over "whoever waits reads" because it needs no hand-over between waiters
-when the reading one is cancelled: a cancelled waiter only removes its slot, and an ACK that arrives later
-for an unknown sequence number is dropped. Many tasks can have requests in flight on one transport at once;
-`max_in_flight` bounds them so that ACKs can never overflow the socket's receive buffer (an overflow would
-drop ACKs: the kernel does not block for a full unicast receiver; should it happen anyway, every waiting
-request fails with TCError(errno=ENOBUFS) rather than hang).
+Design of `NetlinkTransport`: one request socket, and one *kernel thread* per transport that does all the
+blocking work. A request gets a fresh sequence number and a waiting slot in a dict *before* it is queued
+(so an ACK can never arrive "too early"); the kernel thread takes every job queued at that moment, sends
+consecutive requests in ONE sendmsg (the kernel handles the messages of a datagram in turn and ACKs each),
+and runs dumps in between, in the order they were queued. A single reader task on the trio thread waits for
+the request socket to become readable, reads everything available without blocking, decodes it (ACKs and
+errors with `struct`, microseconds) and hands each message to the slot of its sequence number; dump results
+come back from the kernel thread through the trio token, one call per batch. Sequence numbers are matched
+here, never by pyroute2.
 
-Loop latency: the Python work per request (pyroute2 encoding ~0.15 ms, thread hand-off) competes for the
-GIL with the trio thread, so at most `max_senders` threads send at once, and the codec breaks pyroute2's
-reference cycles so that its garbage does not trigger full GC pauses (20-30 ms measured).
+Why a thread of its own rather than a `trio.to_thread` hop per request: the hop (limiter, thread hand-off,
+report back) cost more CPU than the kernel's own work (0.66 ms against 0.06 ms per request measured with 16
+tasks; benchmarks/bench_netlink.py), and under load one thread sending batches does what many hops did.
+The kernel serialises these handlers under rtnl anyway, so one thread loses no kernel parallelism.
+
+Cancellation: a cancelled waiter withdraws its slot; a request the kernel thread has not sent yet is then
+never sent, one already sent may have taken effect, and its late ACK is dropped. Many tasks can have
+requests in flight on one transport at once; `max_in_flight` bounds them so that ACKs can never overflow
+the socket's receive buffer (an overflow would drop ACKs: the kernel does not block for a full unicast
+receiver; should it happen anyway, every waiting request fails with TCError(errno=ENOBUFS) rather than
+hang). A request whose answer never comes fails after `answer_timeout` (30 s), even inside a shield.
 
 Errors: a kernel errno becomes asynctc's exception through `asynctc._errors.from_errno` with the operation
 and the kernel's extended-ACK text (NETLINK_EXT_ACK is requested on every socket); `.errno` keeps the raw
@@ -87,7 +90,7 @@ T = TypeVar("T")
 RECV_SIZE: Final = 64 * 1024  # the kernel builds dump skbs of at most 32 KiB; events and ACKs are smaller
 DEFAULT_RCVBUF: Final = 1 << 20
 DUMP_TIMEOUT: Final = 10.0
-ANSWER_TIMEOUT: Final = 30.0  # a safety net: the ACK is queued before the worker's send() returns
+ANSWER_TIMEOUT: Final = 30.0  # a safety net: the ACK is queued before the kernel thread's send() returns
 DUMP_POOL_SIZE: Final = 2
 
 RequestBuilder = Callable[[int], bytes]
