@@ -1,17 +1,52 @@
-"""Network devices by name or ifindex, resolved in the calling thread's namespace (run it through a runner).
+"""Network devices by name or ifindex: (ifindex, name) in a namespace, or a clear DeviceNotFound.
 
 Shared by the real backends (bpf_link, netlink): both accept a device name or an ifindex and must say
-clearly when the device is not in the session's namespace.
+clearly when the device is not in the session's namespace. Two ways in, one set of rules and messages:
+- `resolve_device_nl` asks the kernel over the namespace's rtnetlink transport (RTM_GETLINK by name or by
+  index): what the backends use on their hot paths (no worker thread, no namespace switch);
+- `resolve_device` asks in the calling thread's namespace (if_nametoindex): for code that already runs in
+  a worker thread inside the namespace.
 """
 
 from __future__ import annotations
 
 import errno as _errno
 import socket
+from typing import TYPE_CHECKING
 
-from .._errors import DeviceNotFound
+from .._errors import DeviceNotFound, TCError
 
-__all__ = ["resolve_device"]
+if TYPE_CHECKING:
+    from .netlink import NetlinkTransport
+
+__all__ = ["resolve_device", "resolve_device_nl"]
+
+
+def _where(netns: str | None) -> str:
+    return f"network namespace {netns!r}" if netns else "the caller's network namespace"
+
+
+def _check(dev: object) -> str | int:
+    """`dev` if it is a plausible device name or ifindex; TypeError / DeviceNotFound otherwise."""
+    if isinstance(dev, bool) or not isinstance(dev, str | int):
+        raise TypeError(f"dev must be a device name or an ifindex, got {dev!r}")
+    if isinstance(dev, int):
+        if dev <= 0:
+            raise DeviceNotFound(f"ifindex must be positive, got {dev}", errno=_errno.ENODEV)
+    elif not dev or len(dev) >= 16 or "/" in dev or "\0" in dev:
+        raise DeviceNotFound(f"{dev!r} is not a valid device name (1-15 characters)", errno=_errno.ENODEV)
+    return dev
+
+
+def _not_found(dev: str | int, netns: str | None) -> DeviceNotFound:
+    if isinstance(dev, int):
+        return DeviceNotFound(
+            f"no device with ifindex {dev} in {_where(netns)}; an ifindex is only valid in its own namespace: "
+            "use the device's name or open the session in the device's namespace",
+            errno=_errno.ENODEV,
+        )
+    return DeviceNotFound(f"no device named {dev!r} in {_where(netns)}; check `ip link` there",
+                          errno=_errno.ENODEV)
 
 
 def resolve_device(dev: str | int, netns: str | None) -> tuple[int, str]:
@@ -19,25 +54,35 @@ def resolve_device(dev: str | int, netns: str | None) -> tuple[int, str]:
 
     `netns` only names the namespace in error messages.
     """
-    where = f"network namespace {netns!r}" if netns else "the caller's network namespace"
-    if isinstance(dev, bool) or not isinstance(dev, str | int):
-        raise TypeError(f"dev must be a device name or an ifindex, got {dev!r}")
-    if isinstance(dev, int):
-        if dev <= 0:
-            raise DeviceNotFound(f"ifindex must be positive, got {dev}", errno=_errno.ENODEV)
-        try:
-            return dev, socket.if_indextoname(dev)
-        except OSError:
-            raise DeviceNotFound(
-                f"no device with ifindex {dev} in {where}; an ifindex is only valid in its own namespace: "
-                "use the device's name or open the session in the device's namespace",
-                errno=_errno.ENODEV,
-            ) from None
-    if not dev or len(dev) >= 16 or "/" in dev or "\0" in dev:
-        raise DeviceNotFound(f"{dev!r} is not a valid device name (1-15 characters)", errno=_errno.ENODEV)
+    dev = _check(dev)
     try:
+        if isinstance(dev, int):
+            return dev, socket.if_indextoname(dev)
         return socket.if_nametoindex(dev), dev
     except OSError:
-        raise DeviceNotFound(
-            f"no device named {dev!r} in {where}; check `ip link` there", errno=_errno.ENODEV
-        ) from None
+        raise _not_found(dev, netns) from None
+
+
+async def resolve_device_nl(nl: NetlinkTransport, dev: str | int, netns: str | None) -> tuple[int, str]:
+    """(ifindex, name) of a device in the transport's namespace, asked over rtnetlink (one RTM_GETLINK);
+    DeviceNotFound otherwise. A name may be an alternative name: the device's own name is returned.
+    `netns` only names the namespace in error messages."""
+    from . import codec
+
+    dev = _check(dev)
+    if isinstance(dev, int):
+        def build(seq: int) -> bytes:
+            return codec.encode_link_get(seq, ifindex=dev)
+    else:
+        def build(seq: int) -> bytes:
+            return codec.encode_link_get(seq, name=dev)
+    try:
+        msgs = await nl.request(build, op="link_get", dev=dev)
+    except TCError as exc:
+        if exc.errno in (_errno.ENODEV, _errno.ENOENT):
+            raise _not_found(dev, netns) from None
+        raise
+    for m in msgs:
+        if isinstance(m, codec.LinkMsg) and m.name:
+            return m.ifindex, m.name
+    raise _not_found(dev, netns)  # pragma: no cover - the kernel answers a found device with RTM_NEWLINK

@@ -41,7 +41,7 @@ from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendCo
 from asynctc.lowlevel import bpf
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel import netlink as nllib
-from asynctc.lowlevel.netdev import resolve_device
+from asynctc.lowlevel.netdev import resolve_device, resolve_device_nl
 
 __all__ = ["BpfLinkBackend", "LinkAttachment", "asynctc_register_backends"]
 
@@ -110,6 +110,8 @@ class BpfLinkBackend(Backend):
         return Probe(ok, reason)
 
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
+        if self._nl is not None:
+            return await resolve_device_nl(self._nl, dev, self.ctx.netns)
         return await self.ctx.runner.run(resolve_device, dev, self.ctx.netns)
 
     def _err(self, exc: bpf.BpfError, req_dev: str | int | None = None, direction: Direction | None = None,

@@ -80,7 +80,7 @@ from asynctc import (
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource
 from asynctc.lowlevel import bpf, codec
 from asynctc.lowlevel import hook as hooklib
-from asynctc.lowlevel.netdev import resolve_device
+from asynctc.lowlevel.netdev import resolve_device, resolve_device_nl
 from asynctc.lowlevel.netlink import NetlinkTransport, open_transport, start_transport
 from asynctc.lowlevel.netns import current_netns_inode
 from asynctc.lowlevel.tcpolicy import (
@@ -172,6 +172,7 @@ class FilterAttachment(BackendAttachment):
         # Replaces in flight (update, pin, unpin rename the filter): while one runs, the name in the kernel
         # may already be the new one, so a concurrent liveness check must not call the filter foreign.
         self.busy = 0
+        self.held = False  # counted in its backend's filters per device (NetlinkBackend._hold)
 
     @property
     def parent(self) -> int:
@@ -207,6 +208,7 @@ class NetlinkBackend(Backend):
         self._names = hooklib.ProgNameCache()
         self._locks: dict[int, trio.Lock] = {}
         self._created: set[int] = set()  # ifindexes whose clsact qdisc this instance created
+        self._held: dict[int, int] = {}  # ifindex -> how many filters this instance holds there
 
     # -- availability and lifecycle ------------------------------------------------------------------
     @classmethod
@@ -274,7 +276,7 @@ class NetlinkBackend(Backend):
         return lock
 
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
-        return await self.ctx.runner.run(resolve_device, dev, self.ctx.netns)
+        return await resolve_device_nl(self._transport(), dev, self.ctx.netns)
 
     # -- clsact --------------------------------------------------------------------------------------
     async def _ingress_slot_kind(self, ifindex: int, dev: str | int) -> str | None:
@@ -286,9 +288,10 @@ class NetlinkBackend(Backend):
                 return m.kind
         return None
 
-    async def _ensure_clsact(self, ifindex: int, dev: str) -> None:
+    async def _ensure_clsact(self, ifindex: int, dev: str) -> bool:
         """Make sure the device has a clsact qdisc, creating it (EXCL) only when absent and recording then
-        that this instance created it. An ingress qdisc in the way raises AlreadyAttached."""
+        that this instance created it; True when it did (both hooks were empty then). An ingress qdisc in
+        the way raises AlreadyAttached."""
         nl = self._transport()
         for _ in range(3):
             try:
@@ -297,7 +300,7 @@ class NetlinkBackend(Backend):
             except AlreadyAttached:
                 kind = await self._ingress_slot_kind(ifindex, dev)
                 if kind == "clsact":
-                    return  # someone's (or ours from before): used, never deleted unless ours
+                    return False  # someone's (or ours from before): used, never deleted unless ours
                 if kind is None:
                     continue  # it went away meanwhile: try again
                 raise from_errno(_errno.EEXIST, op="clsact_add", backend=self.name, dev=dev,
@@ -305,7 +308,7 @@ class NetlinkBackend(Backend):
                                  ) from None
             else:
                 self._created.add(ifindex)
-                return
+                return True
         raise TCError(f"the clsact qdisc of {dev} kept appearing and disappearing; another program is "
                       "changing it: try again", errno=_errno.EAGAIN)
 
@@ -325,8 +328,8 @@ class NetlinkBackend(Backend):
         """Delete the clsact qdisc if this instance created it and no filter is left on it. Call with the
         device's lock held. A device or qdisc already gone is fine; other failures are logged (quiet) or
         raised, and the qdisc stays remembered so that `aclose` tries again."""
-        if ifindex not in self._created:
-            return
+        if ifindex not in self._created or self._held.get(ifindex, 0) > 0:
+            return  # not ours, or ours with our own filters still on it: nothing to check
         try:
             if await self._any_filter(ifindex):
                 return
@@ -352,15 +355,16 @@ class NetlinkBackend(Backend):
                 log.warning("asynctc netlink: cleanup of the clsact qdisc of %s failed: %r", dev, exc)
 
     # -- attach --------------------------------------------------------------------------------------
-    async def _choose(self, request: AttachRequest) -> int:
-        """A free priority for the request's position among the filters on the hook now."""
-        filters = await hooklib.dump_filters(self._transport(), request.ifindex, request.direction,
-                                             dev=request.dev)
+    async def _choose(self, request: AttachRequest, hook_empty: bool) -> int:
+        """A free priority for the request's position among the filters on the hook now (`hook_empty`:
+        known without asking, the clsact qdisc was created just now under the device's lock)."""
+        filters = [] if hook_empty else await hooklib.dump_filters(self._transport(), request.ifindex,
+                                                                   request.direction, dev=request.dev)
         return place_filter(request.placement, [(f.priority, f.handle, f.kind, f.bpf_id) for f in filters],
                             dev=request.dev, direction=request.direction, backend=self.name)
 
     async def _add_filter(
-        self, request: AttachRequest, priority: int | None, handle: int, name: str
+        self, request: AttachRequest, priority: int | None, handle: int, name: str, hook_empty: bool
     ) -> tuple[codec.FilterMsg, int]:
         """Add the filter (choosing its priority unless given), in hardware first where asked; returns
         the created filter as the kernel echoed it and the skip flags it was made with."""
@@ -374,7 +378,8 @@ class NetlinkBackend(Backend):
             "never": [(codec.TCA_CLS_FLAGS_SKIP_HW, "filter_add")],
         }[request.offload]
         for attempt in range(AUTO_PRIORITY_ATTEMPTS):
-            prio = priority if priority is not None else await self._choose(request)
+            # After a collision the hook is not empty any more: the next choice asks the kernel.
+            prio = priority if priority is not None else await self._choose(request, hook_empty and not attempt)
             for gen_flags, op in modes:
                 def build(seq: int, prio: int = prio, gen_flags: int = gen_flags) -> bytes:
                     return codec.encode_filter(seq, codec.RTM_NEWTFILTER, ADD_FLAGS, ifindex, parent, prio,
@@ -416,9 +421,9 @@ class NetlinkBackend(Backend):
         dup = os.dup(prog_fd)
         try:
             async with self._lock(request.ifindex):
-                await self._ensure_clsact(request.ifindex, request.dev)
+                created = await self._ensure_clsact(request.ifindex, request.dev)
                 try:
-                    f, gen_flags = await self._add_filter(request, priority, handle, name)
+                    f, gen_flags = await self._add_filter(request, priority, handle, name, hook_empty=created)
                 except BaseException:
                     await self._cleanup_clsact(request.ifindex, request.dev)
                     raise
@@ -430,7 +435,24 @@ class NetlinkBackend(Backend):
             direction=request.direction, prog_id=f.bpf_id or request.program.id, link_id=None,
             handle=f.handle, priority=f.priority, offloaded=f.in_hw, pinned=None,
         )
-        return FilterAttachment(info, name=name, prog_fd=dup, gen_flags=gen_flags)
+        return self._hold(FilterAttachment(info, name=name, prog_fd=dup, gen_flags=gen_flags))
+
+    def _hold(self, att: FilterAttachment) -> FilterAttachment:
+        """Count `att` among this instance's filters on its device: while any is held there, the device's
+        clsact cannot be empty, and detaching another filter skips the emptiness check."""
+        if not att.held:
+            att.held = True
+            self._held[att.info.ifindex] = self._held.get(att.info.ifindex, 0) + 1
+        return att
+
+    def _unhold(self, att: FilterAttachment) -> None:
+        if att.held:
+            att.held = False
+            left = self._held[att.info.ifindex] - 1
+            if left:
+                self._held[att.info.ifindex] = left
+            else:
+                del self._held[att.info.ifindex]
 
     # -- reading one filter --------------------------------------------------------------------------
     async def _get(self, ifindex: int, parent: int, prio: int, handle: int, dev: str | int) -> codec.FilterMsg | None:
@@ -475,9 +497,11 @@ class NetlinkBackend(Backend):
                         ours = True
                     except (Severed, DeviceNotFound):
                         ours = False  # deleted under us between the check and the delete
+                self._unhold(att)
                 await self._drop_clsact_if_empty(info.ifindex, info.dev)
         finally:
             # Whatever the kernel said, our resources go (the contract: detach releases in both cases).
+            self._unhold(att)
             await self._release_fd(att)
         if info.pinned is not None:
             # A record of a filter that is gone would only make adopt_pinned fail later.
@@ -494,6 +518,7 @@ class NetlinkBackend(Backend):
     async def release(self, att: BackendAttachment) -> None:
         """A pinned filter stays; only our duplicate of its program's fd is closed."""
         assert isinstance(att, FilterAttachment)
+        self._unhold(att)
         await self._release_fd(att)
 
     async def is_attached(self, att: BackendAttachment) -> bool:
@@ -732,7 +757,7 @@ class NetlinkBackend(Backend):
             offloaded=cur.in_hw, pinned=path,
         )
         gen_flags = (cur.gen_flags or 0) & (codec.TCA_CLS_FLAGS_SKIP_HW | codec.TCA_CLS_FLAGS_SKIP_SW)
-        return FilterAttachment(info, name=cur.bpf_name or rec.name, prog_fd=fd, gen_flags=gen_flags)
+        return self._hold(FilterAttachment(info, name=cur.bpf_name or rec.name, prog_fd=fd, gen_flags=gen_flags))
 
     # -- orphans -------------------------------------------------------------------------------------
     async def reap_orphans(self) -> tuple[HookEntry, ...]:
