@@ -93,6 +93,7 @@ __all__ = [
     "OtherMsg",
     "QdiscMsg",
     "TcMsg",
+    "decode_message",
     "decode_messages",
     "encode_chain_dump",
     "encode_dump_request",
@@ -602,27 +603,29 @@ def _tc_fields(m: Any, mtype: int, seq: int, pid: int) -> QdiscMsg | FilterMsg |
                      portid=pid, **bpf)
 
 
-def decode_messages(data: bytes | bytearray | memoryview) -> list[Message]:
-    """Decode every message of a receive buffer (one datagram may hold several) into typed values.
+def decode_message(data: bytes | bytearray | memoryview, off: int, length: int, mtype: int, flags: int,
+                   seq: int, pid: int) -> Message:
+    """Decode the one message at `off` of a receive buffer, given its header as `iter_headers` yields it.
 
     NLMSG_ERROR -> NlError (an ACK when errno is 0); NLMSG_DONE -> NlDone; RTM_NEW/DELLINK -> LinkMsg;
     RTM_NEW/DELQDISC -> QdiscMsg; RTM_NEW/DELTFILTER -> FilterMsg; RTM_NEW/DELCHAIN -> ChainMsg; anything
     else (NLMSG_NOOP, NLMSG_OVERRUN, other rtnetlink families) -> OtherMsg with the raw bytes.
     """
-    out: list[Message] = []
-    for off, length, mtype, flags, seq, pid in iter_headers(data):
-        if mtype == NLMSG_ERROR:
-            out.append(_decode_error(data, off, length, flags, seq, pid))
-        elif mtype == NLMSG_DONE:
-            out.append(_decode_done(data, off, length, flags, seq, pid))
-        elif mtype in _TC_TYPES:
-            out.append(_decode_tc(data, off, length, mtype, seq, pid))
-        elif mtype in _LINK_TYPES:
-            out.append(_decode_link(data, off, length, mtype, seq, pid))
-        else:
-            out.append(OtherMsg(type=mtype, seq=seq, flags=flags, data=bytes(data[off : off + length]),
-                                portid=pid))
-    return out
+    if mtype == NLMSG_ERROR:
+        return _decode_error(data, off, length, flags, seq, pid)
+    if mtype == NLMSG_DONE:
+        return _decode_done(data, off, length, flags, seq, pid)
+    if mtype in _TC_TYPES:
+        return _decode_tc(data, off, length, mtype, seq, pid)
+    if mtype in _LINK_TYPES:
+        return _decode_link(data, off, length, mtype, seq, pid)
+    return OtherMsg(type=mtype, seq=seq, flags=flags, data=bytes(data[off : off + length]), portid=pid)
+
+
+def decode_messages(data: bytes | bytearray | memoryview) -> list[Message]:
+    """Decode every message of a receive buffer (one datagram may hold several) into typed values (see
+    `decode_message` for the types)."""
+    return [decode_message(data, *header) for header in iter_headers(data)]
 
 
 # ---------------------------------------------------------------------------------------------------------

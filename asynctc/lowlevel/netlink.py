@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import errno as _errno
 import itertools
+import math
 import queue
 import random
 import socket
@@ -176,10 +177,12 @@ CLOSE_WAIT: Final = DUMP_TIMEOUT + 5.0
 class _Slot:
     """Where the answer to one request or dump is put (by the reader, or by the kernel thread)."""
 
-    __slots__ = ("answer", "event", "failure", "messages", "send_error", "withdrawn")
+    __slots__ = ("answer", "deadline", "event", "failure", "messages", "send_error", "timed_out", "withdrawn")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float = math.inf) -> None:
         self.event = trio.Event()
+        self.deadline = deadline  # trio time after which the watchdog gives up on the answer
+        self.timed_out = False
         self.messages: list[Message] = []
         self.answer: NlError | NlDone | None = None
         self.failure: BaseException | None = None  # raised as is (closed, broken, a dump's error)
@@ -237,6 +240,7 @@ class NetlinkTransport:
         self._broken: BaseException | None = None
         self._reader_scope: trio.CancelScope | None = None
         self.answer_timeout = ANSWER_TIMEOUT
+        self._watchdog_idle: trio.Event | None = None  # set to wake the watchdog when requests start
         # The kernel thread: started on first use, ended by close. It alone uses the dump socket.
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -311,13 +315,15 @@ class NetlinkTransport:
             self._check_usable()
             seq = self._next_seq()
             data = _force_ack(_build(msg, seq))
-            slot = _Slot()
+            slot = _Slot(trio.current_time() + self.answer_timeout)
             self._slots[seq] = slot
+            if self._watchdog_idle is not None:
+                self._watchdog_idle.set()
+                self._watchdog_idle = None
             try:
                 self._submit(_Send(data, slot))
-                with trio.move_on_after(self.answer_timeout):
-                    await slot.event.wait()
-                if not slot.event.is_set():
+                await slot.event.wait()
+                if slot.timed_out:
                     # The kernel answers inside sendmsg, so a missing ACK means it was lost (the ENOBUFS
                     # path fails waiters at once); never wait forever, even inside a shield.
                     raise TCError(
@@ -346,27 +352,52 @@ class NetlinkTransport:
 
     @trio.lowlevel.enable_ki_protection
     async def _read_loop(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The one reader: waits for readability, reads what is there, dispatches answers by sequence.
+        """The one reader: waits for readability, reads what is there, dispatches answers by sequence;
+        beside it, the watchdog of answer timeouts.
 
         KI-protected: a Ctrl-C must reach the main task (whose cleanup sends requests), never kill the
         reader those requests' answers depend on."""
         with trio.CancelScope() as scope:
             self._reader_scope = scope
-            task_status.started()
-            try:
-                while True:
-                    await trio.lowlevel.wait_readable(self._sock)
-                    self._read_available()
-            except trio.ClosedResourceError:
-                return
-            except OSError as exc:
-                # The socket failed in a way we cannot recover from: every waiter learns it, and so does
-                # every later request (BrokenResourceError). The owner's block is not crashed.
-                self._broken = exc
-                self._fail_all(trio.BrokenResourceError(f"netlink socket failed: {exc}"))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watchdog)
+                task_status.started()
+                try:
+                    while True:
+                        await trio.lowlevel.wait_readable(self._sock)
+                        self._read_available()
+                except trio.ClosedResourceError:
+                    pass
+                except OSError as exc:
+                    # The socket failed in a way we cannot recover from: every waiter learns it, and so
+                    # does every later request (BrokenResourceError). The owner's block is not crashed.
+                    self._broken = exc
+                    self._fail_all(trio.BrokenResourceError(f"netlink socket failed: {exc}"))
+                nursery.cancel_scope.cancel()
 
-    def _read_available(self, budget: int = 64) -> None:
-        """Read up to `budget` datagrams without blocking (a bound, so a flood cannot hold the loop)."""
+    @trio.lowlevel.enable_ki_protection
+    async def _watchdog(self) -> None:
+        """Fails requests whose answer did not come within `answer_timeout`: one task per transport that
+        sleeps until the oldest request's deadline (a timer per request would cost each one ~20 us). Slots
+        are kept in the order requests were made, which is the order of their deadlines."""
+        while True:
+            if not self._slots:
+                self._watchdog_idle = trio.Event()
+                await self._watchdog_idle.wait()
+                continue
+            await trio.sleep_until(next(iter(self._slots.values())).deadline)
+            now = trio.current_time()
+            for slot in list(self._slots.values()):
+                if slot.deadline > now:
+                    break
+                if not slot.event.is_set():
+                    slot.timed_out = True
+                    slot.event.set()
+
+    def _read_available(self, budget: int = 16) -> None:
+        """Read up to `budget` datagrams without blocking: a bound on how long one step of the reader holds
+        the trio thread (each datagram costs ~30 us to read and hand over; more are read at the next
+        wake-up, after the tasks this one made runnable)."""
         sock = self._sock
         for _ in range(budget):
             try:
@@ -386,13 +417,12 @@ class NetlinkTransport:
 
     def _dispatch(self, data: bytes) -> None:
         slots = self._slots
-        for off, length, mtype, _flags, seq, _pid in codec.iter_headers(data):
+        for off, length, mtype, flags, seq, pid in codec.iter_headers(data):
             slot = slots.get(seq)
             if slot is None or slot.event.is_set():
                 continue  # an abandoned request's late answer, or nothing of ours: dropped
-            (msg,) = codec.decode_messages(data[off : off + length])
-            if mtype == codec.NLMSG_ERROR or mtype == codec.NLMSG_DONE:
-                assert isinstance(msg, (NlError, NlDone))
+            msg = codec.decode_message(data, off, length, mtype, flags, seq, pid)
+            if isinstance(msg, (NlError, NlDone)):
                 slot.answer = msg
                 slot.event.set()
             else:
