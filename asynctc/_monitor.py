@@ -228,21 +228,26 @@ class _Hub:
             if owned != ev.owned:
                 ev = dataclasses.replace(ev, owned=owned)
         self.publish(ev)
-        live = [a for a in session.attachments if a.state is State.ATTACHED]
+        if isinstance(ev, Resynced):
+            live = [a for a in session.attachments if a.state is State.ATTACHED]
+            await session._check_alive(live, f"found severed after a resync ({ev.reason})")
+            return
+        if not isinstance(ev, DeviceRemoved | QdiscRemoved | FilterRemoved):
+            return
+        live = [a for a in session._on_device(ev.ifindex) if a.state is State.ATTACHED]
+        if not live:
+            return
         if isinstance(ev, DeviceRemoved):
-            hit = [a for a in live if a.info.ifindex == ev.ifindex]
-            await session._check_alive(hit, f"device {ev.name} (ifindex {ev.ifindex}) was deleted")
+            await session._check_alive(live, f"device {ev.name} (ifindex {ev.ifindex}) was deleted")
         elif isinstance(ev, QdiscRemoved):
-            hit = [a for a in live if a.info.ifindex == ev.ifindex and a.info.handle is not None]
+            hit = [a for a in live if a.info.handle is not None]
             await session._check_alive(hit, f"the {ev.kind} qdisc of ifindex {ev.ifindex} was deleted")
-        elif isinstance(ev, FilterRemoved):
+        else:
             hit = [
                 a for a in live
-                if a.info.ifindex == ev.ifindex and a.info.handle is not None
+                if a.info.handle is not None
                 and (ev.direction is None or a.info.direction is ev.direction)
                 and (ev.priority == 0 or a.info.priority == ev.priority)
                 and (ev.handle == 0 or a.info.handle == ev.handle)
             ]
             await session._check_alive(hit, "its filter was deleted by someone else")
-        elif isinstance(ev, Resynced):
-            await session._check_alive(live, f"found severed after a resync ({ev.reason})")

@@ -106,6 +106,7 @@ class Session:
         self._primary: Backend | None = None
         self._attach_choices: dict[str, str] = {}  # offload mode -> backend chosen for "auto" attaches
         self._attachments: dict[int, Attachment] = {}
+        self._by_device: dict[int, dict[int, Attachment]] = {}  # ifindex -> serial -> attachment
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self._netns_gone: str | None = None  # why, once the session's namespace was deleted
@@ -356,6 +357,7 @@ class Session:
             serial = next(_serials)
         att = Attachment(self, be, batt, serial=serial)
         self._attachments[serial] = att
+        self._by_device.setdefault(att.info.ifindex, {})[serial] = att
         self._notify("attach", att)
         self._hub.attachment_added()
         return att
@@ -422,11 +424,16 @@ class Session:
         keys = self._owned_keys(ifindex, direction)
         return Hook(revision=hook.revision, entries=tuple(self._mark_owned(e, keys) for e in hook.entries))
 
+    def _on_device(self, ifindex: int) -> list[Attachment]:
+        """This session's attachments on one device (an index: the hub asks for every kernel event)."""
+        on_device = self._by_device.get(ifindex)
+        return list(on_device.values()) if on_device else []
+
     def _owned_keys(self, ifindex: int, direction: Direction) -> set[tuple[object, ...]]:
         keys: set[tuple[object, ...]] = set()
-        for att in self._attachments.values():
+        for att in self._on_device(ifindex):
             i = att.info
-            if i.ifindex != ifindex or i.direction is not direction:
+            if i.direction is not direction:
                 continue
             if i.link_id is not None:
                 keys.add(("tcx", i.link_id))
@@ -539,6 +546,11 @@ class Session:
 
     def _forget(self, att: Attachment) -> None:
         self._attachments.pop(att._serial, None)
+        on_device = self._by_device.get(att.info.ifindex)
+        if on_device is not None:
+            on_device.pop(att._serial, None)
+            if not on_device:
+                del self._by_device[att.info.ifindex]
 
     def _notify(self, kind: str, att: Attachment, *, method: str | None = None,
                 reason: str | None = None) -> None:
@@ -641,6 +653,7 @@ class Session:
         for att in atts:
             att._released = True
         self._attachments.clear()
+        self._by_device.clear()
         self._runner.close()
         return errors
 

@@ -90,10 +90,10 @@ class BpfLinkBackend(Backend):
         self._nl: nllib.NetlinkTransport | None = None
 
     async def open(self) -> None:
-        """Start the rtnetlink transport that lists legacy cls_bpf filters in `query` (tcx itself needs
-        none); its reader runs in the session's nursery."""
-        if self.ctx.nursery is not None and self._nl is None:
-            self._nl = await nllib.start_transport(self.ctx.runner, self.ctx.nursery)
+        """Open the rtnetlink transport that resolves device names and lists legacy cls_bpf filters in
+        `query` (tcx itself needs none)."""
+        if self._nl is None:
+            self._nl = await nllib.start_transport(self.ctx.runner)
 
     async def aclose(self) -> None:
         """Close the transport (idempotent)."""

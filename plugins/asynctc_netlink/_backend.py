@@ -218,7 +218,6 @@ class NetlinkBackend(Backend):
         refused: TCError | None = None
         try:
             async with open_transport(ctx.runner) as nl:
-                # Errors are caught inside the block: the transport's nursery would wrap them in a group.
                 try:
                     await nl.request(lambda seq: codec.encode_qdisc_del(seq, 0, kind=None), op="netlink")
                 except DeviceNotFound:
@@ -238,12 +237,9 @@ class NetlinkBackend(Backend):
         return Probe(True, f"rtnetlink with CAP_NET_ADMIN: clsact + cls_bpf filters{note}")
 
     async def open(self) -> None:
-        """Start the rtnetlink transport; its reader runs in the session's nursery."""
-        if self._nl is not None:
-            return
-        if self.ctx.nursery is None:
-            raise TCError("the netlink backend needs the session's nursery to run its netlink reader")
-        self._nl = await start_transport(self.ctx.runner, self.ctx.nursery)
+        """Open the rtnetlink transport (its kernel thread starts with the first request)."""
+        if self._nl is None:
+            self._nl = await start_transport(self.ctx.runner)
 
     async def aclose(self) -> None:
         """Delete the empty clsact qdiscs this instance created that an earlier cleanup could not, then

@@ -444,19 +444,40 @@ async def test_socket_is_created_in_the_namespace(runner: NetnsRunner, nl_netns:
     assert socket.if_nametoindex("lo") == 1
 
 
-async def test_a_lost_answer_times_out_instead_of_waiting_forever(
+async def test_a_lost_answer_fails_the_request_instead_of_waiting_forever(
     nl: NetlinkTransport, nl_netns: NlNetns, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Even inside a shield, a request never waits forever: if its answer is lost, TCError(ETIMEDOUT)
-    says the request may or may not have taken effect, and the transport keeps working."""
+    """Even inside a shield, a request never waits forever. The kernel queues every answer inside the
+    sendmsg, so a missing one was lost: after `answer_timeout` TCError(ETIMEDOUT), at once TCError(ENOBUFS)
+    when the kernel said it dropped answers. Both say the request may or may not have taken effect, and
+    the transport keeps working."""
     ifx = nl_netns.veth0
-    monkeypatch.setattr(nl, "_dispatch", lambda data: None)  # every answer is lost
+    real_recv = nl._recv
+
+    def lose_everything() -> bytes:
+        real_recv()  # read and drop: raises BlockingIOError once the socket is empty
+        return b""
+
+    monkeypatch.setattr(nl, "_recv", lose_everything)
     nl.answer_timeout = 0.2
     with trio.CancelScope(shield=True), pytest.raises(TCError, match="may or may not have taken effect") as exc:
         await nl.request(lambda seq: c.encode_qdisc_add_clsact(seq, ifx), op="qdisc_add")
     assert exc.value.errno == errno.ETIMEDOUT
+
+    overflowed = [True]
+
+    def overflow_once() -> bytes:
+        if overflowed.pop() if overflowed else False:
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+        return lose_everything()
+
+    monkeypatch.setattr(nl, "_recv", overflow_once)
+    nl.answer_timeout = 30.0
+    with trio.fail_after(5), pytest.raises(TCError, match="lost") as exc:
+        await nl.request(lambda seq: c.encode_qdisc_add_clsact(seq, ifx), op="qdisc_add")
+    assert exc.value.errno == errno.ENOBUFS
     monkeypatch.undo()
-    # the request did reach the kernel; the transport still works
+    # the requests did reach the kernel; the transport still works
     with pytest.raises(AlreadyAttached):
         await nl.request(lambda seq: c.encode_qdisc_add_clsact(seq, ifx), op="qdisc_add")
     assert nl.in_flight == 0
@@ -503,16 +524,17 @@ async def test_a_second_overflow_is_reported_only_after_draining(
         assert [(m.type, m.priority) for m in seen if isinstance(m, c.FilterMsg)] == [(c.RTM_DELTFILTER, 200)]
 
 
-async def test_the_reader_is_ki_protected(nl: NetlinkTransport, nl_netns: NlNetns,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C must reach the main task, not kill the reader that cleanup requests wait on."""
+async def test_answers_are_handed_over_ki_protected(nl: NetlinkTransport, nl_netns: NlNetns,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C must reach the main task, never interrupt the hand-over of answers that cleanup requests
+    wait on (it runs as a trio run_sync_soon callback, which trio protects)."""
     protected: list[bool] = []
-    real = nl._dispatch
+    real = nl._deliver
 
-    def spy(data: bytes) -> None:
+    def spy(done: list[object]) -> None:
         protected.append(trio.lowlevel.currently_ki_protected())
-        real(data)
+        real(done)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(nl, "_dispatch", spy)
+    monkeypatch.setattr(nl, "_deliver", spy)
     await nl.request(lambda seq: c.encode_qdisc_add_clsact(seq, nl_netns.veth0), op="qdisc_add")
     assert protected and all(protected)

@@ -119,7 +119,7 @@ class FakeMulticast:
         self.script = script
         self.closed = False
 
-    def recv(self, size: int) -> bytes:
+    def recv(self) -> bytes:  # as NonblockingReceiver.recv
         if not self.script:
             raise BlockingIOError(errno.EAGAIN, "empty")
         item = self.script.pop(0)
@@ -134,12 +134,19 @@ class FakeMulticast:
         self.closed = True
 
 
+def fake_events(script: list[bytes | OSError], **kwargs: int) -> MulticastSocket:
+    fake = FakeMulticast(script)
+    events = MulticastSocket(fake, **kwargs)  # type: ignore[arg-type]
+    events._receiver = fake  # type: ignore[assignment]
+    return events
+
+
 async def test_events_before_a_loss_come_first_then_events_lost_then_more() -> None:
     script: list[bytes | OSError] = [
         filter_msg(0, 1), filter_msg(0, 2), OSError(errno.ENOBUFS, "No buffer space available"),
         filter_msg(0, 3),
     ]
-    events = MulticastSocket(FakeMulticast(script), max_batch=10)  # type: ignore[arg-type]
+    events = fake_events(script, max_batch=10)
     first = await events.receive()
     assert [m.priority for m in first if isinstance(m, c.FilterMsg)] == [1, 2]
     with pytest.raises(EventsLost) as lost:
@@ -151,14 +158,14 @@ async def test_events_before_a_loss_come_first_then_events_lost_then_more() -> N
 
 
 async def test_events_lost_first_when_nothing_was_read() -> None:
-    events = MulticastSocket(FakeMulticast([OSError(errno.ENOBUFS, "x"), filter_msg(0, 7)]))  # type: ignore[arg-type]
+    events = fake_events([OSError(errno.ENOBUFS, "x"), filter_msg(0, 7)])
     with pytest.raises(EventsLost):
         await events.receive()
     assert [m.priority for m in await events.receive() if isinstance(m, c.FilterMsg)] == [7]
 
 
 async def test_receive_batches_are_bounded() -> None:
-    events = MulticastSocket(FakeMulticast([filter_msg(0, p) for p in range(1, 8)]), max_batch=3)  # type: ignore[arg-type]
+    events = fake_events([filter_msg(0, p) for p in range(1, 8)], max_batch=3)
     sizes = [len(await events.receive()) for _ in range(3)]
     assert sizes == [3, 3, 1]
     events.close()
@@ -168,6 +175,6 @@ async def test_receive_batches_are_bounded() -> None:
 
 
 async def test_other_recv_errors_propagate() -> None:
-    events = MulticastSocket(FakeMulticast([OSError(errno.EBADF, "bad")]))  # type: ignore[arg-type]
+    events = fake_events([OSError(errno.EBADF, "bad")])
     with pytest.raises(OSError, match="bad"):
         await events.receive()
