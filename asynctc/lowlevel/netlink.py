@@ -11,26 +11,27 @@ Why it is built this way (KERNEL.md has the measurements):
   inside the namespace (through the runner); using it later needs no namespace switch.
 
 Design of `NetlinkTransport`: one request socket, and one *kernel thread* per transport that does all the
-blocking work. A request gets a fresh sequence number and a waiting slot in a dict *before* it is queued
-(so an ACK can never arrive "too early"); the kernel thread takes every job queued at that moment, sends
-consecutive requests in ONE sendmsg (the kernel handles the messages of a datagram in turn and ACKs each),
-and runs dumps in between, in the order they were queued. A single reader task on the trio thread waits for
-the request socket to become readable, reads everything available without blocking, decodes it (ACKs and
-errors with `struct`, microseconds) and hands each message to the slot of its sequence number; dump results
-come back from the kernel thread through the trio token, one call per batch. Sequence numbers are matched
-here, never by pyroute2.
+socket work. A request gets a fresh sequence number and a waiting slot, and is queued; the kernel thread
+takes every job queued at that moment, sends consecutive requests in ONE sendmsg (the kernel handles the
+messages of a datagram in turn), then reads their answers: the kernel queues each answer (ACK, error, the
+echoed or requested object) before that sendmsg returns, so they are all there to be read, matched by
+sequence number (never by pyroute2) and decoded (`struct`, microseconds). Dumps run in between, in the order
+they were queued. Everything the batch produced goes back to the waiting tasks in one trio-token call. The
+trio thread does no socket I/O for requests and dumps at all: it queues, waits, and is handed results.
 
 Why a thread of its own rather than a `trio.to_thread` hop per request: the hop (limiter, thread hand-off,
 report back) cost more CPU than the kernel's own work (0.66 ms against 0.06 ms per request measured with 16
 tasks; benchmarks/bench_netlink.py), and under load one thread sending batches does what many hops did.
-The kernel serialises these handlers under rtnl anyway, so one thread loses no kernel parallelism.
+The kernel serialises these handlers under rtnl anyway, so one thread loses no kernel parallelism. And
+non-blocking reads keep the GIL (`NonblockingReceiver`): a thread that gives the GIL up for every recv()
+loses it to a busy thread for up to the switch interval (5 ms) each time.
 
 Cancellation: a cancelled waiter withdraws its slot; a request the kernel thread has not sent yet is then
-never sent, one already sent may have taken effect, and its late ACK is dropped. Many tasks can have
-requests in flight on one transport at once; `max_in_flight` bounds them so that ACKs can never overflow
-the socket's receive buffer (an overflow would drop ACKs: the kernel does not block for a full unicast
-receiver; should it happen anyway, every waiting request fails with TCError(errno=ENOBUFS) rather than
-hang). A request whose answer never comes fails after `answer_timeout` (30 s), even inside a shield.
+never sent, one already sent may have taken effect, and its answer is dropped. Many tasks can have
+requests in flight on one transport at once (`max_in_flight` bounds them); a batch is at most
+MAX_BATCH_JOBS requests, so its answers fit the receive buffer. Should the kernel drop answers anyway
+(ENOBUFS), the requests left unanswered fail with TCError(errno=ENOBUFS) at once; an answer that does not
+come at all fails its request after `answer_timeout` (30 s), even inside a shield.
 
 Errors: a kernel errno becomes asynctc's exception through `asynctc._errors.from_errno` with the operation
 and the kernel's extended-ACK text (NETLINK_EXT_ACK is requested on every socket); `.errno` keeps the raw
