@@ -202,7 +202,7 @@ class LagProbe(trio.abc.Instrument):
       garbage-collector pauses inside a step ("gc max ms": a collection stops every thread and scans the
       whole process's heap, so its length is the process's), and steps during which the OS preempted
       the trio thread (an involuntary context switch, from getrusage(RUSAGE_THREAD): the CPU went to
-      another thread or to the kernel's own work; these steps are counted, with their CPU time).
+      another thread or to the kernel's own work; these steps are counted apart).
     """
 
     def __init__(self, interval: float = 0.001, bound_ms: float = 5.0) -> None:
@@ -212,7 +212,6 @@ class LagProbe(trio.abc.Instrument):
         self.gc_pauses: list[float] = []
         self.step_max = 0.0  # wall time, GC taken out, steps the OS did not preempt
         self.step_max_task = ""
-        self.step_cpu_max = 0.0  # CPU time of the thread in one step, any step
         self.preempted_over_bound = 0  # steps preempted by the OS that lasted longer than the bound
         self.preempted_max = 0.0
         self._gc_start = 0.0
@@ -235,9 +234,7 @@ class LagProbe(trio.abc.Instrument):
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         step = time.perf_counter() - self._step_start - self._step_gc
-        r0, r1 = self._step_rusage, resource.getrusage(resource.RUSAGE_THREAD)
-        self.step_cpu_max = max(self.step_cpu_max, r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
-        if r1.ru_nivcsw != r0.ru_nivcsw:
+        if resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw != self._step_rusage.ru_nivcsw:
             self.preempted_max = max(self.preempted_max, step)
             self.preempted_over_bound += step > self.bound
         elif step > self.step_max:
@@ -279,9 +276,8 @@ class LagProbe(trio.abc.Instrument):
 
     def summary(self) -> str:
         return (f"longest step {self.step_max_ms:.2f} ms ({self.step_max_task}; {self.preempted_over_bound} "
-                f"preempted steps over {self.bound * 1000:g} ms, CPU per step at most "
-                f"{self.step_cpu_max * 1000:.1f} ms), ticker lag max {self.max_ms:.2f} ms (p99 {self.p99_ms:.2f}), "
-                f"worst GC pause {self.gc_max_ms:.1f} ms")
+                f"preempted steps over {self.bound * 1000:g} ms), ticker lag max {self.max_ms:.2f} ms "
+                f"(p99 {self.p99_ms:.2f}), worst GC pause {self.gc_max_ms:.1f} ms")
 
 
 # --- output ---------------------------------------------------------------------------------------------
@@ -337,13 +333,11 @@ def print_lag_verdicts(probes: dict[str, LagProbe], bound_ms: float = 5.0) -> No
     step_run, step = max(probes.items(), key=lambda kv: kv[1].step_max)
     lag_run, lag = max(probes.items(), key=lambda kv: kv[1].max_ms)
     gc_run, gcp = max(probes.items(), key=lambda kv: kv[1].gc_max_ms)
-    cpu_run, cpu = max(probes.items(), key=lambda kv: kv[1].step_cpu_max)
     preempted = sum(p.preempted_over_bound for p in probes.values())
     print(f"target: the trio thread never blocked > {bound_ms:g} ms: longest task step {step.step_max_ms:.2f} ms "
           f"({step.step_max_task}, run {step_run}) -> {verdict(step.step_max_ms <= bound_ms)}")
     print(f"        taken out of that and shown apart: garbage-collector pauses, worst {gcp.gc_max_ms:.1f} ms (run "
           f"{gc_run}); {preempted} steps over {bound_ms:g} ms during which the OS preempted the trio thread "
-          f"(longest {max(p.preempted_max for p in probes.values()) * 1000:.1f} ms); the most CPU one step "
-          f"used: {cpu.step_cpu_max * 1000:.2f} ms (run {cpu_run})")
+          f"(longest {max(p.preempted_max for p in probes.values()) * 1000:.1f} ms)")
     print(f"        ticker lag (latency another task sees, queueing behind runnable tasks included): worst "
           f"{lag.max_ms:.2f} ms (run {lag_run}, p99 {lag.p99_ms:.2f}) -> {verdict(lag.max_ms <= bound_ms)}")

@@ -6,7 +6,8 @@ rate the kernel produces them, in one run.
 The storm (one `ip -n NS -batch` process): N interface creations (N/2 veth pairs: two interfaces each), then
 their N deletions, then a few survivor pairs that stay (so the final-state check is not an empty set).
 The kernel's own rate is counted by a raw NETLINK_ROUTE socket subscribed to RTNLGRP_LINK with a 64 MiB
-buffer, read in a tight loop in a separate thread during the same storm: every RTM_NEWLINK/RTM_DELLINK
+buffer, read in a tight loop in a separate process during the same storm (a thread of this process would
+compete with the trio thread for the GIL, and show up as asynctc's loop lag): every RTM_NEWLINK/RTM_DELLINK
 message the kernel multicasts. asynctc turns those messages into DeviceAdded / DeviceRemoved events (a
 RTM_NEWLINK that only changes flags is not a new device, so it delivers fewer events than messages).
 
@@ -18,15 +19,16 @@ the kernel's exact set of devices).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import trio
 
@@ -52,6 +54,15 @@ SURVIVOR_PAIRS = 25
 STORM_GROUP = 7
 
 
+class EventLike(Protocol):
+    def is_set(self) -> bool: ...
+    def set(self) -> None: ...
+
+
+class QueueLike(Protocol):
+    def put(self, obj: Any) -> None: ...
+
+
 @dataclass
 class KernelCount:
     messages: int = 0
@@ -64,8 +75,17 @@ class KernelCount:
         return self.messages / (self.last - self.first) if self.last > self.first else 0.0
 
 
-def kernel_counter(netns: str, ready: threading.Event, stop: threading.Event, out: KernelCount) -> None:
-    """Count every RTM_NEWLINK/RTM_DELLINK the kernel multicasts in `netns` (separate thread, tight loop)."""
+def kernel_counter(netns: str, ready: EventLike, stop: EventLike, results: QueueLike) -> None:
+    """Count every RTM_NEWLINK/RTM_DELLINK the kernel multicasts in `netns` (a separate process, tight loop;
+    perf_counter is CLOCK_MONOTONIC, comparable across processes); put the KernelCount in `results`."""
+    out = KernelCount()
+    try:
+        _count(netns, ready, stop, out)
+    finally:
+        results.put(out)
+
+
+def _count(netns: str, ready: EventLike, stop: EventLike, out: KernelCount) -> None:
     with in_netns(netns):
         s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
     try:
@@ -145,10 +165,12 @@ async def monitor_run(netns: str, label: str, pairs: int, rcvbuf: int | None) ->
     lines, survivors = storm_lines(pairs)
     model = kernel_devices(netns)  # what exists before the storm (the monitor reports only changes)
     options = {} if rcvbuf is None else {"event_rcvbuf": rcvbuf}
-    ready, stop = threading.Event(), threading.Event()
-    counter = threading.Thread(target=kernel_counter, args=(netns, ready, stop, run.kernel), daemon=True)
+    mp = multiprocessing.get_context("spawn")  # no fork of a process running trio and threads
+    ready, stop, results = mp.Event(), mp.Event(), mp.Queue()
+    counter = mp.Process(target=kernel_counter, args=(netns, ready, stop, results), daemon=True)
     counter.start()
-    ready.wait()
+    if not await trio.to_thread.run_sync(ready.wait, 30):
+        raise RuntimeError("the kernel counter process did not start")
     with tempfile.NamedTemporaryFile("w", prefix="asynctc-storm-", suffix=".batch") as f:
         f.write("\n".join(lines) + "\n")
         f.flush()
@@ -193,7 +215,8 @@ async def monitor_run(netns: str, label: str, pairs: int, rcvbuf: int | None) ->
                     break
                 raise RuntimeError("no event for 30 s during the storm")
             nursery.cancel_scope.cancel()
-    await trio.to_thread.run_sync(counter.join)
+    run.kernel = await trio.to_thread.run_sync(results.get, True, 60)
+    await trio.to_thread.run_sync(counter.join, 10)
     kernel = kernel_devices(netns)
     run.state_ok = model == kernel and survivors <= set(kernel.values())
     missing = sorted(set(kernel.values()) - set(model.values()))
