@@ -19,6 +19,7 @@ from ._errors import ProgramError, Severed, TCError
 from ._program import Program
 from ._types import AttachmentInfo, State, UpdateResult
 from .backend import Backend, BackendAttachment
+from .lowlevel.locks import held
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -113,7 +114,7 @@ class Attachment:
         program.check_usable()
         if expected is not None and not isinstance(expected, Program):
             raise ProgramError(f"expected= takes an asynctc.Program, got {type(expected).__name__}")
-        async with self._lock:
+        async with held(self._lock):
             self._check_live("update")
             try:
                 with self._session._shield("update", self):
@@ -130,7 +131,7 @@ class Attachment:
         started, even if the calling task is cancelled (the cancellation is delivered afterwards)."""
         if self._state is not State.ATTACHED or self._released:
             return
-        async with self._lock:
+        async with held(self._lock):
             if self._state is not State.ATTACHED or self._released:
                 return
             with self._session._shield("detach", self):
@@ -152,7 +153,7 @@ class Attachment:
         (`mount -t bpf bpf /sys/fs/bpf`); PinError says so when the path is not on bpffs.
         """
         self._check_live("pin")
-        async with self._lock:
+        async with held(self._lock):
             self._check_live("pin")
             with self._session._shield("pin", self):
                 await self._backend.pin(self._batt, os.fspath(path))
@@ -160,7 +161,7 @@ class Attachment:
     async def unpin(self) -> None:
         """Remove the pin: the attachment is the session's again and is detached when the session closes."""
         self._check_live("unpin")
-        async with self._lock:
+        async with held(self._lock):
             self._check_live("unpin")
             if self.info.pinned is None:
                 return

@@ -48,6 +48,7 @@ from ._types import (
 from .backend import AttachRequest, Backend, BackendAttachment, BackendContext, Placement
 from .events import AttachmentEvent, AttachmentSevered
 from .hookspecs import BackendRequest
+from .lowlevel.locks import held
 from .lowlevel.netns import NetnsRunner
 from .lowlevel.tcpolicy import process_start_time
 
@@ -575,7 +576,7 @@ class Session:
         if locked:
             await release()
         else:
-            async with att._lock:
+            async with held(att._lock):
                 if att.state is not State.ATTACHED:
                     return
                 await release()
@@ -593,7 +594,7 @@ class Session:
                 return
             if att.state is not State.ATTACHED or att._released:
                 continue
-            async with att._lock:
+            async with held(att._lock):
                 if att.state is not State.ATTACHED or att._released or self._closed:
                     continue
                 try:
@@ -630,7 +631,7 @@ class Session:
         async def detach_one(att: Attachment) -> None:
             try:
                 if att.pinned:
-                    async with att._lock:
+                    async with held(att._lock):
                         await att._backend.release(att._batt)
                         att._released = True
                 else:

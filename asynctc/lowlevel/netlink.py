@@ -67,6 +67,7 @@ import trio
 from .._errors import TCError, from_errno
 from . import codec
 from .codec import Message, NlDone, NlError
+from .locks import held
 from .netns import NetnsRunner
 
 __all__ = [
@@ -368,7 +369,7 @@ class NetlinkTransport:
         TCError (ENOBUFS when the kernel said it dropped answers, ETIMEDOUT after `answer_timeout`).
         """
         self._check_usable()
-        async with self._in_flight:
+        async with held(self._in_flight):
             self._check_usable()
             seq = self._next_seq()
             data = _force_ack(_build(msg, seq))
@@ -485,11 +486,9 @@ class NetlinkTransport:
         size = 0
         go_on = True
         for job in batch:
-            if job is _STOP:
+            if job is _STOP or self._closed:  # close() failed every waiter already, and queued _STOP
                 go_on = False
                 break
-            if self._closed:
-                break  # close() failed every waiter already
             if isinstance(job, _Send):
                 if job.slot.withdrawn:
                     continue
@@ -543,7 +542,9 @@ class NetlinkTransport:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
-                select.select([self._sock], [], [], remaining)
+                poller = select.poll()  # not select(): it fails for fds past FD_SETSIZE (1024)
+                poller.register(self._sock, select.POLLIN)
+                poller.poll(remaining * 1000)
                 continue
             except OSError as exc:
                 if exc.errno != _errno.ENOBUFS:

@@ -80,6 +80,7 @@ from asynctc import (
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource
 from asynctc.lowlevel import bpf, codec
 from asynctc.lowlevel import hook as hooklib
+from asynctc.lowlevel.locks import held
 from asynctc.lowlevel.netdev import resolve_device, resolve_device_nl
 from asynctc.lowlevel.netlink import NetlinkTransport, open_transport, start_transport
 from asynctc.lowlevel.netns import current_netns_inode
@@ -416,7 +417,7 @@ class NetlinkBackend(Backend):
         # no worker-thread hop for them.
         dup = os.dup(prog_fd)
         try:
-            async with self._lock(request.ifindex):
+            async with held(self._lock(request.ifindex)):
                 created = await self._ensure_clsact(request.ifindex, request.dev)
                 try:
                     f, gen_flags = await self._add_filter(request, priority, handle, name, hook_empty=created)
@@ -483,7 +484,7 @@ class NetlinkBackend(Backend):
         prio, handle = att.slot
         ours = False
         try:
-            async with self._lock(info.ifindex):
+            async with held(self._lock(info.ifindex)):
                 if await self._current(att) is not None:
                     try:
                         await self._transport().request(
@@ -787,7 +788,7 @@ class NetlinkBackend(Backend):
                 return codec.encode_filter(seq, codec.RTM_DELTFILTER, DELETE_FLAGS, f.ifindex, f.parent,
                                            f.priority, f.handle)
 
-            async with self._lock(f.ifindex):
+            async with held(self._lock(f.ifindex)):
                 try:
                     await nl.request(build, op="filter_delete", backend=self.name, dev=dev, direction=direction)
                 except (Severed, DeviceNotFound):
