@@ -53,8 +53,8 @@ class BackendContext:
             a backend records in the kernel to prove ownership after a restart.
         kernel: the MockKernel for the mock backend; None otherwise.
         options: backend-specific options given to `open_session(backend_options=...)`.
-        nursery: the session's nursery, for background tasks that must live as long as the session (a
-            netlink reader, say); cancelled after the backend's `aclose()`. None only while probing.
+        nursery: the session's nursery, for background tasks that must live as long as the session;
+            cancelled after the backend's `aclose()`. None only while probing.
     """
 
     runner: NetnsRunner
