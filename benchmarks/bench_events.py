@@ -6,8 +6,9 @@ rate the kernel produces them, in one run.
 The storm (one `ip -n NS -batch` process): N interface creations (N/2 veth pairs: two interfaces each), then
 their N deletions, then a few survivor pairs that stay (so the final-state check is not an empty set).
 The kernel's own rate is counted by a raw NETLINK_ROUTE socket subscribed to RTNLGRP_LINK with a 64 MiB
-buffer, read in a tight loop in a separate process during the same storm (a thread of this process would
-compete with the trio thread for the GIL, and show up as asynctc's loop lag): every RTM_NEWLINK/RTM_DELLINK
+buffer, read in a tight loop in a separate process during the same storm, which that process also runs (a thread of
+this process would compete with the trio thread for the GIL, and a fork of it stalls its threads: either
+would show up as asynctc's loop lag): every RTM_NEWLINK/RTM_DELLINK
 message the kernel multicasts. asynctc turns those messages into DeviceAdded / DeviceRemoved events (a
 RTM_NEWLINK that only changes flags is not a new device, so it delivers fewer events than messages).
 
@@ -26,6 +27,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -57,6 +59,7 @@ STORM_GROUP = 7
 class EventLike(Protocol):
     def is_set(self) -> bool: ...
     def set(self) -> None: ...
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 class QueueLike(Protocol):
@@ -75,14 +78,32 @@ class KernelCount:
         return self.messages / (self.last - self.first) if self.last > self.first else 0.0
 
 
-def kernel_counter(netns: str, ready: EventLike, stop: EventLike, results: QueueLike) -> None:
-    """Count every RTM_NEWLINK/RTM_DELLINK the kernel multicasts in `netns` (a separate process, tight loop;
-    perf_counter is CLOCK_MONOTONIC, comparable across processes); put the KernelCount in `results`."""
+def storm_helper(netns: str, batch: str, ready: EventLike, go: EventLike, storm_done: EventLike,
+                 results: QueueLike) -> None:
+    """The helper process: counts every RTM_NEWLINK/RTM_DELLINK the kernel multicasts in `netns` (tight
+    loop; perf_counter is CLOCK_MONOTONIC, comparable across processes) and, once `go` is set, runs the
+    storm (`ip -batch`) from a thread of its own, so that the benchmark process never forks during a run.
+    Puts (KernelCount, storm seconds, storm error or "") in `results`."""
     out = KernelCount()
+    stop = threading.Event()
+    storm: list[tuple[float, str]] = []
+
+    def run_storm() -> None:
+        go.wait()
+        t0 = time.perf_counter()
+        proc = subprocess.run(["ip", "-n", netns, "-batch", batch], capture_output=True, check=False)
+        storm.append((time.perf_counter() - t0, proc.stderr.decode()[:300] if proc.returncode else ""))
+        stop.set()
+        storm_done.set()
+
+    thread = threading.Thread(target=run_storm, daemon=True)
+    thread.start()
     try:
         _count(netns, ready, stop, out)
     finally:
-        results.put(out)
+        thread.join(120)
+        secs, error = storm[0] if storm else (0.0, "the storm did not run")
+        results.put((out, secs, error))
 
 
 def _count(netns: str, ready: EventLike, stop: EventLike, out: KernelCount) -> None:
@@ -166,31 +187,18 @@ async def monitor_run(netns: str, label: str, pairs: int, rcvbuf: int | None) ->
     model = kernel_devices(netns)  # what exists before the storm (the monitor reports only changes)
     options = {} if rcvbuf is None else {"event_rcvbuf": rcvbuf}
     mp = multiprocessing.get_context("spawn")  # no fork of a process running trio and threads
-    ready, stop, results = mp.Event(), mp.Event(), mp.Queue()
-    counter = mp.Process(target=kernel_counter, args=(netns, ready, stop, results), daemon=True)
-    counter.start()
-    if not await trio.to_thread.run_sync(ready.wait, 30):
-        raise RuntimeError("the kernel counter process did not start")
+    ready, go, storm_done, results = mp.Event(), mp.Event(), mp.Event(), mp.Queue()
     with tempfile.NamedTemporaryFile("w", prefix="asynctc-storm-", suffix=".batch") as f:
         f.write("\n".join(lines) + "\n")
         f.flush()
+        helper = mp.Process(target=storm_helper, args=(netns, f.name, ready, go, storm_done, results), daemon=True)
+        helper.start()
+        if not await trio.to_thread.run_sync(ready.wait, 30):
+            raise RuntimeError("the storm helper process did not start")
         async with asynctc.open_session("bpf_link", netns=netns, backend_options=options) as session, \
                 session.open_monitor(buffer=1 << 16) as monitor, trio.open_nursery() as nursery:
             await nursery.start(run.lag.run)
-            storm_done = trio.Event()
-
-            async def storm() -> None:
-                # spawned from a worker thread: fork+exec on the trio thread would show up as loop lag
-                t0 = time.perf_counter()
-                proc = await trio.to_thread.run_sync(lambda: subprocess.run(
-                    ["ip", "-n", netns, "-batch", f.name], capture_output=True, check=False))
-                run.storm_secs = time.perf_counter() - t0
-                if proc.returncode != 0:
-                    raise RuntimeError(f"storm failed: {proc.stderr.decode()[:300]}")
-                stop.set()
-                storm_done.set()
-
-            nursery.start_soon(storm)
+            go.set()
             while True:
                 timeout = QUIET if storm_done.is_set() else 30.0
                 with trio.move_on_after(timeout):
@@ -215,8 +223,10 @@ async def monitor_run(netns: str, label: str, pairs: int, rcvbuf: int | None) ->
                     break
                 raise RuntimeError("no event for 30 s during the storm")
             nursery.cancel_scope.cancel()
-    run.kernel = await trio.to_thread.run_sync(results.get, True, 60)
-    await trio.to_thread.run_sync(counter.join, 10)
+        run.kernel, run.storm_secs, error = await trio.to_thread.run_sync(results.get, True, 120)
+        await trio.to_thread.run_sync(helper.join, 10)
+    if error:
+        raise RuntimeError(f"storm failed: {error}")
     kernel = kernel_devices(netns)
     run.state_ok = model == kernel and survivors <= set(kernel.values())
     missing = sorted(set(kernel.values()) - set(model.values()))

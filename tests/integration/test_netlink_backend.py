@@ -222,6 +222,21 @@ async def test_clsact_is_created_and_removed_only_when_ours(veth: VethPair) -> N
     assert await filters(ns, "veth0", "ingress") == []
 
 
+async def test_clsact_goes_with_our_last_filter_even_when_another_was_deleted_under_us(veth: VethPair) -> None:
+    """While the backend holds filters on a device it skips the emptiness check (its own filters keep the
+    clsact non-empty). A held filter that someone else deleted must not keep the clsact forever: once it
+    is found severed, the clsact we created is deleted if nothing is left on it."""
+    ns = veth.netns_a
+    async with asynctc.open_session("netlink", netns=ns) as s:
+        a_in = await s.attach("veth0", "ingress", programs.constant("pass"))
+        a_out = await s.attach("veth0", "egress", programs.constant("pass"))
+        tc("filter", "del", "dev", "veth0", "egress", "prio", str(a_out.info.priority), netns=ns)
+        await a_in.detach()  # possibly before the session has seen the deletion: the clsact may stay...
+        with trio.fail_after(10):
+            await a_out.wait_severed()
+        assert qdisc_kinds(ns) == []  # ...but not once a_out is known severed
+
+
 async def test_an_ingress_qdisc_in_the_way(veth: VethPair) -> None:
     ns = veth.netns_a
     tc("qdisc", "add", "dev", "veth0", "ingress", netns=ns)
