@@ -59,6 +59,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final, TypeVar
 
@@ -232,49 +233,40 @@ class _Slot:
         self.withdrawn = False
 
 
+@dataclass(slots=True, eq=False)
 class _Send:
-    __slots__ = ("answer", "data", "messages", "seq", "slot")
-
-    def __init__(self, data: bytes, seq: int, slot: _Slot) -> None:
-        self.data = data
-        self.seq = seq
-        self.slot = slot
-        self.messages: list[Message] = []  # collected by the kernel thread
-        self.answer: NlError | NlDone | None = None
+    data: bytes
+    seq: int
+    slot: _Slot
+    messages: list[Message] = field(default_factory=list)  # collected by the kernel thread
+    answer: NlError | NlDone | None = None
 
 
+@dataclass(slots=True, eq=False)
 class _Dump:
-    __slots__ = ("backend", "dev", "direction", "op", "request", "retries", "slot")
-
-    def __init__(self, request: bytes | RequestBuilder, op: str, backend: str | None, dev: str | int | None,
-                 direction: object | None, retries: int, slot: _Slot) -> None:
-        self.request = request
-        self.op = op
-        self.backend = backend
-        self.dev = dev
-        self.direction = direction
-        self.retries = retries
-        self.slot = slot
+    request: bytes | RequestBuilder
+    op: str
+    backend: str | None
+    dev: str | int | None
+    direction: object | None
+    retries: int
+    slot: _Slot
 
 
 _STOP: Final = object()
 _Job = _Send | _Dump | object
 
 
+@dataclass(slots=True, eq=False)
 class _Done:
     """What the kernel thread hands back for one job (applied to its slot on the trio thread)."""
 
-    __slots__ = ("answer", "failure", "messages", "send_error", "slot", "timed_out")
-
-    def __init__(self, slot: _Slot, *, messages: list[Message] | None = None, answer: NlError | NlDone | None = None,
-                 failure: BaseException | None = None, send_error: OSError | None = None,
-                 timed_out: bool = False) -> None:
-        self.slot = slot
-        self.messages = messages
-        self.answer = answer
-        self.failure = failure
-        self.send_error = send_error
-        self.timed_out = timed_out
+    slot: _Slot
+    messages: list[Message] | None = None
+    answer: NlError | NlDone | None = None
+    failure: BaseException | None = None
+    send_error: OSError | None = None
+    timed_out: bool = False
 
 
 class NetlinkTransport:
