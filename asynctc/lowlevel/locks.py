@@ -32,6 +32,9 @@ class held:
     def __init__(self, lock: _Acquirable) -> None:
         self._lock = lock
 
+    # KI-protected like trio's own lock context managers: a Ctrl-C between taking the lock and entering the
+    # block (or between leaving it and releasing) would leave the lock taken forever.
+    @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()  # yields only when cancelled
         try:
@@ -39,6 +42,7 @@ class held:
         except trio.WouldBlock:
             await self._lock.acquire()
 
+    @trio.lowlevel.enable_ki_protection
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:

@@ -79,3 +79,23 @@ def test_nonblocking_receiver_reads_datagrams_and_says_when_empty() -> None:
     with pytest.raises(OSError, match="Bad file descriptor") as exc:
         rx.recv()  # closed: fileno() is -1
     assert exc.value.errno == errno.EBADF
+
+
+async def test_held_takes_and_releases_ki_protected() -> None:
+    """A Ctrl-C between taking the lock and entering the block must not leave the lock taken: like
+    trio's own lock context managers, held() takes and releases with KeyboardInterrupt deferred."""
+    seen: list[tuple[str, bool]] = []
+
+    class Spy:
+        def acquire_nowait(self) -> None:
+            seen.append(("take", trio.lowlevel.currently_ki_protected()))
+
+        async def acquire(self) -> None:  # pragma: no cover - never contended here
+            raise AssertionError
+
+        def release(self) -> None:
+            seen.append(("release", trio.lowlevel.currently_ki_protected()))
+
+    async with held(Spy()):
+        pass
+    assert seen == [("take", True), ("release", True)]
