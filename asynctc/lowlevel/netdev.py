@@ -65,7 +65,8 @@ def resolve_device(dev: str | int, netns: str | None) -> tuple[int, str]:
 
 async def resolve_device_nl(nl: NetlinkTransport, dev: str | int, netns: str | None) -> tuple[int, str]:
     """(ifindex, name) of a device in the transport's namespace, asked over rtnetlink (one RTM_GETLINK);
-    DeviceNotFound otherwise. A name may be an alternative name: the device's own name is returned.
+    DeviceNotFound otherwise. A name may be an alternative name of up to 15 characters (as for every
+    name here): the device's own name is returned.
     `netns` only names the namespace in error messages."""
     from . import codec
 

@@ -28,8 +28,10 @@ loses it to a busy thread for up to the switch interval (5 ms) each time.
 
 Cancellation: a cancelled waiter withdraws its slot; a request the kernel thread has not sent yet is then
 never sent, one already sent may have taken effect, and its answer is dropped. Many tasks can have
-requests in flight on one transport at once (`max_in_flight` bounds them); a batch is at most
-MAX_BATCH_JOBS requests, so its answers fit the receive buffer. Should the kernel drop answers anyway
+requests in flight on one transport at once (`max_in_flight` bounds them); one datagram carries at most
+as many requests as the receive buffer has room for answers (ANSWER_SPACE each) and as the send buffer
+takes bytes, and a request that is not one whole aligned message is refused (ValueError) before it could
+spoil its neighbours in the datagram. Should the kernel drop answers anyway
 (ENOBUFS), the requests left unanswered fail with TCError(errno=ENOBUFS) at once; an answer that does not
 come at all fails its request after `answer_timeout` (30 s), even inside a shield.
 
@@ -69,7 +71,7 @@ from .._errors import TCError, from_errno
 from . import codec
 from .codec import Message, NlDone, NlError
 from .locks import held
-from .netns import NetnsRunner
+from .netns import NetnsRunner, release_thread_home
 
 __all__ = [
     "NETLINK_CAP_ACK",
@@ -158,6 +160,15 @@ def open_netlink_socket(
     return sock
 
 
+def _check_message(data: bytes) -> bytes:
+    """One whole, aligned netlink message, or ValueError: requests share a datagram with other tasks'
+    requests, and a wrong length would make the kernel misread (and drop) every message after it."""
+    if len(data) < 16 or len(data) % 4 or struct.unpack_from("=I", data)[0] != len(data):
+        raise ValueError(f"not one netlink message of the length its header gives, 4-byte aligned "
+                         f"({len(data)} bytes); encode requests with asynctc.lowlevel.codec")
+    return data
+
+
 def _force_ack(data: bytes) -> bytes:
     """The request with NLM_F_REQUEST|NLM_F_ACK set: every request must be answered, or its waiter hangs."""
     (flags,) = struct.unpack_from("=H", data, 6)
@@ -211,8 +222,12 @@ class NonblockingReceiver:
 # ---------------------------------------------------------------------------------------------------------
 # Requests with ACK, and dumps
 
-MAX_BATCH_JOBS: Final = 256  # answers of one batch (<= ~2 KiB of socket memory each) fit the receive buffer
+MAX_BATCH_JOBS: Final = 256  # jobs taken from the queue at once
 MAX_SEND_BYTES: Final = 64 * 1024  # one sendmsg; the kernel refuses more than the socket's sndbuf (~208 KiB)
+# Receive-buffer space one request's answers may take (an RTM_NEWLINK reply is ~1.1 KiB of data in a ~3 KiB
+# buffer, plus the ACK): a datagram carries at most rcvbuf / ANSWER_SPACE requests, so that all their
+# answers fit before the kernel thread reads them.
+ANSWER_SPACE: Final = 4096
 CLOSE_WAIT: Final = DUMP_TIMEOUT + 5.0
 
 
@@ -281,6 +296,10 @@ class NetlinkTransport:
         self.runner = runner
         self._sock = sock
         self._receiver = NonblockingReceiver(sock)  # used by the kernel thread only
+        # The kernel refuses a datagram longer than the send buffer less 32 bytes (EMSGSIZE), and drops
+        # answers that do not fit the receive buffer (ENOBUFS): a datagram stays within both.
+        self._max_send = min(MAX_SEND_BYTES, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 32)
+        self._max_requests = max(1, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // ANSWER_SPACE)
         self._portid: int = sock.getsockname()[0]
         self._slots: dict[int, _Slot] = {}
         self._dumps: set[_Slot] = set()
@@ -294,7 +313,6 @@ class NetlinkTransport:
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._thread_exited = False
-        self._thread_done: trio.Event | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._state_lock = threading.Lock()  # thread start/exit vs close: who closes the sockets
         self._dump_sock: socket.socket | None = None
@@ -364,7 +382,7 @@ class NetlinkTransport:
         async with held(self._in_flight):
             self._check_usable()
             seq = self._next_seq()
-            data = _force_ack(_build(msg, seq))
+            data = _force_ack(_check_message(_build(msg, seq)))
             slot = _Slot()
             self._slots[seq] = slot
             try:
@@ -438,12 +456,17 @@ class NetlinkTransport:
         """Queue a job for the kernel thread (started here on first use, on the trio thread)."""
         if self._thread is None:
             self._token = trio.lowlevel.current_trio_token()
-            self._thread_done = trio.Event()
             name = f"asynctc-netlink[{self.runner.netns or 'own netns'}]"
             thread = threading.Thread(target=self._kernel_loop, name=name, daemon=True)
+            try:
+                thread.start()  # it waits for its first job, queued below
+            except BaseException:
+                self._token = None  # not started: close() closes the sockets itself
+                raise
             with self._state_lock:
                 self._thread = thread
-            thread.start()
+        elif trio.lowlevel.current_trio_token() is not self._token:
+            raise RuntimeError("this netlink transport belongs to another trio.run; open one in this run")
         self._jobs.put(job)
 
     def _kernel_loop(self) -> None:
@@ -466,6 +489,7 @@ class NetlinkTransport:
         except BaseException as exc:  # pragma: no cover - a bug; waiters must hear of it, not hang
             failure = exc
         finally:
+            release_thread_home()  # the fd a dump socket's creation cached on this thread
             with self._state_lock:
                 self._thread_exited = True
                 if self._closed:
@@ -480,11 +504,12 @@ class NetlinkTransport:
         for job in batch:
             if job is _STOP or self._closed:  # close() failed every waiter already, and queued _STOP
                 go_on = False
+                sends = []  # their waiters were told the transport closed: nothing more is sent
                 break
             if isinstance(job, _Send):
                 if job.slot.withdrawn:
                     continue
-                if sends and size + len(job.data) > MAX_SEND_BYTES:
+                if sends and (size + len(job.data) > self._max_send or len(sends) >= self._max_requests):
                     self._exchange(sends, done)
                     sends, size = [], 0
                 sends.append(job)
@@ -596,8 +621,6 @@ class NetlinkTransport:
         if failure is not None and not self._closed:  # pragma: no cover - see _kernel_loop
             self._broken = failure
             self._fail_all(trio.BrokenResourceError(f"the netlink kernel thread failed: {failure!r}"))
-        assert self._thread_done is not None
-        self._thread_done.set()
 
     # -- dumps, in the kernel thread ------------------------------------------------------------------
 
@@ -676,10 +699,11 @@ class NetlinkTransport:
         once the kernel thread has ended and the sockets are closed (a send the kernel holds up on rtnl is
         waited for, up to CLOSE_WAIT seconds; the thread closes the sockets itself if it ends later)."""
         self._close()
-        done = self._thread_done
-        if done is not None:
-            with trio.move_on_after(CLOSE_WAIT, shield=True):
-                await done.wait()
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            # Joined from a worker thread: this works in any trio run, the thread's own one included.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(thread.join, CLOSE_WAIT)
         await trio.lowlevel.checkpoint()
 
     def _close(self) -> None:

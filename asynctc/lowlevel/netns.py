@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import trio
 
-__all__ = ["CLONE_NEWNET", "NetnsRunner", "netns_path", "setns"]
+__all__ = ["CLONE_NEWNET", "NetnsRunner", "netns_path", "release_thread_home", "setns"]
 
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/run/netns"
@@ -54,16 +54,42 @@ def netns_path(netns: str | os.PathLike[str]) -> str:
     return f"{NETNS_RUN_DIR}/{s}"
 
 
+class _HomeFd:
+    """A worker thread's fd on the namespace it started in; closed when the thread ends (CPython frees a
+    thread's threading.local values then), or earlier by `release_thread_home`."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
 _thread_state = threading.local()
 
 
 def _own_netns_fd() -> int:
     """An fd on the namespace this worker thread had when it first ran work for us (kept per thread)."""
-    fd: int | None = getattr(_thread_state, "home_fd", None)
-    if fd is None:
-        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        _thread_state.home_fd = fd
-    return fd
+    home: _HomeFd | None = getattr(_thread_state, "home", None)
+    if home is None:
+        home = _thread_state.home = _HomeFd(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+    return home.fd
+
+
+def release_thread_home() -> None:
+    """Close the calling thread's cached fd on its home namespace now, if it has one (a thread of its own
+    that used `NetnsRunner.call_in_netns` and is about to end; it would be closed with the thread anyway)."""
+    home: _HomeFd | None = getattr(_thread_state, "home", None)
+    if home is not None:
+        _thread_state.home = None
+        home.close()
 
 
 def _restore_or_die(home_fd: int) -> None:

@@ -323,8 +323,10 @@ class NetlinkBackend(Backend):
 
     async def _drop_clsact_if_empty(self, ifindex: int, dev: str | int, *, quiet: bool = True) -> None:
         """Delete the clsact qdisc if this instance created it and no filter is left on it. Call with the
-        device's lock held. A device or qdisc already gone is fine; other failures are logged (quiet) or
-        raised, and the qdisc stays remembered so that `aclose` tries again."""
+        device's lock held. While this instance still holds filters on the device the kernel is not asked
+        (they keep it non-empty); one of them deleted by someone else keeps an empty clsact only until it
+        is found severed, whose release calls this again. A device or qdisc already gone is fine; other
+        failures are logged (quiet) or raised, and the qdisc stays remembered so that `aclose` tries again."""
         if ifindex not in self._created or self._held.get(ifindex, 0) > 0:
             return  # not ours, or ours with our own filters still on it: nothing to check
         try:

@@ -563,3 +563,18 @@ async def test_devices_resolve_over_the_transport(nl: NetlinkTransport, nl_netns
     # the in-thread resolver agrees
     assert await nl.runner.run(resolve_device, "veth1", nl_netns.name) == (nl_netns.veth1, "veth1")
     assert nl.in_flight == 0
+
+
+async def test_transports_that_end_leave_no_fd_behind(runner: NetnsRunner, nl_netns: NlNetns) -> None:
+    """Each transport's kernel thread enters the namespace once (to create its dump socket), which caches
+    an fd on its home namespace: it is closed when the thread ends, as are the transport's sockets."""
+
+    async def use_once() -> None:
+        async with open_transport(runner) as nl:
+            await dump_filters(nl, nl_netns.veth0)
+
+    await use_once()  # warm-up: the runner's pooled worker threads keep their own home fds while they live
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(10):
+        await use_once()
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -4,7 +4,9 @@ NLM_F_DUMP_INTR, dump errors, and the order of events around an ENOBUFS. Fake so
 from __future__ import annotations
 
 import errno
+import socket
 import struct
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
@@ -178,3 +180,72 @@ async def test_other_recv_errors_propagate() -> None:
     events = fake_events([OSError(errno.EBADF, "bad")])
     with pytest.raises(OSError, match="bad"):
         await events.receive()
+
+
+# -- the request path's guards (a NETLINK_ROUTE socket and RTM_GETLINK of lo need no privileges) --------------
+
+
+def link_get_lo(seq: int) -> bytes:
+    return c.encode_link_get(seq, name="lo")
+
+
+async def test_a_request_that_is_not_one_whole_message_is_refused(transport: NetlinkTransport) -> None:
+    good = link_get_lo(0)
+    for bad in (good[:15], good + b"\0\0", good[:-4]):  # short, unaligned, length field != size
+        with pytest.raises(ValueError, match="not one netlink message"):
+            await transport.request(bad, op="link_get")
+    assert [m.name for m in await transport.request(good, op="link_get") if isinstance(m, c.LinkMsg)] == ["lo"]
+    assert transport.in_flight == 0
+
+
+async def test_batches_are_split_to_fit_the_send_buffer() -> None:
+    sock = open_netlink_socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2048)  # the kernel makes it its minimum, ~4.5 KiB
+    t = NetlinkTransport(NetnsRunner(None, trio.CapacityLimiter(2)), sock)
+    try:
+        names: list[str | None] = []
+
+        async def get() -> None:
+            msgs = await t.request(link_get_lo, op="link_get")
+            names.extend(m.name for m in msgs if isinstance(m, c.LinkMsg))
+
+        async with trio.open_nursery() as nursery:  # 128 x 48 bytes queued at once: more than one datagram
+            for _ in range(128):
+                nursery.start_soon(get)
+        assert names == ["lo"] * 128
+    finally:
+        await t.aclose()
+
+
+async def test_a_kernel_thread_that_could_not_start_is_started_by_the_next_request(
+    transport: NetlinkTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_start = threading.Thread.start
+    failures = [RuntimeError("can't start new thread")]
+
+    def start_once_failing(self: threading.Thread) -> None:
+        if failures:
+            raise failures.pop()
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start_once_failing)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        await transport.request(link_get_lo, op="link_get")
+    with trio.fail_after(5):
+        assert await transport.request(link_get_lo, op="link_get")
+    assert transport.in_flight == 0
+
+
+def test_a_transport_is_used_in_the_trio_run_that_first_used_it() -> None:
+    t = NetlinkTransport(NetnsRunner(None, trio.CapacityLimiter(2)), open_netlink_socket())
+
+    async def use() -> None:
+        await t.request(link_get_lo, op="link_get")
+
+    async def close() -> None:
+        await t.aclose()
+
+    trio.run(use)
+    with pytest.raises(RuntimeError, match="another trio.run"):
+        trio.run(use)
+    trio.run(close)
