@@ -7,7 +7,8 @@ It keeps the state it has reported (devices, qdiscs, clsact filters) so that:
   its state equals the kernel's again.
 
 The socket is opened before the baseline dump, so nothing can happen unseen between the two. Reading runs
-on the trio thread (it only copies queued messages); dumps run in worker threads (lowlevel.netlink).
+on the trio thread (it only copies queued messages); dumps run in the transport's kernel thread
+(lowlevel.netlink).
 
 tcx links produce no netlink events of their own: the session learns of severed links from DeviceRemoved
 and confirms each with the link's info (ifindex 0).

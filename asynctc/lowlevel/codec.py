@@ -657,7 +657,6 @@ def _memoized(encoder: Callable[Concatenate[int, P], bytes]) -> Callable[Concate
     def encode(seq: int, /, *args: P.args, **kwargs: P.kwargs) -> bytes:
         return set_seq(template(*args, **kwargs), seq)  # type: ignore[arg-type]
 
-    encode.cache_info = template.cache_info  # type: ignore[attr-defined]
     return encode
 
 

@@ -101,7 +101,6 @@ RECV_SIZE: Final = 64 * 1024  # the kernel builds dump skbs of at most 32 KiB; e
 DEFAULT_RCVBUF: Final = 1 << 20
 DUMP_TIMEOUT: Final = 10.0
 ANSWER_TIMEOUT: Final = 30.0  # a safety net: the ACK is queued before the kernel thread's send() returns
-DUMP_POOL_SIZE: Final = 2
 
 RequestBuilder = Callable[[int], bytes]
 """Builds one encoded request for a sequence number.
@@ -160,18 +159,18 @@ def open_netlink_socket(
     return sock
 
 
-def _check_message(data: bytes) -> bytes:
-    """One whole, aligned netlink message, or ValueError: requests share a datagram with other tasks'
-    requests, and a wrong length would make the kernel misread (and drop) every message after it."""
-    if len(data) < 16 or len(data) % 4 or struct.unpack_from("=I", data)[0] != len(data):
+_LEN_TYPE_FLAGS: Final = struct.Struct("=IHH")
+
+
+def _as_request(data: bytes) -> bytes:
+    """The request as it is sent: one whole, 4-byte aligned netlink message (ValueError otherwise: requests
+    share a datagram with other tasks' requests, and a wrong length would make the kernel misread, and
+    drop, every message after it), with NLM_F_REQUEST|NLM_F_ACK set (every request must be answered, or
+    its waiter hangs)."""
+    if len(data) < 16 or len(data) % 4 or _LEN_TYPE_FLAGS.unpack_from(data)[0] != len(data):
         raise ValueError(f"not one netlink message of the length its header gives, 4-byte aligned "
                          f"({len(data)} bytes); encode requests with asynctc.lowlevel.codec")
-    return data
-
-
-def _force_ack(data: bytes) -> bytes:
-    """The request with NLM_F_REQUEST|NLM_F_ACK set: every request must be answered, or its waiter hangs."""
-    (flags,) = struct.unpack_from("=H", data, 6)
+    flags = _LEN_TYPE_FLAGS.unpack_from(data)[2]
     want = flags | codec.NLM_F_REQUEST | codec.NLM_F_ACK
     if want == flags:
         return data
@@ -328,9 +327,6 @@ class NetlinkTransport:
         """How many requests are waiting for their ACK now."""
         return len(self._slots)
 
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
     @property
     def portid(self) -> int:
         """The request socket's netlink port id: multicast events caused by this transport's requests carry
@@ -382,7 +378,7 @@ class NetlinkTransport:
         async with held(self._in_flight):
             self._check_usable()
             seq = self._next_seq()
-            data = _force_ack(_check_message(_build(msg, seq)))
+            data = _as_request(_build(msg, seq))
             slot = _Slot()
             self._slots[seq] = slot
             try:
