@@ -41,7 +41,7 @@ from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendCo
 from asynctc.lowlevel import bpf
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel import netlink as nllib
-from asynctc.lowlevel.netdev import resolve_device, resolve_device_nl
+from asynctc.lowlevel.netdev import resolve_device_nl
 
 __all__ = ["BpfLinkBackend", "LinkAttachment", "asynctc_register_backends"]
 
@@ -109,10 +109,13 @@ class BpfLinkBackend(Backend):
             return Probe(False, f"probing tcx failed: {exc}")
         return Probe(ok, reason)
 
+    def _transport(self) -> nllib.NetlinkTransport:
+        if self._nl is None:
+            raise TCError("the bpf_link backend is closed (its session has ended)")
+        return self._nl
+
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
-        if self._nl is not None:
-            return await resolve_device_nl(self._nl, dev, self.ctx.netns)
-        return await self.ctx.runner.run(resolve_device, dev, self.ctx.netns)
+        return await resolve_device_nl(self._transport(), dev, self.ctx.netns)
 
     def _err(self, exc: bpf.BpfError, req_dev: str | int | None = None, direction: Direction | None = None,
              program: object | None = None) -> TCError:
@@ -295,11 +298,10 @@ class BpfLinkBackend(Backend):
     async def query(self, ifindex: int, direction: Direction) -> Hook:
         """tcx entries in run order, then the hook's cls_bpf filters (another session's or process's
         netlink attachments run after every tcx program)."""
-        nl = self._nl
-        filters: hooklib.FilterLister | None = None
-        if nl is not None:
-            async def filters(i: int, d: Direction) -> list[asynctc.HookEntry]:
-                return await hooklib.cls_bpf_entries(nl, i, d, self._names)
+        nl = self._transport()
+
+        async def filters(i: int, d: Direction) -> list[asynctc.HookEntry]:
+            return await hooklib.cls_bpf_entries(nl, i, d, self._names)
 
         return await hooklib.query_hook(self.ctx.runner, ifindex, direction, names=self._names,
                                         backend=self.name, filters=filters)
