@@ -37,8 +37,8 @@ __all__ = [
     "make_veths",
     "parse_args",
     "print_table",
+    "run_script",
     "run_threads",
-    "sigterm_as_interrupt",
     "verdict",
 ]
 
@@ -56,13 +56,19 @@ def parse_args(description: str, *, default_duration: float, quick_duration: flo
     return args
 
 
-def sigterm_as_interrupt() -> None:
-    """Make SIGTERM behave like Ctrl-C, so the `finally:` blocks that remove namespaces run either way."""
+def run_script(main: Callable[[], int]) -> None:
+    """Run a benchmark's main() and exit with its status. SIGTERM behaves like Ctrl-C, so the `finally:`
+    blocks that remove namespaces run either way; an interrupted run exits 130 saying so."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; everything created was removed", file=sys.stderr)
+        sys.exit(130)
 
 
 def machine_line() -> str:

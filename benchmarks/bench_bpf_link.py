@@ -36,8 +36,8 @@ from _common import (
     parse_args,
     print_lag_verdicts,
     print_table,
+    run_script,
     run_threads,
-    sigterm_as_interrupt,
     verdict,
 )
 
@@ -93,7 +93,6 @@ async def asynctc_run(netns: str, devs: list[str], concurrency: int, duration: f
 
 def main() -> int:
     args = parse_args(__doc__.splitlines()[0], default_duration=6.0, quick_duration=1.0)
-    sigterm_as_interrupt()
     duration: float = args.duration
     thread_counts = QUICK_THREAD_COUNTS if args.quick else THREAD_COUNTS
     print(f"bench_bpf_link: {machine_line()}")
@@ -146,8 +145,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; everything created was removed", file=sys.stderr)
-        sys.exit(130)
+    run_script(main)

@@ -44,7 +44,7 @@ from _common import (
     in_netns,
     machine_line,
     print_lag_verdicts,
-    sigterm_as_interrupt,
+    run_script,
     verdict,
 )
 
@@ -245,7 +245,6 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a short smoke run (200 interfaces)")
     args = p.parse_args()
-    sigterm_as_interrupt()
     interfaces = 200 if args.quick else 1000
     pairs = interfaces // 2
     print(f"bench_events: {machine_line()}")
@@ -290,8 +289,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; everything created was removed", file=sys.stderr)
-        sys.exit(130)
+    run_script(main)

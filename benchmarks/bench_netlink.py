@@ -40,8 +40,8 @@ from _common import (
     parse_args,
     print_lag_verdicts,
     print_table,
+    run_script,
     run_threads,
-    sigterm_as_interrupt,
     verdict,
 )
 
@@ -138,7 +138,6 @@ def check_clean(netns: str, devs: list[str]) -> None:
 
 def main() -> int:
     args = parse_args(__doc__.splitlines()[0], default_duration=6.0, quick_duration=1.0)
-    sigterm_as_interrupt()
     duration: float = args.duration
     print(f"bench_netlink: {machine_line()}")
     print(f"{N_DEVICES} veth devices, {duration:g} s per configuration, clsact + cls_bpf ingress, direct action")
@@ -185,8 +184,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; everything created was removed", file=sys.stderr)
-        sys.exit(130)
+    run_script(main)
