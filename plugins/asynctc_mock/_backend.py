@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno as _errno
 import functools
 import logging
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
@@ -128,7 +129,8 @@ class MockBackend(Backend):
             raise TypeError(f"the mock backend needs an asynctc_mock.MockKernel as kernel=, got {kernel!r}")
         self.kernel: MockKernel = kernel
         self.tag = ctx.session_tag
-        self._locks: dict[int, trio.Lock] = {}  # per ifindex: choosing a priority and adding the filter
+        # per ifindex: choosing a priority and adding the filter
+        self._locks: defaultdict[int, trio.Lock] = defaultdict(trio.Lock)
 
     @classmethod
     def new_kernel(cls) -> MockKernel:
@@ -154,12 +156,6 @@ class MockBackend(Backend):
             exc.errno or 0, op=op or exc.op, backend=self.name, dev=dev, direction=direction, program=program,
             detail=exc.detail or None,
         )
-
-    def _lock(self, ifindex: int) -> trio.Lock:
-        lock = self._locks.get(ifindex)
-        if lock is None:
-            lock = self._locks[ifindex] = trio.Lock()
-        return lock
 
     # -- devices --------------------------------------------------------------------------------------
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
@@ -252,7 +248,7 @@ class MockBackend(Backend):
     async def _attach_filter(self, request: AttachRequest, *, skip_sw: bool) -> MockAttachment:
         priority, handle = filter_slot_options(request.options)
         prog_id = await self._register(request.program)
-        async with self._lock(request.ifindex):
+        async with self._locks[request.ifindex]:
             created = await self._ensure_clsact(request)
             try:
                 f = await self._add_filter(request, prog_id, priority, handle, skip_sw=skip_sw)
@@ -356,7 +352,7 @@ class MockBackend(Backend):
                 if exc.errno != _errno.ENOENT:
                     raise self._err(exc, op="obj_unpin", dev=info.dev) from None
             att.info = replace(info, pinned=None)
-        async with self._lock(info.ifindex):  # not between another attach's clsact check and its filter add
+        async with self._locks[info.ifindex]:  # not between another attach's clsact check and its filter add
             await self._drop_qdisc_if_empty(info.ifindex)
         return not gone
 

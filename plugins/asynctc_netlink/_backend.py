@@ -53,6 +53,7 @@ import dataclasses
 import errno as _errno
 import logging
 import os
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import ClassVar, Final
@@ -207,7 +208,7 @@ class NetlinkBackend(Backend):
         super().__init__(ctx)
         self._nl: NetlinkTransport | None = None
         self._names = hooklib.ProgNameCache()
-        self._locks: dict[int, trio.Lock] = {}
+        self._locks: defaultdict[int, trio.Lock] = defaultdict(trio.Lock)  # per ifindex
         self._created: set[int] = set()  # ifindexes whose clsact qdisc this instance created
         self._held: dict[int, int] = {}  # ifindex -> how many filters this instance holds there
 
@@ -265,12 +266,6 @@ class NetlinkBackend(Backend):
         if self._nl is None:
             raise TCError("the netlink backend is closed (its session has ended)")
         return self._nl
-
-    def _lock(self, ifindex: int) -> trio.Lock:
-        lock = self._locks.get(ifindex)
-        if lock is None:
-            lock = self._locks[ifindex] = trio.Lock()
-        return lock
 
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
         return await resolve_device_nl(self._transport(), dev, self.ctx.netns)
@@ -419,7 +414,7 @@ class NetlinkBackend(Backend):
         # no worker-thread hop for them.
         dup = os.dup(prog_fd)
         try:
-            async with held(self._lock(request.ifindex)):
+            async with held(self._locks[request.ifindex]):
                 created = await self._ensure_clsact(request.ifindex, request.dev)
                 try:
                     f, gen_flags = await self._add_filter(request, priority, handle, name, hook_empty=created)
@@ -486,7 +481,7 @@ class NetlinkBackend(Backend):
         prio, handle = att.slot
         ours = False
         try:
-            async with held(self._lock(info.ifindex)):
+            async with held(self._locks[info.ifindex]):
                 if await self._current(att) is not None:
                     try:
                         await self._transport().request(
@@ -790,7 +785,7 @@ class NetlinkBackend(Backend):
                 return codec.encode_filter(seq, codec.RTM_DELTFILTER, DELETE_FLAGS, f.ifindex, f.parent,
                                            f.priority, f.handle)
 
-            async with held(self._lock(f.ifindex)):
+            async with held(self._locks[f.ifindex]):
                 try:
                     await nl.request(build, op="filter_delete", backend=self.name, dev=dev, direction=direction)
                 except (Severed, DeviceNotFound):
