@@ -9,7 +9,7 @@ from types import TracebackType
 from ._errors import ProgramError, from_errno
 from .lowlevel import bpf
 
-__all__ = ["PROG_TYPE_NAMES", "Program"]
+__all__ = ["PROG_TYPE_NAMES", "Program", "adopt_program_fd"]
 
 PROG_TYPE_NAMES = {
     bpf.BPF_PROG_TYPE_SOCKET_FILTER: "SOCKET_FILTER",
@@ -39,19 +39,6 @@ class Program:
         self._type = type
 
     @classmethod
-    def _adopt_fd(cls, fd: int) -> Program:
-        """Take ownership of `fd` (already ours); close it if it is not a usable program."""
-        if bpf.fd_object_kind(fd) != "prog":
-            os.close(fd)
-            raise ProgramError("the fd does not refer to a BPF program (is it a map or a link?)")
-        try:
-            info = bpf.prog_info(fd)
-        except bpf.BpfError as exc:
-            os.close(fd)
-            raise from_errno(exc.errno or 0, op="prog_info") from None
-        return cls(fd, id=info.id, name=info.name, tag=info.tag, type=info.type)
-
-    @classmethod
     def from_fd(cls, fd: int) -> Program:
         """A Program on a duplicate of `fd` (the caller keeps ownership of `fd`)."""
         try:
@@ -59,7 +46,7 @@ class Program:
         except OSError as exc:
             raise ProgramError(f"fd {fd} is not open: {exc.strerror}; pass the fd of a loaded BPF program",
                                errno=exc.errno) from None
-        return cls._adopt_fd(dup)
+        return adopt_program_fd(dup)
 
     @classmethod
     def from_pinned(cls, path: str | os.PathLike[str]) -> Program:
@@ -68,7 +55,7 @@ class Program:
             fd = bpf.obj_get(os.fspath(path))
         except bpf.BpfError as exc:
             raise from_errno(exc.errno or 0, op="obj_get", program=os.fspath(path)) from None
-        return cls._adopt_fd(fd)
+        return adopt_program_fd(fd)
 
     @classmethod
     def from_id(cls, prog_id: int) -> Program:
@@ -77,7 +64,7 @@ class Program:
             fd = bpf.prog_get_fd_by_id(int(prog_id))
         except bpf.BpfError as exc:
             raise from_errno(exc.errno or 0, op="prog_get_fd_by_id", program=f"program id {prog_id}") from None
-        return cls._adopt_fd(fd)
+        return adopt_program_fd(fd)
 
     @property
     def fd(self) -> int:
@@ -150,3 +137,16 @@ class Program:
 
     def __str__(self) -> str:
         return f"program {self._id}" + (f" ({self._name})" if self._name else "")
+
+
+def adopt_program_fd(fd: int) -> Program:
+    """A Program owning `fd` (already the caller's to give away); `fd` is closed if it is not a program."""
+    if bpf.fd_object_kind(fd) != "prog":
+        os.close(fd)
+        raise ProgramError("the fd does not refer to a BPF program (is it a map or a link?)")
+    try:
+        info = bpf.prog_info(fd)
+    except bpf.BpfError as exc:
+        os.close(fd)
+        raise from_errno(exc.errno or 0, op="prog_info") from None
+    return Program(fd, id=info.id, name=info.name, tag=info.tag, type=info.type)

@@ -28,6 +28,7 @@ from ._errors import BackendUnavailable, PinError
 from ._program import Program
 from ._types import AttachmentInfo, Direction, Hook, HookEntry, Offload, Probe, UpdateResult
 from .events import KernelEvent, Resynced
+from .lowlevel.events import DEFAULT_EVENT_RCVBUF, EventSource, check_rcvbuf, open_netlink_event_source
 from .lowlevel.netns import NetnsRunner
 
 __all__ = [
@@ -64,6 +65,13 @@ class BackendContext:
     kernel: Any = None
     options: Mapping[str, object] = field(default_factory=dict)
     nursery: trio.Nursery | None = None
+
+    def open_netlink_events(self) -> AbstractAsyncContextManager[EventSource]:
+        """The rtnetlink event source of the session's namespace (links, qdiscs, filters), for backends on
+        the real kernel. `backend_options={"event_rcvbuf": BYTES}` sets its socket's receive buffer (small
+        values force resyncs, for tests)."""
+        rcvbuf = check_rcvbuf(self.options.get("event_rcvbuf", DEFAULT_EVENT_RCVBUF))
+        return open_netlink_event_source(self.runner, rcvbuf=rcvbuf)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,21 +112,15 @@ class BackendAttachment(abc.ABC):
     info: AttachmentInfo
 
 
-class EventSource(abc.ABC):
-    """A stream of kernel events for one namespace. `receive()` returns the next batch (never empty).
-
-    When events were lost, the source re-reads the kernel's state, returns the differences as ordinary
-    events and then a `Resynced` (in the same batch or the next)."""
-
-    @abc.abstractmethod
-    async def receive(self) -> list[KernelEvent | Resynced]: ...
-
-
 class Backend(abc.ABC):
     """Base class of every backend. Subclasses set `name` and implement the abstract methods.
 
     Class attributes:
         name: the name users select it by.
+        attach_options: the backend-specific keyword options `Session.attach` accepts for it, name -> type
+            (e.g. the netlink backend's `priority` and `handle`, both int). The core refuses any other
+            option, or a value of another type, with TypeError before the backend is called; the backend
+            checks the values' ranges.
         can_offload: whether it can put programs in hardware (offload="prefer"/"require").
         has_revisions: whether its hooks have a tcx revision (expected_revision works).
         kernel_kind: "linux" for backends that drive the real kernel, "mock" for in-memory models; a
@@ -131,6 +133,7 @@ class Backend(abc.ABC):
     """
 
     name: ClassVar[str]
+    attach_options: ClassVar[Mapping[str, type]] = {}
     can_offload: ClassVar[bool] = False
     has_revisions: ClassVar[bool] = False
     kernel_kind: ClassVar[str] = "linux"

@@ -11,7 +11,7 @@ import os
 from typing import Literal, TypeAlias
 
 from ._errors import ProgramError, from_errno
-from ._program import Program
+from ._program import Program, adopt_program_fd
 from .lowlevel import bpf
 
 __all__ = ["VERDICTS", "CountingProgram", "Verdict", "constant", "counting", "verdict_value"]
@@ -40,7 +40,7 @@ def constant(verdict: Verdict = "pass", *, name: str | None = None) -> Program:
     code = verdict_value(verdict)
     a = bpf.asm
     fd = _load(a.mov64_imm(0, code) + a.exit(), name or f"atc_{verdict}")
-    return Program._adopt_fd(fd)
+    return adopt_program_fd(fd)
 
 
 class CountingProgram(Program):

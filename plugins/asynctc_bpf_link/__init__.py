@@ -385,9 +385,7 @@ class BpfLinkBackend(Backend):
 
     # -- events --------------------------------------------------------------------------------------
     def open_event_source(self) -> AbstractAsyncContextManager[EventSource]:
-        from asynctc._monitor_netlink import event_source_for
-
-        return event_source_for(self.ctx)
+        return self.ctx.open_netlink_events()
 
 
 @asynctc.hookimpl

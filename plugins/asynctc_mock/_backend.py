@@ -29,10 +29,10 @@ import errno as _errno
 import functools
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
-from typing import Literal, TypedDict, TypeVar
+from typing import ClassVar, Literal, TypedDict, TypeVar
 
 import trio
 
@@ -90,7 +90,6 @@ class _Where(TypedDict):
     program: object
 
 
-_OPTIONS = frozenset({"mode", "priority", "handle"})
 
 
 class MockAttachment(BackendAttachment):
@@ -118,6 +117,7 @@ class MockBackend(Backend):
     """
 
     name = "mock"
+    attach_options: ClassVar[Mapping[str, type]] = {"mode": str, "priority": int, "handle": int}
     kernel_kind = "mock"
     can_offload = True
     has_revisions = True
@@ -172,9 +172,6 @@ class MockBackend(Backend):
     async def attach(self, request: AttachRequest) -> BackendAttachment:
         """Attach as a tcx link (default), a cls_bpf filter (`mode="legacy"`), or a hardware filter
         (offload "prefer"/"require"). Nothing is left behind on failure."""
-        unknown = set(request.options) - _OPTIONS
-        if unknown:
-            raise TypeError(f"unknown mock attach option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
         mode = request.options.get("mode", "tcx")
         if mode not in ("tcx", "legacy"):
             raise ValueError(f"mode must be 'tcx' or 'legacy', got {mode!r}")
@@ -731,7 +728,7 @@ class MockBackend(Backend):
     @asynccontextmanager
     async def _event_source(self) -> AsyncIterator[EventSource]:
         source = MockEventSource(self.kernel, trio.lowlevel.current_trio_token())
-        await source._start()
+        await source.start()
         try:
             yield source
         finally:
@@ -797,7 +794,7 @@ class MockEventSource(EventSource):
         self._sub: Subscription | None = None
         self._known: KernelSnapshot | None = None
 
-    async def _start(self) -> None:
+    async def start(self) -> None:
         def start() -> tuple[Subscription, KernelSnapshot]:
             sub = self._kernel.subscribe(self._ping)
             return sub, sub.snapshot()

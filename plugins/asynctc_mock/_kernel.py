@@ -268,7 +268,7 @@ class Subscription:
         self._overflowed = False
         self.lost = 0
 
-    def _push(self, ev: KernelEvent) -> None:
+    def push(self, ev: KernelEvent) -> None:
         with self._qlock:
             if self._overflowed or len(self._queue) >= self.capacity:
                 self._overflowed = True
@@ -277,7 +277,7 @@ class Subscription:
                 self._queue.append(ev)
         self._wakeup()
 
-    def _overflow(self) -> None:
+    def overflow(self) -> None:
         with self._qlock:
             self.lost += len(self._queue)
             self._queue.clear()
@@ -297,10 +297,12 @@ class Subscription:
         """After an overflow: the kernel's state now, read in the same critical section as the queue is
         cleared, so the events queued after it are consistent with it. Takes the kernel lock: call it
         from a worker thread."""
-        with self._kernel._lock, self._qlock:
+        return self._kernel.snapshot(before=self._clear)
+
+    def _clear(self) -> None:
+        with self._qlock:
             self._queue.clear()
             self._overflowed = False
-            return self._kernel._snapshot_locked()
 
     def snapshot(self) -> KernelSnapshot:
         """The kernel's state now, and a clean queue: the starting point of a subscriber (kernel lock)."""
@@ -308,7 +310,7 @@ class Subscription:
 
     def close(self) -> None:
         """Stop receiving events."""
-        self._kernel._unsubscribe(self)
+        self._kernel.unsubscribe(self)
 
 
 class SimulatedProgram(Program):
@@ -350,11 +352,11 @@ class SimulatedProgram(Program):
 
     def count(self) -> int:
         """How many packets this program has seen in its kernel."""
-        return self._kernel._prog_count(self.id)
+        return self._kernel.prog_count(self.id)
 
     def reset(self) -> None:
         """Set the packet counter back to 0."""
-        self._kernel._prog_reset(self.id)
+        self._kernel.prog_reset(self.id)
 
     def close(self) -> None:
         """Close the handle (idempotent). Attachments keep running the program."""
@@ -565,11 +567,11 @@ class MockKernel:
             raise KernelError(_errno.ENOENT, op, f"no program with id {prog_id}")
         return rec
 
-    def _prog_count(self, prog_id: int) -> int:
+    def prog_count(self, prog_id: int) -> int:
         with self._lock:
             return self._progs[prog_id].count
 
-    def _prog_reset(self, prog_id: int) -> None:
+    def prog_reset(self, prog_id: int) -> None:
         with self._lock:
             self._progs[prog_id].count = 0
 
@@ -1249,7 +1251,7 @@ class MockKernel:
             self._subs.append(sub)
         return sub
 
-    def _unsubscribe(self, sub: Subscription) -> None:
+    def unsubscribe(self, sub: Subscription) -> None:
         with self._lock:
             if sub in self._subs:
                 self._subs.remove(sub)
@@ -1259,11 +1261,11 @@ class MockKernel:
         behind does (ENOBUFS); each must re-read the kernel's state and resynchronise."""
         with self._lock:
             for sub in list(self._subs):
-                sub._overflow()
+                sub.overflow()
 
     def _emit(self, ev: KernelEvent) -> None:
         for sub in list(self._subs):
-            sub._push(ev)
+            sub.push(ev)
 
     def _snapshot_locked(self) -> KernelSnapshot:
         devices = {d.ifindex: d.name for d in self._devices.values()}
@@ -1273,9 +1275,13 @@ class MockKernel:
                    for d in self._devices.values() for f in d.filters.values()}
         return KernelSnapshot(devices, qdiscs, filters)
 
-    def snapshot(self) -> KernelSnapshot:
-        """Devices, qdiscs and filters now (what a resynchronising event source re-reads)."""
+    def snapshot(self, *, before: Callable[[], None] | None = None) -> KernelSnapshot:
+        """Devices, qdiscs and filters now (what a resynchronising event source re-reads). `before` runs in
+        the same critical section, just before the state is read (a subscriber clears its queue there, so
+        the events queued after it are consistent with the snapshot)."""
         with self._lock:
+            if before is not None:
+                before()
             return self._snapshot_locked()
 
     # ====================================================================================================

@@ -105,7 +105,6 @@ ADD_FLAGS: Final = codec.NLM_F_REQUEST | codec.NLM_F_ACK | codec.NLM_F_CREATE | 
 # No NLM_F_CREATE: a replace of a filter that someone deleted fails with ENOENT instead of recreating it.
 REPLACE_FLAGS: Final = codec.NLM_F_REQUEST | codec.NLM_F_ACK | codec.NLM_F_REPLACE | codec.NLM_F_ECHO
 DELETE_FLAGS: Final = codec.NLM_F_REQUEST | codec.NLM_F_ACK
-OPTIONS: Final = frozenset({"priority", "handle"})
 CLEANUP_TIMEOUT: Final = 10.0
 RECORD_SUFFIX: Final = "_record"  # bpffs refuses names with dots (EPERM)
 
@@ -153,15 +152,6 @@ def _unlink_quiet(path: str) -> None:
         pass
 
 
-def _filter_options(options: Mapping[str, object]) -> tuple[int | None, int]:
-    """(priority or None, handle) from the attach options; ValueError naming the accepted values."""
-    unknown = sorted(set(options) - OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown netlink attach option(s) {unknown}; the netlink backend takes priority= "
-                         "(1..65535) and handle= (1..0xffffffff)")
-    return filter_slot_options(options)
-
-
 class FilterAttachment(BackendAttachment):
     """One cls_bpf filter of this backend: where it is, the TCA_BPF_NAME it was given (proof of ownership)
     and a duplicate fd of its current program (for pinning and renaming)."""
@@ -201,6 +191,7 @@ class NetlinkBackend(Backend):
     """
 
     name: ClassVar[str] = "netlink"
+    attach_options: ClassVar[Mapping[str, type]] = {"priority": int, "handle": int}
     can_offload: ClassVar[bool] = True
     has_revisions: ClassVar[bool] = False
 
@@ -407,7 +398,7 @@ class NetlinkBackend(Backend):
         return got
 
     async def attach(self, request: AttachRequest) -> FilterAttachment:
-        priority, handle = _filter_options(request.options)
+        priority, handle = filter_slot_options(request.options)
         prog_fd = request.program.fd  # ProgramError when closed or simulated
         name = format_tag(self.ctx.session_tag, request.program.name)
         # dup/close of a *program* fd never block (only closing an attached tcx link fd waits for RCU):
@@ -798,9 +789,7 @@ class NetlinkBackend(Backend):
 
     # -- events --------------------------------------------------------------------------------------
     def open_event_source(self) -> AbstractAsyncContextManager[EventSource]:
-        from asynctc._monitor_netlink import open_netlink_event_source
-
-        return open_netlink_event_source(self.ctx.runner)
+        return self.ctx.open_netlink_events()
 
 
 def _prog_name(tag: FilterTag | None, info: AttachmentInfo) -> str:

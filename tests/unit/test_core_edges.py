@@ -54,7 +54,7 @@ def test_backends_are_registered_once_per_plugin_manager() -> None:
 async def test_the_session_watcher_is_ki_protected(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C must be delivered to the main task, never raised inside the session's background watcher
     (its death would fail the nursery that the main task's cleanup runs in)."""
-    from asynctc._monitor import _Hub
+    from asynctc._watcher import Watcher as _Hub
 
     protected: list[bool] = []
     real = _Hub._dispatch

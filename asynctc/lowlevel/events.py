@@ -16,18 +16,18 @@ and confirms each with the link's info (ifindex 0).
 
 from __future__ import annotations
 
+import abc
 import errno
 import functools
 import logging
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 
 import trio
 
-from ._errors import TCError
-from ._types import Direction
-from .backend import BackendContext, EventSource
-from .events import (
+from .._errors import TCError
+from .._types import Direction
+from ..events import (
     DeviceAdded,
     DeviceRemoved,
     FilterAdded,
@@ -37,11 +37,17 @@ from .events import (
     QdiscRemoved,
     Resynced,
 )
-from .lowlevel import codec
-from .lowlevel.netlink import EventsLost, MulticastSocket, NetlinkTransport, open_multicast_socket, open_transport
-from .lowlevel.netns import NetnsRunner
+from . import codec
+from .netlink import EventsLost, MulticastSocket, NetlinkTransport, open_multicast_socket, open_transport
+from .netns import NetnsRunner
 
-__all__ = ["DEFAULT_EVENT_RCVBUF", "NetlinkEventSource", "event_source_for", "open_netlink_event_source"]
+__all__ = [
+    "DEFAULT_EVENT_RCVBUF",
+    "EventSource",
+    "NetlinkEventSource",
+    "check_rcvbuf",
+    "open_netlink_event_source",
+]
 
 log = logging.getLogger("asynctc")
 
@@ -56,6 +62,19 @@ HOOK_QDISCS = ("clsact", "ingress")
 QdiscKey = tuple[int, int, int]  # ifindex, parent, handle
 FilterKey = tuple[int, int, int, int, int]  # ifindex, parent, chain, priority, handle
 FilterVal = tuple[str, int | None]  # kind, bpf program id
+
+
+class EventSource(abc.ABC):
+    """A stream of kernel events for one namespace. `receive()` returns the next batch (never empty).
+
+    When events were lost, the source re-reads the kernel's state, returns the differences as ordinary
+    events and then a `Resynced` (in the same batch or the next). A backend's `open_event_source()`
+    returns an async context manager of one; `open_netlink_event_source` is the rtnetlink one the built-in
+    backends share, for any backend on the real kernel.
+    """
+
+    @abc.abstractmethod
+    async def receive(self) -> list[KernelEvent | Resynced]: ...
 
 
 def _filter_dump(seq: int, *, ifindex: int, parent: int) -> bytes:
@@ -258,10 +277,9 @@ async def open_netlink_event_source(
         mc.close()
 
 
-def event_source_for(ctx: BackendContext) -> AbstractAsyncContextManager[NetlinkEventSource]:
-    """The event source for a real backend's session; `backend_options={"event_rcvbuf": BYTES}` sets the
-    socket's receive buffer (default DEFAULT_EVENT_RCVBUF; small values force resyncs, for tests)."""
-    rcvbuf = ctx.options.get("event_rcvbuf", DEFAULT_EVENT_RCVBUF)
+def check_rcvbuf(rcvbuf: object) -> int | None:
+    """`rcvbuf` as an event socket's receive buffer size (bytes, >= 256, or None for the system's
+    default); ValueError otherwise."""
     if rcvbuf is not None and (not isinstance(rcvbuf, int) or isinstance(rcvbuf, bool) or rcvbuf < 256):
         raise ValueError(f"backend_options['event_rcvbuf'] must be an int >= 256 (bytes), got {rcvbuf!r}")
-    return open_netlink_event_source(ctx.runner, rcvbuf=rcvbuf)
+    return rcvbuf

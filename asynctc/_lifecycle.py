@@ -1,0 +1,269 @@
+"""The lifecycle of a session's attachments: register, update, detach, pin, unpin, sever, and the cleanup
+when the session closes.
+
+Every kernel-changing step runs shielded: once started it completes, so the registry always matches what
+the kernel did, and a cancellation that arrived meanwhile is delivered at the caller's next checkpoint.
+There is no deadline inside a step on purpose (a deadline could only fire between the steps of an
+operation, leaving it half done): each blocking kernel call is bounded by the kernel itself, and each
+netlink request by its transport's answer timeout. Cleanup at close is bounded by `cleanup_timeout`.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import logging
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import trio
+
+from ._attachment import Attachment
+from ._errors import DeviceNotFound, ProgramError, Severed, TCError
+from ._monitor import Fanout
+from ._program import Program
+from ._registry import AttachmentRecord, Registry
+from ._types import State, UpdateResult
+from .backend import Backend, BackendAttachment
+from .events import AttachmentEvent, AttachmentSevered
+from .lowlevel.locks import held
+
+__all__ = ["Lifecycle", "WatchDemand"]
+
+log = logging.getLogger("asynctc")
+
+EventKind = Literal["attach", "update", "detach", "sever"]
+
+
+class WatchDemand:
+    """How the lifecycle asks for the kernel's events to be watched, without knowing the watcher: the
+    watcher task waits for `wanted`, starts its event source, then sets `ready`."""
+
+    def __init__(self) -> None:
+        self.wanted = trio.Event()
+        self.ready = trio.Event()
+
+    async def wait_ready(self) -> None:
+        self.wanted.set()
+        await self.ready.wait()
+
+
+class Lifecycle:
+    """Carries out every operation on a session's attachments and keeps the registry in step with the
+    kernel. `Attachment` handles and the event watcher call it; it calls the backends."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        fanout: Fanout,
+        notify: Callable[[AttachmentEvent], None],
+        *,
+        cleanup_timeout: float,
+    ) -> None:
+        self.registry = registry
+        self.fanout = fanout
+        self.demand = WatchDemand()
+        self.cleanup_timeout = cleanup_timeout
+        self.closed = False
+        self._notify_observers = notify
+
+    def _notify(self, kind: EventKind, rec: AttachmentRecord, *, method: str | None = None,
+                reason: str | None = None) -> None:
+        att = rec.public
+        assert att is not None
+        self._notify_observers(AttachmentEvent(kind=kind, info=rec.info, attachment=att, method=method,
+                                               reason=reason))
+
+    async def watching(self) -> None:
+        """Make sure the kernel's events are watched (severing is noticed), and wait until they are."""
+        await self.demand.wait_ready()
+
+    # -- register ------------------------------------------------------------------------------------
+    def register(self, backend: Backend, handle: BackendAttachment) -> Attachment:
+        """Record what a backend attached or adopted; the session owns it from now on. No checkpoint here,
+        so a caller that just got `handle` from the kernel can never lose it to a cancellation."""
+        rec = AttachmentRecord(backend, handle)
+        att = Attachment(rec, self)
+        rec.public = att
+        self.registry.add(rec)
+        self._notify("attach", rec)
+        self.demand.wanted.set()  # the session now has something to lose: watch for severing
+        return att
+
+    # -- operations ----------------------------------------------------------------------------------
+    @staticmethod
+    def _check_live(rec: AttachmentRecord, action: str) -> None:
+        att = rec.public
+        if rec.released:
+            raise TCError(
+                f"cannot {action} {att!r}: the session that owned it has closed"
+                + (f"; adopt it again with session.adopt_pinned({rec.info.pinned!r})" if rec.info.pinned else "")
+            )
+        if rec.state is State.SEVERED:
+            raise Severed(f"cannot {action} {att!r}: the kernel severed it ({rec.sever_reason}); attach again",
+                          errno=_errno.ENOLINK)
+        if rec.state is State.DETACHED:
+            raise TCError(f"cannot {action} {att!r}: it was detached; attach again")
+
+    async def update(self, rec: AttachmentRecord, program: Program, *, expected: Program | None) -> UpdateResult:
+        self._check_live(rec, "update")
+        if not isinstance(program, Program):
+            raise ProgramError(f"update() takes an asynctc.Program, got {type(program).__name__}")
+        program.check_usable()
+        if expected is not None and not isinstance(expected, Program):
+            raise ProgramError(f"expected= takes an asynctc.Program, got {type(expected).__name__}")
+        async with held(rec.lock):
+            self._check_live(rec, "update")
+            try:
+                with trio.CancelScope(shield=True):
+                    result = await rec.backend.update(rec.handle, program, expected=expected)
+            except Severed as exc:
+                await self._sever_locked(rec, f"found severed during update: {exc.message}")
+                raise
+        self._notify("update", rec, method=result.method)
+        return result
+
+    async def detach(self, rec: AttachmentRecord) -> None:
+        if not rec.live:
+            return
+        async with held(rec.lock):
+            if not rec.live:
+                return
+            with trio.CancelScope(shield=True):
+                was_attached = await rec.backend.detach(rec.handle)
+            if was_attached:
+                rec.end(State.DETACHED)
+                self.registry.remove(rec)
+                self._notify("detach", rec)
+            else:
+                self._mark_severed(rec, "already severed by the kernel when detached")
+
+    async def pin(self, rec: AttachmentRecord, path: str) -> None:
+        self._check_live(rec, "pin")
+        async with held(rec.lock):
+            self._check_live(rec, "pin")
+            with trio.CancelScope(shield=True):
+                await rec.backend.pin(rec.handle, path)
+
+    async def unpin(self, rec: AttachmentRecord) -> None:
+        self._check_live(rec, "unpin")
+        async with held(rec.lock):
+            self._check_live(rec, "unpin")
+            if rec.info.pinned is None:
+                return
+            with trio.CancelScope(shield=True):
+                await rec.backend.unpin(rec.handle)
+
+    # -- severing ------------------------------------------------------------------------------------
+    def _mark_severed(self, rec: AttachmentRecord, reason: str) -> None:
+        """Record that the kernel severed `rec` and tell everyone; its resources are released apart."""
+        rec.end(State.SEVERED, reason)
+        self.registry.remove(rec)
+        self._notify("sever", rec, reason=reason)
+        att = rec.public
+        assert att is not None
+        self.fanout.publish(AttachmentSevered(att, reason))
+
+    async def _release_severed(self, rec: AttachmentRecord) -> None:
+        with trio.move_on_after(self.cleanup_timeout, shield=True):
+            try:
+                await rec.backend.detach(rec.handle)
+            except Exception as exc:  # resources of a severed attachment: report, go on
+                log.warning("asynctc: releasing severed %r failed: %r", rec.public, exc)
+
+    async def _sever_locked(self, rec: AttachmentRecord, reason: str) -> None:
+        if rec.state is not State.ATTACHED:
+            return
+        await self._release_severed(rec)
+        self._mark_severed(rec, reason)
+
+    async def _reason(self, rec: AttachmentRecord, fallback: str) -> str:
+        """Why `rec` was found severed: its device is gone, or the fallback (its hook or filter went)."""
+        try:
+            await rec.backend.resolve_device(rec.info.ifindex)
+        except DeviceNotFound:
+            return f"device {rec.info.dev} (ifindex {rec.info.ifindex}) was deleted"
+        except Exception:  # the answer only refines the reason
+            pass
+        return fallback
+
+    async def check_alive(self, records: Iterable[AttachmentRecord], reason: str | None) -> None:
+        """Ask the kernel about each record, concurrently, and sever those it no longer holds. `reason`
+        None: find out (device deleted, else its hook or filter was removed). Each check holds the
+        record's lock, so it never races an update or a detach of the same attachment."""
+
+        async def check(rec: AttachmentRecord) -> None:
+            if not rec.live or self.closed:
+                return
+            async with held(rec.lock):
+                if not rec.live or self.closed:
+                    return
+                try:
+                    alive = await rec.backend.is_attached(rec.handle)
+                except Exception as exc:
+                    log.warning("asynctc: could not check %r: %r", rec.public, exc)
+                    return
+                if alive:
+                    return
+                why = reason if reason is not None else await self._reason(
+                    rec, "its hook or filter was removed by someone else")
+                # Released before it is marked: whoever waits for the severing then finds what the session
+                # held on the hook (a clsact qdisc it created...) already gone.
+                await self._release_severed(rec)
+                self._mark_severed(rec, why)
+
+        async with trio.open_nursery() as n:
+            for rec in list(records):
+                n.start_soon(check, rec)
+
+    async def sever_all(self, reason: str) -> None:
+        """Everything the session holds is doomed (its namespace was deleted): mark every attachment
+        SEVERED at once, then let go of their resources concurrently (without detaching one by one: the
+        kernel tears the namespace's hooks down itself once nothing holds it)."""
+        records = [rec for rec in self.registry.records() if rec.live]
+        for rec in records:
+            self._mark_severed(rec, reason)
+
+        async def release(rec: AttachmentRecord) -> None:
+            async with held(rec.lock):
+                try:
+                    await rec.backend.release(rec.handle)
+                except Exception as exc:
+                    log.warning("asynctc: releasing %r after %s failed: %r", rec.public, reason, exc)
+                rec.released = True
+
+        with trio.move_on_after(self.cleanup_timeout, shield=True):
+            async with trio.open_nursery() as n:
+                for rec in records:
+                    n.start_soon(release, rec)
+
+    # -- close ---------------------------------------------------------------------------------------
+    async def close(self) -> list[BaseException]:
+        """Detach what the session owns (not pinned) and let go of the pinned rest, concurrently, shielded
+        and bounded by `cleanup_timeout`. Returns the failures (the caller reports them)."""
+        self.closed = True
+        errors: list[BaseException] = []
+        records = self.registry.records()
+
+        async def close_one(rec: AttachmentRecord) -> None:
+            try:
+                if rec.info.pinned is not None:
+                    async with held(rec.lock):
+                        if rec.live:
+                            await rec.backend.release(rec.handle)
+                            rec.released = True
+                else:
+                    await self.detach(rec)
+            except Exception as exc:
+                errors.append(exc)
+
+        with trio.move_on_after(self.cleanup_timeout, shield=True) as scope:
+            async with trio.open_nursery() as n:
+                for rec in records:
+                    n.start_soon(close_one, rec)
+        if scope.cancelled_caught:
+            errors.append(TCError(f"session cleanup did not finish within {self.cleanup_timeout}s; "
+                                  f"{len(self.registry)} attachment(s) may remain: query the hooks"))
+        for rec in records:
+            rec.released = True
+        self.registry.clear()
+        return errors

@@ -1,0 +1,174 @@
+"""The registry of a session's live attachments: one record per attachment, indexed by device, and the
+ownership marks that `query()` and the monitor put on what the kernel reports.
+
+A record is the mutable state behind one public `Attachment` handle. Only the lifecycle
+(`asynctc._lifecycle`) changes records; everyone else reads them through the registry or the handle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import trio
+
+from ._types import AttachmentInfo, Direction, HookEntry, State
+from .backend import Backend, BackendAttachment
+
+if TYPE_CHECKING:
+    from ._attachment import Attachment
+
+__all__ = ["AttachmentRecord", "PinClaims", "Registry"]
+
+_serials = itertools.count(1)
+_serial_lock = threading.Lock()
+
+
+def next_serial() -> int:
+    """A process-wide serial number (attachments of every session are numbered in one sequence)."""
+    with _serial_lock:
+        return next(_serials)
+
+
+class AttachmentRecord:
+    """The state of one attachment: which backend holds it, the backend's own handle, where it is (`info`),
+    its lifecycle state and the lock that serialises the operations on it."""
+
+    __slots__ = ("__weakref__", "backend", "ended", "handle", "lock", "public", "released", "serial",
+                 "sever_reason", "state")
+
+    def __init__(self, backend: Backend, handle: BackendAttachment) -> None:
+        self.serial = next_serial()
+        self.backend = backend
+        self.handle = handle
+        self.state = State.ATTACHED
+        self.lock = trio.Lock()
+        self.ended = trio.Event()  # set when the state leaves ATTACHED
+        self.released = False  # the session let go of it (pinned, at session close)
+        self.sever_reason: str | None = None
+        self.public: Attachment | None = None  # the handle users hold, set right after creation
+
+    @property
+    def info(self) -> AttachmentInfo:
+        return self.handle.info
+
+    @property
+    def live(self) -> bool:
+        """Attached and still held by its session."""
+        return self.state is State.ATTACHED and not self.released
+
+    def end(self, state: State, reason: str | None = None) -> None:
+        """Leave ATTACHED for good (DETACHED or SEVERED)."""
+        self.state = state
+        self.sever_reason = reason
+        self.ended.set()
+
+
+def entry_key(e: HookEntry) -> tuple[object, ...]:
+    """What identifies a hook entry across queries: its tcx link, or its filter's priority and handle."""
+    if e.kind == "tcx":
+        return ("tcx", e.link_id)
+    return (e.kind, e.priority, e.handle)
+
+
+def _record_keys(info: AttachmentInfo) -> Iterator[tuple[object, ...]]:
+    if info.link_id is not None:
+        yield ("tcx", info.link_id)
+    if info.priority is not None and info.handle is not None:
+        yield ("cls_bpf", info.priority, info.handle)
+
+
+class Registry:
+    """A session's live attachments (attached, not severed, not detached), oldest first, with an index by
+    device: the event watcher asks for one device's attachments on every kernel event."""
+
+    def __init__(self) -> None:
+        self._records: dict[int, AttachmentRecord] = {}
+        self._by_device: dict[int, dict[int, AttachmentRecord]] = {}
+
+    def add(self, record: AttachmentRecord) -> None:
+        self._records[record.serial] = record
+        self._by_device.setdefault(record.info.ifindex, {})[record.serial] = record
+
+    def remove(self, record: AttachmentRecord) -> None:
+        self._records.pop(record.serial, None)
+        on_device = self._by_device.get(record.info.ifindex)
+        if on_device is not None:
+            on_device.pop(record.serial, None)
+            if not on_device:
+                del self._by_device[record.info.ifindex]
+
+    def clear(self) -> None:
+        self._records.clear()
+        self._by_device.clear()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def records(self) -> list[AttachmentRecord]:
+        """Every live record, oldest first (a copy: safe to iterate while records come and go)."""
+        return list(self._records.values())
+
+    def on_device(self, ifindex: int) -> list[AttachmentRecord]:
+        on_device = self._by_device.get(ifindex)
+        return list(on_device.values()) if on_device else []
+
+    def pinned_at(self, path: str) -> AttachmentRecord | None:
+        for rec in self._records.values():
+            if rec.info.pinned == path:
+                return rec
+        return None
+
+    # -- ownership marks -----------------------------------------------------------------------------
+    def owned_keys(self, ifindex: int, direction: Direction) -> set[tuple[object, ...]]:
+        return {key for rec in self.on_device(ifindex) if rec.info.direction is direction
+                for key in _record_keys(rec.info)}
+
+    def mark_owned(self, entries: tuple[HookEntry, ...], ifindex: int, direction: Direction) -> tuple[HookEntry, ...]:
+        """The entries with `owned` set for exactly those this session holds."""
+        keys = self.owned_keys(ifindex, direction)
+        out = []
+        for e in entries:
+            owned = entry_key(e) in keys
+            out.append(e if owned == e.owned else HookEntry(e.prog_id, e.prog_name, e.prog_tag, e.kind, e.link_id,
+                                                            e.handle, e.priority, owned))
+        return tuple(out)
+
+    def owns_filter(self, ifindex: int, direction: Direction | None, priority: int, handle: int) -> bool:
+        """Whether a cls_bpf filter is one of this session's attachments."""
+        if direction is None:
+            return False
+        return ("cls_bpf", priority, handle) in self.owned_keys(ifindex, direction)
+
+
+class PinClaims:
+    """Which pins the open sessions of this process hold: a pin held by one open session cannot be adopted
+    by another (`NotOwned`) until the holder closes or unpins it."""
+
+    def __init__(self) -> None:
+        self._holders: weakref.WeakValueDictionary[int, Registry] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def join(self, registry: Registry) -> None:
+        with self._lock:
+            self._holders[id(registry)] = registry
+
+    def leave(self, registry: Registry) -> None:
+        with self._lock:
+            self._holders.pop(id(registry), None)
+
+    def holder(self, path: str, *, besides: Registry) -> Registry | None:
+        """Another open session's registry that holds the pin at `path`, if any."""
+        with self._lock:
+            holders = list(self._holders.values())
+        for reg in holders:
+            if reg is not besides and reg.pinned_at(path) is not None:
+                return reg
+        return None
+
+
+#: The process's pin claims (one table for every session of the process).
+pin_claims = PinClaims()
