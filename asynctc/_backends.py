@@ -34,10 +34,10 @@ class BackendSet:
         self._classes = classes
         self._ctx = ctx
         self._requested = requested
-        self._opened: dict[str, Backend] = {}
+        self._opened: dict[str, Backend[Any]] = {}
         self._locks: dict[str, trio.Lock] = {}
         self._attach_choices: dict[str, str] = {}  # offload mode -> backend chosen for "auto" attaches
-        self._primary: Backend | None = None
+        self._primary: Backend[Any] | None = None
         self._kind: str | None = None
         self._close_lock = trio.Lock()
         self._closed = False
@@ -63,7 +63,7 @@ class BackendSet:
         return self
 
     @property
-    def primary(self) -> Backend:
+    def primary(self) -> Backend[Any]:
         """The session's backend (the one `backend=` named or "auto" chose)."""
         if self._primary is None:
             raise TCError("the session's backend is not open")
@@ -73,7 +73,7 @@ class BackendSet:
     def context(self) -> BackendContext:
         return self._ctx
 
-    def opened(self) -> list[Backend]:
+    def opened(self) -> list[Backend[Any]]:
         return list(self._opened.values())
 
     # -- choosing ------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ class BackendSet:
             )
         return choice
 
-    async def get(self, name: str) -> Backend:
+    async def get(self, name: str) -> Backend[Any]:
         """The backend `name`, opened on first use. It must be of the session's kernel kind."""
         be = self._opened.get(name)
         if be is not None:
@@ -137,7 +137,7 @@ class BackendSet:
             self._opened[name] = be
             return be
 
-    async def for_attach(self, name: str | None, offload: Offload) -> Backend:
+    async def for_attach(self, name: str | None, offload: Offload) -> Backend[Any]:
         """The backend for one attach: `name` if given, else the primary, except that an offloading
         "auto" session picks (once per offload mode) a backend that can offload."""
         primary = self.primary
@@ -160,7 +160,7 @@ class BackendSet:
         return [primary, *(n for n in self._classes.names()
                            if n != primary and self._classes.get(n).kernel_kind == self._kind)]
 
-    async def get_available(self, name: str, unavailable: list[str]) -> Backend | None:
+    async def get_available(self, name: str, unavailable: list[str]) -> Backend[Any] | None:
         """The backend `name`, opened; None (its reason appended to `unavailable`) if it cannot work here."""
         try:
             return await self.get(name)

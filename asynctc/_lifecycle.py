@@ -13,12 +13,12 @@ from __future__ import annotations
 import errno as _errno
 import logging
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import trio
 
 from ._attachment import Attachment
-from ._errors import DeviceNotFound, ProgramError, Severed, TCError
+from ._errors import DeviceNotFound, PinError, ProgramError, Severed, TCError
 from ._monitor import Fanout
 from ._program import Program
 from ._registry import AttachmentRecord, Registry
@@ -78,7 +78,7 @@ class Lifecycle:
         await self.demand.wait_ready()
 
     # -- register ------------------------------------------------------------------------------------
-    def register(self, backend: Backend, handle: BackendAttachment) -> Attachment:
+    def register(self, backend: Backend[Any], handle: BackendAttachment) -> Attachment:
         """Record what a backend attached or adopted; the session owns it from now on. No checkpoint here,
         so a caller that just got `handle` from the kernel can never lose it to a cancellation."""
         rec = AttachmentRecord(backend, handle)
@@ -115,12 +115,14 @@ class Lifecycle:
             self._check_live(rec, "update")
             try:
                 with trio.CancelScope(shield=True):
-                    result = await rec.backend.update(rec.handle, program, expected=expected)
+                    updated = await rec.backend.update(rec.handle, program, expected=expected)
             except Severed as exc:
                 await self._sever_locked(rec, f"found severed during update: {exc.message}")
                 raise
-        self._notify("update", rec, method=result.method)
-        return result
+            rec.change(prog_id=updated.prog_id, offloaded=updated.offloaded,
+                       link_id=rec.info.link_id if updated.link_id is None else updated.link_id)
+        self._notify("update", rec, method=updated.method)
+        return updated.result
 
     async def detach(self, rec: AttachmentRecord) -> None:
         if not rec.live:
@@ -130,6 +132,7 @@ class Lifecycle:
                 return
             with trio.CancelScope(shield=True):
                 was_attached = await rec.backend.detach(rec.handle)
+            rec.change(pinned=None)
             if was_attached:
                 rec.end(State.DETACHED)
                 self.registry.remove(rec)
@@ -141,8 +144,13 @@ class Lifecycle:
         self._check_live(rec, "pin")
         async with held(rec.lock):
             self._check_live(rec, "pin")
+            if rec.info.pinned == path:
+                return
+            if rec.info.pinned is not None:
+                raise PinError(f"{rec.public!r} is already pinned at {rec.info.pinned}; unpin() it first")
             with trio.CancelScope(shield=True):
                 await rec.backend.pin(rec.handle, path)
+            rec.change(pinned=path)
 
     async def unpin(self, rec: AttachmentRecord) -> None:
         self._check_live(rec, "unpin")
@@ -152,6 +160,7 @@ class Lifecycle:
                 return
             with trio.CancelScope(shield=True):
                 await rec.backend.unpin(rec.handle)
+            rec.change(pinned=None)
 
     # -- severing ------------------------------------------------------------------------------------
     def _mark_severed(self, rec: AttachmentRecord, reason: str) -> None:

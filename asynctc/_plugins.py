@@ -31,9 +31,9 @@ class BackendRegistry:
     """Backend classes by name, filled by `asynctc_register_backends` implementations."""
 
     def __init__(self) -> None:
-        self._classes: dict[str, type[Backend]] = {}
+        self._classes: dict[str, type[Backend[Any]]] = {}
 
-    def add(self, cls: type[Backend], name: str | None = None) -> None:
+    def add(self, cls: type[Backend[Any]], name: str | None = None) -> None:
         """Register `cls` under `name` (default: cls.name)."""
         if not (isinstance(cls, type) and issubclass(cls, Backend)):
             raise PluginError(f"{cls!r} is not a subclass of asynctc.backend.Backend")
@@ -47,7 +47,7 @@ class BackendRegistry:
             )
         self._classes[key] = cls
 
-    def get(self, name: str) -> type[Backend]:
+    def get(self, name: str) -> type[Backend[Any]]:
         try:
             return self._classes[name]
         except KeyError:

@@ -7,11 +7,12 @@ A record is the mutable state behind one public `Attachment` handle. Only the li
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -40,7 +41,7 @@ class AttachmentRecord:
     __slots__ = ("__weakref__", "backend", "ended", "handle", "lock", "public", "released", "serial",
                  "sever_reason", "state")
 
-    def __init__(self, backend: Backend, handle: BackendAttachment) -> None:
+    def __init__(self, backend: Backend[Any], handle: BackendAttachment) -> None:
         self.serial = next_serial()
         self.backend = backend
         self.handle = handle
@@ -54,6 +55,10 @@ class AttachmentRecord:
     @property
     def info(self) -> AttachmentInfo:
         return self.handle.info
+
+    def change(self, **changes: object) -> None:
+        """Apply changes to `info` (the core's record of where the attachment is; backends only read it)."""
+        self.handle.info = dataclasses.replace(self.handle.info, **changes)  # type: ignore[arg-type]
 
     @property
     def live(self) -> bool:

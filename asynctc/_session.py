@@ -59,7 +59,7 @@ def _session_tag(owner: str) -> str:
     return f"{owner}:{pid}.{process_start_time(pid) or 0}.{serial}"
 
 
-def _check_options(be: Backend, options: Mapping[str, object]) -> None:
+def _check_options(be: Backend[Any], options: Mapping[str, object]) -> None:
     """Attach options are checked once, here, against what the backend declares (`attach_options`)."""
     accepted = be.attach_options
     for key, value in options.items():

@@ -17,17 +17,16 @@ conformance suite against any backend.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import trio
 
 from ._errors import BackendUnavailable, PinError
 from ._program import Program
-from ._types import AttachmentInfo, Direction, Hook, HookEntry, Offload, Probe, UpdateResult
-from .events import KernelEvent, Resynced
+from ._types import AttachmentInfo, Direction, Hook, HookEntry, Offload, Probe, UpdateMethod, UpdateResult
 from .lowlevel.events import DEFAULT_EVENT_RCVBUF, EventSource, check_rcvbuf, open_netlink_event_source
 from .lowlevel.netns import NetnsRunner
 
@@ -38,6 +37,7 @@ __all__ = [
     "EventSource",
     "Placement",
     "AttachRequest",
+    "Updated",
 ]
 
 
@@ -105,15 +105,44 @@ class AttachRequest:
     options: Mapping[str, object] = field(default_factory=dict)
 
 
-class BackendAttachment(abc.ABC):
-    """A backend's own record of one attachment (a link fd, a filter's handle...). The core treats it as
-    opaque; it reads `info`, which the backend keeps up to date (program id after an update, pin path)."""
+class BackendAttachment:
+    """A backend's own record of one attachment (a link fd, a filter's name...), subclassed by each backend.
+
+    `info` says where the attachment is. The backend fills it in when it attaches or adopts; after that
+    only the core changes it, from what the backend's methods return (`Updated`) and from the pin calls
+    that succeeded. The backend reads it."""
 
     info: AttachmentInfo
 
+    def __init__(self, info: AttachmentInfo) -> None:
+        self.info = info
 
-class Backend(abc.ABC):
-    """Base class of every backend. Subclasses set `name` and implement the abstract methods.
+
+H = TypeVar("H", bound=BackendAttachment)
+
+
+@dataclass(frozen=True, slots=True)
+class Updated:
+    """What `Backend.update` did: how (`method`), the hook's revision afterwards (None if it has none), and
+    the attachment's program now. `link_id` is the attachment's new tcx link where the update replaced the
+    link (make-before-break), None where the attachment kept its link or has none; `offloaded` is whether
+    the new program runs in hardware."""
+
+    method: UpdateMethod
+    revision: int | None
+    prog_id: int
+    link_id: int | None = None
+    offloaded: bool = False
+
+    @property
+    def result(self) -> UpdateResult:
+        return UpdateResult(self.method, self.revision)
+
+
+class Backend(abc.ABC, Generic[H]):
+    """Base class of every backend, generic over the backend's own attachment record `H` (a subclass of
+    `BackendAttachment`). Subclasses set `name` and implement the abstract methods: kernel verbs only.
+    Policy (positions, ownership marks, lifecycles, cleanup, severing) is the core's.
 
     Class attributes:
         name: the name users select it by.
@@ -129,7 +158,8 @@ class Backend(abc.ABC):
     The core runs attach, update, detach, pin, unpin, adopt_pinned and reap_orphans shielded from
     cancellation, so a backend's multi-step operation is never interrupted half-way; it must still leave
     nothing behind when one of its own steps fails, and it must not wait without bound (each netlink
-    request has an answer timeout; each bpf() call is bounded by the kernel).
+    request has an answer timeout; each bpf() call is bounded by the kernel). Calls on one attachment are
+    serialised by the core.
     """
 
     name: ClassVar[str]
@@ -148,12 +178,11 @@ class Backend(abc.ABC):
         """Whether this backend can work in ctx's namespace, and why (or why not). Must not raise for
         expected reasons (missing privileges, old kernel): say them in the Probe."""
 
-    async def open(self) -> None:  # noqa: B027 - optional hook
+    async def open(self) -> None:
         """Acquire what the backend needs (sockets...). Called once before any other instance method."""
 
-    async def aclose(self) -> None:  # noqa: B027 - optional hook
-        """Release what `open` acquired, after the session detached what it owned. Idempotent: it is
-        called again at session close if the namespace went away earlier."""
+    async def aclose(self) -> None:
+        """Release what `open` acquired, after the session detached what it owned. Idempotent."""
 
     # -- devices --------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -162,43 +191,46 @@ class Backend(abc.ABC):
 
     # -- attachments ----------------------------------------------------------------------------------
     @abc.abstractmethod
-    async def attach(self, request: AttachRequest) -> BackendAttachment:
-        """Attach the program. On failure nothing may be left behind (no link, no filter, no qdisc)."""
+    async def attach(self, request: AttachRequest) -> H:
+        """Attach the program; the record's `info` says where it is now. On failure nothing may be left
+        behind (no link, no filter, no qdisc)."""
 
     @abc.abstractmethod
-    async def detach(self, att: BackendAttachment) -> bool:
-        """Detach. Return True if it was detached now, False if the kernel had already severed it (then
-        only release resources). Must release every resource of `att` in both cases."""
+    async def detach(self, att: H) -> bool:
+        """Detach (and remove its pin, if pinned). Return True if it was detached now, False if the kernel
+        had already severed it (then only release resources). Must release every resource of `att` in both
+        cases."""
 
     @abc.abstractmethod
-    async def update(
-        self, att: BackendAttachment, program: Program, *, expected: Program | None
-    ) -> UpdateResult:
+    async def update(self, att: H, program: Program, *, expected: Program | None) -> Updated:
         """Swap the program atomically (Conflict if `expected` is given and another program is there,
-        changing nothing). Update `att.info` to the new program before returning."""
+        changing nothing); a pinned attachment stays pinned at its path. Return what changed: the core
+        applies it to `att.info`."""
 
-    async def release(self, att: BackendAttachment) -> None:  # noqa: B027 - optional hook
+    async def release(self, att: H) -> None:
         """Let go of a pinned attachment without detaching it (close fds): its session is closing."""
 
     @abc.abstractmethod
-    async def is_attached(self, att: BackendAttachment) -> bool:
+    async def is_attached(self, att: H) -> bool:
         """Ask the kernel whether the attachment is still there (False once severed)."""
 
     @abc.abstractmethod
     async def query(self, ifindex: int, direction: Direction) -> Hook:
-        """Every program on the hook in run order (tcx first, then cls_bpf by priority), all with
-        owned=False: the core marks what the session owns."""
+        """Every entry on the hook in the order the kernel runs them (tcx first, then the legacy filters),
+        all with owned=False: the core marks what the session owns."""
 
     # -- pinning --------------------------------------------------------------------------------------
-    async def pin(self, att: BackendAttachment, path: str) -> None:
-        """Make the attachment outlive the session and process, recorded at `path` on bpffs."""
+    async def pin(self, att: H, path: str) -> None:
+        """Make the attachment outlive the session and process, recorded at `path` on bpffs (the core then
+        sets `att.info.pinned`)."""
         raise PinError(f"the {self.name} backend cannot pin attachments")
 
-    async def unpin(self, att: BackendAttachment) -> None:
-        """Remove the pin; the attachment is the session's again (detached when the session closes)."""
+    async def unpin(self, att: H) -> None:
+        """Remove the pin at `att.info.pinned`; the attachment is the session's again (detached when the
+        session closes). The core then clears `att.info.pinned`."""
         raise PinError(f"the {self.name} backend cannot pin attachments")
 
-    async def adopt_pinned(self, path: str) -> BackendAttachment | None:
+    async def adopt_pinned(self, path: str) -> H | None:
         """Take over the attachment pinned at `path`; None if what is there is not this backend's."""
         return None
 
@@ -212,10 +244,3 @@ class Backend(abc.ABC):
     def open_event_source(self) -> AbstractAsyncContextManager[EventSource]:
         """An event source for the session's namespace. Raise BackendUnavailable where there is none."""
         raise BackendUnavailable(f"the {self.name} backend has no event source")
-
-
-async def aiter_events(source: EventSource) -> AsyncIterator[KernelEvent | Resynced]:
-    """Iterate a source's events one by one."""
-    while True:
-        for ev in await source.receive():
-            yield ev

@@ -16,8 +16,8 @@ attaches in software (info.offloaded False).
 
 from __future__ import annotations
 
-import dataclasses
 import errno as _errno
+import logging
 import os
 import socket
 from contextlib import AbstractAsyncContextManager
@@ -34,10 +34,9 @@ from asynctc import (
     Program,
     Severed,
     TCError,
-    UpdateResult,
     from_errno,
 )
-from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource
+from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource, Updated
 from asynctc.lowlevel import bpf
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel import netlink as nllib
@@ -51,18 +50,59 @@ DIRECTIONS = {v: k for k, v in ATTACH_TYPES.items()}
 # errnos with which the kernel refuses an in-place link update that a make-before-break can still do
 FALLBACK_ERRNOS = frozenset({_errno.EINVAL, _errno.EOPNOTSUPP, 524})  # 524: ENOTSUPP (kernel-internal)
 MBB_RETRIES = 3
+# Beside a pin while a make-before-break moves it to the new link (bpffs refuses dots in names).
+NEXT_SUFFIX = "_asynctc_next"
+
+log = logging.getLogger("asynctc")
 
 
 class LinkAttachment(BackendAttachment):
     """A tcx link held by its fd."""
 
     def __init__(self, fd: int, info: AttachmentInfo) -> None:
+        super().__init__(info)
         self.fd: int | None = fd
-        self.info = info
 
     def take_fd(self) -> int | None:
         fd, self.fd = self.fd, None
         return fd
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _pin_over(fd: int, path: str) -> None:
+    """Make the pin at `path` name the link `fd`, atomically: pinned beside it, then renamed over it."""
+    nxt = path + NEXT_SUFFIX
+    _unlink_quiet(nxt)
+    bpf.obj_pin(fd, nxt)
+    try:
+        os.rename(nxt, path)
+    except BaseException:
+        _unlink_quiet(nxt)
+        raise
+
+
+def _finish_interrupted_update(path: str) -> None:
+    """A make-before-break of the link pinned at `path` that was killed between pinning the new link
+    beside the pin and renaming it over: both links are attached. Finish it, atomically (the rename drops
+    the last reference to the link it replaces, which the kernel then detaches)."""
+    nxt = path + NEXT_SUFFIX
+    try:
+        fd = bpf.obj_get(nxt)
+    except bpf.BpfError:
+        return  # nothing was interrupted
+    try:
+        if bpf.fd_object_kind(fd) != "link":
+            return
+    finally:
+        os.close(fd)
+    log.warning("asynctc bpf_link: finishing an interrupted update of the link pinned at %s", path)
+    os.rename(nxt, path)
 
 
 def _detach_and_close(fd: int) -> bool:
@@ -77,7 +117,7 @@ def _detach_and_close(fd: int) -> bool:
         os.close(fd)
 
 
-class BpfLinkBackend(Backend):
+class BpfLinkBackend(Backend[LinkAttachment]):
     """tcx links (Linux >= 6.6). See the module docstring."""
 
     name: ClassVar[str] = "bpf_link"
@@ -164,26 +204,32 @@ class BpfLinkBackend(Backend):
         return flags | bpf.BPF_F_ID, p.prog_id
 
     # -- detach, liveness ----------------------------------------------------------------------------
-    async def detach(self, att: BackendAttachment) -> bool:
-        assert isinstance(att, LinkAttachment)
+    async def detach(self, att: LinkAttachment) -> bool:
+        """Detach the link and close its fd; a pinned link's pin is removed first (it would otherwise keep
+        naming a detached link)."""
         fd = att.take_fd()
         if fd is None:
             return False
+        pinned = att.info.pinned
         try:
+            if pinned is not None:
+                await self.ctx.runner.run(_unlink_quiet, pinned)
             return await self.ctx.runner.run(_detach_and_close, fd)
         except bpf.BpfError as exc:
             if exc.errno == _errno.ENOLINK:
                 return False
             raise self._err(exc, att.info.dev, att.info.direction) from None
+        except OSError as exc:
+            os.close(fd)
+            raise PinError(f"cannot remove the pin {pinned} of {att.info.dev}/{att.info.direction.value}: "
+                           f"{exc.strerror}", errno=exc.errno) from None
 
-    async def release(self, att: BackendAttachment) -> None:
-        assert isinstance(att, LinkAttachment)
+    async def release(self, att: LinkAttachment) -> None:
         fd = att.take_fd()
         if fd is not None:
             await self.ctx.runner.run(os.close, fd)
 
-    async def is_attached(self, att: BackendAttachment) -> bool:
-        assert isinstance(att, LinkAttachment)
+    async def is_attached(self, att: LinkAttachment) -> bool:
         fd = att.fd
         if fd is None:
             return False
@@ -194,8 +240,7 @@ class BpfLinkBackend(Backend):
         return info.ifindex != 0
 
     # -- update --------------------------------------------------------------------------------------
-    async def update(self, att: BackendAttachment, program: Program, *, expected: Program | None) -> UpdateResult:
-        assert isinstance(att, LinkAttachment)
+    async def update(self, att: LinkAttachment, program: Program, *, expected: Program | None) -> Updated:
         if att.fd is None:
             raise Severed(f"{att.info.dev}: the link is closed", errno=_errno.ENOLINK)
         fd = att.fd
@@ -217,22 +262,26 @@ class BpfLinkBackend(Backend):
             if exc.errno in FALLBACK_ERRNOS:
                 return await self._make_before_break(att, program, expected, refused=exc)
             raise self._err(exc, att.info.dev, att.info.direction, program) from None
-        att.info = dataclasses.replace(att.info, prog_id=prog_id)
-        return UpdateResult("link_update", revision)
+        return Updated("link_update", revision, prog_id)
 
     async def _make_before_break(
         self, att: LinkAttachment, program: Program, expected: Program | None, *, refused: bpf.BpfError
-    ) -> UpdateResult:
-        """Link the new program right before the old link (revision-checked), then detach the old link.
+    ) -> Updated:
+        """Link the new program right before the old link (revision-checked), then retire the old link.
 
         Nothing is changed unless every step succeeds: if the new link cannot be made, the old one stays;
-        if the old link cannot be detached, the new one is detached again.
+        if a later step fails, the new link is detached again. A pinned attachment is crash-safe: the new
+        link is pinned beside the old pin and renamed over it (atomic on bpffs) before the old link goes,
+        so at every instant the pin names an attached link. A crash between that pin and the rename leaves
+        both links attached and a `<pin>_asynctc_next` pin; adopting the pin completes the update
+        (`_finish_interrupted_update`). docs/cancellation.md has the whole argument.
         """
         old_fd = att.fd
         assert old_fd is not None
         attach_type = ATTACH_TYPES[att.info.direction]
         ifindex = att.info.ifindex
         new_prog_fd = program.fd
+        pinned = att.info.pinned
 
         def step() -> tuple[int, bpf.LinkInfo, int]:
             old = bpf.link_info(old_fd)
@@ -241,7 +290,8 @@ class BpfLinkBackend(Backend):
             if expected is not None and old.prog_id != expected.id:
                 raise Conflict(
                     f"update of {att.info.dev}/{att.info.direction.value} link {old.id}: the program on the "
-                    f"hook is {old.prog_id}, not the expected {expected.id}; nothing was changed",
+                    f"hook is {old.prog_id}, not the expected program {expected.id} ({expected.name!r}); "
+                    "nothing was changed",
                     errno=_errno.EPERM,
                 )
             rev = bpf.prog_query(ifindex, attach_type).revision
@@ -249,12 +299,19 @@ class BpfLinkBackend(Backend):
                 new_prog_fd, ifindex, attach_type,
                 flags=bpf.BPF_F_BEFORE | bpf.BPF_F_LINK | bpf.BPF_F_ID, relative=old.id, expected_revision=rev,
             )
+            moved = False
             try:
                 info = bpf.link_info(fd)
-                # The new program runs now (just before the old one); the old link may go.
+                if pinned is not None:
+                    # The new program runs now (just before the old one). Make the pin name it, atomically.
+                    _pin_over(fd, pinned)
+                    moved = True
                 bpf.link_detach(old_fd)
             except BaseException:
-                _detach_and_close(fd)  # roll back: the old program keeps running alone
+                # Roll back: the old program keeps running alone, pinned as before.
+                if moved:
+                    _pin_over(old_fd, pinned)  # type: ignore[arg-type]
+                _detach_and_close(fd)
                 raise
             os.close(old_fd)
             return fd, info, bpf.prog_query(ifindex, attach_type).revision
@@ -270,29 +327,12 @@ class BpfLinkBackend(Backend):
                 err.add_note(f"asynctc: in-place update was refused first ({refused}); make-before-break "
                              "failed and was rolled back: the old program keeps running")
                 raise err from None
+            except OSError as exc:
+                raise PinError(f"make-before-break update of {att.info.dev}/{att.info.direction.value}: "
+                               f"cannot move the pin {pinned} to the new link: {exc.strerror}; rolled back, "
+                               "the old program keeps running", errno=exc.errno) from None
         att.fd = new_fd
-        att.info = dataclasses.replace(att.info, prog_id=info.prog_id, link_id=info.id)
-        if att.info.pinned is not None:
-            # The pin named the old link; move it to the new one so it keeps meaning this attachment.
-            await self._repin(att, att.info.pinned)
-        return UpdateResult("make_before_break", revision)
-
-    async def _repin(self, att: LinkAttachment, path: str) -> None:
-        fd = att.fd
-        assert fd is not None
-
-        def repin() -> None:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            bpf.obj_pin(fd, path)
-
-        try:
-            await self.ctx.runner.run(repin)
-        except bpf.BpfError as exc:
-            att.info = dataclasses.replace(att.info, pinned=None)
-            raise from_errno(exc.errno or 0, op="obj_pin", backend=self.name, dev=path) from None
+        return Updated("make_before_break", revision, info.prog_id, link_id=info.id)
 
     # -- query ---------------------------------------------------------------------------------------
     async def query(self, ifindex: int, direction: Direction) -> Hook:
@@ -307,38 +347,29 @@ class BpfLinkBackend(Backend):
                                         backend=self.name, filters=filters)
 
     # -- pinning -------------------------------------------------------------------------------------
-    async def pin(self, att: BackendAttachment, path: str) -> None:
-        assert isinstance(att, LinkAttachment)
+    async def pin(self, att: LinkAttachment, path: str) -> None:
         fd = att.fd
         if fd is None:
             raise Severed("the link is closed", errno=_errno.ENOLINK)
-        if att.info.pinned is not None:
-            if att.info.pinned == path:
-                return
-            raise PinError(f"{att.info.dev}: already pinned at {att.info.pinned}; unpin() first")
         try:
             await self.ctx.runner.run(bpf.obj_pin, fd, path)
         except bpf.BpfError as exc:
             raise from_errno(exc.errno or 0, op="obj_pin", backend=self.name, dev=path) from None
-        att.info = dataclasses.replace(att.info, pinned=path)
 
-    async def unpin(self, att: BackendAttachment) -> None:
-        assert isinstance(att, LinkAttachment)
+    async def unpin(self, att: LinkAttachment) -> None:
         path = att.info.pinned
         if path is None:
             return
         try:
-            await self.ctx.runner.run(os.unlink, path)
-        except FileNotFoundError:
-            pass
+            await self.ctx.runner.run(_unlink_quiet, path)
         except OSError as exc:
             raise PinError(f"cannot unpin {path}: {exc.strerror}", errno=exc.errno) from None
-        att.info = dataclasses.replace(att.info, pinned=None)
 
     async def adopt_pinned(self, path: str) -> LinkAttachment | None:
         netns = self.ctx.netns
 
         def adopt() -> tuple[int, bpf.LinkInfo, str] | None:
+            _finish_interrupted_update(path)
             try:
                 fd = bpf.obj_get(path)
             except bpf.BpfError as exc:

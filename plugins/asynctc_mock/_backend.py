@@ -31,7 +31,6 @@ import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import replace
 from typing import ClassVar, Literal, TypedDict, TypeVar
 
 import trio
@@ -43,14 +42,12 @@ from asynctc import (
     Hook,
     HookEntry,
     OffloadError,
-    PinError,
     Probe,
     Program,
     TCError,
-    UpdateResult,
     from_errno,
 )
-from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource
+from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource, Updated
 from asynctc.events import (
     DeviceAdded,
     DeviceRemoved,
@@ -96,7 +93,7 @@ class MockAttachment(BackendAttachment):
     """The mock backend's record of one attachment: a tcx link, or a cls_bpf filter (with its name)."""
 
     def __init__(self, info: AttachmentInfo, *, kind: Literal["tcx", "filter"], filter_name: str = "") -> None:
-        self.info = info
+        super().__init__(info)
         self.kind: Literal["tcx", "filter"] = kind
         self.filter_name = filter_name
         self.renaming = 0  # our own replaces in flight (they rename the filter: it still counts as ours)
@@ -106,7 +103,7 @@ class MockAttachment(BackendAttachment):
         return f"<MockAttachment {self.kind} {self.info}>"
 
 
-class MockBackend(Backend):
+class MockBackend(Backend[MockAttachment]):
     """The mock backend: asynctc's contract on an in-memory `MockKernel` (no privileges needed).
 
     Attach options: `mode="tcx"` (default: a tcx link) or `mode="legacy"` (a cls_bpf filter under
@@ -169,7 +166,7 @@ class MockBackend(Backend):
         return ifindex, name
 
     # -- attach ---------------------------------------------------------------------------------------
-    async def attach(self, request: AttachRequest) -> BackendAttachment:
+    async def attach(self, request: AttachRequest) -> MockAttachment:
         """Attach as a tcx link (default), a cls_bpf filter (`mode="legacy"`), or a hardware filter
         (offload "prefer"/"require"). Nothing is left behind on failure."""
         mode = request.options.get("mode", "tcx")
@@ -302,10 +299,9 @@ class MockBackend(Backend):
         return True
 
     # -- detach ---------------------------------------------------------------------------------------
-    async def detach(self, att: BackendAttachment) -> bool:
+    async def detach(self, att: MockAttachment) -> bool:
         """Detach the link or delete the filter; False when the kernel had severed it already. A pin of a
         detached attachment is removed with it."""
-        assert isinstance(att, MockAttachment)
         info = att.info
         if att.kind == "tcx":
             assert info.link_id is not None
@@ -328,7 +324,6 @@ class MockBackend(Backend):
             except KernelError as exc:
                 raise self._err(exc, dev=info.dev, direction=info.direction) from None
             att.closed = True
-            att.info = replace(info, pinned=None)
             return alive
         assert info.priority is not None and info.handle is not None
         gone = False
@@ -348,7 +343,6 @@ class MockBackend(Backend):
             except KernelError as exc:
                 if exc.errno != _errno.ENOENT:
                     raise self._err(exc, op="obj_unpin", dev=info.dev) from None
-            att.info = replace(info, pinned=None)
         async with self._locks[info.ifindex]:  # not between another attach's clsact check and its filter add
             await self._drop_qdisc_if_empty(info.ifindex)
         return not gone
@@ -383,9 +377,8 @@ class MockBackend(Backend):
         finally:
             att.renaming -= 1
 
-    async def is_attached(self, att: BackendAttachment) -> bool:
+    async def is_attached(self, att: MockAttachment) -> bool:
         """Whether the link is still on its hook, or the filter is still there and still ours."""
-        assert isinstance(att, MockAttachment)
         if att.kind == "tcx":
             assert att.info.link_id is not None
             if att.closed:
@@ -403,13 +396,10 @@ class MockBackend(Backend):
             raise self._err(exc) from None
 
     # -- update ---------------------------------------------------------------------------------------
-    async def update(
-        self, att: BackendAttachment, program: Program, *, expected: Program | None
-    ) -> UpdateResult:
+    async def update(self, att: MockAttachment, program: Program, *, expected: Program | None) -> Updated:
         """Swap the program: tcx link update in place (compare-and-swap with `expected`), falling back to
         make-before-break when the kernel refuses the in-place update; a cls_bpf filter is replaced
         (NLM_F_REPLACE), in hardware too when offloaded (OffloadError if refused, the old program kept)."""
-        assert isinstance(att, MockAttachment)
         info = att.info
         new_id = await self._register(program)
         if att.kind == "filter":
@@ -425,8 +415,7 @@ class MockBackend(Backend):
                          info.link_id, exc)
                 return await self._make_before_break(att, program, new_id, expected)
             raise self._err(exc, op=op, dev=info.dev, direction=info.direction, program=program) from None
-        att.info = replace(info, prog_id=new_id)
-        return UpdateResult("link_update", await self._revision(info.ifindex, info.direction))
+        return Updated("link_update", await self._revision(info.ifindex, info.direction), new_id)
 
     async def _revision(self, ifindex: int, direction: Direction) -> int | None:
         try:
@@ -436,7 +425,7 @@ class MockBackend(Backend):
 
     async def _make_before_break(
         self, att: MockAttachment, program: Program, new_id: int, expected: Program | None
-    ) -> UpdateResult:
+    ) -> Updated:
         """The new program's link goes in just before the old one (anchored to it, guarded by the hook's
         revision), then the old link goes: the hook is never without one of them. Rolled back on failure."""
         info = att.info
@@ -456,7 +445,7 @@ class MockBackend(Backend):
                 raise from_errno(_errno.EPERM, op="link_update_cas", backend=self.name, **where,
                                  detail=f"the link runs program {li.prog_id}, not {expected.id}")
             if li.prog_id == new_id:
-                return UpdateResult("make_before_break", q.revision)
+                return Updated("make_before_break", q.revision, new_id)
             try:
                 new_link = await self._k(
                     self.kernel.link_create, info.ifindex, info.direction, new_id, before=True,
@@ -472,11 +461,9 @@ class MockBackend(Backend):
             except KernelError as exc:
                 await self._rollback_link(new_link)
                 raise self._err(exc, **where) from None
-            old_id = info.link_id
-            pinned = info.pinned
-            att.info = replace(info, prog_id=new_id, link_id=new_link)
-            await self._retire_old_link(old_id, new_link, pinned, att)
-            return UpdateResult("make_before_break", await self._revision(info.ifindex, info.direction))
+            await self._retire_old_link(info.link_id, new_link, info.pinned)
+            return Updated("make_before_break", await self._revision(info.ifindex, info.direction), new_id,
+                           link_id=new_link)
         raise from_errno(_errno.ESTALE, op="link_create", backend=self.name, **where,
                          detail="the hook kept changing during make-before-break")
 
@@ -487,16 +474,14 @@ class MockBackend(Backend):
         except KernelError as exc:  # pragma: no cover - reported, the original error wins
             log.error("asynctc mock: rolling back link %d failed: %s", link_id, exc)
 
-    async def _retire_old_link(self, old_id: int, new_id: int, pinned: str | None, att: MockAttachment) -> None:
+    async def _retire_old_link(self, old_id: int, new_id: int, pinned: str | None) -> None:
         """After make-before-break: move the pin to the new link and close the old one."""
         if pinned is not None:
             try:
                 await self._k(self.kernel.obj_unpin, pinned)
                 await self._k(self.kernel.obj_pin, new_id, pinned)
             except KernelError as exc:
-                att.info = replace(att.info, pinned=None)
-                raise PinError(f"the update succeeded but moving the pin {pinned} to the new link failed: "
-                               f"{exc}; pin the attachment again", errno=exc.errno) from None
+                log.warning("asynctc mock: moving the pin %s to the new link %d failed: %s", pinned, new_id, exc)
         try:
             await self._k(self.kernel.link_close, old_id)
         except KernelError as exc:
@@ -504,7 +489,7 @@ class MockBackend(Backend):
 
     async def _update_filter(
         self, att: MockAttachment, program: Program, new_id: int, expected: Program | None
-    ) -> UpdateResult:
+    ) -> Updated:
         info = att.info
         assert info.priority is not None and info.handle is not None
         where = _Where(dev=info.dev, direction=info.direction, program=program)
@@ -517,7 +502,8 @@ class MockBackend(Backend):
         if expected is not None and cur.prog_id != expected.id:
             raise Conflict(
                 f"update of {info.dev} {info.direction} prio {info.priority} [mock backend]: the filter runs "
-                f"program {cur.prog_id}, not {expected.id}; nothing was changed. query() and retry",
+                f"program {cur.prog_id}, not the expected program {expected.id} ({expected.name!r}); nothing was "
+                "changed. query() and retry",
                 errno=_errno.EPERM,
             )
         tag = parse_tag(att.filter_name)
@@ -526,8 +512,7 @@ class MockBackend(Backend):
             await self._replace_filter(att, new_id, name)
         except KernelError as exc:
             raise self._err(exc, **where) from None
-        att.info = replace(info, prog_id=new_id)
-        return UpdateResult("netlink_replace", await self._revision(info.ifindex, info.direction))
+        return Updated("netlink_replace", await self._revision(info.ifindex, info.direction), new_id)
 
     # -- query ----------------------------------------------------------------------------------------
     async def query(self, ifindex: int, direction: Direction) -> Hook:
@@ -552,14 +537,10 @@ class MockBackend(Backend):
         return Hook(q.revision, tuple(entries))
 
     # -- pins -----------------------------------------------------------------------------------------
-    async def pin(self, att: BackendAttachment, path: str) -> None:
+    async def pin(self, att: MockAttachment, path: str) -> None:
         """Pin the link (or record the filter) at `path` in the kernel's pin table. A pinned filter is
         renamed with the ":pinned" mark, so that no `reap_orphans` ever removes it."""
-        assert isinstance(att, MockAttachment)
         info = att.info
-        if info.pinned is not None:
-            raise PinError(f"{info.dev} {info.direction} prog {info.prog_id} is pinned at {info.pinned} "
-                           "already; unpin() it first")
         try:
             if att.kind == "tcx":
                 assert info.link_id is not None
@@ -585,17 +566,15 @@ class MockBackend(Backend):
                     except KernelError as exc:
                         log.warning("asynctc mock: removing the pin %s again failed: %s", path, exc)
                 raise
-        att.info = replace(info, pinned=path)
 
     def _prog_name(self, att: MockAttachment) -> str:
         """The program name part of a filter's owner tag (else a stand-in naming the program's id)."""
         tag = parse_tag(att.filter_name)
         return tag.prog_name if tag is not None else f"prog{att.info.prog_id}"
 
-    async def unpin(self, att: BackendAttachment) -> None:
+    async def unpin(self, att: MockAttachment) -> None:
         """Remove the pin; the attachment is the session's again (a filter is renamed with this session's
         tag: reaped after this process dies, detached when the session closes)."""
-        assert isinstance(att, MockAttachment)
         path = att.info.pinned
         if path is None:
             return
@@ -610,9 +589,8 @@ class MockBackend(Backend):
         except KernelError as exc:
             if exc.errno != _errno.ENOENT:
                 raise self._err(exc, op="obj_unpin", dev=att.info.dev) from None
-        att.info = replace(att.info, pinned=None)
 
-    async def adopt_pinned(self, path: str) -> BackendAttachment | None:
+    async def adopt_pinned(self, path: str) -> MockAttachment | None:
         """Take over the link or filter pinned at `path`. A pinned link that was severed meanwhile is
         unpinned and reported as Severed."""
         try:
@@ -647,9 +625,8 @@ class MockBackend(Backend):
         )
         return MockAttachment(info, kind="filter", filter_name=f.name)
 
-    async def release(self, att: BackendAttachment) -> None:
+    async def release(self, att: MockAttachment) -> None:
         """Close our handle on a pinned link (the pin keeps it attached); filters need nothing."""
-        assert isinstance(att, MockAttachment)
         if att.kind == "tcx" and not att.closed:
             assert att.info.link_id is not None
             att.closed = True

@@ -49,7 +49,6 @@ are those of the caller's pid namespace: owners sharing a tag across pid namespa
 
 from __future__ import annotations
 
-import dataclasses
 import errno as _errno
 import logging
 import os
@@ -75,10 +74,9 @@ from asynctc import (
     Program,
     Severed,
     TCError,
-    UpdateResult,
     from_errno,
 )
-from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource
+from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource, Updated
 from asynctc.lowlevel import bpf, codec
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel.locks import held
@@ -107,6 +105,7 @@ REPLACE_FLAGS: Final = codec.NLM_F_REQUEST | codec.NLM_F_ACK | codec.NLM_F_REPLA
 DELETE_FLAGS: Final = codec.NLM_F_REQUEST | codec.NLM_F_ACK
 CLEANUP_TIMEOUT: Final = 10.0
 RECORD_SUFFIX: Final = "_record"  # bpffs refuses names with dots (EPERM)
+NEXT_SUFFIX: Final = "_asynctc_next"  # beside a pin while an update moves it to the new program
 
 _cls_bpf_known: list[bool] = []
 
@@ -152,12 +151,32 @@ def _unlink_quiet(path: str) -> None:
         pass
 
 
+def _move_pin(prog_fd: int, path: str, record: Callable[[], PinRecord]) -> None:
+    """Make the pin at `path` name `prog_fd`'s program and its record say `record()`, each step atomic:
+    the program is pinned beside the old pin and renamed over it, then the record map's value is
+    rewritten in place (in a worker inside the namespace)."""
+    value = record().encode()
+    nxt = path + NEXT_SUFFIX
+    _unlink_quiet(nxt)
+    bpf.obj_pin(prog_fd, nxt)
+    try:
+        os.rename(nxt, path)
+    except BaseException:
+        _unlink_quiet(nxt)
+        raise
+    map_fd = bpf.obj_get(path + RECORD_SUFFIX)
+    try:
+        bpf.map_update(map_fd, 0, value)
+    finally:
+        os.close(map_fd)
+
+
 class FilterAttachment(BackendAttachment):
     """One cls_bpf filter of this backend: where it is, the TCA_BPF_NAME it was given (proof of ownership)
     and a duplicate fd of its current program (for pinning and renaming)."""
 
     def __init__(self, info: AttachmentInfo, *, name: str, prog_fd: int, gen_flags: int) -> None:
-        self.info = info
+        super().__init__(info)
         self.name = name
         self.prog_fd: int | None = prog_fd
         self.gen_flags = gen_flags  # the skip_hw/skip_sw request flags the filter was made with
@@ -183,7 +202,7 @@ class FilterAttachment(BackendAttachment):
         return f"<FilterAttachment {self.name!r} {self.info}>"
 
 
-class NetlinkBackend(Backend):
+class NetlinkBackend(Backend[FilterAttachment]):
     """clsact + cls_bpf filters over rtnetlink. See the module docstring.
 
     Attach options: `priority=` (1..65535) and `handle=` (1..0xffffffff, default 1) choose the filter's
@@ -466,8 +485,7 @@ class NetlinkBackend(Backend):
         return cur
 
     # -- detach, liveness ----------------------------------------------------------------------------
-    async def detach(self, att: BackendAttachment) -> bool:
-        assert isinstance(att, FilterAttachment)
+    async def detach(self, att: FilterAttachment) -> bool:
         info = att.info
         prio, handle = att.slot
         ours = False
@@ -491,7 +509,6 @@ class NetlinkBackend(Backend):
         if info.pinned is not None:
             # A record of a filter that is gone would only make adopt_pinned fail later.
             await self._remove_pin(info.pinned)
-            att.info = dataclasses.replace(att.info, pinned=None)
         return ours
 
     async def _release_fd(self, att: FilterAttachment) -> None:
@@ -500,16 +517,14 @@ class NetlinkBackend(Backend):
             os.close(fd)  # a program fd: closing it never blocks (see attach)
         await trio.lowlevel.checkpoint()
 
-    async def release(self, att: BackendAttachment) -> None:
+    async def release(self, att: FilterAttachment) -> None:
         """A pinned filter stays; only our duplicate of its program's fd is closed."""
-        assert isinstance(att, FilterAttachment)
         self._unhold(att)
         await self._release_fd(att)
 
-    async def is_attached(self, att: BackendAttachment) -> bool:
+    async def is_attached(self, att: FilterAttachment) -> bool:
         """Whether our filter is still in its slot: a cls_bpf filter with the name we gave it (the name is
         the proof; during one of our own replaces, which renames it, the filter counts as ours)."""
-        assert isinstance(att, FilterAttachment)
         cur = await self._current(att)
         return cur is not None or att.busy > 0
 
@@ -537,8 +552,7 @@ class NetlinkBackend(Backend):
         finally:
             att.busy -= 1
 
-    async def update(self, att: BackendAttachment, program: Program, *, expected: Program | None) -> UpdateResult:
-        assert isinstance(att, FilterAttachment)
+    async def update(self, att: FilterAttachment, program: Program, *, expected: Program | None) -> Updated:
         info = att.info
         where = f"update of {info.dev} {info.direction} prio {info.priority} handle {info.handle:#x} [netlink backend]"
         cur = await self._current(att)
@@ -546,8 +560,8 @@ class NetlinkBackend(Backend):
             raise Severed(f"{where} failed: the filter is gone (deleted, or its slot now holds someone else's "
                           "filter); nothing was changed", errno=_errno.ENOENT)
         if expected is not None and cur.bpf_id != expected.id:
-            raise Conflict(f"{where}: the filter runs program {cur.bpf_id}, not the expected {expected.id}; "
-                           "nothing was changed. query() and retry", errno=_errno.EPERM)
+            raise Conflict(f"{where}: the filter runs program {cur.bpf_id}, not the expected program {expected.id} "
+                           f"({expected.name!r}); nothing was changed. query() and retry", errno=_errno.EPERM)
         tag = parse_tag(att.name)
         new_name = format_tag(tag.session_tag if tag else self.ctx.session_tag, program.name,
                               pinned=bool(tag and tag.pinned))
@@ -561,11 +575,11 @@ class NetlinkBackend(Backend):
         if old_fd is not None:
             os.close(old_fd)
         att.name = new_name
-        att.info = dataclasses.replace(info, prog_id=f.bpf_id or program.id, offloaded=f.in_hw)
+        prog_id = f.bpf_id or program.id
         if info.pinned is not None:
-            await self._repin(att, info.pinned)
+            await self._repin(att, info.pinned, prog_id)
         revision = await self.ctx.runner.run(_tcx_revision, info.ifindex, info.direction)
-        return UpdateResult("netlink_replace", revision)
+        return Updated("netlink_replace", revision, prog_id, offloaded=f.in_hw)
 
     # -- query ---------------------------------------------------------------------------------------
     async def _filters(self, ifindex: int, direction: Direction) -> list[HookEntry]:
@@ -576,25 +590,22 @@ class NetlinkBackend(Backend):
                                         backend=self.name, filters=self._filters)
 
     # -- pinning -------------------------------------------------------------------------------------
-    def _record(self, att: FilterAttachment, name: str) -> Callable[[], PinRecord]:
+    def _record(self, att: FilterAttachment, name: str, prog_id: int) -> Callable[[], PinRecord]:
         """A builder (run in a worker inside the namespace: it reads the namespace's inode)."""
         info = att.info
         prio, handle = att.slot
 
         def build() -> PinRecord:
             return PinRecord(ifindex=info.ifindex, direction=info.direction, priority=prio, handle=handle,
-                             prog_id=info.prog_id, netns=current_netns_inode(), name=name)
+                             prog_id=prog_id, netns=current_netns_inode(), name=name)
 
         return build
 
     @staticmethod
-    def _write_pin(prog_fd: int, path: str, record: Callable[[], PinRecord], *, replace: bool) -> None:
-        """Pin the program at `path` and the record map at `path + "_record"` (in a worker). With
-        `replace`, existing pins there are replaced; otherwise nothing is left behind on failure."""
+    def _write_pin(prog_fd: int, path: str, record: Callable[[], PinRecord]) -> None:
+        """Pin the program at `path` and the record map at `path + "_record"` (in a worker); nothing is
+        left behind on failure."""
         rec = record().encode()
-        if replace:
-            _unlink_quiet(path)
-            _unlink_quiet(path + RECORD_SUFFIX)
         bpf.obj_pin(prog_fd, path)
         try:
             map_fd = bpf.map_create_array(RECORD_SIZE, 1, name="atc_nl_pin")
@@ -617,13 +628,8 @@ class NetlinkBackend(Backend):
         except OSError as exc:
             raise PinError(f"cannot unpin {path}: {exc.strerror}", errno=exc.errno) from None
 
-    async def pin(self, att: BackendAttachment, path: str) -> None:
-        assert isinstance(att, FilterAttachment)
+    async def pin(self, att: FilterAttachment, path: str) -> None:
         info = att.info
-        if info.pinned is not None:
-            if info.pinned == path:
-                return
-            raise PinError(f"{info.dev}: already pinned at {info.pinned}; unpin() first")
         if "." in os.path.basename(path):
             raise PinError(f"cannot pin at {path}: bpffs refuses names with a dot; pick a name without one")
         prog_fd = att.prog_fd
@@ -636,7 +642,7 @@ class NetlinkBackend(Backend):
                                  pinned=True)
         try:
             await self.ctx.runner.run(
-                lambda: self._write_pin(prog_fd, path, self._record(att, pinned_name), replace=False))
+                lambda: self._write_pin(prog_fd, path, self._record(att, pinned_name, info.prog_id)))
         except bpf.BpfError as exc:
             raise from_errno(exc.errno or 0, op="obj_pin", backend=self.name, dev=path) from None
         try:
@@ -647,22 +653,24 @@ class NetlinkBackend(Backend):
                 await self._remove_pin(path)
             raise
         att.name = pinned_name
-        att.info = dataclasses.replace(info, pinned=path)
 
-    async def _repin(self, att: FilterAttachment, path: str) -> None:
-        """After an update: the pin names the new program and the record its id and the filter's name."""
+    async def _repin(self, att: FilterAttachment, path: str, prog_id: int) -> None:
+        """After an update: the pin names the new program and the record its id and the filter's name.
+
+        Each step is atomic, so a crash at any instant leaves a pin that `adopt_pinned` accepts: the new
+        program is pinned beside the old one and renamed over it, then the record map's value is rewritten
+        in place. Until both are done the pin may name the old program or the record its id; adoption
+        recognises the filter by its slot and its pinned owner tag then, and repairs the pin."""
         prog_fd = att.prog_fd
         assert prog_fd is not None
         try:
-            await self.ctx.runner.run(lambda: self._write_pin(prog_fd, path, self._record(att, att.name),
-                                                              replace=True))
-        except bpf.BpfError as exc:
-            att.info = dataclasses.replace(att.info, pinned=None)
-            raise PinError(f"the update succeeded but re-pinning {path} failed ({exc}); pin the attachment "
-                           "again", errno=exc.errno) from None
+            await self.ctx.runner.run(_move_pin, prog_fd, path, self._record(att, att.name, prog_id))
+        except (bpf.BpfError, OSError) as exc:
+            # The filter runs the new program and keeps its pinned tag, so the pin still adopts it.
+            log.warning("asynctc netlink: re-pinning %s after an update failed (%s); adopt_pinned() repairs "
+                        "it", path, exc)
 
-    async def unpin(self, att: BackendAttachment) -> None:
-        assert isinstance(att, FilterAttachment)
+    async def unpin(self, att: FilterAttachment) -> None:
         info = att.info
         path = info.pinned
         if path is None:
@@ -674,7 +682,6 @@ class NetlinkBackend(Backend):
             await self._replace(att, att.prog_fd, name, f"program {info.prog_id}", cur.skip_sw)
             att.name = name
         await self._remove_pin(path)
-        att.info = dataclasses.replace(att.info, pinned=None)
 
     async def adopt_pinned(self, path: str) -> FilterAttachment | None:
         def read() -> tuple[int, PinRecord, str] | None:
@@ -728,21 +735,30 @@ class NetlinkBackend(Backend):
         try:
             parent = hooklib.CLSACT_PARENTS[rec.direction]
             cur = await self._get(rec.ifindex, parent, rec.priority, rec.handle, dev)
-            if cur is None or cur.kind != "bpf" or cur.bpf_id != rec.prog_id:
+            if cur is None or cur.kind != "bpf" or not _is_pinned_filter(cur, rec):
                 raise Severed(
                     f"the filter pinned at {path} ({dev} {rec.direction} prio {rec.priority} handle "
-                    f"{rec.handle:#x}) is gone or now runs another program; unpin it (remove the pin and its "
-                    "_record)", errno=_errno.ENOENT)
+                    f"{rec.handle:#x}) is gone or is not the pinned filter any more; unpin it (remove the pin "
+                    "and its _record)", errno=_errno.ENOENT)
+            prog_id = cur.bpf_id or rec.prog_id
+            if prog_id != rec.prog_id:
+                # An update was interrupted before its pin and record were rewritten: finish that now.
+                new_fd = await self.ctx.runner.run(bpf.prog_get_fd_by_id, prog_id)
+                os.close(fd)
+                fd = new_fd
         except BaseException:
             os.close(fd)
             raise
         info = AttachmentInfo(
             backend=self.name, netns=self.ctx.netns, dev=dev, ifindex=rec.ifindex, direction=rec.direction,
-            prog_id=rec.prog_id, link_id=None, handle=rec.handle, priority=rec.priority,
+            prog_id=prog_id, link_id=None, handle=rec.handle, priority=rec.priority,
             offloaded=cur.in_hw, pinned=path,
         )
         gen_flags = (cur.gen_flags or 0) & (codec.TCA_CLS_FLAGS_SKIP_HW | codec.TCA_CLS_FLAGS_SKIP_SW)
-        return self._hold(FilterAttachment(info, name=cur.bpf_name or rec.name, prog_fd=fd, gen_flags=gen_flags))
+        att = FilterAttachment(info, name=cur.bpf_name or rec.name, prog_fd=fd, gen_flags=gen_flags)
+        if prog_id != rec.prog_id or await self.ctx.runner.run(os.path.lexists, path + NEXT_SUFFIX):
+            await self._repin(att, path, prog_id)
+        return self._hold(att)
 
     # -- orphans -------------------------------------------------------------------------------------
     async def reap_orphans(self) -> tuple[HookEntry, ...]:
@@ -790,6 +806,16 @@ class NetlinkBackend(Backend):
     # -- events --------------------------------------------------------------------------------------
     def open_event_source(self) -> AbstractAsyncContextManager[EventSource]:
         return self.ctx.open_netlink_events()
+
+
+def _is_pinned_filter(cur: codec.FilterMsg, rec: PinRecord) -> bool:
+    """Whether the filter in a pin record's slot is the pinned one: it runs the recorded program, or it
+    carries the record's pinned owner tag (an update replaced its program and was interrupted before the
+    record named the new one; updates keep the tag)."""
+    if cur.bpf_id == rec.prog_id:
+        return True
+    now, then = parse_tag(cur.bpf_name), parse_tag(rec.name)
+    return now is not None and then is not None and now.pinned and now.session_tag == then.session_tag
 
 
 def _prog_name(tag: FilterTag | None, info: AttachmentInfo) -> str:
