@@ -11,7 +11,9 @@ import dataclasses
 import itertools
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
     from ._attachment import Attachment
 
 __all__ = ["AttachmentRecord", "PinClaims", "Registry"]
+
+DEPARTED_MAX = 4096
 
 _serials = itertools.count(1)
 _serial_lock = threading.Lock()
@@ -93,12 +97,43 @@ class Registry:
     def __init__(self) -> None:
         self._records: dict[int, AttachmentRecord] = {}
         self._by_device: dict[int, dict[int, AttachmentRecord]] = {}
+        self._attaching: dict[int, int] = {}  # ifindex -> attaches in flight
+        self._attach_done = trio.Event()
+        # Keys of attachments that left the registry, until the kernel's removal event for them is seen
+        # (bounded: a removal that is never reported must not grow it forever).
+        self._departed: OrderedDict[tuple[object, ...], Direction] = OrderedDict()
 
     def add(self, record: AttachmentRecord) -> None:
         self._records[record.serial] = record
         self._by_device.setdefault(record.info.ifindex, {})[record.serial] = record
 
+    # -- attaches in flight --------------------------------------------------------------------------
+    @contextmanager
+    def attaching(self, ifindex: int) -> Iterator[None]:
+        """Mark an attach to `ifindex` in flight: the kernel may report its filter before the attachment
+        is registered, and the event's `owned` flag must wait for it (`settled`)."""
+        self._attaching[ifindex] = self._attaching.get(ifindex, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._attaching[ifindex] - 1
+            if left:
+                self._attaching[ifindex] = left
+            else:
+                del self._attaching[ifindex]
+            self._attach_done.set()
+            self._attach_done = trio.Event()
+
+    async def settled(self, ifindex: int) -> None:
+        """Wait until no attach to `ifindex` is in flight (callers bound the wait)."""
+        while self._attaching.get(ifindex):
+            await self._attach_done.wait()
+
     def remove(self, record: AttachmentRecord) -> None:
+        for key in _record_keys(record.info):
+            self._departed[(record.info.ifindex, *key)] = record.info.direction
+            if len(self._departed) > DEPARTED_MAX:
+                self._departed.popitem(last=False)
         self._records.pop(record.serial, None)
         on_device = self._by_device.get(record.info.ifindex)
         if on_device is not None:
@@ -109,6 +144,7 @@ class Registry:
     def clear(self) -> None:
         self._records.clear()
         self._by_device.clear()
+        self._departed.clear()
 
     def __len__(self) -> int:
         return len(self._records)
@@ -147,6 +183,17 @@ class Registry:
         if direction is None:
             return False
         return ("cls_bpf", priority, handle) in self.owned_keys(ifindex, direction)
+
+    def owned_removal(self, ifindex: int, direction: Direction | None, priority: int, handle: int) -> bool:
+        """Whether a removed cls_bpf filter was this session's: one it holds (severed by someone else), or
+        one it detached whose removal the kernel reports now (the record left the registry first)."""
+        if self.owns_filter(ifindex, direction, priority, handle):
+            return True
+        key = (ifindex, "cls_bpf", priority, handle)
+        if direction is not None and self._departed.get(key) is direction:
+            del self._departed[key]
+            return True
+        return False
 
 
 class PinClaims:

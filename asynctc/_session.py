@@ -219,7 +219,7 @@ class Session:
             offload=offload if be.can_offload else "never",
             options=options,
         )
-        with trio.CancelScope(shield=True):
+        with self._registry.attaching(ifindex), trio.CancelScope(shield=True):
             handle = await be.attach(request)
         # No checkpoint from here to the return: the attachment is registered before any cancellation
         # can be delivered, so it is never lost.
@@ -358,6 +358,11 @@ class Session:
         if self._lifecycle.closed:
             return []
         pin_claims.leave(self._registry)
+        if self._watcher.netns_gone is not None:
+            # The attachments of a deleted namespace are marked SEVERED first and released after: let
+            # that finish before the runner goes.
+            with trio.move_on_after(self.cleanup_timeout, shield=True):
+                await self._watcher.let_go.wait()
         errors = await self._lifecycle.close()
         with trio.move_on_after(self.cleanup_timeout, shield=True):
             errors.extend(await self._backends.aclose())

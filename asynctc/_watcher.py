@@ -28,6 +28,8 @@ __all__ = ["POLL_INTERVAL", "Watcher"]
 log = logging.getLogger("asynctc")
 
 POLL_INTERVAL = 1.0
+# How long a FilterAdded event may wait for an attach in flight on its device to register what it made.
+OWNERSHIP_WAIT = 5.0
 
 
 class Watcher:
@@ -41,6 +43,7 @@ class Watcher:
         self._fanout = fanout
         self._runner = runner
         self.netns_gone: str | None = None  # why, once the session's namespace was deleted
+        self.let_go = trio.Event()  # set once the session let go of its deleted namespace
 
     @trio.lowlevel.enable_ki_protection
     async def run(self) -> None:
@@ -82,12 +85,15 @@ class Watcher:
         stop.cancel()  # the event source's socket holds the namespace too
         reason = f"network namespace {netns!r} was deleted"
         self.netns_gone = reason
-        with trio.CancelScope(shield=True):
-            await self._lifecycle.sever_all(reason)
-            for err in await self._backends.aclose():
-                log.warning("asynctc: closing a backend after %s failed: %r", reason, err)
-        self._runner.close(reason)
-        self._fanout.end_all()
+        try:
+            with trio.CancelScope(shield=True):
+                await self._lifecycle.sever_all(reason)
+                for err in await self._backends.aclose():
+                    log.warning("asynctc: closing a backend after %s failed: %r", reason, err)
+            self._runner.close(reason)
+            self._fanout.end_all()
+        finally:
+            self.let_go.set()
 
     async def _run_events(self) -> None:
         ready = self._lifecycle.demand.ready
@@ -124,8 +130,15 @@ class Watcher:
 
     async def _dispatch(self, ev: KernelEvent | Resynced) -> None:
         registry = self._registry
-        if isinstance(ev, FilterAdded | FilterRemoved):
+        if isinstance(ev, FilterAdded):
+            # The kernel may report our new filter before the attach that made it has registered it.
+            with trio.move_on_after(OWNERSHIP_WAIT):
+                await registry.settled(ev.ifindex)
             owned = registry.owns_filter(ev.ifindex, ev.direction, ev.priority, ev.handle)
+            if owned != ev.owned:
+                ev = dataclasses.replace(ev, owned=owned)
+        elif isinstance(ev, FilterRemoved):
+            owned = registry.owned_removal(ev.ifindex, ev.direction, ev.priority, ev.handle)
             if owned != ev.owned:
                 ev = dataclasses.replace(ev, owned=owned)
         self._fanout.publish(ev)

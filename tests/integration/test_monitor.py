@@ -210,3 +210,53 @@ def test_monitor_command_streams_json_and_ends_on_ctrl_c(netns: str) -> None:
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+@pytest.mark.parametrize("backend", ["netlink", "mock"])
+async def test_own_filters_are_reported_owned_when_added_and_removed(netns: str, backend: str) -> None:
+    """The kernel reports a new filter before the attach that made it returns, and its removal after the
+    detach let go of it: both events still say owned=True; a foreign filter's say owned=False."""
+    from asynctc_mock import MockKernel
+
+    kernel = MockKernel() if backend == "mock" else None
+    dev = "eth0" if backend == "mock" else "own0"
+    if kernel is None:
+        ip("link", "add", "own0", "type", "veth", "peer", "name", "own1", netns=netns)
+    opts = {"mode": "legacy"} if backend == "mock" else {}
+    async with asynctc.open_session(backend, netns=None if kernel else netns, kernel=kernel) as s, \
+            s.open_monitor() as mon:
+        prog = kernel.program("pass") if kernel else asynctc.programs.constant("pass")
+        for _ in range(3):
+            att = await s.attach(dev, "ingress", prog, **opts)
+            prio, handle = att.info.priority, att.info.handle
+            added = await next_matching(
+                mon, lambda e, prio=prio: isinstance(e, ev.FilterAdded) and e.priority == prio)
+            assert isinstance(added, ev.FilterAdded) and added.owned, added
+            await att.detach()
+            removed = await next_matching(
+                mon, lambda e, prio=prio, handle=handle: isinstance(e, ev.FilterRemoved) and e.priority == prio
+                and e.handle == handle)
+            assert isinstance(removed, ev.FilterRemoved) and removed.owned, removed
+        if kernel is None:
+            tc("qdisc", "add", "dev", dev, "clsact", netns=netns)
+            tc("filter", "add", "dev", dev, "ingress", "prio", "7", "u32", "match", "u32", "0", "0", netns=netns)
+            foreign = await next_matching(mon, lambda e: isinstance(e, ev.FilterAdded) and e.priority == 7)
+            assert isinstance(foreign, ev.FilterAdded) and not foreign.owned
+            tc("filter", "del", "dev", dev, "ingress", "prio", "7", netns=netns)
+            gone = await next_matching(mon, lambda e: isinstance(e, ev.FilterRemoved) and e.priority == 7)
+            assert isinstance(gone, ev.FilterRemoved) and not gone.owned
+
+
+@pytest.mark.parametrize("backend", ["bpf_link", "netlink"])
+async def test_a_device_deleted_right_after_the_attach_is_reported_as_deleted(netns: str, backend: str) -> None:
+    """The watcher starts with the first attachment; a device deleted before it watched is still reported
+    with its real cause, not as 'severed before events were watched'."""
+    async with asynctc.open_session(backend, netns=netns) as s:
+        for i in range(5):
+            ip("link", "add", f"rd{i}", "type", "veth", "peer", "name", f"rp{i}", netns=netns)
+            att = await s.attach(f"rd{i}", "ingress", asynctc.programs.constant("pass"))
+            ip("link", "del", f"rd{i}", netns=netns)
+            with trio.fail_after(10):
+                await att.wait_severed()
+            assert att.sever_reason is not None and f"rd{i}" in att.sever_reason
+            assert "deleted" in att.sever_reason, att.sever_reason
