@@ -53,8 +53,8 @@ import errno as _errno
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import ClassVar, Final
 
 import trio
@@ -62,6 +62,7 @@ import trio
 from asynctc import (
     AlreadyAttached,
     AttachmentInfo,
+    BackendUnavailable,
     Conflict,
     DeviceNotFound,
     Direction,
@@ -79,6 +80,7 @@ from asynctc import (
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource, Updated
 from asynctc.lowlevel import bpf, codec
 from asynctc.lowlevel import hook as hooklib
+from asynctc.lowlevel.devlock import DeviceLocks
 from asynctc.lowlevel.locks import held
 from asynctc.lowlevel.netdev import resolve_device, resolve_device_nl
 from asynctc.lowlevel.netlink import NetlinkTransport, open_transport, start_transport
@@ -106,6 +108,7 @@ DELETE_FLAGS: Final = codec.NLM_F_REQUEST | codec.NLM_F_ACK
 CLEANUP_TIMEOUT: Final = 10.0
 RECORD_SUFFIX: Final = "_record"  # bpffs refuses names with dots (EPERM)
 NEXT_SUFFIX: Final = "_asynctc_next"  # beside a pin while an update moves it to the new program
+CLSACT_ATTEMPTS: Final = 3  # a clsact deleted under an attach by a foreign tool is made again this often
 
 _cls_bpf_known: list[bool] = []
 
@@ -219,6 +222,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
         self._nl: NetlinkTransport | None = None
         self._names = hooklib.ProgNameCache()
         self._locks: defaultdict[int, trio.Lock] = defaultdict(trio.Lock)  # per ifindex
+        self._devlocks: DeviceLocks | None = None  # shared with every asynctc process (open())
         self._created: set[int] = set()  # ifindexes whose clsact qdisc this instance created
         self._held: dict[int, int] = {}  # ifindex -> how many filters this instance holds there
 
@@ -251,6 +255,12 @@ class NetlinkBackend(Backend[FilterAttachment]):
     async def open(self) -> None:
         """Open the rtnetlink transport (its kernel thread starts with the first request)."""
         if self._nl is None:
+            ino = self.ctx.runner.ns_inode or os.stat("/proc/self/ns/net").st_ino
+            try:
+                self._devlocks = DeviceLocks(ino)
+            except OSError as exc:
+                raise BackendUnavailable(f"the netlink backend cannot create its device locks: {exc}; they "
+                                         "keep asynctc processes from deleting each other's filters") from None
             self._nl = await start_transport(self.ctx.runner)
 
     async def aclose(self) -> None:
@@ -269,6 +279,8 @@ class NetlinkBackend(Backend[FilterAttachment]):
         finally:
             self._nl = None
             await nl.aclose()
+            if self._devlocks is not None:
+                self._devlocks.close()
         if failures:
             raise TCError("the netlink backend could not delete clsact qdiscs it created: " + "; ".join(failures))
 
@@ -279,6 +291,24 @@ class NetlinkBackend(Backend[FilterAttachment]):
 
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
         return await resolve_device_nl(self._transport(), dev, self.ctx.netns)
+
+    @asynccontextmanager
+    async def _device(self, ifindex: int, dev: str | int) -> AsyncIterator[None]:
+        """Hold the device: its trio lock (this instance's tasks) and its asynctc-wide lock (every other
+        asynctc session and process), around steps that check the clsact qdisc and then change it."""
+        async with held(self._locks[ifindex]):
+            locks = self._devlocks
+            if locks is None:
+                raise TCError("the netlink backend is closed (its session has ended)")
+            try:
+                await locks.acquire(ifindex)
+            except TimeoutError as exc:
+                raise TCError(f"{exc} ({dev}); another asynctc process is stuck changing it",
+                              errno=_errno.EAGAIN) from None
+            try:
+                yield
+            finally:
+                locks.release(ifindex)
 
     # -- clsact --------------------------------------------------------------------------------------
     async def _ingress_slot_kind(self, ifindex: int, dev: str | int) -> str | None:
@@ -424,13 +454,24 @@ class NetlinkBackend(Backend[FilterAttachment]):
         # no worker-thread hop for them.
         dup = os.dup(prog_fd)
         try:
-            async with held(self._locks[request.ifindex]):
-                created = await self._ensure_clsact(request.ifindex, request.dev)
-                try:
-                    f, gen_flags = await self._add_filter(request, priority, handle, name, hook_empty=created)
-                except BaseException:
-                    await self._cleanup_clsact(request.ifindex, request.dev)
-                    raise
+            async with self._device(request.ifindex, request.dev):
+                for attempt in range(CLSACT_ATTEMPTS):
+                    created = await self._ensure_clsact(request.ifindex, request.dev)
+                    try:
+                        f, gen_flags = await self._add_filter(request, priority, handle, name, hook_empty=created)
+                        break
+                    except (DeviceNotFound, TCError) as exc:
+                        # A foreign tool (asynctc processes hold the device lock) deleted the clsact qdisc
+                        # between our check and our filter: make it again and retry.
+                        if (attempt + 1 < CLSACT_ATTEMPTS and exc.errno in (_errno.ENOENT, _errno.EINVAL)
+                                and await self._ingress_slot_kind(request.ifindex, request.dev) is None):
+                            self._created.discard(request.ifindex)
+                            continue
+                        await self._cleanup_clsact(request.ifindex, request.dev)
+                        raise
+                    except BaseException:
+                        await self._cleanup_clsact(request.ifindex, request.dev)
+                        raise
         except BaseException:
             os.close(dup)
             raise
@@ -490,7 +531,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
         prio, handle = att.slot
         ours = False
         try:
-            async with held(self._locks[info.ifindex]):
+            async with self._device(info.ifindex, info.dev):
                 if await self._current(att) is not None:
                     try:
                         await self._transport().request(
@@ -792,7 +833,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
                 return codec.encode_filter(seq, codec.RTM_DELTFILTER, DELETE_FLAGS, f.ifindex, f.parent,
                                            f.priority, f.handle)
 
-            async with held(self._locks[f.ifindex]):
+            async with self._device(f.ifindex, f.ifindex):
                 try:
                     await nl.request(build, op="filter_delete", backend=self.name, dev=dev, direction=direction)
                 except (Severed, DeviceNotFound):
