@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
 import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from typing import IO
 
 import pytest
 import trio
+from _children import CHILD_TIMEOUT, default_sigint, stop
+from _children import readline as _readline
 
 import asynctc
 from asynctc import events as ev
@@ -91,7 +91,7 @@ async def test_storm_with_a_tiny_buffer_resyncs_to_the_kernel_state(netns: str) 
             async with s.open_monitor(buffer=100_000) as mon:
                 # Stall the event loop on purpose while the storm runs (a reader that fell behind): the
                 # kernel must drop events for the 4 KiB socket.
-                subprocess.run(["ip", "-n", netns, "-batch", f.name], check=True)
+                subprocess.run(["ip", "-n", netns, "-batch", f.name], check=True, timeout=CHILD_TIMEOUT)
                 ip("link", "add", "marker0", "type", "veth", "peer", "name", "marker1", netns=netns)
                 resynced = 0
                 with trio.fail_after(60):
@@ -175,21 +175,10 @@ async def test_slow_consumer_gets_events_dropped_not_the_others(netns: str) -> N
             assert isinstance(dropped, ev.EventsDropped) and dropped.count >= 10
 
 
-def _readline(stream: IO[str], timeout: float) -> str:
-    sel = selectors.DefaultSelector()
-    sel.register(stream, selectors.EVENT_READ)
-    try:
-        if not sel.select(timeout):
-            raise AssertionError(f"no line within {timeout}s")
-    finally:
-        sel.close()
-    return stream.readline()
-
-
 def test_monitor_command_streams_json_and_ends_on_ctrl_c(netns: str) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "asynctc.cli", "monitor", "--netns", netns, "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, preexec_fn=default_sigint,
     )
     try:
         assert proc.stdout is not None and proc.stderr is not None
@@ -202,9 +191,4 @@ def test_monitor_command_streams_json_and_ends_on_ctrl_c(netns: str) -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 128 + signal.SIGINT
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        stop(proc)
