@@ -91,7 +91,7 @@ async def test_hook_full_at_the_64th_program(veth: VethPair) -> None:
         progs = [programs.constant("next") for _ in range(64)]
         async with trio.open_nursery() as n:
             for p in progs[:63]:
-                n.start_soon(lambda p=p: s.attach("veth0", "ingress", p))
+                n.start_soon(s.attach, "veth0", "ingress", p)
         assert len((await s.query("veth0", "ingress")).entries) == 63
         with pytest.raises(asynctc.HookFull) as exc:
             await s.attach("veth0", "ingress", progs[63])

@@ -163,7 +163,7 @@ async def test_slow_consumer_gets_events_dropped_not_the_others(netns: str) -> N
         async with s.open_monitor(buffer=2) as slow, s.open_monitor() as fast:
             for i in range(6):
                 ip("link", "add", f"sl{i}", "type", "veth", "peer", "name", f"slp{i}", netns=netns)
-            names = []
+            names: list[str] = []
             while len(names) < 12:
                 e = await next_matching(fast, lambda e: isinstance(e, ev.DeviceAdded))
                 assert isinstance(e, ev.DeviceAdded)

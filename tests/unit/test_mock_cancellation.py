@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import signal
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -117,7 +118,7 @@ async def test_update_cancelled_at_every_checkpoint(how: str) -> None:
             await s.attach("eth0", IN, kernel.program(), **opts)
             if how == "make_before_break":
                 kernel.inject_fault("link_update", errno.EOPNOTSUPP)
-            done = await run_cancelled_at(n, lambda att=att, new=new, old=old: att.update(new, expected=old))
+            done = await run_cancelled_at(n, partial(att.update, new, expected=old))
             kernel.clear_faults()
             running = kernel.filters("eth0", IN)[0].prog_id if how == "netlink_replace" else \
                 kernel.hook("eth0", IN).prog_ids[0]

@@ -224,7 +224,8 @@ def test_send_runs_tcx_in_order_then_filters_by_priority(kernel: MockKernel) -> 
 def test_send_runs_real_programs_through_test_run(kernel: MockKernel, root: None) -> None:
     from asynctc import programs
 
-    with programs.counting("next") as counter, programs.constant("drop") as dropper:
+    counter = programs.counting("next")  # (`with` would type it as a plain Program)
+    with counter, programs.constant("drop") as dropper:
         kernel.link_create("eth0", IN, kernel.register_program(counter))
         kernel.link_create("eth0", IN, kernel.register_program(dropper))
         assert kernel.send("eth0", IN, 3) == "drop"
