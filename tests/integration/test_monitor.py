@@ -168,7 +168,8 @@ async def test_slow_consumer_gets_events_dropped_not_the_others(netns: str) -> N
                 e = await next_matching(fast, lambda e: isinstance(e, ev.DeviceAdded))
                 assert isinstance(e, ev.DeviceAdded)
                 names.append(e.name)
-            got = [await slow.receive(), await slow.receive()]
+            with trio.fail_after(10):
+                got = [await slow.receive(), await slow.receive()]
             assert all(isinstance(e, ev.DeviceAdded) for e in got)
             ip("link", "add", "late0", "type", "veth", "peer", "name", "late1", netns=netns)
             dropped = await next_matching(slow, lambda e: isinstance(e, ev.EventsDropped))

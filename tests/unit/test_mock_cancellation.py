@@ -197,7 +197,8 @@ async def test_many_lifecycles_one_fails(kernel: MockKernel) -> None:
             started += 1
             if started == 10:
                 all_up.set()
-            await all_up.wait()
+            with trio.fail_after(10):
+                await all_up.wait()
             if i == 7:
                 raise ValueError("lifecycle 7 failed")
             await trio.sleep_forever()

@@ -190,13 +190,14 @@ async def test_device_removal_severs(kernel: MockKernel, session: asynctc.Sessio
     legacy = await session.attach("tmp0", EG, kernel.program(), mode="legacy")
     async with session.open_monitor() as mon:
         kernel.remove_device("tmp0")
-        await att.wait_severed()
-        await legacy.wait_severed()
-        seen = []
-        async for ev in mon:
-            seen.append(ev)
-            if sum(isinstance(e, AttachmentSevered) for e in seen) == 2:
-                break
+        with trio.fail_after(10):
+            await att.wait_severed()
+            await legacy.wait_severed()
+            seen = []
+            async for ev in mon:
+                seen.append(ev)
+                if sum(isinstance(e, AttachmentSevered) for e in seen) == 2:
+                    break
     assert isinstance(seen[0], DeviceRemoved)
     assert {e.attachment for e in seen if isinstance(e, AttachmentSevered)} == {att, legacy}
     assert att.state is State.SEVERED and legacy.state is State.SEVERED
@@ -214,17 +215,19 @@ async def test_filter_deleted_by_someone_else_severs(kernel: MockKernel, session
     assert i.priority is not None and i.handle is not None
     async with session.open_monitor() as mon:  # the event source is subscribed from here on
         kernel.filter_delete("veth0", IN, i.priority, i.handle)
-        await att.wait_severed()
-        async for ev in mon:
-            if isinstance(ev, FilterRemoved):
-                break
+        with trio.fail_after(10):
+            await att.wait_severed()
+            async for ev in mon:
+                if isinstance(ev, FilterRemoved):
+                    break
     assert isinstance(ev, FilterRemoved) and (ev.priority, ev.handle, ev.direction) == (i.priority, i.handle, IN)
     assert att.state is State.SEVERED
     # A qdisc deleted under an attachment severs it too.
     again = await session.attach("veth0", IN, kernel.program(), mode="legacy")
     async with session.open_monitor():
         kernel.qdisc_delete("veth0")
-        await again.wait_severed()
+        with trio.fail_after(10):
+            await again.wait_severed()
     assert "qdisc" in (again.sever_reason or "")
 
 
@@ -244,12 +247,13 @@ async def test_monitor_resyncs_after_overflow(kernel: MockKernel, session: async
         kernel.remove_device("tmp2")
         kernel.add_device("tmp3")
         kernel.overflow_events()  # both events lost before the source read them
-        seen = []
-        async for ev in mon:
-            seen.append(ev)
-            if isinstance(ev, Resynced):
-                break
-        await att.wait_severed()
+        with trio.fail_after(10):
+            seen = []
+            async for ev in mon:
+                seen.append(ev)
+                if isinstance(ev, Resynced):
+                    break
+            await att.wait_severed()
     names = {(type(e).__name__, getattr(e, "name", None)) for e in seen}
     assert ("DeviceRemoved", "tmp2") in names and ("DeviceAdded", "tmp3") in names
     assert att.state is State.SEVERED
@@ -419,7 +423,8 @@ async def test_reap_orphans(kernel: MockKernel) -> None:
             assert kernel.filters("eth0", IN)[0].prog_id == mine.info.prog_id
             assert [f.priority for f in kernel.filters("eth0", EG)] == [3]  # never a foreign owner's
             assert await live.reap_orphans() == ()
-        await orphan.wait_severed()  # the dead session's record learns its filter went
+        with trio.fail_after(10):
+            await orphan.wait_severed()  # the dead session's record learns its filter went
     assert orphan.state is State.SEVERED
 
 

@@ -255,7 +255,8 @@ def test_latency_blocks_the_calling_thread_and_serialises(kernel: MockKernel) ->
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=10)
+        assert not t.is_alive(), "link_create still blocked after 10 s"
     assert time.monotonic() - t0 >= 0.15  # under one lock, as under rtnl
     assert len(kernel.hook("eth0", IN).entries) == 3
     kernel.set_latency(0, op="link_create")

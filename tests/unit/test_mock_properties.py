@@ -160,7 +160,8 @@ async def _step(kernel: MockKernel, s: asynctc.Session, model: Model, op: str, a
         gone = [x for x in model.live if x.dev == dev]
         kernel.remove_device(dev)
         for x in gone:
-            await x.att.wait_severed()
+            with trio.fail_after(10):
+                await x.att.wait_severed()
             await x.att.detach()  # a no-op
             model.live.remove(x)
         kernel.add_device(dev)
