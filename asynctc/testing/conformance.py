@@ -23,10 +23,11 @@ import trio
 
 import asynctc
 from asynctc import After, Before, Direction, First, Last, Program, State
+from asynctc.programs import Verdict
 
 __all__ = ["check_backend"]
 
-ProgramFactory = Callable[[str], Program]
+ProgramFactory = Callable[[Verdict], Program]
 
 
 def _fail(check: str, detail: str) -> AssertionError:

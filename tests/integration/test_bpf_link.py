@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import trio
+from _children import CHILD_TIMEOUT, stop
 
 import asynctc
 from asynctc import After, Before, Direction, First, Last, programs
@@ -90,7 +91,7 @@ async def test_hook_full_at_the_64th_program(veth: VethPair) -> None:
         progs = [programs.constant("next") for _ in range(64)]
         async with trio.open_nursery() as n:
             for p in progs[:63]:
-                n.start_soon(lambda p=p: s.attach("veth0", "ingress", p))
+                n.start_soon(s.attach, "veth0", "ingress", p)
         assert len((await s.query("veth0", "ingress")).entries) == 63
         with pytest.raises(asynctc.HookFull) as exc:
             await s.attach("veth0", "ingress", progs[63])
@@ -283,20 +284,16 @@ async def test_unpinned_links_die_with_a_killed_process(veth: VethPair) -> None:
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
-        line = await trio.to_thread.run_sync(proc.stdout.readline)
+        line = await trio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)
         assert line.strip() == "attached"
         async with asynctc.open_session("bpf_link", netns=veth.netns_a) as s:
             assert len((await s.query("veth0", "ingress")).entries) == 1
             os.kill(proc.pid, signal.SIGKILL)
-            await trio.to_thread.run_sync(proc.wait)
+            await trio.to_thread.run_sync(proc.wait, CHILD_TIMEOUT)
             # the kernel released the link with the process's last fd, before the process was reaped
             assert (await s.query("veth0", "ingress")).entries == ()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        stop(proc)
 
 
 async def test_bad_inputs_are_specific_and_leave_nothing(veth: VethPair, bpffs: str) -> None:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+from _children import CHILD_TIMEOUT, default_sigint, readline, stop
+from _children import run as run_child
 
 from asynctc.testing import ip
 
@@ -20,8 +22,7 @@ def _namespaces() -> set[str]:
 
 @pytest.mark.parametrize("backend", ["bpf_link", "netlink"])
 def test_demo_on_the_real_kernel(backend: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "asynctc.cli", "demo", "--backend", backend],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_child([sys.executable, "-m", "asynctc.cli", "demo", "--backend", backend])
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert f"backend: {backend} (real kernel)" in out
@@ -36,11 +37,11 @@ def test_demo_on_the_real_kernel(backend: str) -> None:
 
 def test_ctrl_c_during_the_demo_removes_everything() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "asynctc.cli", "demo", "--backend", "bpf_link", "--hold"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         assert proc.stdout is not None
         lines = []
-        for line in proc.stdout:
+        while line := readline(proc.stdout):
             lines.append(line)
             if line.startswith("holding:"):
                 break
@@ -48,11 +49,9 @@ def test_ctrl_c_during_the_demo_removes_everything() -> None:
         assert made is not None, lines
         assert {made.group(1), made.group(2)} <= _namespaces()
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
+        rest, _ = proc.communicate(timeout=CHILD_TIMEOUT)
         assert proc.returncode == 128 + signal.SIGINT
         assert f"removed namespaces {made.group(1)}, {made.group(2)}" in rest
         assert not {made.group(1), made.group(2)} & _namespaces()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stop(proc)

@@ -4,6 +4,7 @@ foreign filter on the device is never touched."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import textwrap
 
 import pytest
 import trio
+import trio.lowlevel
 
 import asynctc
 from asynctc import programs
@@ -35,7 +37,7 @@ async def hammer(netns: str, owner: str, keep: bool = False) -> None:
         kept = await s.attach("veth0", "ingress", programs.constant("pass")) if keep else None
         for _ in range(CYCLES):
             att = await s.attach("veth0", "ingress", programs.constant("pass"))
-            await trio.sleep(0)  # let the other session run between our steps
+            await trio.lowlevel.checkpoint()  # let the other session run between our steps
             await att.detach()
             if kept is not None:
                 assert kept.state is asynctc.State.ATTACHED, kept.sever_reason
@@ -78,6 +80,6 @@ async def test_two_processes_keep_each_others_filters(veth: VethPair, foreign: b
         for owner in ("alpha", "beta")
     ]
     for p in procs:
-        out, err = await trio.to_thread.run_sync(lambda p=p: p.communicate(timeout=120))
+        out, err = await trio.to_thread.run_sync(functools.partial(p.communicate, timeout=120))
         assert p.returncode == 0 and out.strip() == "ok", err
     assert u32_present(ns) is foreign  # a foreign filter is untouched, and its clsact with it

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import selectors
 import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from typing import IO
+from typing import Any
 
 import pytest
 import trio
+from _children import CHILD_TIMEOUT, default_sigint, stop
+from _children import readline as _readline
 
 import asynctc
 from asynctc import events as ev
@@ -93,7 +95,7 @@ async def test_storm_with_a_tiny_buffer_resyncs_to_the_kernel_state(netns: str, 
             async with s.open_monitor(buffer=100_000) as mon:
                 # Stall the event loop on purpose while the storm runs (a reader that fell behind): the
                 # kernel must drop events for the 4 KiB socket.
-                subprocess.run(["ip", "-n", netns, "-batch", f.name], check=True)
+                subprocess.run(["ip", "-n", netns, "-batch", f.name], check=True, timeout=CHILD_TIMEOUT)
                 ip("link", "add", "marker0", "type", "veth", "peer", "name", "marker1", netns=netns)
                 resynced = 0
                 with trio.fail_after(60):
@@ -165,33 +167,23 @@ async def test_slow_consumer_gets_events_dropped_not_the_others(netns: str) -> N
         async with s.open_monitor(buffer=2) as slow, s.open_monitor() as fast:
             for i in range(6):
                 ip("link", "add", f"sl{i}", "type", "veth", "peer", "name", f"slp{i}", netns=netns)
-            names = []
+            names: list[str] = []
             while len(names) < 12:
                 e = await next_matching(fast, lambda e: isinstance(e, ev.DeviceAdded))
                 assert isinstance(e, ev.DeviceAdded)
                 names.append(e.name)
-            got = [await slow.receive(), await slow.receive()]
+            with trio.fail_after(10):
+                got = [await slow.receive(), await slow.receive()]
             assert all(isinstance(e, ev.DeviceAdded) for e in got)
             ip("link", "add", "late0", "type", "veth", "peer", "name", "late1", netns=netns)
             dropped = await next_matching(slow, lambda e: isinstance(e, ev.EventsDropped))
             assert isinstance(dropped, ev.EventsDropped) and dropped.count >= 10
 
 
-def _readline(stream: IO[str], timeout: float) -> str:
-    sel = selectors.DefaultSelector()
-    sel.register(stream, selectors.EVENT_READ)
-    try:
-        if not sel.select(timeout):
-            raise AssertionError(f"no line within {timeout}s")
-    finally:
-        sel.close()
-    return stream.readline()
-
-
 def test_monitor_command_streams_json_and_ends_on_ctrl_c(netns: str) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "asynctc.cli", "monitor", "--netns", netns, "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, preexec_fn=default_sigint,
     )
     try:
         assert proc.stdout is not None and proc.stderr is not None
@@ -204,12 +196,13 @@ def test_monitor_command_streams_json_and_ends_on_ctrl_c(netns: str) -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 128 + signal.SIGINT
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        stop(proc)
+
+
+
+def _filter_event(kind: type[ev.FilterAdded | ev.FilterRemoved], prio: int | None, handle: int | None,
+                  e: ev.Event) -> bool:
+    return isinstance(e, kind) and e.priority == prio and (handle is None or e.handle == handle)
 
 
 @pytest.mark.parametrize("backend", ["netlink", "mock"])
@@ -222,20 +215,17 @@ async def test_own_filters_are_reported_owned_when_added_and_removed(netns: str,
     dev = "eth0" if backend == "mock" else "own0"
     if kernel is None:
         ip("link", "add", "own0", "type", "veth", "peer", "name", "own1", netns=netns)
-    opts = {"mode": "legacy"} if backend == "mock" else {}
+    opts: dict[str, Any] = {"mode": "legacy"} if backend == "mock" else {}
     async with asynctc.open_session(backend, netns=None if kernel else netns, kernel=kernel) as s, \
             s.open_monitor() as mon:
         prog = kernel.program("pass") if kernel else asynctc.programs.constant("pass")
         for _ in range(3):
             att = await s.attach(dev, "ingress", prog, **opts)
             prio, handle = att.info.priority, att.info.handle
-            added = await next_matching(
-                mon, lambda e, prio=prio: isinstance(e, ev.FilterAdded) and e.priority == prio)
+            added = await next_matching(mon, functools.partial(_filter_event, ev.FilterAdded, prio, None))
             assert isinstance(added, ev.FilterAdded) and added.owned, added
             await att.detach()
-            removed = await next_matching(
-                mon, lambda e, prio=prio, handle=handle: isinstance(e, ev.FilterRemoved) and e.priority == prio
-                and e.handle == handle)
+            removed = await next_matching(mon, functools.partial(_filter_event, ev.FilterRemoved, prio, handle))
             assert isinstance(removed, ev.FilterRemoved) and removed.owned, removed
         if kernel is None:
             tc("qdisc", "add", "dev", dev, "clsact", netns=netns)

@@ -20,6 +20,7 @@ from functools import partial
 import pytest
 import trio
 import trio.testing
+from _children import CHILD_TIMEOUT
 
 from asynctc._errors import AlreadyAttached, DeviceNotFound, OffloadError, Severed, TCError
 from asynctc.lowlevel import bpf
@@ -51,12 +52,12 @@ class NlNetns:
     veth1: int
 
     def ip(self, *args: str) -> None:
-        subprocess.run(["ip", "-n", self.name, *args], check=True, capture_output=True)
+        subprocess.run(["ip", "-n", self.name, *args], check=True, capture_output=True, timeout=CHILD_TIMEOUT)
 
 
 def _ifindex(ns: str, dev: str) -> int:
     out = subprocess.run(["ip", "-n", ns, "-j", "link", "show", "dev", dev], check=True,
-                         capture_output=True, text=True).stdout
+                         capture_output=True, text=True, timeout=CHILD_TIMEOUT).stdout
     return int(json.loads(out)[0]["ifindex"])
 
 
@@ -64,13 +65,13 @@ def _ifindex(ns: str, dev: str) -> int:
 def nl_netns() -> Iterator[NlNetns]:
     """A fresh namespace atc-XXXXXXXX with veth0/veth1 inside; deleted (by name) after the test."""
     name = f"atc-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=CHILD_TIMEOUT)
     try:
         subprocess.run(["ip", "-n", name, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1"],
-                       check=True, capture_output=True)
+                       check=True, capture_output=True, timeout=CHILD_TIMEOUT)
         yield NlNetns(name, _ifindex(name, "veth0"), _ifindex(name, "veth1"))
     finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=CHILD_TIMEOUT)
 
 
 @pytest.fixture

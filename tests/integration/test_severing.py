@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import trio
+from _children import CHILD_TIMEOUT, default_sigint, readline, stop
 
 import asynctc
 from asynctc import events as ev
@@ -106,19 +107,18 @@ def test_ctrl_c_leaves_no_legacy_filter_and_no_qdisc(veth: VethPair) -> None:
                     await trio.sleep_forever()
         trio.run(main)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "attached"
+        assert readline(proc.stdout).strip() == "attached"
         qdiscs = json.loads(tc("-j", "qdisc", "show", "dev", veth.a, netns=veth.netns_a).stdout)
         assert "clsact" in [q["kind"] for q in qdiscs]
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=CHILD_TIMEOUT)
         assert proc.returncode != 0 and "KeyboardInterrupt" in err
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stop(proc)
     for direction in ("ingress", "egress"):
         out = tc("filter", "show", "dev", veth.a, direction, netns=veth.netns_a).stdout
         assert out.strip() == "", out

@@ -7,13 +7,14 @@ import subprocess
 import sys
 
 import pytest
+from _children import run as run_child
 
 from asynctc import Direction, cli
 from asynctc import events as ev
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "asynctc.cli", *args], capture_output=True, text=True, timeout=120)
+    return run_child([sys.executable, "-m", "asynctc.cli", *args])
 
 
 def test_demo_on_the_mock_tells_the_whole_story() -> None:

@@ -93,6 +93,7 @@ async def test_revisions_and_the_reset_rule(kernel: MockKernel, session: asynctc
 async def test_expected_revision(kernel: MockKernel, session: asynctc.Session) -> None:
     await session.attach("eth0", IN, kernel.program())
     rev = (await session.query("eth0", IN)).revision
+    assert rev is not None  # a tcx hook has one
     with pytest.raises(asynctc.StaleRevision) as e:
         await session.attach("eth0", IN, kernel.program(), expected_revision=rev - 1)
     assert e.value.errno == errno.ESTALE
@@ -120,6 +121,7 @@ async def test_update_in_place_and_compare_and_swap(kernel: MockKernel, session:
     a, b, c = kernel.program("drop"), kernel.program("pass"), kernel.program("next")
     att = await session.attach("eth0", IN, a)
     rev = (await session.query("eth0", IN)).revision
+    assert rev is not None  # a tcx hook has one
     res = await att.update(b, expected=a)
     assert res == asynctc.UpdateResult("link_update", rev + 1)
     assert att.info.prog_id == b.id
@@ -140,6 +142,7 @@ async def test_make_before_break_when_in_place_is_refused(kernel: MockKernel,
     await session.attach("eth0", IN, last)
     old_link = att.info.link_id
     rev = (await session.query("eth0", IN)).revision
+    assert rev is not None  # a tcx hook has one
     kernel.inject_fault("link_update", errno.EOPNOTSUPP)
     res = await att.update(new, expected=old)
     assert res.method == "make_before_break"
@@ -187,13 +190,14 @@ async def test_device_removal_severs(kernel: MockKernel, session: asynctc.Sessio
     legacy = await session.attach("tmp0", EG, kernel.program(), mode="legacy")
     async with session.open_monitor() as mon:
         kernel.remove_device("tmp0")
-        await att.wait_severed()
-        await legacy.wait_severed()
-        seen = []
-        async for ev in mon:
-            seen.append(ev)
-            if sum(isinstance(e, AttachmentSevered) for e in seen) == 2:
-                break
+        with trio.fail_after(10):
+            await att.wait_severed()
+            await legacy.wait_severed()
+            seen = []
+            async for ev in mon:
+                seen.append(ev)
+                if sum(isinstance(e, AttachmentSevered) for e in seen) == 2:
+                    break
     assert isinstance(seen[0], DeviceRemoved)
     assert {e.attachment for e in seen if isinstance(e, AttachmentSevered)} == {att, legacy}
     assert att.state is State.SEVERED and legacy.state is State.SEVERED
@@ -211,17 +215,19 @@ async def test_filter_deleted_by_someone_else_severs(kernel: MockKernel, session
     assert i.priority is not None and i.handle is not None
     async with session.open_monitor() as mon:  # the event source is subscribed from here on
         kernel.filter_delete("veth0", IN, i.priority, i.handle)
-        await att.wait_severed()
-        async for ev in mon:
-            if isinstance(ev, FilterRemoved):
-                break
-    assert (ev.priority, ev.handle, ev.direction) == (i.priority, i.handle, IN)
+        with trio.fail_after(10):
+            await att.wait_severed()
+            async for ev in mon:
+                if isinstance(ev, FilterRemoved):
+                    break
+    assert isinstance(ev, FilterRemoved) and (ev.priority, ev.handle, ev.direction) == (i.priority, i.handle, IN)
     assert att.state is State.SEVERED
     # A qdisc deleted under an attachment severs it too.
     again = await session.attach("veth0", IN, kernel.program(), mode="legacy")
     async with session.open_monitor():
         kernel.qdisc_delete("veth0")
-        await again.wait_severed()
+        with trio.fail_after(10):
+            await again.wait_severed()
     assert "qdisc" in (again.sever_reason or "")
 
 
@@ -241,12 +247,13 @@ async def test_monitor_resyncs_after_overflow(kernel: MockKernel, session: async
         kernel.remove_device("tmp2")
         kernel.add_device("tmp3")
         kernel.overflow_events()  # both events lost before the source read them
-        seen = []
-        async for ev in mon:
-            seen.append(ev)
-            if isinstance(ev, Resynced):
-                break
-        await att.wait_severed()
+        with trio.fail_after(10):
+            seen = []
+            async for ev in mon:
+                seen.append(ev)
+                if isinstance(ev, Resynced):
+                    break
+            await att.wait_severed()
     names = {(type(e).__name__, getattr(e, "name", None)) for e in seen}
     assert ("DeviceRemoved", "tmp2") in names and ("DeviceAdded", "tmp3") in names
     assert att.state is State.SEVERED
@@ -263,8 +270,9 @@ async def test_foreign_entries_are_listed_never_touched(kernel: MockKernel) -> N
     async with asynctc.open_session(backend="mock", kernel=kernel) as s:
         mine = kernel.program(name="mine")
         att = await s.attach("eth0", IN, mine, position=Before(plain.id))  # anchoring to them works
-        legacy = await s.attach("eth0", IN, kernel.program(), mode="legacy", position=Before(
-            kernel.filters("eth0", IN)[0].prog_id))
+        theirs = kernel.filters("eth0", IN)[0].prog_id
+        assert theirs is not None
+        legacy = await s.attach("eth0", IN, kernel.program(), mode="legacy", position=Before(theirs))
         hook = await s.query("eth0", IN)
         owned = {e.prog_id: e.owned for e in hook.entries}
         assert owned == {kernel.links()[0].prog_id: False, mine.id: True, plain.id: False,
@@ -325,7 +333,7 @@ async def test_legacy_positions_map_onto_priorities(kernel: MockKernel, session:
     await session.attach("eth0", IN, p["e"], mode="legacy", position=After(p["d"]))
     hook = await session.query("eth0", IN)
     assert hook.prog_ids == tuple(p[n].id for n in "bcade")
-    prios = [e.priority for e in hook.entries]
+    prios = [e.priority for e in hook.entries if e.priority is not None]
     assert prios == sorted(prios) and len(set(prios)) == 5
     assert kernel.qdisc("eth0") is not None
     kernel.send("eth0", IN)
@@ -415,7 +423,8 @@ async def test_reap_orphans(kernel: MockKernel) -> None:
             assert kernel.filters("eth0", IN)[0].prog_id == mine.info.prog_id
             assert [f.priority for f in kernel.filters("eth0", EG)] == [3]  # never a foreign owner's
             assert await live.reap_orphans() == ()
-        await orphan.wait_severed()  # the dead session's record learns its filter went
+        with trio.fail_after(10):
+            await orphan.wait_severed()  # the dead session's record learns its filter went
     assert orphan.state is State.SEVERED
 
 
@@ -454,7 +463,8 @@ async def test_real_programs_count_on_the_mock(kernel: MockKernel, root: None) -
     from asynctc import programs
 
     async with asynctc.open_session(backend="mock", kernel=kernel) as s:
-        with programs.counting("next") as counter, programs.constant("drop") as dropper:
+        counter = programs.counting("next")  # (`with` would type it as a plain Program)
+        with counter, programs.constant("drop") as dropper:
             await s.attach("eth0", IN, dropper)
             await s.attach("eth0", IN, counter, position=First())
             assert kernel.send("eth0", IN, 5) == "drop"

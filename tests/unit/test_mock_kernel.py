@@ -224,7 +224,8 @@ def test_send_runs_tcx_in_order_then_filters_by_priority(kernel: MockKernel) -> 
 def test_send_runs_real_programs_through_test_run(kernel: MockKernel, root: None) -> None:
     from asynctc import programs
 
-    with programs.counting("next") as counter, programs.constant("drop") as dropper:
+    counter = programs.counting("next")  # (`with` would type it as a plain Program)
+    with counter, programs.constant("drop") as dropper:
         kernel.link_create("eth0", IN, kernel.register_program(counter))
         kernel.link_create("eth0", IN, kernel.register_program(dropper))
         assert kernel.send("eth0", IN, 3) == "drop"
@@ -254,7 +255,8 @@ def test_latency_blocks_the_calling_thread_and_serialises(kernel: MockKernel) ->
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=10)
+        assert not t.is_alive(), "link_create still blocked after 10 s"
     assert time.monotonic() - t0 >= 0.15  # under one lock, as under rtnl
     assert len(kernel.hook("eth0", IN).entries) == 3
     kernel.set_latency(0, op="link_create")

@@ -111,8 +111,9 @@ async def _step(kernel: MockKernel, s: asynctc.Session, model: Model, op: str, a
         anchor = candidates[c % len(candidates)] if candidates and c % 4 else None
         pos = _position(c // 4, anchor)
         prog = kernel.program("next")
+        options: dict[str, Any] = {"mode": "legacy"} if legacy else {}
         try:
-            att = await s.attach(dev, d, prog, position=pos, **({"mode": "legacy"} if legacy else {}))
+            att = await s.attach(dev, d, prog, position=pos, **options)
         except asynctc.HookFull:
             assert legacy  # no free priority left between two filters: nothing was changed
             return
@@ -159,7 +160,8 @@ async def _step(kernel: MockKernel, s: asynctc.Session, model: Model, op: str, a
         gone = [x for x in model.live if x.dev == dev]
         kernel.remove_device(dev)
         for x in gone:
-            await x.att.wait_severed()
+            with trio.fail_after(10):
+                await x.att.wait_severed()
             await x.att.detach()  # a no-op
             model.live.remove(x)
         kernel.add_device(dev)

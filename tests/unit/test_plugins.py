@@ -4,7 +4,6 @@ third-party backend package discovered through its entry point."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 from collections.abc import Mapping
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from _children import run as run_child
 
 import asynctc
 from asynctc import events
@@ -125,14 +125,15 @@ async def test_attachment_events_reach_observers_and_a_failing_observer_is_harml
     assert "observer bug" in caplog.text
 
 
+@pytest.mark.timeout(120)  # a pip install, then a fresh interpreter: two children of up to 50 and 30 s
 def test_a_third_party_backend_package_is_discovered_by_its_entry_point(tmp_path: Path) -> None:
     """Install tests/fixtures/example_backend (its own pyproject, entry point "example") into a private
     directory and select the backend by name in a fresh interpreter."""
     target = tmp_path / "site"
-    proc = subprocess.run(
+    proc = run_child(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
          "--no-index", "--target", str(target), str(FIXTURES / "example_backend")],
-        capture_output=True, text=True,
+        timeout=50,
     )
     if proc.returncode != 0:
         pytest.fail(f"installing the example backend failed:\n{proc.stdout}\n{proc.stderr}")
@@ -157,7 +158,7 @@ def test_a_third_party_backend_package_is_discovered_by_its_entry_point(tmp_path
         trio.run(main)
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    run = run_child([sys.executable, "-c", code], env=env)
     assert run.returncode == 0, run.stderr
     out = run.stdout.splitlines()
     assert out[:3] == ["backend example", "probed True", "ops ['attach eth0 ingress', 'detach eth0 ingress']"]
