@@ -20,6 +20,7 @@ from ._program import Program
 from ._types import AttachmentInfo, State, UpdateResult
 from .backend import Backend, BackendAttachment
 from .lowlevel.locks import held
+from .lowlevel.pins import check_path
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -77,13 +78,13 @@ class Attachment:
         return f"<Attachment {i.backend} {where} prog {i.prog_id} {ident} {self._state.value}>"
 
     # -- helpers -------------------------------------------------------------------------------------
-    def _check_live(self, action: str) -> None:
+    def _check_live(self, action: str, *, severed_ok: bool = False) -> None:
         if self._released:
             raise TCError(
                 f"cannot {action} {self!r}: the session that owned it has closed"
                 + (f"; adopt it again with session.adopt_pinned({self.info.pinned!r})" if self.pinned else "")
             )
-        if self._state is State.SEVERED:
+        if self._state is State.SEVERED and not severed_ok:
             raise Severed(
                 f"cannot {action} {self!r}: the kernel severed it ({self._sever_reason}); attach again",
                 errno=67,  # ENOLINK
@@ -152,17 +153,19 @@ class Attachment:
         later session takes it over again. Mounting bpffs is the caller's business
         (`mount -t bpf bpf /sys/fs/bpf`); PinError says so when the path is not on bpffs.
         """
+        spath = check_path(path)
         self._check_live("pin")
         async with held(self._lock):
             self._check_live("pin")
             with self._session._shield("pin", self):
-                await self._backend.pin(self._batt, os.fspath(path))
+                await self._backend.pin(self._batt, spath)
 
     async def unpin(self) -> None:
-        """Remove the pin: the attachment is the session's again and is detached when the session closes."""
-        self._check_live("unpin")
+        """Remove the pin: the attachment is the session's again and is detached when the session closes.
+        On a severed attachment it removes the stale pin (if the session has not already)."""
+        self._check_live("unpin", severed_ok=True)
         async with held(self._lock):
-            self._check_live("unpin")
+            self._check_live("unpin", severed_ok=True)
             if self.info.pinned is None:
                 return
             with self._session._shield("unpin", self):

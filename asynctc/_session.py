@@ -49,7 +49,9 @@ from .backend import AttachRequest, Backend, BackendAttachment, BackendContext, 
 from .events import AttachmentEvent, AttachmentSevered
 from .hookspecs import BackendRequest
 from .lowlevel.locks import held
+from .lowlevel.netdev import check_dev
 from .lowlevel.netns import NetnsRunner
+from .lowlevel.pins import check_path
 from .lowlevel.tcpolicy import process_start_time
 
 __all__ = ["Session", "open_session"]
@@ -271,6 +273,8 @@ class Session:
             if isinstance(anchor, Program):
                 return Placement(where, prog_id=anchor.id)
             if isinstance(anchor, int) and not isinstance(anchor, bool) and anchor > 0:
+                if anchor >= 2**32:
+                    raise ValueError(f"a Before/After anchor program id must be in 1..2**32-1, got {anchor}")
                 return Placement(where, prog_id=anchor)
             raise TypeError(
                 f"a Before/After anchor is a Program, an Attachment or a positive program id, got {anchor!r}"
@@ -313,6 +317,7 @@ class Session:
             PermissionDenied, OffloadError, BackendUnavailable, TCError.
         """
         self._check_open()
+        check_dev(dev)
         direction = Direction.coerce(direction)
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
@@ -320,9 +325,11 @@ class Session:
             raise ProgramError(f"program must be an asynctc.Program, got {type(program).__name__}")
         program.check_usable()
         if expected_revision is not None and (
-            not isinstance(expected_revision, int) or isinstance(expected_revision, bool) or expected_revision < 0
+            not isinstance(expected_revision, int) or isinstance(expected_revision, bool)
+            or not 0 <= expected_revision < 2**64
         ):
-            raise ValueError(f"expected_revision must be a non-negative int or None, got {expected_revision!r}")
+            raise ValueError(f"expected_revision must be None or an int in 0..2**64-1 (the kernel's u64 revision), "
+                             f"got {expected_revision!r}")
         position = Last() if position is None else position
         be = await self._backend_for(backend, offload)
         if expected_revision is not None and not be.has_revisions:
@@ -411,6 +418,7 @@ class Session:
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
         """(ifindex, name) of a device in the session's namespace; DeviceNotFound otherwise."""
         self._check_open()
+        check_dev(dev)
         assert self._primary is not None
         return await self._primary.resolve_device(dev)
 
@@ -418,6 +426,7 @@ class Session:
         """Every program on the hook in run order: tcx entries first, then cls_bpf filters by priority.
         Entries this session owns (created or adopted) have owned=True; foreign ones owned=False."""
         self._check_open()
+        check_dev(dev)
         direction = Direction.coerce(direction)
         assert self._primary is not None
         ifindex, _ = await self._primary.resolve_device(dev)
@@ -477,7 +486,7 @@ class Session:
         """Take ownership of the attachment pinned at `path` again (after a restart, or from another
         session). The attachment stays pinned; `unpin()` it to have it detached when the session closes."""
         self._check_open()
-        spath = os.fspath(path)
+        spath = check_path(path)
         for att in self._attachments.values():
             if att.info.pinned == spath:
                 return att

@@ -38,7 +38,7 @@ from asynctc import (
     from_errno,
 )
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource
-from asynctc.lowlevel import bpf
+from asynctc.lowlevel import bpf, pins
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel import netlink as nllib
 from asynctc.lowlevel.netdev import resolve_device_nl
@@ -142,6 +142,14 @@ class BpfLinkBackend(Backend):
         try:
             fd, info = await self.ctx.runner.run(create)
         except bpf.BpfError as exc:
+            p = request.placement
+            if exc.errno == _errno.ENOENT and p.where in ("before", "after"):
+                anchor = (f"link {p.link_id} (program {p.prog_id})" if p.link_id is not None
+                          else f"program {p.prog_id}")
+                raise from_errno(exc.errno, op=exc.op, backend=self.name, dev=request.dev,
+                                 direction=request.direction, program=request.program,
+                                 detail=f"the {p.where.title()}() anchor, {anchor}, is not on "
+                                        f"{request.dev} {request.direction}") from None
             raise self._err(exc, request.dev, request.direction, request.program) from None
         return LinkAttachment(fd, AttachmentInfo(
             backend=self.name, netns=self.ctx.netns, dev=request.dev, ifindex=request.ifindex,
@@ -165,7 +173,15 @@ class BpfLinkBackend(Backend):
 
     # -- detach, liveness ----------------------------------------------------------------------------
     async def detach(self, att: BackendAttachment) -> bool:
+        """Detach the link and close its fd; a pin of it is removed first (a pin naming a detached link
+        would only make adopt_pinned fail later; removed first, a crash in between leaves the link held
+        only by this process's fd, which the kernel detaches when the process dies)."""
         assert isinstance(att, LinkAttachment)
+        if att.fd is None:
+            return False
+        if att.info.pinned is not None:
+            await self._remove_pin(att.info.pinned)
+            att.info = dataclasses.replace(att.info, pinned=None)
         fd = att.take_fd()
         if fd is None:
             return False
@@ -216,6 +232,15 @@ class BpfLinkBackend(Backend):
         except bpf.BpfError as exc:
             if exc.errno in FALLBACK_ERRNOS:
                 return await self._make_before_break(att, program, expected, refused=exc)
+            if exc.op == "link_update_cas" and exc.errno == _errno.EPERM and expected is not None:
+                try:
+                    now = f"program {(await self.ctx.runner.run(bpf.link_info, fd)).prog_id}"
+                except bpf.BpfError:
+                    now = "another program"
+                raise Conflict(
+                    f"update of {att.info.dev}/{att.info.direction.value} link {att.info.link_id} to {program} "
+                    f"[bpf_link backend]: the link runs {now}, not the expected {expected}; nothing was "
+                    "changed. query() and retry with the current program", errno=_errno.EPERM) from None
             raise self._err(exc, att.info.dev, att.info.direction, program) from None
         att.info = dataclasses.replace(att.info, prog_id=prog_id)
         return UpdateResult("link_update", revision)
@@ -240,8 +265,9 @@ class BpfLinkBackend(Backend):
                 raise bpf.BpfError(_errno.ENOLINK, "link_update")
             if expected is not None and old.prog_id != expected.id:
                 raise Conflict(
-                    f"update of {att.info.dev}/{att.info.direction.value} link {old.id}: the program on the "
-                    f"hook is {old.prog_id}, not the expected {expected.id}; nothing was changed",
+                    f"update of {att.info.dev}/{att.info.direction.value} link {old.id} to {program} "
+                    f"[bpf_link backend]: the link runs program {old.prog_id}, not the expected {expected}; "
+                    "nothing was changed. query() and retry with the current program",
                     errno=_errno.EPERM,
                 )
             rev = bpf.prog_query(ifindex, attach_type).revision
@@ -282,14 +308,14 @@ class BpfLinkBackend(Backend):
         assert fd is not None
 
         def repin() -> None:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            bpf.obj_pin(fd, path)
+            pins.unpin(path)
+            pins.pin_object(fd, path)
 
         try:
             await self.ctx.runner.run(repin)
+        except PinError:
+            att.info = dataclasses.replace(att.info, pinned=None)
+            raise
         except bpf.BpfError as exc:
             att.info = dataclasses.replace(att.info, pinned=None)
             raise from_errno(exc.errno or 0, op="obj_pin", backend=self.name, dev=path) from None
@@ -317,7 +343,7 @@ class BpfLinkBackend(Backend):
                 return
             raise PinError(f"{att.info.dev}: already pinned at {att.info.pinned}; unpin() first")
         try:
-            await self.ctx.runner.run(bpf.obj_pin, fd, path)
+            await self.ctx.runner.run(pins.pin_object, fd, path)
         except bpf.BpfError as exc:
             raise from_errno(exc.errno or 0, op="obj_pin", backend=self.name, dev=path) from None
         att.info = dataclasses.replace(att.info, pinned=path)
@@ -327,20 +353,22 @@ class BpfLinkBackend(Backend):
         path = att.info.pinned
         if path is None:
             return
+        await self._remove_pin(path)
+        att.info = dataclasses.replace(att.info, pinned=None)
+
+    async def _remove_pin(self, path: str) -> None:
+        """Remove a pin asynctc made (through the verified, symlink-free walk of `lowlevel.pins`)."""
         try:
-            await self.ctx.runner.run(os.unlink, path)
-        except FileNotFoundError:
-            pass
+            await self.ctx.runner.run(pins.unpin, path)
         except OSError as exc:
             raise PinError(f"cannot unpin {path}: {exc.strerror}", errno=exc.errno) from None
-        att.info = dataclasses.replace(att.info, pinned=None)
 
     async def adopt_pinned(self, path: str) -> LinkAttachment | None:
         netns = self.ctx.netns
 
         def adopt() -> tuple[int, bpf.LinkInfo, str] | None:
             try:
-                fd = bpf.obj_get(path)
+                fd = pins.get_object(path)
             except bpf.BpfError as exc:
                 raise from_errno(exc.errno or 0, op="obj_get", backend=self.name, dev=path) from None
             try:

@@ -79,7 +79,7 @@ from asynctc import (
     from_errno,
 )
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource
-from asynctc.lowlevel import bpf, codec
+from asynctc.lowlevel import bpf, codec, pins
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel.locks import held
 from asynctc.lowlevel.netdev import resolve_device, resolve_device_nl
@@ -144,13 +144,6 @@ def _tcx_revision(ifindex: int, direction: Direction) -> int | None:
         return bpf.prog_query(ifindex, hooklib.ATTACH_TYPES[direction]).revision
     except bpf.BpfError:
         return None
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _filter_options(options: Mapping[str, object]) -> tuple[int | None, int]:
@@ -602,24 +595,24 @@ class NetlinkBackend(Backend):
         `replace`, existing pins there are replaced; otherwise nothing is left behind on failure."""
         rec = record().encode()
         if replace:
-            _unlink_quiet(path)
-            _unlink_quiet(path + RECORD_SUFFIX)
-        bpf.obj_pin(prog_fd, path)
+            pins.unpin(path)
+            pins.unpin(path + RECORD_SUFFIX)
+        pins.pin_object(prog_fd, path)
         try:
             map_fd = bpf.map_create_array(RECORD_SIZE, 1, name="atc_nl_pin")
             try:
                 bpf.map_update(map_fd, 0, rec)
-                bpf.obj_pin(map_fd, path + RECORD_SUFFIX)
+                pins.pin_object(map_fd, path + RECORD_SUFFIX)
             finally:
                 os.close(map_fd)
         except BaseException:
-            _unlink_quiet(path)
+            pins.unpin(path)
             raise
 
     async def _remove_pin(self, path: str) -> None:
         def remove() -> None:
-            _unlink_quiet(path)
-            _unlink_quiet(path + RECORD_SUFFIX)
+            pins.unpin(path)
+            pins.unpin(path + RECORD_SUFFIX)
 
         try:
             await self.ctx.runner.run(remove)
@@ -688,7 +681,7 @@ class NetlinkBackend(Backend):
     async def adopt_pinned(self, path: str) -> FilterAttachment | None:
         def read() -> tuple[int, PinRecord, str] | None:
             try:
-                fd = bpf.obj_get(path)
+                fd = pins.get_object(path)
             except bpf.BpfError as exc:
                 raise from_errno(exc.errno or 0, op="obj_get", backend=self.name, dev=path) from None
             try:
@@ -696,8 +689,8 @@ class NetlinkBackend(Backend):
                     os.close(fd)
                     return None  # a tcx link (the bpf_link backend's) or a map: not ours
                 try:
-                    map_fd = bpf.obj_get(path + RECORD_SUFFIX)
-                except bpf.BpfError:
+                    map_fd = pins.get_object(path + RECORD_SUFFIX)
+                except (bpf.BpfError, PinError):
                     os.close(fd)
                     return None  # a pinned program without our record: not an attachment of ours
                 try:
