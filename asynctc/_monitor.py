@@ -50,6 +50,8 @@ class Monitor:
     """
 
     def __init__(self, buffer: int) -> None:
+        if isinstance(buffer, bool) or not isinstance(buffer, int):
+            raise TypeError(f"buffer must be an int (events), got {type(buffer).__name__} {buffer!r}")
         if buffer < 1:
             raise ValueError(f"buffer must be >= 1, got {buffer}")
         self._send, self._recv = trio.open_memory_channel[Event](buffer)

@@ -319,6 +319,8 @@ class Session:
         self._check_open()
         check_dev(dev)
         direction = Direction.coerce(direction)
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be None or a backend name (str), got {type(backend).__name__} {backend!r}")
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
         if not isinstance(program, Program):
@@ -703,8 +705,18 @@ async def open_session(
     """
     if not isinstance(owner, str) or not owner or any(c in owner for c in ":/\0 ") or len(owner) > 64:
         raise ValueError(f"owner must be a short tag without ':', '/', spaces or NUL, got {owner!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a backend name (str), got {type(backend).__name__} {backend!r}")
+    if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+        raise TypeError(f"max_workers must be an int, got {type(max_workers).__name__} {max_workers!r}")
     if max_workers < 1:
         raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    if isinstance(cleanup_timeout, bool) or not isinstance(cleanup_timeout, int | float):
+        raise TypeError(f"cleanup_timeout must be a number of seconds, got {type(cleanup_timeout).__name__} "
+                        f"{cleanup_timeout!r}")
+    if backend_options is not None and not isinstance(backend_options, Mapping):
+        raise TypeError(f"backend_options must be a mapping of option names to values, got "
+                        f"{type(backend_options).__name__} {backend_options!r}")
     if not (cleanup_timeout > 0) or math.isnan(cleanup_timeout):
         raise ValueError(f"cleanup_timeout must be > 0 seconds, got {cleanup_timeout!r}")
     pm = _plugins.make_plugin_manager(plugins=plugins) if plugins else _plugins.get_plugin_manager()
