@@ -37,7 +37,6 @@ import ctypes.util
 import errno as _errno
 import os
 import stat
-import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,7 +93,7 @@ def _fs_magic(fd: int) -> int:
     if _libc.fstatfs(fd, buf) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-    return int(struct.unpack_from("=l", buf, 0)[0]) & 0xFFFFFFFF
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF  # f_type, a C long (sign-extended)
 
 
 def _check_dir(dir_path: str, st: os.stat_result, mount_root: bool, path: str) -> None:

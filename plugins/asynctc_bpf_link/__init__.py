@@ -180,7 +180,13 @@ class BpfLinkBackend(Backend):
         if att.fd is None:
             return False
         if att.info.pinned is not None:
-            await self._remove_pin(att.info.pinned)
+            try:
+                await self._remove_pin(att.info.pinned)
+            except PinError:
+                # Nothing was detached; but a link the kernel severed is dead anyway: release its fd.
+                if not await self.is_attached(att):
+                    await self.release(att)
+                raise
             att.info = dataclasses.replace(att.info, pinned=None)
         fd = att.take_fd()
         if fd is None:

@@ -264,3 +264,23 @@ def test_capability_hint_names_the_capability_actually_missing(netns: str) -> No
     assert "needs CAP_BPF" not in only_bpf
     only_net = run("+net_admin")
     assert "needs CAP_BPF or CAP_SYS_ADMIN" in only_net and "it has CAP_NET_ADMIN" in only_net, only_net
+
+
+async def test_a_pin_whose_directory_became_unsafe_is_not_touched(netns: str, bpffs: str) -> None:
+    """bpf_link removes the pin before it detaches: when the pin cannot be removed safely (its directory
+    became writable by others since), detach() says so and changes nothing."""
+    dummy(netns)
+    d = os.path.join(bpffs, "mine")
+    os.mkdir(d, 0o755)
+    path = os.path.join(d, "p")
+    async with asynctc.open_session("bpf_link", netns=netns) as s:
+        att = await s.attach("d0", "ingress", programs.constant("pass"))
+        await att.pin(path)
+        os.chmod(d, 0o777)
+        with pytest.raises(asynctc.PinError, match=rf"{d} is writable by group and others"):
+            await att.detach()
+        assert att.state is asynctc.State.ATTACHED and att.info.pinned == path and os.path.exists(path)
+        assert [e.link_id for e in (await s.query("d0", "ingress")).entries] == [att.info.link_id]
+        os.chmod(d, 0o755)
+        await att.detach()
+        assert not os.path.exists(path) and await hook_is_empty(s)
