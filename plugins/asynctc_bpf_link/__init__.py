@@ -386,7 +386,8 @@ class BpfLinkBackend(Backend):
                     os.close(fd)
                     return None
                 if info.ifindex == 0:
-                    raise Severed(f"the tcx link pinned at {path} was severed: its device is gone; unpin it",
+                    raise Severed(f"the tcx link pinned at {path} was severed: its device is gone, and a "
+                                  f"severed link never runs again; remove the stale pin (rm {path})",
                                   errno=_errno.ENOLINK)
                 # The ifindex is only meaningful in the link's namespace: prove it is in ours.
                 try:
