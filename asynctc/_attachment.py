@@ -18,6 +18,7 @@ from ._errors import TCError
 from ._program import Program
 from ._registry import AttachmentRecord
 from ._types import AttachmentInfo, State, UpdateResult
+from .lowlevel.pins import check_path
 
 if TYPE_CHECKING:
     from ._lifecycle import Lifecycle
@@ -100,10 +101,11 @@ class Attachment:
         later session takes it over again. Mounting bpffs is the caller's business
         (`mount -t bpf bpf /sys/fs/bpf`); PinError says so when the path is not on bpffs.
         """
-        await self._lifecycle.pin(self._record, os.fspath(path))
+        await self._lifecycle.pin(self._record, check_path(path))
 
     async def unpin(self) -> None:
-        """Remove the pin: the attachment is the session's again and is detached when the session closes."""
+        """Remove the pin: the attachment is the session's again and is detached when the session closes.
+        On a severed attachment it removes the stale pin (if the session has not already)."""
         await self._lifecycle.unpin(self._record)
 
     async def wait_severed(self) -> None:

@@ -103,15 +103,67 @@ class CleanupError(TCError):
         self.errors = tuple(errors)
 
 
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+_CAP_NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_SYS_ADMIN: "CAP_SYS_ADMIN", CAP_PERFMON: "CAP_PERFMON",
+              CAP_BPF: "CAP_BPF"}
+
+# What each kind of operation needs: every group must be held, a group is held by any one of its
+# capabilities (CAP_SYS_ADMIN stands in for CAP_BPF and CAP_NET_ADMIN for BPF, as the kernel allows).
+_CAP_NEEDS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "bpf": ((CAP_BPF, CAP_SYS_ADMIN),),
+    "prog": ((CAP_BPF, CAP_SYS_ADMIN), (CAP_NET_ADMIN, CAP_SYS_ADMIN)),
+    "net": ((CAP_NET_ADMIN,),),
+    "sysadmin": ((CAP_SYS_ADMIN,),),
+}
+
+
+def effective_capabilities() -> int | None:
+    """The calling thread's effective capability set (CapEff of /proc/thread-self/status), None if unknown."""
+    for path in ("/proc/thread-self/status", "/proc/self/status"):
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith("CapEff:"):
+                        return int(line.split()[1], 16)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _cap_hint(kind: str) -> str:
+    """Which capability the operation needs and which of them this process lacks (from CapEff)."""
+    caps = effective_capabilities()
+    if caps is None:
+        return _CAP_HINT[kind]
+
+    def spell(group: tuple[int, ...]) -> str:
+        return " or ".join(_CAP_NAMES[c] for c in group)
+
+    missing = [g for g in _CAP_NEEDS[kind] if not any(caps >> c & 1 for c in g)]
+    held = [n for c, n in sorted(_CAP_NAMES.items()) if caps >> c & 1]
+    has = f"it has {', '.join(held)}" if held else "it has none of CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN"
+    why = " (getting a BPF object by id is privileged)" if kind == "sysadmin" else ""
+    if missing:
+        need = " and ".join(f"({spell(g)})" if len(g) > 1 and len(missing) > 1 else spell(g) for g in missing)
+        return f"needs {need}{why}, which this process lacks ({has}): run as root or grant the capability"
+    return (f"this process holds the capabilities this needs ({has}), yet the kernel refused: a security "
+            "module (SELinux, AppArmor, lockdown), a seccomp filter, or a user namespace without them in the "
+            "initial namespace is denying it")
+
+
 _CAP_HINT = {
     "bpf": "needs CAP_BPF (or CAP_SYS_ADMIN): run as root or grant the capability",
+    "prog": "needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN): run as root or grant the capabilities",
     "net": "needs CAP_NET_ADMIN (and CAP_BPF for BPF objects): run as root or grant the capabilities",
     "sysadmin": "needs CAP_SYS_ADMIN: getting another process's BPF object by id is privileged",
 }
 
 # Operations whose EPERM is a privilege problem of a specific capability.
 _OP_CAPABILITY = {
-    "prog_load": "bpf",
+    "prog_load": "prog",
     "map_create": "bpf",
     "map_lookup": "bpf",
     "obj_pin": "bpf",
@@ -164,6 +216,11 @@ _BY_OP: dict[tuple[str, int], tuple[type[TCError], str]] = {
     ("prog_load", _errno.EINVAL): (ProgramError, "the verifier or the loader refused the program"),
     ("prog_load", _errno.EACCES): (ProgramError, "the verifier refused the program"),
     ("obj_get", _errno.ENOENT): (PinError, "nothing is pinned at this path"),
+    ("obj_get", _errno.EACCES): (
+        PinError,
+        "not a bpffs object: BPF_OBJ_GET opens only pins on a bpffs mount (or the pin's mode does not let "
+        "this user open it)",
+    ),
     ("obj_get", _errno.EPERM): (
         PinError,
         "the path is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf` and pin under it",
@@ -257,7 +314,7 @@ def from_errno(
     cls, hint = _BY_OP.get((op, err)) or _BY_ERRNO.get(err) or (TCError, "")
     if cls is PermissionDenied:
         cap = _OP_CAPABILITY.get(op.removesuffix("_cas"), "net")
-        hint = _CAP_HINT[cap]
+        hint = _cap_hint(cap)
     what = _describe(op, backend=backend, dev=dev, direction=direction, program=program)
     name = _errno.errorcode.get(err, str(err))
     msg = f"{what} failed: {name} ({os.strerror(err)})"

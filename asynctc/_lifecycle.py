@@ -91,14 +91,14 @@ class Lifecycle:
 
     # -- operations ----------------------------------------------------------------------------------
     @staticmethod
-    def _check_live(rec: AttachmentRecord, action: str) -> None:
+    def _check_live(rec: AttachmentRecord, action: str, *, severed_ok: bool = False) -> None:
         att = rec.public
         if rec.released:
             raise TCError(
                 f"cannot {action} {att!r}: the session that owned it has closed"
                 + (f"; adopt it again with session.adopt_pinned({rec.info.pinned!r})" if rec.info.pinned else "")
             )
-        if rec.state is State.SEVERED:
+        if rec.state is State.SEVERED and not severed_ok:
             raise Severed(f"cannot {action} {att!r}: the kernel severed it ({rec.sever_reason}); attach again",
                           errno=_errno.ENOLINK)
         if rec.state is State.DETACHED:
@@ -153,9 +153,10 @@ class Lifecycle:
             rec.change(pinned=path)
 
     async def unpin(self, rec: AttachmentRecord) -> None:
-        self._check_live(rec, "unpin")
+        """Remove the pin; on a severed attachment, remove its stale pin (if its release has not)."""
+        self._check_live(rec, "unpin", severed_ok=True)
         async with held(rec.lock):
-            self._check_live(rec, "unpin")
+            self._check_live(rec, "unpin", severed_ok=True)
             if rec.info.pinned is None:
                 return
             with trio.CancelScope(shield=True):
@@ -176,6 +177,7 @@ class Lifecycle:
         with trio.move_on_after(self.cleanup_timeout, shield=True):
             try:
                 await rec.backend.detach(rec.handle)
+                rec.change(pinned=None)  # detach removes a pin, which would name nothing now
             except Exception as exc:  # resources of a severed attachment: report, go on
                 log.warning("asynctc: releasing severed %r failed: %r", rec.public, exc)
 

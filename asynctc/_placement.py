@@ -39,9 +39,11 @@ def resolve_placement(position: Position, ifindex: int, direction: Direction) ->
                              handle=ai.handle)
         if isinstance(anchor, Program):
             return Placement(where, prog_id=anchor.id)
-        if isinstance(anchor, int) and not isinstance(anchor, bool) and 0 < anchor < 2**32:
+        if isinstance(anchor, int) and not isinstance(anchor, bool) and anchor > 0:
+            if anchor >= 2**32:
+                raise ValueError(f"a Before/After anchor program id must be in 1..2**32-1, got {anchor}")
             return Placement(where, prog_id=anchor)
         raise TypeError(
-            f"a Before/After anchor is a Program, an Attachment or a program id (1 .. 2**32-1), got {anchor!r}"
+            f"a Before/After anchor is a Program, an Attachment or a positive program id, got {anchor!r}"
         )
     raise TypeError(f"position must be asynctc.First(), Last(), Before(x) or After(x), got {position!r}")

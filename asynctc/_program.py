@@ -8,6 +8,7 @@ from types import TracebackType
 
 from ._errors import ProgramError, from_errno
 from .lowlevel import bpf
+from .lowlevel.pins import check_path
 
 __all__ = ["PROG_TYPE_NAMES", "Program", "adopt_program_fd"]
 
@@ -41,6 +42,7 @@ class Program:
     @classmethod
     def from_fd(cls, fd: int) -> Program:
         """A Program on a duplicate of `fd` (the caller keeps ownership of `fd`)."""
+        bpf.check_field("Program.from_fd: fd", fd, bpf.FD_MAX)
         try:
             dup = os.dup(fd)
         except OSError as exc:
@@ -50,18 +52,21 @@ class Program:
 
     @classmethod
     def from_pinned(cls, path: str | os.PathLike[str]) -> Program:
-        """The program pinned at `path` on bpffs."""
+        """The program pinned at `path` on bpffs (an absolute path without NUL or '..': ValueError)."""
+        spath = check_path(path, "program's pin path")
         try:
-            fd = bpf.obj_get(os.fspath(path))
+            fd = bpf.obj_get(spath)
         except bpf.BpfError as exc:
-            raise from_errno(exc.errno or 0, op="obj_get", program=os.fspath(path)) from None
+            raise from_errno(exc.errno or 0, op="obj_get", program=spath) from None
         return adopt_program_fd(fd)
 
     @classmethod
     def from_id(cls, prog_id: int) -> Program:
-        """The loaded program with this id (needs CAP_SYS_ADMIN)."""
+        """The loaded program with this id (needs CAP_SYS_ADMIN). TypeError/ValueError for an id that is not
+        an int in 1..2**32-1 (a program id is a u32, never 0)."""
+        bpf.check_field("Program.from_id: prog_id", prog_id, bpf.U32_MAX, lo=1)
         try:
-            fd = bpf.prog_get_fd_by_id(int(prog_id))
+            fd = bpf.prog_get_fd_by_id(prog_id)
         except bpf.BpfError as exc:
             raise from_errno(exc.errno or 0, op="prog_get_fd_by_id", program=f"program id {prog_id}") from None
         return adopt_program_fd(fd)

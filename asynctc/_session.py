@@ -36,7 +36,9 @@ from ._types import OFFLOAD_MODES, Direction, Hook, HookEntry, Last, Offload, Po
 from ._watcher import Watcher
 from .backend import AttachRequest, Backend, BackendContext
 from .events import AttachmentEvent
+from .lowlevel.netdev import check_dev
 from .lowlevel.netns import NetnsRunner
+from .lowlevel.pins import check_path
 from .lowlevel.tcpolicy import process_start_time
 
 __all__ = ["Session", "open_session"]
@@ -184,7 +186,10 @@ class Session:
             PermissionDenied, OffloadError, BackendUnavailable, TCError.
         """
         self._check_open()
+        check_dev(dev)
         direction = Direction.coerce(direction)
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be None or a backend name (str), got {type(backend).__name__} {backend!r}")
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
         if not isinstance(program, Program):
@@ -194,7 +199,8 @@ class Session:
             not isinstance(expected_revision, int) or isinstance(expected_revision, bool)
             or not 0 <= expected_revision < 2**64
         ):
-            raise ValueError(f"expected_revision must be an int in 0 .. 2**64-1 or None, got {expected_revision!r}")
+            raise ValueError(f"expected_revision must be None or an int in 0..2**64-1 (the kernel's u64 revision), "
+                             f"got {expected_revision!r}")
         position = Last() if position is None else position
         be = await self._backends.for_attach(backend, offload)
         _check_options(be, options)
@@ -274,12 +280,14 @@ class Session:
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
         """(ifindex, name) of a device in the session's namespace; DeviceNotFound otherwise."""
         self._check_open()
+        check_dev(dev)
         return await self._backends.primary.resolve_device(dev)
 
     async def query(self, dev: str | int, direction: Direction | str) -> Hook:
         """Every entry on the hook in the order the kernel runs them: tcx entries first, then the legacy
         filters. Entries this session owns (created or adopted) have owned=True; foreign ones owned=False."""
         self._check_open()
+        check_dev(dev)
         direction = Direction.coerce(direction)
         primary = self._backends.primary
         ifindex, _ = await primary.resolve_device(dev)
@@ -294,7 +302,7 @@ class Session:
         """Take ownership of the attachment pinned at `path` again (after a restart, or from another
         session). The attachment stays pinned; `unpin()` it to have it detached when the session closes."""
         self._check_open()
-        spath = os.fspath(path)
+        spath = check_path(path)
         mine = self._registry.pinned_at(spath)
         if mine is not None and mine.public is not None:
             return mine.public
@@ -341,6 +349,8 @@ class Session:
         the differences and then `Resynced`.
         """
         self._check_open()
+        if isinstance(buffer, bool) or not isinstance(buffer, int):
+            raise TypeError(f"buffer must be an int (events), got {type(buffer).__name__} {buffer!r}")
         if buffer < 1:
             raise ValueError(f"buffer must be >= 1, got {buffer}")
         await self._lifecycle.watching()
@@ -409,12 +419,20 @@ async def open_session(
     """
     if not isinstance(owner, str) or not owner or any(c in owner for c in ":/\0 ") or len(owner) > 64:
         raise ValueError(f"owner must be a short tag without ':', '/', spaces or NUL, got {owner!r}")
-    if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
-        raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
-    if not isinstance(cleanup_timeout, int | float) or not (cleanup_timeout > 0) or math.isnan(cleanup_timeout):
-        raise ValueError(f"cleanup_timeout must be > 0 seconds, got {cleanup_timeout!r}")
     if not isinstance(backend, str):
-        raise TypeError(f"backend must be a backend name (str), got {backend!r}")
+        raise TypeError(f"backend must be a backend name (str), got {type(backend).__name__} {backend!r}")
+    if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+        raise TypeError(f"max_workers must be an int, got {type(max_workers).__name__} {max_workers!r}")
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    if isinstance(cleanup_timeout, bool) or not isinstance(cleanup_timeout, int | float):
+        raise TypeError(f"cleanup_timeout must be a number of seconds, got {type(cleanup_timeout).__name__} "
+                        f"{cleanup_timeout!r}")
+    if not (cleanup_timeout > 0) or math.isnan(cleanup_timeout):
+        raise ValueError(f"cleanup_timeout must be > 0 seconds, got {cleanup_timeout!r}")
+    if backend_options is not None and not isinstance(backend_options, Mapping):
+        raise TypeError(f"backend_options must be a mapping of option names to values, got "
+                        f"{type(backend_options).__name__} {backend_options!r}")
     pm = _plugins.make_plugin_manager(plugins=plugins) if plugins else _plugins.get_plugin_manager()
     classes = _plugins.collect_backends(pm)
     if kernel is not None:

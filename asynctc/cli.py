@@ -34,9 +34,13 @@ async def _run_cancellable(job: Callable[[], Awaitable[int]]) -> int:
     """Run `job` in a child task; SIGINT/SIGTERM cancel it (its cleanup still runs to completion)."""
     result: list[int] = []
     interrupted: list[int] = []
+    failed: list[Exception] = []
 
     async def run_job(scope: trio.CancelScope) -> None:
-        result.append(await job())
+        try:
+            result.append(await job())
+        except Exception as exc:  # re-raised below, outside the nursery: never wrapped in an ExceptionGroup
+            failed.append(exc)
         scope.cancel()
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -46,6 +50,8 @@ async def _run_cancellable(job: Callable[[], Awaitable[int]]) -> int:
                 interrupted.append(signum)
                 nursery.cancel_scope.cancel()
                 break
+    if failed:
+        raise failed[0]
     if interrupted:
         return 128 + interrupted[0]
     return result[0] if result else 1
@@ -270,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except asynctc.TCError as exc:
         sys.stderr.write(f"asynctc {args.command}: {type(exc).__name__}: {exc}\n")
         return 1
+    except ValueError as exc:  # an argument wrong in itself (an empty --netns, ...): bad usage
+        sys.stderr.write(f"asynctc {args.command}: {exc}\n")
+        return 2
     except BrokenPipeError:
         # the reader went away (`asynctc monitor | head`): end quietly
         devnull = os.open(os.devnull, os.O_WRONLY)

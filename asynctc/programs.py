@@ -21,11 +21,25 @@ VERDICTS: dict[str, int] = {"pass": 0, "drop": 2, "next": -1}
 
 
 def verdict_value(verdict: str) -> int:
-    """The return code of a verdict name; ValueError naming the choices otherwise."""
+    """The return code of a verdict name; TypeError/ValueError naming the choices otherwise."""
+    if not isinstance(verdict, str):
+        raise TypeError(f"verdict must be one of {sorted(VERDICTS)} (a str), got {type(verdict).__name__} "
+                        f"{verdict!r}")
     try:
         return VERDICTS[verdict]
     except KeyError:
         raise ValueError(f"verdict must be one of {sorted(VERDICTS)}, got {verdict!r}") from None
+
+
+def _check_name(name: object) -> None:
+    """A program name the kernel takes: up to 15 characters of letters, digits, '_' and '.'."""
+    if name is None:
+        return
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__} {name!r}")
+    if not name or len(name) > 15 or not all(c.isascii() and (c.isalnum() or c in "_.") for c in name):
+        raise ValueError(f"name must be 1-15 characters of letters, digits, '_' and '.' (the kernel's rule for "
+                         f"program names), got {name!r}")
 
 
 def _load(insns: bytes, name: str) -> int:
@@ -38,6 +52,7 @@ def _load(insns: bytes, name: str) -> int:
 def constant(verdict: Verdict = "pass", *, name: str | None = None) -> Program:
     """A SCHED_CLS program that returns `verdict` for every packet."""
     code = verdict_value(verdict)
+    _check_name(name)
     a = bpf.asm
     fd = _load(a.mov64_imm(0, code) + a.exit(), name or f"atc_{verdict}")
     return adopt_program_fd(fd)
@@ -78,6 +93,7 @@ def counting(verdict: Verdict = "pass", *, name: str | None = None) -> CountingP
     Eleven instructions: look up key 0 of a one-entry array map, atomically add 1, return the verdict.
     """
     code = verdict_value(verdict)
+    _check_name(name)
     try:
         map_fd = bpf.map_create_array(8, 1, name="atc_count")
     except bpf.BpfError as exc:

@@ -34,6 +34,7 @@ __all__ = [
     "LinkInfo",
     "ProgInfo",
     "asm",
+    "check_field",
     "close_fd",
     "fd_object_kind",
     "link_create_tcx",
@@ -129,6 +130,27 @@ def _put(buf: ctypes.Array[ctypes.c_char], fmt: str, offset: int, *values: int) 
 def _put_name(buf: ctypes.Array[ctypes.c_char], offset: int, name: str) -> None:
     encoded = name.encode()[:15]
     ctypes.memmove(ctypes.addressof(buf) + offset, encoded, len(encoded))
+
+
+U32_MAX = 0xFFFF_FFFF
+U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+FD_MAX = 0x7FFF_FFFF
+
+
+def check_field(field: str, value: object, hi: int = U32_MAX, lo: int = 0) -> int:
+    """`value` if it is an int in lo..hi (the range of the C field it is packed into); TypeError or ValueError
+    naming the field otherwise (instead of a raw struct.error from the packing)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{field} must be an int, got {type(value).__name__} {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{field} must be in {lo}..{hi}, got {value}")
+    return value
+
+
+def _check_path(path: str) -> bytes:
+    if "\0" in path:
+        raise ValueError(f"the path {path!r} contains a NUL byte: the kernel would cut it there; remove it")
+    return os.fsencode(path) + b"\0"
 
 
 def _addr(obj: ctypes.Array[ctypes.c_char] | ctypes.Array[ctypes.c_uint32]) -> int:
@@ -300,6 +322,7 @@ def prog_info(prog_fd: int) -> ProgInfo:
 
 
 def prog_get_fd_by_id(prog_id: int) -> int:
+    check_field("prog_id", prog_id)
     attr = _attr()
     _put(attr, "<I", 0, prog_id)
     return _sys_bpf(BPF_PROG_GET_FD_BY_ID, attr, "prog_get_fd_by_id")
@@ -307,16 +330,18 @@ def prog_get_fd_by_id(prog_id: int) -> int:
 
 def obj_pin(fd: int, path: str) -> None:
     """BPF_OBJ_PIN: pin a program, map or link at `path` on a bpffs mount."""
+    check_field("fd", fd, FD_MAX)
     attr = _attr()
-    p = ctypes.create_string_buffer(os.fsencode(path) + b"\0")
+    p = ctypes.create_string_buffer(_check_path(path))
     _put(attr, "<QI", 0, _addr(p), fd)
     _sys_bpf(BPF_OBJ_PIN, attr, "obj_pin")
 
 
 def obj_get(path: str, flags: int = 0) -> int:
     """BPF_OBJ_GET: an fd on what is pinned at `path`."""
+    check_field("flags", flags)
     attr = _attr()
-    p = ctypes.create_string_buffer(os.fsencode(path) + b"\0")
+    p = ctypes.create_string_buffer(_check_path(path))
     _put(attr, "<QII", 0, _addr(p), 0, flags)
     return _sys_bpf(BPF_OBJ_GET, attr, "obj_get")
 
@@ -357,9 +382,20 @@ def link_info(link_fd: int) -> LinkInfo:
 
 
 def link_get_fd_by_id(link_id: int) -> int:
+    check_field("link_id", link_id)
     attr = _attr()
     _put(attr, "<I", 0, link_id)
     return _sys_bpf(BPF_LINK_GET_FD_BY_ID, attr, "link_get_fd_by_id")
+
+
+def _check_attach(prog_fd: int, ifindex: int, attach_type: int, flags: int, relative: int,
+                  expected_revision: int) -> None:
+    check_field("prog_fd", prog_fd, FD_MAX)
+    check_field("ifindex", ifindex)
+    check_field("attach_type", attach_type)
+    check_field("flags", flags)
+    check_field("relative (anchor id or fd)", relative)
+    check_field("expected_revision", expected_revision, U64_MAX)
 
 
 def link_create_tcx(
@@ -376,6 +412,7 @@ def link_create_tcx(
     `flags` combine BPF_F_BEFORE/BPF_F_AFTER with BPF_F_ID/BPF_F_LINK to say what `relative` is (a program
     fd, a program id, a link fd or a link id). expected_revision 0 means "don't check".
     """
+    _check_attach(prog_fd, ifindex, attach_type, flags, relative, expected_revision)
     attr = _attr()
     _put(attr, "<IIIIIIQ", 0, prog_fd, ifindex, attach_type, flags, relative, 0, expected_revision)
     return _sys_bpf(BPF_LINK_CREATE, attr, "link_create")
@@ -383,6 +420,10 @@ def link_create_tcx(
 
 def link_update(link_fd: int, new_prog_fd: int, *, old_prog_fd: int | None = None) -> None:
     """BPF_LINK_UPDATE; with old_prog_fd it is a compare-and-swap (EPERM when another program is there)."""
+    check_field("link_fd", link_fd, FD_MAX)
+    check_field("new_prog_fd", new_prog_fd, FD_MAX)
+    if old_prog_fd is not None:
+        check_field("old_prog_fd", old_prog_fd, FD_MAX)
     attr = _attr()
     if old_prog_fd is None:
         _put(attr, "<III", 0, link_fd, new_prog_fd, 0)
@@ -409,6 +450,7 @@ def prog_attach(
     expected_revision: int = 0,
 ) -> None:
     """BPF_PROG_ATTACH (a tcx attachment without a link: it stays until detached explicitly)."""
+    _check_attach(prog_fd, ifindex, attach_type, flags, relative, expected_revision)
     attr = _attr()
     _put(attr, "<IIIIIIQ", 0, ifindex, prog_fd, attach_type, flags, 0, relative, expected_revision)
     _sys_bpf(BPF_PROG_ATTACH, attr, "prog_attach")
@@ -416,6 +458,9 @@ def prog_attach(
 
 def prog_detach(prog_fd: int, ifindex: int, attach_type: int) -> None:
     """BPF_PROG_DETACH of a program attached with prog_attach."""
+    check_field("prog_fd", prog_fd, FD_MAX)
+    check_field("ifindex", ifindex)
+    check_field("attach_type", attach_type)
     attr = _attr()
     _put(attr, "<IIII", 0, ifindex, prog_fd, attach_type, 0)
     _sys_bpf(BPF_PROG_DETACH, attr, "prog_detach")
@@ -432,6 +477,8 @@ class HookQuery:
 
 def prog_query(ifindex: int, attach_type: int, *, capacity: int = 64) -> HookQuery:
     """BPF_PROG_QUERY of a tcx hook, retrying with a larger array on ENOSPC."""
+    check_field("ifindex", ifindex)
+    check_field("attach_type", attach_type)
     while True:
         prog_ids = (ctypes.c_uint32 * capacity)()
         link_ids = (ctypes.c_uint32 * capacity)()
@@ -465,7 +512,9 @@ def probe_tcx() -> tuple[bool, str]:
         fd = prog_load(BPF_PROG_TYPE_SCHED_CLS, asm.mov64_imm(0, 0) + asm.exit(), name="asynctc_probe")
     except BpfError as exc:
         if exc.errno in (_errno.EPERM, _errno.EACCES):
-            return False, "cannot load BPF programs here (needs CAP_BPF and CAP_NET_ADMIN: run as root)"
+            from .._errors import _cap_hint
+
+            return False, f"cannot load BPF programs here: {_cap_hint('prog')}"
         return False, f"cannot load a SCHED_CLS program: {exc.strerror}"
     try:
         try:
@@ -474,7 +523,9 @@ def probe_tcx() -> tuple[bool, str]:
             if exc.errno == _errno.ENODEV:
                 return True, "tcx links are supported (Linux >= 6.6)"
             if exc.errno == _errno.EPERM:
-                return False, "creating tcx links needs CAP_NET_ADMIN (run as root)"
+                from .._errors import _cap_hint
+
+                return False, f"cannot create tcx links here: {_cap_hint('net')}"
             return False, f"tcx links are not supported by this kernel (probe answered {exc.strerror})"
         os.close(lfd)  # pragma: no cover - no device has that ifindex
         return True, "tcx links are supported"

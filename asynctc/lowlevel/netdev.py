@@ -19,20 +19,26 @@ from .._errors import DeviceNotFound, TCError
 if TYPE_CHECKING:
     from .netlink import NetlinkTransport
 
-__all__ = ["resolve_device", "resolve_device_nl"]
+__all__ = ["IFINDEX_MAX", "check_dev", "resolve_device", "resolve_device_nl"]
 
 
 def _where(netns: str | None) -> str:
     return f"network namespace {netns!r}" if netns else "the caller's network namespace"
 
 
-def _check(dev: object) -> str | int:
-    """`dev` if it is a plausible device name or ifindex; TypeError / DeviceNotFound otherwise."""
+IFINDEX_MAX = 2**31 - 1  # the kernel's ifindex is a positive C int
+
+
+def check_dev(dev: object) -> str | int:
+    """`dev` if it is a plausible device name or ifindex; TypeError for another type, ValueError for an
+    ifindex outside 1..2**31-1 (no C int holds it), DeviceNotFound for ifindex 0 or an impossible name."""
     if isinstance(dev, bool) or not isinstance(dev, str | int):
-        raise TypeError(f"dev must be a device name or an ifindex, got {dev!r}")
+        raise TypeError(f"dev must be a device name or an ifindex (a str or an int), got {type(dev).__name__} {dev!r}")
     if isinstance(dev, int):
-        if dev <= 0:
-            raise DeviceNotFound(f"ifindex must be positive, got {dev}", errno=_errno.ENODEV)
+        if dev < 0 or dev > IFINDEX_MAX:
+            raise ValueError(f"dev: an ifindex must be in 1..{IFINDEX_MAX}, got {dev}")
+        if dev == 0:
+            raise DeviceNotFound("ifindex must be positive, got 0 (no device has ifindex 0)", errno=_errno.ENODEV)
     elif not dev or len(dev) >= 16 or "/" in dev or "\0" in dev:
         raise DeviceNotFound(f"{dev!r} is not a valid device name (1-15 characters)", errno=_errno.ENODEV)
     return dev
@@ -54,7 +60,7 @@ def resolve_device(dev: str | int, netns: str | None) -> tuple[int, str]:
 
     `netns` only names the namespace in error messages.
     """
-    dev = _check(dev)
+    dev = check_dev(dev)
     try:
         if isinstance(dev, int):
             return dev, socket.if_indextoname(dev)
@@ -70,7 +76,7 @@ async def resolve_device_nl(nl: NetlinkTransport, dev: str | int, netns: str | N
     `netns` only names the namespace in error messages."""
     from . import codec
 
-    dev = _check(dev)
+    dev = check_dev(dev)
     if isinstance(dev, int):
         def build(seq: int) -> bytes:
             return codec.encode_link_get(seq, ifindex=dev)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno as _errno
+import fcntl
 import os
 import sys
 import threading
@@ -44,6 +45,21 @@ def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
     if _libc.setns(fd, nstype) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3): the CLONE_NEW* type of a namespace fd
+_NS_TYPE_NAMES = {
+    0x00020000: "mount", 0x02000000: "cgroup", 0x04000000: "uts", 0x08000000: "ipc", 0x10000000: "user",
+    0x20000000: "pid", CLONE_NEWNET: "network", 0x00000080: "time",
+}
+
+
+def namespace_type(fd: int) -> int | None:
+    """The CLONE_NEW* type of the namespace behind `fd` (ioctl NS_GET_NSTYPE), None if it is no namespace."""
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        return None
 
 
 def netns_path(netns: str | os.PathLike[str]) -> str:
@@ -113,6 +129,13 @@ class NetnsRunner:
     """
 
     def __init__(self, netns: str | os.PathLike[str] | None, limiter: trio.CapacityLimiter) -> None:
+        if netns is not None:
+            spelled = netns.__fspath__() if isinstance(netns, os.PathLike) else netns
+            if not isinstance(spelled, str):
+                raise TypeError(f"netns must be None, a name under {NETNS_RUN_DIR} or a path (str or "
+                                f"os.PathLike[str]), got {type(spelled).__name__} {spelled!r}")
+            if not spelled or "\0" in spelled:
+                raise ValueError(f"netns must be a non-empty name or path without NUL bytes, got {spelled!r}")
         self.netns: str | None = None if netns is None else os.fspath(netns)
         self.limiter = limiter
         self._ns_fd: int | None = None
@@ -140,19 +163,20 @@ class NetnsRunner:
             self._check_is_netns(path)
 
     def _check_is_netns(self, path: str) -> None:
+        """Refuse, at open, a file that is not a network namespace (a uts namespace, a plain file): the
+        kernel would only refuse setns() later, with a bare EINVAL."""
         assert self._ns_fd is not None
-        st = os.fstat(self._ns_fd)
-        self.ns_inode = st.st_ino
-        try:
-            own = os.stat("/proc/self/ns/net")
-        except OSError:  # pragma: no cover
-            return
-        if st.st_dev != own.st_dev:
+        self.ns_inode = os.fstat(self._ns_fd).st_ino
+        kind = namespace_type(self._ns_fd)
+        if kind != CLONE_NEWNET:
             os.close(self._ns_fd)
             self._ns_fd = None
             from .._errors import TCError
 
-            raise TCError(f"{path} is not a network namespace file (use a name under /run/netns or its path)")
+            what = ("not a namespace file at all" if kind is None
+                    else f"a {_NS_TYPE_NAMES.get(kind, hex(kind))} namespace, not a network namespace")
+            raise TCError(f"netns={self.netns!r}: {path} is {what}; give a name under {NETNS_RUN_DIR} or the "
+                          "path of a network namespace file (such as /proc/PID/ns/net)", errno=_errno.EINVAL)
 
     @property
     def in_other_netns(self) -> bool:

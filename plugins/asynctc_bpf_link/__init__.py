@@ -37,7 +37,7 @@ from asynctc import (
     from_errno,
 )
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource, Updated
-from asynctc.lowlevel import bpf
+from asynctc.lowlevel import bpf, pins
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel import netlink as nllib
 from asynctc.lowlevel.netdev import resolve_device_nl
@@ -68,41 +68,26 @@ class LinkAttachment(BackendAttachment):
         return fd
 
 
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def _pin_over(fd: int, path: str) -> None:
     """Make the pin at `path` name the link `fd`, atomically: pinned beside it, then renamed over it."""
-    nxt = path + NEXT_SUFFIX
-    _unlink_quiet(nxt)
-    bpf.obj_pin(fd, nxt)
-    try:
-        os.rename(nxt, path)
-    except BaseException:
-        _unlink_quiet(nxt)
-        raise
+    pins.pin_over(fd, path, NEXT_SUFFIX)
 
 
 def _finish_interrupted_update(path: str) -> None:
     """A make-before-break of the link pinned at `path` that was killed between pinning the new link
     beside the pin and renaming it over: both links are attached. Finish it, atomically (the rename drops
     the last reference to the link it replaces, which the kernel then detaches)."""
-    nxt = path + NEXT_SUFFIX
     try:
-        fd = bpf.obj_get(nxt)
-    except bpf.BpfError:
-        return  # nothing was interrupted
+        fd = pins.get_object(path + NEXT_SUFFIX)
+    except (bpf.BpfError, PinError):
+        return  # nothing was interrupted (or nothing asynctc would touch)
     try:
         if bpf.fd_object_kind(fd) != "link":
             return
     finally:
         os.close(fd)
     log.warning("asynctc bpf_link: finishing an interrupted update of the link pinned at %s", path)
-    os.rename(nxt, path)
+    pins.rename_over(path, NEXT_SUFFIX)
 
 
 def _detach_and_close(fd: int) -> bool:
@@ -182,6 +167,14 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         try:
             fd, info = await self.ctx.runner.run(create)
         except bpf.BpfError as exc:
+            p = request.placement
+            if exc.errno == _errno.ENOENT and p.where in ("before", "after"):
+                anchor = (f"link {p.link_id} (program {p.prog_id})" if p.link_id is not None
+                          else f"program {p.prog_id}")
+                raise from_errno(exc.errno, op=exc.op, backend=self.name, dev=request.dev,
+                                 direction=request.direction, program=request.program,
+                                 detail=f"the {p.where.title()}() anchor, {anchor}, is not on "
+                                        f"{request.dev} {request.direction}") from None
             raise self._err(exc, request.dev, request.direction, request.program) from None
         return LinkAttachment(fd, AttachmentInfo(
             backend=self.name, netns=self.ctx.netns, dev=request.dev, ifindex=request.ifindex,
@@ -205,24 +198,29 @@ class BpfLinkBackend(Backend[LinkAttachment]):
 
     # -- detach, liveness ----------------------------------------------------------------------------
     async def detach(self, att: LinkAttachment) -> bool:
-        """Detach the link and close its fd; a pinned link's pin is removed first (it would otherwise keep
-        naming a detached link)."""
+        """Detach the link and close its fd; a pin of it is removed first (a pin naming a detached link
+        would only make adopt_pinned fail later)."""
+        if att.fd is None:
+            return False
+        if att.info.pinned is not None:
+            # Removed first: a crash in between leaves the link held only by this process's fd, which the
+            # kernel detaches when the process dies.
+            try:
+                await self._remove_pin(att.info.pinned)
+            except PinError:
+                # Nothing was detached; but a link the kernel severed is dead anyway: release its fd.
+                if not await self.is_attached(att):
+                    await self.release(att)
+                raise
         fd = att.take_fd()
         if fd is None:
             return False
-        pinned = att.info.pinned
         try:
-            if pinned is not None:
-                await self.ctx.runner.run(_unlink_quiet, pinned)
             return await self.ctx.runner.run(_detach_and_close, fd)
         except bpf.BpfError as exc:
             if exc.errno == _errno.ENOLINK:
                 return False
             raise self._err(exc, att.info.dev, att.info.direction) from None
-        except OSError as exc:
-            os.close(fd)
-            raise PinError(f"cannot remove the pin {pinned} of {att.info.dev}/{att.info.direction.value}: "
-                           f"{exc.strerror}", errno=exc.errno) from None
 
     async def release(self, att: LinkAttachment) -> None:
         fd = att.take_fd()
@@ -261,6 +259,15 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         except bpf.BpfError as exc:
             if exc.errno in FALLBACK_ERRNOS:
                 return await self._make_before_break(att, program, expected, refused=exc)
+            if exc.op == "link_update_cas" and exc.errno == _errno.EPERM and expected is not None:
+                try:
+                    now = f"program {(await self.ctx.runner.run(bpf.link_info, fd)).prog_id}"
+                except bpf.BpfError:
+                    now = "another program"
+                raise Conflict(
+                    f"update of {att.info.dev}/{att.info.direction.value} link {att.info.link_id} to {program} "
+                    f"[bpf_link backend]: the link runs {now}, not the expected {expected}; nothing was "
+                    "changed. query() and retry with the current program", errno=_errno.EPERM) from None
             raise self._err(exc, att.info.dev, att.info.direction, program) from None
         return Updated("link_update", revision, prog_id)
 
@@ -289,9 +296,9 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                 raise bpf.BpfError(_errno.ENOLINK, "link_update")
             if expected is not None and old.prog_id != expected.id:
                 raise Conflict(
-                    f"update of {att.info.dev}/{att.info.direction.value} link {old.id}: the program on the "
-                    f"hook is {old.prog_id}, not the expected program {expected.id} ({expected.name!r}); "
-                    "nothing was changed",
+                    f"update of {att.info.dev}/{att.info.direction.value} link {old.id} to {program} "
+                    f"[bpf_link backend]: the link runs program {old.prog_id}, not the expected {expected}; "
+                    "nothing was changed. query() and retry with the current program",
                     errno=_errno.EPERM,
                 )
             rev = bpf.prog_query(ifindex, attach_type).revision
@@ -352,7 +359,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         if fd is None:
             raise Severed("the link is closed", errno=_errno.ENOLINK)
         try:
-            await self.ctx.runner.run(bpf.obj_pin, fd, path)
+            await self.ctx.runner.run(pins.pin_object, fd, path)
         except bpf.BpfError as exc:
             raise from_errno(exc.errno or 0, op="obj_pin", backend=self.name, dev=path) from None
 
@@ -360,8 +367,12 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         path = att.info.pinned
         if path is None:
             return
+        await self._remove_pin(path)
+
+    async def _remove_pin(self, path: str) -> None:
+        """Remove a pin asynctc made (through the verified, symlink-free walk of `lowlevel.pins`)."""
         try:
-            await self.ctx.runner.run(_unlink_quiet, path)
+            await self.ctx.runner.run(pins.unpin, path)
         except OSError as exc:
             raise PinError(f"cannot unpin {path}: {exc.strerror}", errno=exc.errno) from None
 
@@ -371,7 +382,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         def adopt() -> tuple[int, bpf.LinkInfo, str] | None:
             _finish_interrupted_update(path)
             try:
-                fd = bpf.obj_get(path)
+                fd = pins.get_object(path)
             except bpf.BpfError as exc:
                 raise from_errno(exc.errno or 0, op="obj_get", backend=self.name, dev=path) from None
             try:
@@ -383,7 +394,8 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                     os.close(fd)
                     return None
                 if info.ifindex == 0:
-                    raise Severed(f"the tcx link pinned at {path} was severed: its device is gone; unpin it",
+                    raise Severed(f"the tcx link pinned at {path} was severed: its device is gone, and a "
+                                  f"severed link never runs again; remove the stale pin (rm {path})",
                                   errno=_errno.ENOLINK)
                 # The ifindex is only meaningful in the link's namespace: prove it is in ours.
                 try:

@@ -78,7 +78,7 @@ from asynctc import (
     from_errno,
 )
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource, Updated
-from asynctc.lowlevel import bpf, codec
+from asynctc.lowlevel import bpf, codec, pins
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel.devlock import DeviceLocks
 from asynctc.lowlevel.locks import held
@@ -147,27 +147,13 @@ def _tcx_revision(ifindex: int, direction: Direction) -> int | None:
         return None
 
 
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def _move_pin(prog_fd: int, path: str, record: Callable[[], PinRecord]) -> None:
     """Make the pin at `path` name `prog_fd`'s program and its record say `record()`, each step atomic:
     the program is pinned beside the old pin and renamed over it, then the record map's value is
     rewritten in place (in a worker inside the namespace)."""
     value = record().encode()
-    nxt = path + NEXT_SUFFIX
-    _unlink_quiet(nxt)
-    bpf.obj_pin(prog_fd, nxt)
-    try:
-        os.rename(nxt, path)
-    except BaseException:
-        _unlink_quiet(nxt)
-        raise
-    map_fd = bpf.obj_get(path + RECORD_SUFFIX)
+    pins.pin_over(prog_fd, path, NEXT_SUFFIX)
+    map_fd = pins.get_object(path + RECORD_SUFFIX)
     try:
         bpf.map_update(map_fd, 0, value)
     finally:
@@ -647,22 +633,22 @@ class NetlinkBackend(Backend[FilterAttachment]):
         """Pin the program at `path` and the record map at `path + "_record"` (in a worker); nothing is
         left behind on failure."""
         rec = record().encode()
-        bpf.obj_pin(prog_fd, path)
+        pins.pin_object(prog_fd, path)
         try:
             map_fd = bpf.map_create_array(RECORD_SIZE, 1, name="atc_nl_pin")
             try:
                 bpf.map_update(map_fd, 0, rec)
-                bpf.obj_pin(map_fd, path + RECORD_SUFFIX)
+                pins.pin_object(map_fd, path + RECORD_SUFFIX)
             finally:
                 os.close(map_fd)
         except BaseException:
-            _unlink_quiet(path)
+            pins.unpin(path)
             raise
 
     async def _remove_pin(self, path: str) -> None:
         def remove() -> None:
-            _unlink_quiet(path)
-            _unlink_quiet(path + RECORD_SUFFIX)
+            pins.unpin(path)
+            pins.unpin(path + RECORD_SUFFIX)
 
         try:
             await self.ctx.runner.run(remove)
@@ -727,7 +713,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
     async def adopt_pinned(self, path: str) -> FilterAttachment | None:
         def read() -> tuple[int, PinRecord, str] | None:
             try:
-                fd = bpf.obj_get(path)
+                fd = pins.get_object(path)
             except bpf.BpfError as exc:
                 raise from_errno(exc.errno or 0, op="obj_get", backend=self.name, dev=path) from None
             try:
@@ -735,8 +721,8 @@ class NetlinkBackend(Backend[FilterAttachment]):
                     os.close(fd)
                     return None  # a tcx link (the bpf_link backend's) or a map: not ours
                 try:
-                    map_fd = bpf.obj_get(path + RECORD_SUFFIX)
-                except bpf.BpfError:
+                    map_fd = pins.get_object(path + RECORD_SUFFIX)
+                except (bpf.BpfError, PinError):
                     os.close(fd)
                     return None  # a pinned program without our record: not an attachment of ours
                 try:
@@ -797,7 +783,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
         )
         gen_flags = (cur.gen_flags or 0) & (codec.TCA_CLS_FLAGS_SKIP_HW | codec.TCA_CLS_FLAGS_SKIP_SW)
         att = FilterAttachment(info, name=cur.bpf_name or rec.name, prog_fd=fd, gen_flags=gen_flags)
-        if prog_id != rec.prog_id or await self.ctx.runner.run(os.path.lexists, path + NEXT_SUFFIX):
+        if prog_id != rec.prog_id:
             await self._repin(att, path, prog_id)
         return self._hold(att)
 

@@ -43,6 +43,17 @@ def test_unknown_command_is_a_usage_error() -> None:
     assert "invalid choice" in proc.stderr
 
 
+@pytest.mark.parametrize(("netns", "code", "says"), [
+    ("", 2, "netns must be a non-empty name or path"),
+    ("/proc/self/ns/uts", 1, "is a uts namespace, not a network namespace"),
+])
+def test_a_bad_netns_is_one_line_never_a_traceback(netns: str, code: int, says: str) -> None:
+    proc = run("backends", "--netns", netns)
+    assert proc.returncode == code, (proc.stdout, proc.stderr)
+    assert says in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_demo_with_an_unknown_backend_says_what_is_installed() -> None:
     proc = run("demo", "--backend", "nope")
     if "real kernel" in proc.stdout:  # without root: the demo says the real kernel is not usable
