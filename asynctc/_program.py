@@ -29,17 +29,20 @@ class Program:
     Simulated programs of the mock backend (`MockKernel.program`) are Programs without an fd.
     """
 
-    __slots__ = ("__weakref__", "_fd", "_id", "_name", "_tag", "_type")
+    __slots__ = ("__weakref__", "_fd", "_id", "_name", "_section", "_tag", "_type")
 
-    def __init__(self, fd: int | None, *, id: int, name: str, tag: str, type: int) -> None:
+    def __init__(
+        self, fd: int | None, *, id: int, name: str, tag: str, type: int, section: str | None = None
+    ) -> None:
         self._fd = fd
         self._id = id
         self._name = name
         self._tag = tag
         self._type = type
+        self._section = section
 
     @classmethod
-    def _adopt_fd(cls, fd: int) -> Program:
+    def _adopt_fd(cls, fd: int, *, name: str | None = None, section: str | None = None) -> Program:
         """Take ownership of `fd` (already ours); close it if it is not a usable program."""
         if bpf.fd_object_kind(fd) != "prog":
             os.close(fd)
@@ -49,7 +52,7 @@ class Program:
         except bpf.BpfError as exc:
             os.close(fd)
             raise from_errno(exc.errno or 0, op="prog_info") from None
-        return cls(fd, id=info.id, name=info.name, tag=info.tag, type=info.type)
+        return cls(fd, id=info.id, name=name or info.name, tag=info.tag, type=info.type, section=section)
 
     @classmethod
     def from_fd(cls, fd: int) -> Program:
@@ -99,6 +102,12 @@ class Program:
     @property
     def tag(self) -> str:
         return self._tag
+
+    @property
+    def section(self) -> str | None:
+        """The ELF section the program came from (`tc`, `classifier`, `tcx/ingress`, `tcx/egress`...) for
+        a program of a compiled object (`asynctc.open_object`); None for any other program."""
+        return self._section
 
     @property
     def type(self) -> int:
