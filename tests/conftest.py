@@ -46,4 +46,9 @@ def bpf_objects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     if reason is not None:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("bpf")
-    return {src.stem: compile_bpf(src, out / f"{src.stem}.o") for src in sorted(BPF_FIXTURES.glob("*.c"))}
+    objects = {src.stem: compile_bpf(src, out / f"{src.stem}.o") for src in sorted(BPF_FIXTURES.glob("*.c"))}
+    # rejected.c with its map pinned by name: a refused load must leave no pin behind
+    objects["rejected_pinned"] = compile_bpf(
+        BPF_FIXTURES / "rejected.c", out / "rejected_pinned.o", extra_args=("-DPIN_BY_NAME",)
+    )
+    return objects

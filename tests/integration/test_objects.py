@@ -192,7 +192,7 @@ async def test_verifier_rejection_carries_the_log_and_leaves_nothing(
 ) -> None:
     before_fds, before_pins = fds(), set(os.listdir(bpffs))
     with pytest.raises(asynctc.ProgramError) as exc:
-        async with asynctc.open_object(bpf_objects["rejected"], pin_root=bpffs):
+        async with asynctc.open_object(bpf_objects["rejected_pinned"], pin_root=bpffs):
             pytest.fail("a rejected object must not open")
     err = exc.value
     assert err.errno == errno.EACCES
