@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 import asynctc
 from asynctc import programs
@@ -250,6 +251,31 @@ async def test_cleanup_leaves_no_fd_pin_or_program(bpf_objects: dict[str, Path],
                 await trio.sleep(0.01)
     with pytest.raises(asynctc.TCError, match="no BPF map has this id"):
         asynctc.Map.from_id(map_ids[0])
+
+
+async def test_cancelled_while_loading_leaves_nothing(bpf_objects: dict[str, Path]) -> None:
+    before = fds()
+    opened: list[asynctc.BpfObject] = []
+
+    async def open_and_wait() -> None:
+        async with asynctc.open_object(bpf_objects["objects"]) as obj:
+            opened.append(obj)
+            await trio.sleep_forever()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_and_wait)
+            await trio.testing.wait_all_tasks_blocked()  # the load runs in its worker thread
+            nursery.cancel_scope.cancel()
+    # the load finished in its thread (a verifier run cannot be interrupted); whatever it made is closed
+    assert all(obj.closed for obj in opened)
+    assert fds() == before
+
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        async with asynctc.open_object(bpf_objects["objects"]):
+            pytest.fail("a cancelled scope must not open the object")
+    assert fds() == before
 
 
 async def test_attached_programs_outlive_the_object(bpf_objects: dict[str, Path], veth: VethPair) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -76,6 +77,7 @@ def test_unprivileged_process_opens_but_cannot_load(bpf_objects: dict[str, Path]
 
 
 async def test_bad_paths_are_refused_clearly(tmp_path: Path, bpf_objects: dict[str, Path]) -> None:
+    before = os.listdir("/proc/self/fd")
     with pytest.raises(asynctc.ProgramError, match="does not exist; compile one with `clang") as exc:
         async with asynctc.open_object(tmp_path / "missing.o"):
             pass
@@ -94,6 +96,7 @@ async def test_bad_paths_are_refused_clearly(tmp_path: Path, bpf_objects: dict[s
     with pytest.raises(asynctc.PinError, match="pin_root .* is not a directory"):
         async with asynctc.open_object(bpf_objects["objects"], pin_root=tmp_path / "nowhere"):
             pass
+    assert len(os.listdir("/proc/self/fd")) == len(before)  # nothing left open
 
 
 async def test_libbpf_messages_go_to_the_logger(
