@@ -49,6 +49,8 @@ _SECTION_DIRECTION = {
     "tc/egress": Direction.EGRESS,
 }
 _VERIFIER_TAIL_LINES = 8
+# how libbpf says it could not tell a program's type from its section (1.1; newer releases)
+_UNTYPED_CLUES = ("missing BPF prog type", "guess program type")
 _BPF_PROG_TYPE_UNSPEC = 0
 
 
@@ -310,6 +312,15 @@ def _load_error(path: str, exc: libbpf.LibbpfError, specs: Mapping[str, ProgramS
             f"(MockKernel.program){_said(exc.messages)}",
             errno=err,
         )
+    if any(clue in m for m in exc.messages for clue in _UNTYPED_CLUES):
+        spec = specs.get(exc.program or "")
+        which = f"program {exc.program!r} (section {spec.section!r})" if spec is not None else "a program"
+        return ProgramError(
+            f"loading BPF object {path} failed: the ELF section of {which} names no program type libbpf "
+            f"{libbpf.library().version_string} knows{_said(exc.messages)}; put tc programs in SEC(\"tc\"), "
+            "SEC(\"tcx/ingress\") or SEC(\"tcx/egress\")",
+            errno=err,
+        )
     if exc.program is not None:
         spec = specs.get(exc.program)
         section = f" (section {spec.section!r})" if spec is not None else ""
@@ -324,13 +335,6 @@ def _load_error(path: str, exc: libbpf.LibbpfError, specs: Mapping[str, ProgramS
             )
         return ProgramError(
             f"loading program {exc.program!r}{section} of {path} failed: {strerror}{_said(exc.messages)}",
-            errno=err,
-        )
-    if any("guess program type" in m for m in exc.messages):
-        return ProgramError(
-            f"loading BPF object {path} failed: a program's ELF section names no type libbpf "
-            f"{libbpf.library().version_string} knows{_said(exc.messages)}; tc programs go in SEC(\"tc\") or "
-            "SEC(\"tcx/ingress\") / SEC(\"tcx/egress\")",
             errno=err,
         )
     if any("pin" in m for m in exc.messages):

@@ -207,6 +207,18 @@ async def test_verifier_rejection_carries_the_log_and_leaves_nothing(
     assert set(os.listdir(bpffs)) == before_pins  # libbpf unpinned the map it had pinned for the load
 
 
+async def test_a_section_without_a_program_type_is_named(bpf_objects: dict[str, Path]) -> None:
+    before = fds()
+    with pytest.raises(
+        asynctc.ProgramError,
+        match=r"the ELF section of program 'untyped' \(section 'mystery/section'\) names no program type",
+    ) as exc:
+        async with asynctc.open_object(bpf_objects["unknown_section"]):
+            pass
+    assert exc.value.errno == errno.EINVAL
+    assert fds() == before
+
+
 async def test_wrong_program_type_is_refused_before_any_kernel_call(
     bpf_objects: dict[str, Path], veth: VethPair
 ) -> None:
