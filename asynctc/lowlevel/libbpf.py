@@ -38,6 +38,7 @@ __all__ = [
     "MapSpec",
     "ObjectHandle",
     "ProgramSpec",
+    "capture_warnings",
     "library",
 ]
 
