@@ -6,6 +6,9 @@
         async with session.open_attachment("eth0", "ingress", program) as att:
             ...
 
+    async with asynctc.open_object("prog.o") as obj:      # a clang-compiled object, through libbpf
+        ...obj.program("count")..., obj.map("hits").lookup(0)
+
 Everything public is re-exported here; nothing else is public except the `asynctc.backend`,
 `asynctc.events`, `asynctc.hookspecs`, `asynctc.programs`, `asynctc.lowlevel` and `asynctc.testing` modules.
 """
@@ -29,7 +32,11 @@ from ._errors import Severed as Severed
 from ._errors import StaleRevision as StaleRevision
 from ._errors import TCError as TCError
 from ._errors import from_errno as from_errno
+from ._map import Map as Map
 from ._monitor import Monitor as Monitor
+from ._object import BpfObject as BpfObject
+from ._object import load_program as load_program
+from ._object import open_object as open_object
 from ._plugins import BackendRegistry as BackendRegistry
 from ._plugins import PluginError as PluginError
 from ._program import Program as Program

@@ -48,7 +48,15 @@ class DeviceNotFound(TCError, LookupError):
 
 
 class ProgramError(TCError):
-    """The program cannot be used: not a SCHED_CLS program, closed, not found, or refused by the verifier."""
+    """The program cannot be used: not a SCHED_CLS program, closed, not found, or refused by the verifier.
+
+    `verifier_log` is the verifier's whole log where the kernel refused to load the program ("" otherwise);
+    the message itself carries only its tail, where the verifier says what it refused.
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None, verifier_log: str = "") -> None:
+        super().__init__(message, errno=errno)
+        self.verifier_log = verifier_log
 
 
 class PermissionDenied(TCError, PermissionError):
@@ -166,6 +174,12 @@ _OP_CAPABILITY = {
     "prog_load": "prog",
     "map_create": "bpf",
     "map_lookup": "bpf",
+    "map_update": "bpf",
+    "map_delete": "bpf",
+    "map_get_next_key": "bpf",
+    "map_info": "bpf",
+    "map_get_fd_by_id": "sysadmin",
+    "object_load": "net",
     "obj_pin": "bpf",
     "obj_get": "bpf",
     "prog_get_fd_by_id": "sysadmin",
@@ -212,6 +226,16 @@ _BY_OP: dict[tuple[str, int], tuple[type[TCError], str]] = {
         "the kernel refused the new program for this link: it must be a SCHED_CLS program",
     ),
     ("prog_get_fd_by_id", _errno.ENOENT): (ProgramError, "no BPF program has this id (it was unloaded?)"),
+    ("map_get_fd_by_id", _errno.ENOENT): (TCError, "no BPF map has this id (it was freed?)"),
+    ("map_update", _errno.E2BIG): (
+        TCError,
+        "the map is full (or the key is past the end of an array): delete entries, or declare more max_entries",
+    ),
+    ("map_update", _errno.ENOMEM): (TCError, "the kernel could not allocate the element"),
+    ("map_delete", _errno.EINVAL): (
+        TCError,
+        "this kind of map cannot delete elements (arrays keep every key): update the value instead",
+    ),
     ("link_get_fd_by_id", _errno.ENOENT): (Severed, "no BPF link has this id any more"),
     ("prog_load", _errno.EINVAL): (ProgramError, "the verifier or the loader refused the program"),
     ("prog_load", _errno.EACCES): (ProgramError, "the verifier refused the program"),

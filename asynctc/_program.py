@@ -30,14 +30,17 @@ class Program:
     Simulated programs of the mock backend (`MockKernel.program`) are Programs without an fd.
     """
 
-    __slots__ = ("__weakref__", "_fd", "_id", "_name", "_tag", "_type")
+    __slots__ = ("__weakref__", "_fd", "_id", "_name", "_section", "_tag", "_type")
 
-    def __init__(self, fd: int | None, *, id: int, name: str, tag: str, type: int) -> None:
+    def __init__(
+        self, fd: int | None, *, id: int, name: str, tag: str, type: int, section: str | None = None
+    ) -> None:
         self._fd = fd
         self._id = id
         self._name = name
         self._tag = tag
         self._type = type
+        self._section = section
 
     @classmethod
     def from_fd(cls, fd: int) -> Program:
@@ -93,6 +96,12 @@ class Program:
         return self._tag
 
     @property
+    def section(self) -> str | None:
+        """The ELF section the program came from (`tc`, `classifier`, `tcx/ingress`, `tcx/egress`...) for
+        a program of a compiled object (`asynctc.open_object`); None for any other program."""
+        return self._section
+
+    @property
     def type(self) -> int:
         """The BPF program type (3 = BPF_PROG_TYPE_SCHED_CLS, the one tc hooks run)."""
         return self._type
@@ -144,8 +153,9 @@ class Program:
         return f"program {self._id}" + (f" ({self._name})" if self._name else "")
 
 
-def adopt_program_fd(fd: int) -> Program:
-    """A Program owning `fd` (already the caller's to give away); `fd` is closed if it is not a program."""
+def adopt_program_fd(fd: int, *, name: str | None = None, section: str | None = None) -> Program:
+    """A Program owning `fd` (already the caller's to give away); `fd` is closed if it is not a program.
+    `name` overrides the kernel's (truncated to 15 bytes) name; `section` is its ELF section, if any."""
     if bpf.fd_object_kind(fd) != "prog":
         os.close(fd)
         raise ProgramError("the fd does not refer to a BPF program (is it a map or a link?)")
@@ -154,4 +164,4 @@ def adopt_program_fd(fd: int) -> Program:
     except bpf.BpfError as exc:
         os.close(fd)
         raise from_errno(exc.errno or 0, op="prog_info") from None
-    return Program(fd, id=info.id, name=info.name, tag=info.tag, type=info.type)
+    return Program(fd, id=info.id, name=name or info.name, tag=info.tag, type=info.type, section=section)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
@@ -96,3 +97,25 @@ def root() -> None:
     """Skip unless real BPF programs can be loaded (root)."""
     if os.geteuid() != 0:
         pytest.skip("loading real BPF programs needs root (CAP_BPF)")
+
+
+BPF_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bpf"
+
+
+@pytest.fixture(scope="session")
+def bpf_objects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The BPF C fixtures of tests/fixtures/bpf, compiled with clang once per run: name -> object path.
+
+    Skipped, saying why, only where nothing can compile them (no clang or no libbpf headers)."""
+    from asynctc.testing import compile_bpf, compile_bpf_skip_reason
+
+    reason = compile_bpf_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("bpf")
+    objects = {src.stem: compile_bpf(src, out / f"{src.stem}.o") for src in sorted(BPF_FIXTURES.glob("*.c"))}
+    # rejected.c with its map pinned by name: a refused load must leave no pin behind
+    objects["rejected_pinned"] = compile_bpf(
+        BPF_FIXTURES / "rejected.c", out / "rejected_pinned.o", extra_args=("-DPIN_BY_NAME",)
+    )
+    return objects

@@ -32,6 +32,7 @@ __all__ = [
     "BpfError",
     "HookQuery",
     "LinkInfo",
+    "MapInfo",
     "ProgInfo",
     "asm",
     "check_field",
@@ -43,9 +44,16 @@ __all__ = [
     "link_info",
     "link_update",
     "map_create_array",
+    "map_delete_elem",
+    "map_get_fd_by_id",
+    "map_get_next_key",
+    "map_info",
+    "map_lookup_elem",
     "map_lookup_u64",
+    "map_update_elem",
     "obj_get",
     "obj_pin",
+    "possible_cpus",
     "prog_attach",
     "prog_detach",
     "prog_get_fd_by_id",
@@ -61,6 +69,9 @@ SYS_bpf = 321  # x86_64
 # commands
 BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
 BPF_PROG_LOAD = 5
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
@@ -68,6 +79,7 @@ BPF_PROG_ATTACH = 8
 BPF_PROG_DETACH = 9
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
 BPF_LINK_CREATE = 28
@@ -279,7 +291,7 @@ def map_update(map_fd: int, key: int, value: bytes) -> None:
     k = ctypes.create_string_buffer(struct.pack("<I", key), 4)
     v = ctypes.create_string_buffer(value, len(value))
     _put(attr, "<IIQQQ", 0, map_fd, 0, _addr(k), _addr(v), 0)
-    _sys_bpf(2, attr, "map_update")
+    _sys_bpf(BPF_MAP_UPDATE_ELEM, attr, "map_update")
 
 
 def prog_test_run(prog_fd: int, data: bytes = bytes(64), repeat: int = 1) -> int:
@@ -532,3 +544,140 @@ def probe_tcx() -> tuple[bool, str]:
     finally:
         os.close(fd)
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Maps by bytes: any key and value size (asynctc.Map). Each call is one syscall of a few microseconds.
+
+# map types asynctc names (see asynctc.Map.type_name); per-CPU maps hold one value per possible CPU
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_PERCPU_HASH = 5
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+BPF_MAP_TYPE_PERCPU_CGROUP_STORAGE = 21
+PERCPU_MAP_TYPES = frozenset(
+    {
+        BPF_MAP_TYPE_PERCPU_HASH,
+        BPF_MAP_TYPE_PERCPU_ARRAY,
+        BPF_MAP_TYPE_LRU_PERCPU_HASH,
+        BPF_MAP_TYPE_PERCPU_CGROUP_STORAGE,
+    }
+)
+
+# BPF_MAP_UPDATE_ELEM flags
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+BPF_MAP_INFO_SIZE = 88  # struct bpf_map_info up to map_extra
+
+
+def _elem_attr(
+    map_fd: int, key: ctypes.Array[ctypes.c_char] | None, value: int, flags: int = 0
+) -> ctypes.Array[ctypes.c_char]:
+    # BPF_MAP_*_ELEM and BPF_MAP_GET_NEXT_KEY: map_fd@0 key(ptr)@8 value|next_key(ptr)@16 flags(u64)@24
+    attr = _attr()
+    _put(attr, "<IIQQQ", 0, map_fd, 0, _addr(key) if key is not None else 0, value, flags)
+    return attr
+
+
+def map_lookup_elem(map_fd: int, key: bytes, value_size: int) -> bytes | None:
+    """BPF_MAP_LOOKUP_ELEM: the raw value at `key` (`value_size` bytes: for per-CPU maps the value size
+    rounded up to 8, times the number of possible CPUs), or None where there is none (ENOENT)."""
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value_size)
+    try:
+        _sys_bpf(BPF_MAP_LOOKUP_ELEM, _elem_attr(map_fd, k, _addr(v)), "map_lookup")
+    except BpfError as exc:
+        if exc.errno == _errno.ENOENT:
+            return None
+        raise
+    return v.raw
+
+
+def map_update_elem(map_fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    """BPF_MAP_UPDATE_ELEM with BPF_ANY (create or replace), BPF_NOEXIST or BPF_EXIST."""
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value, len(value))
+    _sys_bpf(BPF_MAP_UPDATE_ELEM, _elem_attr(map_fd, k, _addr(v), flags), "map_update")
+
+
+def map_delete_elem(map_fd: int, key: bytes) -> bool:
+    """BPF_MAP_DELETE_ELEM: True if an element was deleted, False if there was none (ENOENT)."""
+    k = ctypes.create_string_buffer(key, len(key))
+    try:
+        _sys_bpf(BPF_MAP_DELETE_ELEM, _elem_attr(map_fd, k, 0), "map_delete")
+    except BpfError as exc:
+        if exc.errno == _errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_get_next_key(map_fd: int, key: bytes | None, key_size: int) -> bytes | None:
+    """BPF_MAP_GET_NEXT_KEY: the key after `key` (the first key for None, or for a key not in the map),
+    or None after the last one (ENOENT)."""
+    k = ctypes.create_string_buffer(key, len(key)) if key is not None else None
+    nxt = ctypes.create_string_buffer(key_size)
+    try:
+        _sys_bpf(BPF_MAP_GET_NEXT_KEY, _elem_attr(map_fd, k, _addr(nxt)), "map_get_next_key")
+    except BpfError as exc:
+        if exc.errno == _errno.ENOENT:
+            return None
+        raise
+    return nxt.raw
+
+
+def map_get_fd_by_id(map_id: int) -> int:
+    """BPF_MAP_GET_FD_BY_ID (needs CAP_SYS_ADMIN): map_id@0."""
+    attr = _attr()
+    _put(attr, "<I", 0, map_id)
+    return _sys_bpf(BPF_MAP_GET_FD_BY_ID, attr, "map_get_fd_by_id")
+
+
+@dataclass(frozen=True, slots=True)
+class MapInfo:
+    """The parts of struct bpf_map_info asynctc uses (the kernel keeps at most 15 bytes of the name)."""
+
+    type: int
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    name: str
+
+
+def map_info(map_fd: int) -> MapInfo:
+    """BPF_OBJ_GET_INFO_BY_FD on a map fd: type@0 id@4 key_size@8 value_size@12 max_entries@16
+    map_flags@20 name[16]@24."""
+    info = _get_info(map_fd, BPF_MAP_INFO_SIZE, "map_info")
+    mtype, mid, key_size, value_size, max_entries, flags = struct.unpack_from("<IIIIII", info, 0)
+    name = info.raw[24:40].split(b"\0", 1)[0].decode(errors="replace")
+    return MapInfo(
+        type=mtype,
+        id=mid,
+        key_size=key_size,
+        value_size=value_size,
+        max_entries=max_entries,
+        flags=flags,
+        name=name,
+    )
+
+
+def possible_cpus() -> int:
+    """How many CPUs the kernel counts as possible (/sys/devices/system/cpu/possible): the number of
+    values a per-CPU map holds per key."""
+    global _possible_cpus
+    if _possible_cpus is None:
+        with open("/sys/devices/system/cpu/possible") as f:
+            text = f.read().strip()
+        count = 0
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            count += int(hi or lo) - int(lo) + 1
+        _possible_cpus = count
+    return _possible_cpus
+
+
+_possible_cpus: int | None = None

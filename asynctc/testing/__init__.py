@@ -2,9 +2,12 @@
 
 - `check_backend(...)`: the conformance suite any Backend implementation can run against itself.
 - Throwaway network environments: `temp_netns`, `veth_pair`, `bpffs_mount`, `send_frames`.
+- `compile_bpf(source)`: clang a BPF C file into an object for `asynctc.open_object`.
 - A pytest plugin (`-p asynctc.testing.pytest_plugin`) with fixtures `netns`, `veth`, `bpffs`.
 """
 
+from ._bpfcc import compile_bpf as compile_bpf
+from ._bpfcc import compile_bpf_skip_reason as compile_bpf_skip_reason
 from ._netenv import VethPair as VethPair
 from ._netenv import bpffs_mount as bpffs_mount
 from ._netenv import can_run_kernel_tests as can_run_kernel_tests
