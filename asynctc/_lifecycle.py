@@ -18,13 +18,14 @@ from typing import Any, Literal
 import trio
 
 from ._attachment import Attachment
-from ._errors import DeviceNotFound, PinError, ProgramError, Severed, TCError
+from ._errors import DeviceNotFound, NotOwned, PinError, ProgramError, Severed, TCError
 from ._monitor import Fanout
 from ._program import Program
 from ._registry import AttachmentRecord, Registry
 from ._types import State, UpdateResult
 from .backend import Backend, BackendAttachment
 from .events import AttachmentEvent, AttachmentSevered
+from .lowlevel.devlock import PinClaim
 from .lowlevel.locks import held
 
 __all__ = ["Lifecycle", "WatchDemand"]
@@ -58,6 +59,7 @@ class Lifecycle:
         notify: Callable[[AttachmentEvent], None],
         *,
         cleanup_timeout: float,
+        claim_key: Callable[[str], str] = str,
     ) -> None:
         self.registry = registry
         self.fanout = fanout
@@ -65,6 +67,17 @@ class Lifecycle:
         self.cleanup_timeout = cleanup_timeout
         self.closed = False
         self._notify_observers = notify
+        self._claim_key = claim_key
+
+    def claim(self, path: str) -> PinClaim:
+        """Claim the pin `path` for this session (NotOwned when a live asynctc session, in this process or
+        another, holds the attachment pinned there)."""
+        claim = PinClaim(self._claim_key(path))
+        holder = claim.try_acquire()
+        if holder is not None:
+            raise NotOwned(f"the attachment pinned at {path!r} is held by a live asynctc session ({holder}); it "
+                           "can be adopted once that session closes (pinned attachments outlive it) or unpins it")
+        return claim
 
     def _notify(self, kind: EventKind, rec: AttachmentRecord, *, method: str | None = None,
                 reason: str | None = None) -> None:
@@ -78,10 +91,12 @@ class Lifecycle:
         await self.demand.wait_ready()
 
     # -- register ------------------------------------------------------------------------------------
-    def register(self, backend: Backend[Any], handle: BackendAttachment) -> Attachment:
-        """Record what a backend attached or adopted; the session owns it from now on. No checkpoint here,
-        so a caller that just got `handle` from the kernel can never lose it to a cancellation."""
+    def register(self, backend: Backend[Any], handle: BackendAttachment, claim: PinClaim | None = None) -> Attachment:
+        """Record what a backend attached or adopted (with the claim on its pin, if adopted); the session
+        owns it from now on. No checkpoint here, so a caller that just got `handle` from the kernel can
+        never lose it to a cancellation."""
         rec = AttachmentRecord(backend, handle)
+        rec.claim = claim
         att = Attachment(rec, self)
         rec.public = att
         self.registry.add(rec)
@@ -133,6 +148,7 @@ class Lifecycle:
             with trio.CancelScope(shield=True):
                 was_attached = await rec.backend.detach(rec.handle)
             rec.change(pinned=None)
+            rec.drop_claim()
             if was_attached:
                 rec.end(State.DETACHED)
                 self.registry.remove(rec)
@@ -148,8 +164,14 @@ class Lifecycle:
                 return
             if rec.info.pinned is not None:
                 raise PinError(f"{rec.public!r} is already pinned at {rec.info.pinned}; unpin() it first")
-            with trio.CancelScope(shield=True):
-                await rec.backend.pin(rec.handle, path)
+            claim = self.claim(path)
+            try:
+                with trio.CancelScope(shield=True):
+                    await rec.backend.pin(rec.handle, path)
+            except BaseException:
+                claim.release()
+                raise
+            rec.claim = claim
             rec.change(pinned=path)
 
     async def unpin(self, rec: AttachmentRecord) -> None:
@@ -162,6 +184,7 @@ class Lifecycle:
             with trio.CancelScope(shield=True):
                 await rec.backend.unpin(rec.handle)
             rec.change(pinned=None)
+            rec.drop_claim()
 
     # -- severing ------------------------------------------------------------------------------------
     def _mark_severed(self, rec: AttachmentRecord, reason: str) -> None:
@@ -178,6 +201,7 @@ class Lifecycle:
             try:
                 await rec.backend.detach(rec.handle)
                 rec.change(pinned=None)  # detach removes a pin, which would name nothing now
+                rec.drop_claim()
             except Exception as exc:  # resources of a severed attachment: report, go on
                 log.warning("asynctc: releasing severed %r failed: %r", rec.public, exc)
 
@@ -241,6 +265,7 @@ class Lifecycle:
                 except Exception as exc:
                     log.warning("asynctc: releasing %r after %s failed: %r", rec.public, reason, exc)
                 rec.released = True
+                rec.drop_claim()
 
         with trio.move_on_after(self.cleanup_timeout, shield=True):
             async with trio.open_nursery() as n:
@@ -262,6 +287,7 @@ class Lifecycle:
                         if rec.live:
                             await rec.backend.release(rec.handle)
                             rec.released = True
+                        rec.drop_claim()
                 else:
                     await self.detach(rec)
             except Exception as exc:

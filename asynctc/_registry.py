@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,11 +19,12 @@ import trio
 
 from ._types import AttachmentInfo, Direction, HookEntry, State
 from .backend import Backend, BackendAttachment
+from .lowlevel.devlock import PinClaim
 
 if TYPE_CHECKING:
     from ._attachment import Attachment
 
-__all__ = ["AttachmentRecord", "PinClaims", "Registry"]
+__all__ = ["AttachmentRecord", "Registry"]
 
 DEPARTED_MAX = 4096
 
@@ -42,7 +42,7 @@ class AttachmentRecord:
     """The state of one attachment: which backend holds it, the backend's own handle, where it is (`info`),
     its lifecycle state and the lock that serialises the operations on it."""
 
-    __slots__ = ("__weakref__", "backend", "ended", "handle", "lock", "public", "released", "serial",
+    __slots__ = ("__weakref__", "backend", "claim", "ended", "handle", "lock", "public", "released", "serial",
                  "sever_reason", "state")
 
     def __init__(self, backend: Backend[Any], handle: BackendAttachment) -> None:
@@ -55,6 +55,12 @@ class AttachmentRecord:
         self.released = False  # the session let go of it (pinned, at session close)
         self.sever_reason: str | None = None
         self.public: Attachment | None = None  # the handle users hold, set right after creation
+        self.claim: PinClaim | None = None  # held while the session holds it pinned
+
+    def drop_claim(self) -> None:
+        claim, self.claim = self.claim, None
+        if claim is not None:
+            claim.release()
 
     @property
     def info(self) -> AttachmentInfo:
@@ -194,33 +200,3 @@ class Registry:
             del self._departed[key]
             return True
         return False
-
-
-class PinClaims:
-    """Which pins the open sessions of this process hold: a pin held by one open session cannot be adopted
-    by another (`NotOwned`) until the holder closes or unpins it."""
-
-    def __init__(self) -> None:
-        self._holders: weakref.WeakValueDictionary[int, Registry] = weakref.WeakValueDictionary()
-        self._lock = threading.Lock()
-
-    def join(self, registry: Registry) -> None:
-        with self._lock:
-            self._holders[id(registry)] = registry
-
-    def leave(self, registry: Registry) -> None:
-        with self._lock:
-            self._holders.pop(id(registry), None)
-
-    def holder(self, path: str, *, besides: Registry) -> Registry | None:
-        """Another open session's registry that holds the pin at `path`, if any."""
-        with self._lock:
-            holders = list(self._holders.values())
-        for reg in holders:
-            if reg is not besides and reg.pinned_at(path) is not None:
-                return reg
-        return None
-
-
-#: The process's pin claims (one table for every session of the process).
-pin_claims = PinClaims()

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -26,12 +26,12 @@ import trio
 from . import _plugins
 from ._attachment import Attachment
 from ._backends import BackendSet
-from ._errors import CleanupError, NotOwned, OffloadError, PinError, ProgramError, TCError
+from ._errors import CleanupError, OffloadError, PinError, ProgramError, TCError
 from ._lifecycle import Lifecycle
 from ._monitor import Fanout, Monitor
 from ._placement import resolve_placement
 from ._program import Program
-from ._registry import Registry, pin_claims
+from ._registry import Registry
 from ._types import OFFLOAD_MODES, Direction, Hook, HookEntry, Last, Offload, Position, Probe
 from ._watcher import Watcher
 from .backend import AttachRequest, Backend, BackendContext
@@ -59,6 +59,15 @@ def _session_tag(owner: str) -> str:
         serial = next(_session_serials)
     pid = os.getpid()
     return f"{owner}:{pid}.{process_start_time(pid) or 0}.{serial}"
+
+
+def _claim_key(kernel: object) -> Callable[[str], str]:
+    """How pin paths are named in pin claims: as they are for the real kernel (bpffs is one per host); for
+    an in-memory kernel, within that kernel (its pins are its own)."""
+    if kernel is None:
+        return str
+    prefix = f"{type(kernel).__name__}@{id(kernel):x}:"
+    return lambda path: prefix + path
 
 
 def _check_options(be: Backend[Any], options: Mapping[str, object]) -> None:
@@ -298,28 +307,36 @@ class Session:
         """Whether a cls_bpf filter is one of this session's attachments."""
         return self._registry.owns_filter(ifindex, direction, priority, handle)
 
-    async def adopt_pinned(self, path: str | os.PathLike[str]) -> Attachment:
+    async def adopt_pinned(self, path: str | os.PathLike[str], *, foreign: bool = False) -> Attachment:
         """Take ownership of the attachment pinned at `path` again (after a restart, or from another
-        session). The attachment stays pinned; `unpin()` it to have it detached when the session closes."""
+        session). The attachment stays pinned; `unpin()` it to have it detached when the session closes.
+
+        Ownership is proven, not assumed from the path: asynctc's own record at the pin must name this
+        session's owner (NotOwned otherwise, saying whose it is when known), and no other live asynctc
+        session, in this process or another, may hold it (NotOwned). `foreign=True` is the explicit opt-in
+        of recovery tools: it adopts a pin whatever its record says (a live holder still refuses it)."""
         self._check_open()
         spath = check_path(path)
+        if not isinstance(foreign, bool):
+            raise TypeError(f"foreign must be a bool, got {foreign!r}")
         mine = self._registry.pinned_at(spath)
         if mine is not None and mine.public is not None:
             return mine.public
-        if pin_claims.holder(spath, besides=self._registry) is not None:
-            raise NotOwned(
-                f"the attachment pinned at {spath!r} is held by another open session of this process; it can be "
-                "adopted once that session closes (pinned attachments outlive it) or unpins it"
-            )
+        claim = self._lifecycle.claim(spath)
         errors: list[str] = []
-        for name in self._backends.kin_names():
-            be = await self._backends.get_available(name, errors)
-            if be is None:
-                continue
-            with trio.CancelScope(shield=True):
-                handle = await be.adopt_pinned(spath)
-            if handle is not None:
-                return self._lifecycle.register(be, handle)
+        try:
+            for name in self._backends.kin_names():
+                be = await self._backends.get_available(name, errors)
+                if be is None:
+                    continue
+                with trio.CancelScope(shield=True):
+                    handle = await be.adopt_pinned(spath, foreign=foreign)
+                if handle is not None:
+                    return self._lifecycle.register(be, handle, claim)
+        except BaseException:
+            claim.release()
+            raise
+        claim.release()
         raise PinError(
             f"nothing asynctc can adopt is pinned at {spath!r} (no backend recognised it)"
             + (f"; {'; '.join(errors)}" if errors else "")
@@ -367,7 +384,6 @@ class Session:
         them). Called by `open_session` when its block ends."""
         if self._lifecycle.closed:
             return []
-        pin_claims.leave(self._registry)
         if self._watcher.netns_gone is not None:
             # The attachments of a deleted namespace are marked SEVERED first and released after: let
             # that finish before the runner goes.
@@ -463,11 +479,11 @@ async def open_session(
             else:
                 registry = Registry()
                 fanout = Fanout()
-                lifecycle = Lifecycle(registry, fanout, notify, cleanup_timeout=cleanup_timeout)
+                lifecycle = Lifecycle(registry, fanout, notify, cleanup_timeout=cleanup_timeout,
+                                      claim_key=_claim_key(kernel))
                 watcher = Watcher(backends, lifecycle, registry, fanout, runner)
                 session = Session(backends=backends, registry=registry, lifecycle=lifecycle, fanout=fanout,
                                   watcher=watcher, runner=runner, owner=owner)
-                pin_claims.join(registry)
                 nursery.start_soon(watcher.run)
                 try:
                     yield session

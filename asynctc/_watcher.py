@@ -104,9 +104,10 @@ class Watcher:
                 await self._poll()
                 return
             async with cm as source:
-                ready.set()
-                # Anything severed before the subscription took effect is found now.
+                # Anything severed before the subscription took effect is found now, before monitors
+                # subscribe: what they receive then follows the kernel's order.
                 await self._lifecycle.check_alive(self._registry.records(), None)
+                ready.set()
                 while True:
                     for ev in await source.receive():
                         await self._dispatch(ev)

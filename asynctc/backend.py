@@ -230,8 +230,11 @@ class Backend(abc.ABC, Generic[H]):
         session closes). The core then clears `att.info.pinned`."""
         raise PinError(f"the {self.name} backend cannot pin attachments")
 
-    async def adopt_pinned(self, path: str) -> H | None:
-        """Take over the attachment pinned at `path`; None if what is there is not this backend's."""
+    async def adopt_pinned(self, path: str, *, foreign: bool = False) -> H | None:
+        """Take over the attachment pinned at `path`; None if what is there is not this backend's kind.
+
+        Ownership is proven, never assumed from the path: unless `foreign`, raise NotOwned when asynctc's
+        own record at the pin does not name `ctx.owner` (or there is no such record)."""
         return None
 
     # -- orphans --------------------------------------------------------------------------------------

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import errno as _errno
 import fcntl
+import hashlib
 import os
 import stat
 
 import trio
 
-__all__ = ["DeviceLocks", "lock_directory"]
+__all__ = ["DeviceLocks", "PinClaim", "lock_directory"]
 
 RUN_DIR = "/run/asynctc/locks"
 WAIT_LIMIT = 10.0  # seconds: how long to wait for another process's lock before giving up
@@ -94,3 +95,36 @@ class DeviceLocks:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+class PinClaim:
+    """A claim on a pin path while a session holds the attachment pinned there: an flock(2) on a lock file
+    named after the path, exclusive among every asynctc session of every process (two file descriptions
+    of one process conflict too). The kernel drops it when the holder's process dies."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        digest = hashlib.sha256(path.encode()).hexdigest()[:32]
+        self._file = os.path.join(lock_directory(), f"pin-{digest}.lock")
+        self._fd: int | None = None
+
+    def try_acquire(self) -> str | None:
+        """Take the claim; None on success, else who holds it ("pid N", as the holder wrote it)."""
+        fd = os.open(self._file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another session"
+            finally:
+                os.close(fd)
+            return holder
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return None
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the file description drops its lock

@@ -16,10 +16,12 @@ attaches in software (info.offloaded False).
 
 from __future__ import annotations
 
+import dataclasses
 import errno as _errno
 import logging
 import os
 import socket
+import struct
 from contextlib import AbstractAsyncContextManager
 from typing import ClassVar
 
@@ -29,6 +31,7 @@ from asynctc import (
     Conflict,
     Direction,
     Hook,
+    NotOwned,
     PinError,
     Probe,
     Program,
@@ -41,8 +44,17 @@ from asynctc.lowlevel import bpf, pins
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel import netlink as nllib
 from asynctc.lowlevel.netdev import resolve_device_nl
+from asynctc.lowlevel.tcpolicy import parse_session_tag
 
-__all__ = ["BpfLinkBackend", "LinkAttachment", "asynctc_register_backends"]
+__all__ = [
+    "RECORD_SUFFIX",
+    "BpfLinkBackend",
+    "LinkAttachment",
+    "LinkRecord",
+    "asynctc_register_backends",
+    "read_record",
+    "write_record",
+]
 
 ATTACH_TYPES = hooklib.ATTACH_TYPES
 DIRECTIONS = {v: k for k, v in ATTACH_TYPES.items()}
@@ -52,6 +64,11 @@ FALLBACK_ERRNOS = frozenset({_errno.EINVAL, _errno.EOPNOTSUPP, 524})  # 524: ENO
 MBB_RETRIES = 3
 # Beside a pin while a make-before-break moves it to the new link (bpffs refuses dots in names).
 NEXT_SUFFIX = "_asynctc_next"
+# Beside a pin: asynctc's record of who pinned the link (a one-entry array map; bpffs holds BPF objects).
+RECORD_SUFFIX = "_record"
+RECORD_MAGIC = b"ATCL"
+_RECORD_HEAD = struct.Struct("<4sII")
+RECORD_SIZE = 128
 
 log = logging.getLogger("asynctc")
 
@@ -71,6 +88,86 @@ class LinkAttachment(BackendAttachment):
 def _pin_over(fd: int, path: str) -> None:
     """Make the pin at `path` name the link `fd`, atomically: pinned beside it, then renamed over it."""
     pins.pin_over(fd, path, NEXT_SUFFIX)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LinkRecord:
+    """asynctc's record beside a pinned tcx link: the session that pinned it (owner and process), and
+    the hook it was on."""
+
+    session_tag: str
+    ifindex: int
+    attach_type: int
+
+    def encode(self) -> bytes:
+        tag = self.session_tag.encode()
+        if len(tag) > RECORD_SIZE - _RECORD_HEAD.size:
+            raise ValueError(f"session tag too long for a pin record: {self.session_tag!r}")
+        return (_RECORD_HEAD.pack(RECORD_MAGIC, self.ifindex, self.attach_type)
+                + tag.ljust(RECORD_SIZE - _RECORD_HEAD.size, b"\0"))
+
+    @classmethod
+    def decode(cls, data: bytes) -> LinkRecord | None:
+        if len(data) != RECORD_SIZE:
+            return None
+        magic, ifindex, attach_type = _RECORD_HEAD.unpack_from(data)
+        if magic != RECORD_MAGIC:
+            return None
+        tag = data[_RECORD_HEAD.size:].split(b"\0", 1)[0].decode(errors="replace")
+        return cls(tag, ifindex, attach_type)
+
+    @property
+    def owner(self) -> str | None:
+        parsed = parse_session_tag(self.session_tag)
+        return parsed[0] if parsed else None
+
+
+def write_record(path: str, value: bytes) -> None:
+    """Pin a one-entry array map holding `value` at `path` (in a worker thread)."""
+    map_fd = bpf.map_create_array(RECORD_SIZE, 1, name="atc_link_pin")
+    try:
+        bpf.map_update(map_fd, 0, value)
+        pins.pin_object(map_fd, path)
+    finally:
+        os.close(map_fd)
+
+
+def read_record(path: str) -> LinkRecord | None:
+    """The record pinned at `path`, or None if there is none (or something else is pinned there)."""
+    try:
+        map_fd = pins.get_object(path)
+    except (bpf.BpfError, PinError):
+        return None
+    try:
+        if bpf.fd_object_kind(map_fd) != "map":
+            return None
+        try:
+            return LinkRecord.decode(bpf.map_lookup(map_fd, 0, RECORD_SIZE))
+        except bpf.BpfError:
+            return None
+    finally:
+        os.close(map_fd)
+
+
+def _check_owner(path: str, record: LinkRecord | None, owner: str) -> None:
+    """NotOwned unless asynctc's record at `path` names `owner`."""
+    if record is None:
+        raise NotOwned(f"the tcx link pinned at {path} was not pinned by asynctc (no asynctc record beside it): "
+                       "it is someone else's and asynctc does not touch it. A recovery tool that must take it "
+                       "over passes adopt_pinned(path, foreign=True)")
+    if record.owner != owner:
+        raise NotOwned(f"the tcx link pinned at {path} belongs to owner {record.owner!r} (session "
+                       f"{record.session_tag}), not to this session's owner {owner!r}; open the session with "
+                       f"owner={record.owner!r}, or pass adopt_pinned(path, foreign=True) to take it over")
+
+
+def _stale_record(path: str) -> bool:
+    """Remove an asynctc record left at `path + "_record"` without its link (a pin interrupted by a
+    crash); True if there was one."""
+    if read_record(path + RECORD_SUFFIX) is None:
+        return False
+    pins.unpin(path + RECORD_SUFFIX)
+    return True
 
 
 def _finish_interrupted_update(path: str) -> None:
@@ -355,11 +452,26 @@ class BpfLinkBackend(Backend[LinkAttachment]):
 
     # -- pinning -------------------------------------------------------------------------------------
     async def pin(self, att: LinkAttachment, path: str) -> None:
+        """Pin the link at `path`, with asynctc's record of it (who pinned it, where) at `path + "_record"`.
+
+        The record is written first: a crash between the two leaves a record without a link (the link,
+        held only by the dead process's fd, is gone), which adoption reports and removes; never a pinned
+        link that asynctc cannot prove is its own."""
         fd = att.fd
         if fd is None:
             raise Severed("the link is closed", errno=_errno.ENOLINK)
+        record = LinkRecord(self.ctx.session_tag, att.info.ifindex, ATTACH_TYPES[att.info.direction])
+
+        def pin() -> None:
+            write_record(path + RECORD_SUFFIX, record.encode())
+            try:
+                pins.pin_object(fd, path)
+            except BaseException:
+                pins.unpin(path + RECORD_SUFFIX)
+                raise
+
         try:
-            await self.ctx.runner.run(pins.pin_object, fd, path)
+            await self.ctx.runner.run(pin)
         except bpf.BpfError as exc:
             raise from_errno(exc.errno or 0, op="obj_pin", backend=self.name, dev=path) from None
 
@@ -370,20 +482,31 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         await self._remove_pin(path)
 
     async def _remove_pin(self, path: str) -> None:
-        """Remove a pin asynctc made (through the verified, symlink-free walk of `lowlevel.pins`)."""
+        """Remove a pin asynctc made and then its record (through the verified, symlink-free walk of
+        `lowlevel.pins`): a crash in between leaves only a record, never a link without one."""
+
+        def remove() -> None:
+            pins.unpin(path)
+            pins.unpin(path + RECORD_SUFFIX)
+
         try:
-            await self.ctx.runner.run(pins.unpin, path)
+            await self.ctx.runner.run(remove)
         except OSError as exc:
             raise PinError(f"cannot unpin {path}: {exc.strerror}", errno=exc.errno) from None
 
-    async def adopt_pinned(self, path: str) -> LinkAttachment | None:
+    async def adopt_pinned(self, path: str, *, foreign: bool = False) -> LinkAttachment | None:
         netns = self.ctx.netns
+        owner = self.ctx.owner
 
         def adopt() -> tuple[int, bpf.LinkInfo, str] | None:
             _finish_interrupted_update(path)
             try:
                 fd = pins.get_object(path)
             except bpf.BpfError as exc:
+                if exc.errno == _errno.ENOENT and _stale_record(path):
+                    raise PinError(f"nothing is pinned at {path}: a pin of asynctc was interrupted there (the "
+                                   "link died with its process); its stale record was removed",
+                                   errno=_errno.ENOENT) from None
                 raise from_errno(exc.errno or 0, op="obj_get", backend=self.name, dev=path) from None
             try:
                 if bpf.fd_object_kind(fd) != "link":
@@ -393,9 +516,15 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                 if info.type != bpf.BPF_LINK_TYPE_TCX:
                     os.close(fd)
                     return None
+                record = read_record(path + RECORD_SUFFIX)
+                if not foreign:
+                    _check_owner(path, record, owner)
                 if info.ifindex == 0:
+                    # A severed link never runs again: its pin (and record) only say so. Remove them.
+                    pins.unpin(path)
+                    pins.unpin(path + RECORD_SUFFIX)
                     raise Severed(f"the tcx link pinned at {path} was severed: its device is gone, and a "
-                                  f"severed link never runs again; remove the stale pin (rm {path})",
+                                  "severed link never runs again; its stale pin was removed",
                                   errno=_errno.ENOLINK)
                 # The ifindex is only meaningful in the link's namespace: prove it is in ours.
                 try:

@@ -41,6 +41,7 @@ from asynctc import (
     Direction,
     Hook,
     HookEntry,
+    NotOwned,
     OffloadError,
     Probe,
     Program,
@@ -590,7 +591,7 @@ class MockBackend(Backend[MockAttachment]):
             if exc.errno != _errno.ENOENT:
                 raise self._err(exc, op="obj_unpin", dev=att.info.dev) from None
 
-    async def adopt_pinned(self, path: str) -> MockAttachment | None:
+    async def adopt_pinned(self, path: str, *, foreign: bool = False) -> MockAttachment | None:
         """Take over the link or filter pinned at `path`. A pinned link that was severed meanwhile is
         unpinned and reported as Severed."""
         try:
@@ -600,6 +601,8 @@ class MockBackend(Backend[MockAttachment]):
         if got[0] == "link":
             link_id = got[1]
             li = await self._k(self.kernel.link_info, link_id)
+            tag = parse_session_tag(li.creator or "")
+            self._check_owner(path, tag[0] if tag else None, foreign)
             if li.ifindex == 0:
                 await self._k(self.kernel.link_close, link_id)
                 await self._k(self.kernel.obj_unpin, path)
@@ -617,6 +620,8 @@ class MockBackend(Backend[MockAttachment]):
             return MockAttachment(info, kind="tcx")
         f = got[1]
         assert isinstance(f, FilterInfo) and f.prog_id is not None
+        ftag = parse_tag(f.name)
+        self._check_owner(path, ftag.owner if ftag else None, foreign)
         _ifindex, name, _off = await self._k(self.kernel.dev_get, f.ifindex)
         info = AttachmentInfo(
             backend=self.name, netns=self.ctx.netns, dev=name, ifindex=f.ifindex, direction=f.direction,
@@ -624,6 +629,12 @@ class MockBackend(Backend[MockAttachment]):
             pinned=path,
         )
         return MockAttachment(info, kind="filter", filter_name=f.name)
+
+    def _check_owner(self, path: str, owner: str | None, foreign: bool) -> None:
+        if not foreign and owner != self.ctx.owner:
+            raise NotOwned(f"the attachment pinned at {path} belongs to owner {owner!r}, not to this session's "
+                           f"owner {self.ctx.owner!r}; open the session with owner={owner!r}, or pass "
+                           "adopt_pinned(path, foreign=True) to take it over")
 
     async def release(self, att: MockAttachment) -> None:
         """Close our handle on a pinned link (the pin keeps it attached); filters need nothing."""

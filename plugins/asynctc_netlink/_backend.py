@@ -68,6 +68,7 @@ from asynctc import (
     Direction,
     Hook,
     HookEntry,
+    NotOwned,
     OffloadError,
     PermissionDenied,
     PinError,
@@ -710,7 +711,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
             att.name = name
         await self._remove_pin(path)
 
-    async def adopt_pinned(self, path: str) -> FilterAttachment | None:
+    async def adopt_pinned(self, path: str, *, foreign: bool = False) -> FilterAttachment | None:
         def read() -> tuple[int, PinRecord, str] | None:
             try:
                 fd = pins.get_object(path)
@@ -738,6 +739,12 @@ class NetlinkBackend(Backend[FilterAttachment]):
                 if rec is None:
                     os.close(fd)
                     return None
+                rec_tag = parse_tag(rec.name)
+                owner = rec_tag.owner if rec_tag else None
+                if not foreign and owner != self.ctx.owner:
+                    raise NotOwned(f"the filter pinned at {path} belongs to owner {owner!r} ({rec.name}), not to "
+                                   f"this session's owner {self.ctx.owner!r}; open the session with "
+                                   f"owner={owner!r}, or pass adopt_pinned(path, foreign=True) to take it over")
                 if rec.netns != current_netns_inode():
                     raise TCError(f"the filter pinned at {path} is in another network namespace than "
                                   f"{'namespace ' + repr(self.ctx.netns) if self.ctx.netns else 'this one'}; "

@@ -17,7 +17,7 @@ async def test_adopting_a_pin_held_by_another_open_session_is_not_owned() -> Non
         att = await a.attach("eth0", "ingress", kernel.program("pass"))
         await att.pin("/sys/fs/bpf/held")
         async with asynctc.open_session("mock", kernel=kernel) as b:
-            with pytest.raises(asynctc.NotOwned, match="held by another open session"):
+            with pytest.raises(asynctc.NotOwned, match="held by a live asynctc session"):
                 await b.adopt_pinned("/sys/fs/bpf/held")
             assert b.attachments == ()
     # once the holder closed (the pin kept the attachment), a new session adopts it

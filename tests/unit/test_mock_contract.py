@@ -198,7 +198,10 @@ async def test_device_removal_severs(kernel: MockKernel, session: asynctc.Sessio
                 seen.append(ev)
                 if sum(isinstance(e, AttachmentSevered) for e in seen) == 2:
                     break
-    assert isinstance(seen[0], DeviceRemoved)
+    # The device's removal is reported before the severings it caused (a FilterAdded of the attach that
+    # raced the monitor's start may come first).
+    first_severed = next(i for i, e in enumerate(seen) if isinstance(e, AttachmentSevered))
+    assert any(isinstance(e, DeviceRemoved) for e in seen[:first_severed]), seen
     assert {e.attachment for e in seen if isinstance(e, AttachmentSevered)} == {att, legacy}
     assert att.state is State.SEVERED and legacy.state is State.SEVERED
     await att.detach()  # a no-op
