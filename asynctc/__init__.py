@@ -32,6 +32,7 @@ from ._errors import from_errno as from_errno
 from ._monitor import Monitor as Monitor
 from ._plugins import BackendRegistry as BackendRegistry
 from ._plugins import PluginError as PluginError
+from ._plugins import PluginLoadWarning as PluginLoadWarning
 from ._program import Program as Program
 from ._session import Session as Session
 from ._session import open_session as open_session

@@ -698,8 +698,7 @@ async def open_session(
         raise ValueError(f"max_workers must be >= 1, got {max_workers}")
     if not (cleanup_timeout > 0) or math.isnan(cleanup_timeout):
         raise ValueError(f"cleanup_timeout must be > 0 seconds, got {cleanup_timeout!r}")
-    pm = _plugins.make_plugin_manager(plugins=plugins) if plugins else _plugins.get_plugin_manager()
-    registry = _plugins.collect_backends(pm)
+    pm, registry = await _plugins.load_plugins(plugins)
     if kernel is not None:
         if backend == "auto":
             backend = "mock"
