@@ -10,6 +10,7 @@ meanwhile is delivered at the caller's next checkpoint. Operations on one attach
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import TYPE_CHECKING
 
@@ -86,7 +87,7 @@ class Attachment:
         if self._state is State.SEVERED:
             raise Severed(
                 f"cannot {action} {self!r}: the kernel severed it ({self._sever_reason}); attach again",
-                errno=67,  # ENOLINK
+                errno=errno.ENOLINK,
             )
         if self._state is State.DETACHED:
             raise TCError(f"cannot {action} {self!r}: it was detached; attach again")

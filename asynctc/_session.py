@@ -50,7 +50,7 @@ from .events import AttachmentEvent, AttachmentSevered
 from .hookspecs import BackendRequest
 from .lowlevel.locks import held
 from .lowlevel.netns import NetnsRunner
-from .lowlevel.tcpolicy import process_start_time
+from .lowlevel.tcpolicy import format_session_tag, process_start_time
 
 __all__ = ["Session", "open_session"]
 
@@ -98,7 +98,7 @@ class Session:
             runner=runner,
             netns=netns,
             owner=owner,
-            session_tag=f"{owner}:{pid}.{process_start_time(pid) or 0}.{serial}",
+            session_tag=format_session_tag(owner, pid, process_start_time(pid) or "0", serial),
             kernel=kernel,
             options=dict(backend_options),
         )

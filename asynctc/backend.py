@@ -20,13 +20,14 @@ import abc
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import trio
 
 from ._errors import BackendUnavailable, PinError
 from ._program import Program
 from ._types import AttachmentInfo, Direction, Hook, HookEntry, Offload, Probe, UpdateResult
+from ._types import Placement as Placement  # a value type; re-exported where backends always found it
 from .events import KernelEvent, Resynced
 from .lowlevel.netns import NetnsRunner
 
@@ -64,22 +65,6 @@ class BackendContext:
     kernel: Any = None
     options: Mapping[str, object] = field(default_factory=dict)
     nursery: trio.Nursery | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where to put a program, resolved by the core from a Position.
-
-    `where` is "first", "last", "before" or "after". For "before"/"after", `prog_id` is the anchor's program
-    and `link_id` its tcx link where the anchor was a link-based Attachment; `priority` and `handle` are the
-    anchor's legacy filter where it was a cls_bpf Attachment.
-    """
-
-    where: Literal["first", "last", "before", "after"]
-    prog_id: int | None = None
-    link_id: int | None = None
-    priority: int | None = None
-    handle: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
