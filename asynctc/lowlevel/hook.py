@@ -63,10 +63,6 @@ class ProgNameCache:
             self._map[prog_id] = value
         return value
 
-    def remember(self, prog_id: int, name: str, tag: str) -> None:
-        with self._lock:
-            self._map[prog_id] = (name, tag)
-
 
 def tcx_entries(
     ifindex: int, direction: Direction, names: ProgNameCache

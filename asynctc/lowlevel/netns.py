@@ -154,10 +154,6 @@ class NetnsRunner:
 
             raise TCError(f"{path} is not a network namespace file (use a name under /run/netns or its path)")
 
-    @property
-    def in_other_netns(self) -> bool:
-        return self._ns_fd is not None
-
     def call_in_netns(self, fn: Callable[..., T], *args: object) -> T:
         """Run `fn(*args)` in the namespace on the CURRENT thread, synchronously (for worker threads)."""
         if self._ns_fd is None:
