@@ -23,7 +23,7 @@ from . import bpf, codec
 from .netns import NetnsRunner
 
 if TYPE_CHECKING:
-    from .netlink import NetlinkTransport
+    from .transport import NetlinkTransport
 
 __all__ = ["CLSACT_PARENTS", "ProgNameCache", "cls_bpf_entries", "dump_filters", "query_hook", "tcx_entries"]
 

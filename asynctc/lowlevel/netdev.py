@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from .._errors import DeviceNotFound, TCError
 
 if TYPE_CHECKING:
-    from .netlink import NetlinkTransport
+    from .transport import NetlinkTransport
 
 __all__ = ["resolve_device", "resolve_device_nl"]
 

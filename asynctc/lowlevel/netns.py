@@ -3,7 +3,7 @@
 Every blocking kernel call of asynctc (bpf(2), close() of a link fd, creating a netlink socket) goes through
 a `NetnsRunner`: the call runs in a trio worker thread, bounded by the runner's CapacityLimiter, and, when
 the runner has a namespace, the thread enters that namespace for the call and leaves it afterwards. (Netlink
-requests and dumps go through the transport's own kernel thread instead, `asynctc.lowlevel.netlink`: its
+requests and dumps go through the transport's own I/O thread instead, `asynctc.lowlevel.transport`: its
 sockets are bound to the namespace already.)
 
 Why threads enter namespaces: BPF_LINK_CREATE and BPF_PROG_QUERY resolve `target_ifindex` in the calling

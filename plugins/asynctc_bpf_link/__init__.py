@@ -40,7 +40,7 @@ from asynctc import (
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource
 from asynctc.lowlevel import bpf
 from asynctc.lowlevel import hook as hooklib
-from asynctc.lowlevel import netlink as nllib
+from asynctc.lowlevel import transport as nllib
 from asynctc.lowlevel.netdev import resolve_device_nl
 
 __all__ = ["BpfLinkBackend", "LinkAttachment", "asynctc_register_backends"]

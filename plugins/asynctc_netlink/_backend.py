@@ -83,7 +83,6 @@ from asynctc.lowlevel import bpf, codec
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel.locks import held
 from asynctc.lowlevel.netdev import resolve_device, resolve_device_nl
-from asynctc.lowlevel.netlink import NetlinkTransport, open_transport, start_transport
 from asynctc.lowlevel.netns import current_netns_inode
 from asynctc.lowlevel.tcpolicy import (
     AUTO_PRIORITY_ATTEMPTS,
@@ -94,6 +93,7 @@ from asynctc.lowlevel.tcpolicy import (
     place_filter,
     process_alive,
 )
+from asynctc.lowlevel.transport import NetlinkTransport, open_transport, start_transport
 
 from ._policy import RECORD_SIZE, PinRecord
 
@@ -239,7 +239,7 @@ class NetlinkBackend(Backend):
         return Probe(True, f"rtnetlink with CAP_NET_ADMIN: clsact + cls_bpf filters{note}")
 
     async def open(self) -> None:
-        """Open the rtnetlink transport (its kernel thread starts with the first request)."""
+        """Open the rtnetlink transport (its I/O thread starts with the first request)."""
         if self._nl is None:
             self._nl = await start_transport(self.ctx.runner)
 

@@ -1,5 +1,6 @@
-"""Logic of asynctc.lowlevel.netlink that the kernel cannot be made to show on demand: dump retries on
-NLM_F_DUMP_INTR, dump errors, and the order of events around an ENOBUFS. Fake sockets; no privileges."""
+"""Logic of the rtnetlink transport and multicast socket (asynctc.lowlevel.transport, .multicast) that the
+kernel cannot be made to show on demand: dump retries on NLM_F_DUMP_INTR, dump errors, and the order of
+events around an ENOBUFS. Fake sockets; no privileges."""
 
 from __future__ import annotations
 
@@ -14,13 +15,10 @@ import trio
 
 from asynctc._errors import DeviceNotFound, TCError
 from asynctc.lowlevel import codec as c
-from asynctc.lowlevel.netlink import (
-    EventsLost,
-    MulticastSocket,
-    NetlinkTransport,
-    open_netlink_socket,
-)
+from asynctc.lowlevel.multicast import EventsLost, MulticastSocket
 from asynctc.lowlevel.netns import NetnsRunner
+from asynctc.lowlevel.nlsock import open_netlink_socket
+from asynctc.lowlevel.transport import NetlinkTransport
 
 
 def filter_msg(seq: int, prio: int, flags: int = c.NLM_F_MULTI) -> bytes:
@@ -64,7 +62,7 @@ async def transport() -> AsyncIterator[NetlinkTransport]:
     try:
         yield t
     finally:
-        await t.aclose()  # ends the kernel thread the dumps started, and closes the socket
+        await t.aclose()  # ends the I/O thread the dumps started, and closes the socket
         assert sock.fileno() == -1
 
 
@@ -217,7 +215,7 @@ async def test_batches_are_split_to_fit_the_send_buffer() -> None:
         await t.aclose()
 
 
-async def test_a_kernel_thread_that_could_not_start_is_started_by_the_next_request(
+async def test_an_io_thread_that_could_not_start_is_started_by_the_next_request(
     transport: NetlinkTransport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_start = threading.Thread.start
