@@ -793,3 +793,25 @@ def encode_link_get(seq: int, ifindex: int = 0, name: str | None = None) -> byte
     data = bytes(msg.data)
     _release(msg)
     return data
+
+
+def _compile_message_classes() -> None:
+    """Encode one message of each kind, unmemoized, and throw it away. pyroute2 compiles a message class's
+    attribute table on its first encode (milliseconds); done here, at import (asynctc imports its plugins
+    in a worker thread), the first request of a process does not do it on the trio thread."""
+
+    def raw(encoder: Callable[..., bytes]) -> Callable[..., bytes]:
+        unwrapped: Callable[..., bytes] = encoder.__wrapped__  # type: ignore[attr-defined]
+        return unwrapped
+
+    raw(encode_qdisc_add_clsact)(0, 1)
+    raw(encode_qdisc_del)(0, 1)
+    raw(encode_filter)(0, RTM_NEWTFILTER, NLM_F_REQUEST, 1, INGRESS_PARENT, 1, 1, prog_fd=1, name="warm",
+                       gen_flags=1)
+    raw(encode_filter_get)(0, 1, INGRESS_PARENT, 1, 1, chain=0)
+    raw(encode_dump_request)(0, RTM_GETTFILTER, 1, INGRESS_PARENT)
+    raw(encode_dump_request)(0, RTM_GETLINK)
+    raw(encode_link_get)(0, 1, name="warm")
+
+
+_compile_message_classes()

@@ -209,6 +209,7 @@ class NetlinkTransport:
         # The I/O thread: started on first use, ended by close. It alone uses the sockets meanwhile.
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._start_lock = trio.Lock()
         self._thread_exited = False
         self._token: trio.lowlevel.TrioToken | None = None
         self._state_lock = threading.Lock()  # thread start/exit vs close: who closes the sockets
@@ -273,6 +274,7 @@ class NetlinkTransport:
         TCError (ENOBUFS when the kernel said it dropped answers, ETIMEDOUT after `answer_timeout`).
         """
         self._check_usable()
+        await self._start_io_thread()
         async with held(self._in_flight):
             self._check_usable()
             seq = self._next_seq()
@@ -332,6 +334,7 @@ class NetlinkTransport:
         nothing; its result is dropped).
         """
         self._check_usable()
+        await self._start_io_thread()
         slot = _Slot()
         self._dumps.add(slot)
         try:
@@ -348,21 +351,33 @@ class NetlinkTransport:
 
     # -- the I/O thread ----------------------------------------------------------------------------
 
-    def _submit(self, job: _Send | _Dump) -> None:
-        """Queue a job for the I/O thread (started here on first use, on the trio thread)."""
+    async def _start_io_thread(self) -> None:
+        """Start the I/O thread on first use (a failed start is tried again by the next request).
+
+        `Thread.start()` waits until the new thread runs, which takes milliseconds when other threads hold
+        the GIL: it is called from a worker thread, so the trio thread does not wait."""
         if self._thread is None:
-            self._token = trio.lowlevel.current_trio_token()
-            name = f"asynctc-netlink[{self.runner.netns or 'own netns'}]"
-            thread = threading.Thread(target=self._io_loop, name=name, daemon=True)
-            try:
-                thread.start()  # it waits for its first job, queued below
-            except BaseException:
-                self._token = None  # not started: close() closes the sockets itself
-                raise
-            with self._state_lock:
-                self._thread = thread
-        elif trio.lowlevel.current_trio_token() is not self._token:
+            async with self._start_lock:
+                if self._thread is None:
+                    self._check_usable()
+                    self._token = trio.lowlevel.current_trio_token()
+                    name = f"asynctc-netlink[{self.runner.netns or 'own netns'}]"
+                    thread = threading.Thread(target=self._io_loop, name=name, daemon=True)
+                    try:
+                        await trio.to_thread.run_sync(thread.start)  # it waits for its first job
+                    except BaseException:
+                        self._token = None  # not started: close() closes the sockets itself
+                        raise
+                    with self._state_lock:
+                        self._thread = thread
+                        if self._closed:  # closed while it started: it closes the sockets now
+                            self._jobs.put(_STOP)
+        if trio.lowlevel.current_trio_token() is not self._token:
             raise RuntimeError("this netlink transport belongs to another trio.run; open one in this run")
+        self._check_usable()
+
+    def _submit(self, job: _Send | _Dump) -> None:
+        """Queue a job for the I/O thread (started by `_start_io_thread`)."""
         self._jobs.put(job)
 
     def _io_loop(self) -> None:

@@ -37,6 +37,7 @@ from asynctc import (
     UpdateResult,
     from_errno,
 )
+from asynctc._monitor_netlink import event_source_for
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource
 from asynctc.lowlevel import bpf
 from asynctc.lowlevel import hook as hooklib
@@ -385,8 +386,6 @@ class BpfLinkBackend(Backend):
 
     # -- events --------------------------------------------------------------------------------------
     def open_event_source(self) -> AbstractAsyncContextManager[EventSource]:
-        from asynctc._monitor_netlink import event_source_for
-
         return event_source_for(self.ctx)
 
 

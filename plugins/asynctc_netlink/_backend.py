@@ -78,6 +78,7 @@ from asynctc import (
     UpdateResult,
     from_errno,
 )
+from asynctc._monitor_netlink import open_netlink_event_source
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource
 from asynctc.lowlevel import bpf, codec
 from asynctc.lowlevel import hook as hooklib
@@ -798,8 +799,6 @@ class NetlinkBackend(Backend):
 
     # -- events --------------------------------------------------------------------------------------
     def open_event_source(self) -> AbstractAsyncContextManager[EventSource]:
-        from asynctc._monitor_netlink import open_netlink_event_source
-
         return open_netlink_event_source(self.ctx.runner)
 
 
