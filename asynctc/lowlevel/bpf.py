@@ -131,6 +131,11 @@ BPF_TCX_EGRESS = 47
 BPF_LINK_TYPE_TCX = 11
 
 # flags
+BPF_OBJ_NAME_LEN = 16  # program and map names: 15 characters and a NUL
+BPF_PSEUDO_MAP_FD = 1  # src_reg of a ld_imm64 whose immediate is a map fd
+BPF_REG_FP = 10  # the read-only frame pointer register
+BPF_FUNC_MAP_LOOKUP_ELEM = 1  # helper id of bpf_map_lookup_elem
+
 BPF_F_REPLACE = 0x4
 BPF_F_BEFORE = 0x8
 BPF_F_AFTER = 0x10
@@ -172,7 +177,7 @@ def _put(buf: ctypes.Array[ctypes.c_char], fmt: str, offset: int, *values: int) 
 
 
 def _put_name(buf: ctypes.Array[ctypes.c_char], offset: int, name: str) -> None:
-    encoded = name.encode()[:15]
+    encoded = name.encode()[: BPF_OBJ_NAME_LEN - 1]
     ctypes.memmove(ctypes.addressof(buf) + offset, encoded, len(encoded))
 
 
@@ -207,8 +212,8 @@ class asm:
 
     @classmethod
     def ld_map_fd(cls, dst: int, map_fd: int) -> bytes:
-        # ld_imm64 with src_reg = BPF_PSEUDO_MAP_FD (1): two instruction slots
-        return cls.insn(0x18, dst=dst, src=1, imm=map_fd) + cls.insn(0)
+        # ld_imm64 with src_reg = BPF_PSEUDO_MAP_FD: two instruction slots
+        return cls.insn(0x18, dst=dst, src=BPF_PSEUDO_MAP_FD, imm=map_fd) + cls.insn(0)
 
     @classmethod
     def st_mem_w(cls, dst: int, off: int, imm: int) -> bytes:

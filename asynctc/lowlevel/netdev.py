@@ -19,7 +19,9 @@ from .._errors import DeviceNotFound, TCError
 if TYPE_CHECKING:
     from .transport import NetlinkTransport
 
-__all__ = ["resolve_device", "resolve_device_nl"]
+__all__ = ["IFNAMSIZ", "resolve_device", "resolve_device_nl"]
+
+IFNAMSIZ = 16  # linux/if.h: device names hold at most 15 characters and a NUL
 
 
 def _where(netns: str | None) -> str:
@@ -33,8 +35,9 @@ def _check(dev: object) -> str | int:
     if isinstance(dev, int):
         if dev <= 0:
             raise DeviceNotFound(f"ifindex must be positive, got {dev}", errno=_errno.ENODEV)
-    elif not dev or len(dev) >= 16 or "/" in dev or "\0" in dev:
-        raise DeviceNotFound(f"{dev!r} is not a valid device name (1-15 characters)", errno=_errno.ENODEV)
+    elif not dev or len(dev) >= IFNAMSIZ or "/" in dev or "\0" in dev:
+        raise DeviceNotFound(f"{dev!r} is not a valid device name (1-{IFNAMSIZ - 1} characters)",
+                             errno=_errno.ENODEV)
     return dev
 
 

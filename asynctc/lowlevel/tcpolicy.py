@@ -223,6 +223,9 @@ def parse_session_tag(tag: str) -> tuple[str, int, str, int] | None:
     return owner, int(parts[0]), parts[1], int(parts[2])
 
 
+_STARTTIME: Final = 22 - 3  # field 22 of /proc/PID/stat, indexed among the fields after "pid (comm)"
+
+
 def process_start_time(pid: int) -> str | None:
     """The start time of process `pid` in clock ticks since boot (field 22 of /proc/PID/stat): with the
     pid it names a process uniquely, even after the pid is reused. None if there is no such process; ""
@@ -232,8 +235,8 @@ def process_start_time(pid: int) -> str | None:
             stat = f.read()
     except OSError:
         return None
-    fields = stat.rsplit(")", 1)[-1].split()
-    return fields[19] if len(fields) > 19 else ""
+    fields = stat.rsplit(")", 1)[-1].split()  # from field 3 on: "pid (comm)" may hold spaces
+    return fields[_STARTTIME] if len(fields) > _STARTTIME else ""
 
 
 def process_alive(pid: int, start: str) -> bool:
