@@ -110,9 +110,9 @@ class _Recorder:
         self.calls, self.tag = calls, tag
 
 
-def _plain(calls: list[str], tag: str, **marks: bool) -> object:
+def _plain(calls: list[str], tag: str, *, tryfirst: bool = False, trylast: bool = False) -> object:
     class Plain(_Recorder):
-        @asynctc.hookimpl(**marks)
+        @asynctc.hookimpl(tryfirst=tryfirst, trylast=trylast)
         def asynctc_attachment_event(self, event: events.AttachmentEvent) -> None:
             self.calls.append(self.tag)
 
