@@ -234,6 +234,39 @@ async def test_an_io_thread_that_could_not_start_is_started_by_the_next_request(
     assert transport.in_flight == 0
 
 
+async def test_a_transport_closed_while_its_io_thread_starts_ends_that_thread(
+    transport: NetlinkTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The I/O thread is started from a worker thread; a close that comes meanwhile fails the request and
+    the thread, once started, is stopped (it would otherwise wait for jobs forever)."""
+    real_start = threading.Thread.start
+    starting, release = threading.Event(), threading.Event()
+    started: list[threading.Thread] = []
+
+    def start_slowly(self: threading.Thread) -> None:
+        if self.name.startswith("asynctc-netlink"):
+            starting.set()
+            release.wait(10)
+            started.append(self)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start_slowly)
+
+    async def request() -> None:
+        with pytest.raises(trio.ClosedResourceError):
+            await transport.request(link_get_lo, op="link_get")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request)
+            assert await trio.to_thread.run_sync(starting.wait, 10)
+            await transport.aclose()
+            release.set()
+        assert len(started) == 1
+        await trio.to_thread.run_sync(started[0].join, 10)
+    assert not started[0].is_alive()
+
+
 def test_a_transport_is_used_in_the_trio_run_that_first_used_it() -> None:
     t = NetlinkTransport(NetnsRunner(None, trio.CapacityLimiter(2)), open_netlink_socket())
 
