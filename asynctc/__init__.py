@@ -39,6 +39,7 @@ from ._object import load_program as load_program
 from ._object import open_object as open_object
 from ._plugins import BackendRegistry as BackendRegistry
 from ._plugins import PluginError as PluginError
+from ._plugins import PluginLoadWarning as PluginLoadWarning
 from ._program import Program as Program
 from ._session import Session as Session
 from ._session import open_session as open_session

@@ -5,11 +5,13 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pluggy
+import trio
 
 from . import hookspecs
 from ._errors import BackendUnavailable, TCError
@@ -17,7 +19,14 @@ from ._types import Probe
 from .backend import Backend
 from .hookspecs import BackendRequest, hookimpl
 
-__all__ = ["BackendRegistry", "PluginError", "get_plugin_manager", "make_plugin_manager"]
+__all__ = [
+    "BackendRegistry",
+    "PluginError",
+    "PluginLoadWarning",
+    "get_plugin_manager",
+    "load_plugins",
+    "make_plugin_manager",
+]
 
 ENTRY_POINT_GROUP = "asynctc"
 log = logging.getLogger("asynctc")
@@ -25,6 +34,11 @@ log = logging.getLogger("asynctc")
 
 class PluginError(TCError):
     """A plugin is malformed: an async hook implementation, an unknown hook, a bad backend class."""
+
+
+class PluginLoadWarning(UserWarning):
+    """An installed plugin (entry point) could not be used: it failed to import or is malformed. It is left
+    out; the other plugins load."""
 
 
 class BackendRegistry:
@@ -124,6 +138,9 @@ def make_plugin_manager(
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register every plugin of the entry-point group. One that fails to import, or that `register`
+    refuses (an `async def` hook, an unknown hook), is reported with a PluginLoadWarning naming its
+    distribution and left out: one broken package must not make every session of the process fail."""
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
@@ -131,11 +148,16 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             continue
         try:
             plugin = ep.load()
+            pm.register(plugin, name=ep.name)
         except Exception as exc:
-            # A broken third-party plugin must not take the others down; say which and why.
-            log.warning("asynctc: could not load plugin %r (%s): %r", ep.name, ep.value, exc)
-            continue
-        pm.register(plugin, name=ep.name)
+            dist = ep.dist.name if ep.dist is not None else "an unknown distribution"
+            what = "could not be imported" if not isinstance(exc, PluginError) else "is malformed"
+            message = (
+                f"asynctc: the plugin {ep.name!r} ({ep.value}) of the distribution {dist!r} {what} and is "
+                f"left out: {exc!r}; fix or uninstall {dist!r}"
+            )
+            log.warning("%s", message)
+            warnings.warn(message, PluginLoadWarning, stacklevel=2)
 
 
 _lock = threading.Lock()
@@ -166,12 +188,45 @@ def collect_backends(pm: pluggy.PluginManager) -> BackendRegistry:
     return registry
 
 
+async def load_plugins(
+    plugins: Iterable[object] | None = None,
+) -> tuple[pluggy.PluginManager, BackendRegistry]:
+    """The plugin manager and its backends for a new session: the process-wide manager, or a fresh one
+    with `plugins` added when some are given.
+
+    Building a manager imports every entry-point plugin and what they import (pyroute2, for one): tens of
+    milliseconds the first time in a process. That runs in a worker thread, so the trio loop never waits
+    for it; the process-wide manager is built once (under a lock, whichever thread or trio run asks first)
+    and returned at once afterwards."""
+    if not plugins:
+        pm = _default_pm
+        if pm is not None:
+            with _lock:
+                registry = _registries.get(pm)
+            if registry is not None:
+                await trio.lowlevel.checkpoint()
+                return pm, registry
+        return await trio.to_thread.run_sync(_default_with_backends)
+    extra = tuple(plugins)
+    return await trio.to_thread.run_sync(_fresh_with_backends, extra)
+
+
+def _default_with_backends() -> tuple[pluggy.PluginManager, BackendRegistry]:
+    pm = get_plugin_manager()
+    return pm, collect_backends(pm)
+
+
+def _fresh_with_backends(plugins: tuple[object, ...]) -> tuple[pluggy.PluginManager, BackendRegistry]:
+    pm = make_plugin_manager(plugins=plugins)
+    return pm, collect_backends(pm)
+
+
 def notify(pm: pluggy.PluginManager, event: object) -> None:
-    """Call every asynctc_attachment_event implementation, each on its own: an observer's exception is
-    logged and neither reaches the lifecycle nor keeps the other observers from seeing the event."""
-    kwargs = {"event": event}
-    for impl in pm.hook.asynctc_attachment_event.get_hookimpls():
-        try:
-            impl.function(*(kwargs[name] for name in impl.argnames))
-        except Exception:
-            log.exception("asynctc: the asynctc_attachment_event implementation of %s raised", impl.plugin_name)
+    """Call the asynctc_attachment_event hook through pluggy, so wrappers, hookwrappers, tryfirst and
+    trylast behave as pluggy documents. An exception raised by an implementation ends that call as pluggy
+    documents (wrappers see it; implementations not yet called miss that one event) and is logged here:
+    it never reaches the attach, update, detach or severing that caused the event."""
+    try:
+        pm.hook.asynctc_attachment_event(event=event)
+    except Exception:
+        log.exception("asynctc: an asynctc_attachment_event implementation raised (event %r)", event)

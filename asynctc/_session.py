@@ -39,7 +39,7 @@ from .events import AttachmentEvent
 from .lowlevel.netdev import check_dev
 from .lowlevel.netns import NetnsRunner
 from .lowlevel.pins import check_path
-from .lowlevel.tcpolicy import process_start_time
+from .lowlevel.tcpolicy import format_session_tag, process_start_time
 
 __all__ = ["Session", "open_session"]
 
@@ -58,7 +58,7 @@ def _session_tag(owner: str) -> str:
     with _serial_lock:
         serial = next(_session_serials)
     pid = os.getpid()
-    return f"{owner}:{pid}.{process_start_time(pid) or 0}.{serial}"
+    return format_session_tag(owner, pid, process_start_time(pid) or "0", serial)
 
 
 def _claim_key(kernel: object) -> Callable[[str], str]:
@@ -449,8 +449,7 @@ async def open_session(
     if backend_options is not None and not isinstance(backend_options, Mapping):
         raise TypeError(f"backend_options must be a mapping of option names to values, got "
                         f"{type(backend_options).__name__} {backend_options!r}")
-    pm = _plugins.make_plugin_manager(plugins=plugins) if plugins else _plugins.get_plugin_manager()
-    classes = _plugins.collect_backends(pm)
+    pm, classes = await _plugins.load_plugins(plugins)
     if kernel is not None:
         if backend == "auto":
             backend = "mock"

@@ -147,3 +147,19 @@ class Probe:
 
     available: bool
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where to put a program, resolved by the core from a Position.
+
+    `where` is "first", "last", "before" or "after". For "before"/"after", `prog_id` is the anchor's program
+    and `link_id` its tcx link where the anchor was a link-based Attachment; `priority` and `handle` are the
+    anchor's legacy filter where it was a cls_bpf Attachment.
+    """
+
+    where: Literal["first", "last", "before", "after"]
+    prog_id: int | None = None
+    link_id: int | None = None
+    priority: int | None = None
+    handle: int | None = None

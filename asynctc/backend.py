@@ -20,13 +20,14 @@ import abc
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import trio
 
 from ._errors import BackendUnavailable, PinError
 from ._program import Program
 from ._types import AttachmentInfo, Direction, Hook, HookEntry, Offload, Probe, UpdateMethod, UpdateResult
+from ._types import Placement as Placement  # a value type; re-exported where backends always found it
 from .lowlevel.events import DEFAULT_EVENT_RCVBUF, EventSource, check_rcvbuf, open_netlink_event_source
 from .lowlevel.netns import NetnsRunner
 
@@ -72,22 +73,6 @@ class BackendContext:
         values force resyncs, for tests)."""
         rcvbuf = check_rcvbuf(self.options.get("event_rcvbuf", DEFAULT_EVENT_RCVBUF))
         return open_netlink_event_source(self.runner, rcvbuf=rcvbuf)
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where to put a program, resolved by the core from a Position.
-
-    `where` is "first", "last", "before" or "after". For "before"/"after", `prog_id` is the anchor's program
-    and `link_id` its tcx link where the anchor was a link-based Attachment; `priority` and `handle` are the
-    anchor's legacy filter where it was a cls_bpf Attachment.
-    """
-
-    where: Literal["first", "last", "before", "after"]
-    prog_id: int | None = None
-    link_id: int | None = None
-    priority: int | None = None
-    handle: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

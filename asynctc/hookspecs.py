@@ -80,6 +80,8 @@ def asynctc_attachment_event(event: AttachmentEvent) -> None:
     Args:
         event: an `asynctc.events.AttachmentEvent` (kind, info, attachment, method, reason).
 
-    Returns nothing. Called on the trio thread right after the change; implementations must be quick and
-    must not block. An exception raised here is logged and does not disturb the lifecycle.
+    Returns nothing. Called on the trio thread right after the change, through pluggy (wrappers, tryfirst
+    and trylast as pluggy documents); implementations must be quick and must not block. An exception
+    raised here ends that call as pluggy documents (wrappers see it, implementations not yet called miss
+    the event), is logged, and does not disturb the lifecycle.
     """

@@ -17,7 +17,8 @@ from .lowlevel import bpf
 __all__ = ["VERDICTS", "CountingProgram", "Verdict", "constant", "counting", "verdict_value"]
 
 Verdict: TypeAlias = Literal["pass", "drop", "next"]
-VERDICTS: dict[str, int] = {"pass": 0, "drop": 2, "next": -1}
+TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT = -1, 0, 2  # linux/pkt_cls.h
+VERDICTS: dict[str, int] = {"pass": TC_ACT_OK, "drop": TC_ACT_SHOT, "next": TC_ACT_UNSPEC}
 
 
 def verdict_value(verdict: str) -> int:
@@ -101,10 +102,10 @@ def counting(verdict: Verdict = "pass", *, name: str | None = None) -> CountingP
     a = bpf.asm
     insns = (
         a.ld_map_fd(1, map_fd)
-        + a.st_mem_w(10, -4, 0)
-        + a.mov64_reg(2, 10)
+        + a.st_mem_w(bpf.BPF_REG_FP, -4, 0)  # the key (0), on the stack
+        + a.mov64_reg(2, bpf.BPF_REG_FP)
         + a.add64_imm(2, -4)
-        + a.call(1)  # bpf_map_lookup_elem
+        + a.call(bpf.BPF_FUNC_MAP_LOOKUP_ELEM)
         + a.jeq_imm(0, 0, 2)
         + a.mov64_imm(1, 1)
         + a.atomic_add64(0, 1)
@@ -112,7 +113,7 @@ def counting(verdict: Verdict = "pass", *, name: str | None = None) -> CountingP
         + a.exit()
     )
     try:
-        fd = _load(insns, name or f"atc_count_{verdict}"[:15])
+        fd = _load(insns, name or f"atc_count_{verdict}"[: bpf.BPF_OBJ_NAME_LEN - 1])
     except BaseException:
         os.close(map_fd)
         raise

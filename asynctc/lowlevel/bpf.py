@@ -5,7 +5,8 @@ update and detach, close() of a link fd, queries) from worker threads through `l
 raises `BpfError`, an OSError that records which operation failed; `asynctc._errors.from_errno` turns it into
 the public exception at the boundary, once.
 
-Layouts of `union bpf_attr` and of the info structs are in KERNEL.md (byte offsets, x86_64).
+Layouts of `union bpf_attr` and of the info structs are in KERNEL.md (byte offsets; fields are in the
+machine's byte order). The system call number is chosen by architecture (`bpf_syscall_number`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ import ctypes
 import ctypes.util
 import errno as _errno
 import os
+import platform
 import struct
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
 __all__ = [
     "BPF_F_AFTER",
@@ -35,8 +40,8 @@ __all__ = [
     "MapInfo",
     "ProgInfo",
     "asm",
+    "bpf_syscall_number",
     "check_field",
-    "close_fd",
     "fd_object_kind",
     "link_create_tcx",
     "link_detach",
@@ -54,8 +59,6 @@ __all__ = [
     "obj_get",
     "obj_pin",
     "possible_cpus",
-    "prog_attach",
-    "prog_detach",
     "prog_get_fd_by_id",
     "prog_info",
     "prog_load",
@@ -64,7 +67,50 @@ __all__ = [
     "probe_tcx",
 ]
 
-SYS_bpf = 321  # x86_64
+# The bpf(2) system call number differs by architecture (the kernel's syscall tables), by platform.machine().
+SYS_BPF_BY_MACHINE: Final[Mapping[str, int]] = {
+    "x86_64": 321,
+    "aarch64": 280,
+    "arm64": 280,
+    "i386": 357,
+    "i686": 357,
+    "armv7l": 386,
+    "armv7": 386,
+    "ppc64": 361,
+    "ppc64le": 361,
+    "s390x": 351,
+    "riscv64": 280,
+}
+
+
+def bpf_syscall_number(machine: str | None = None) -> int:
+    """The bpf(2) system call number of `machine` (default: this one, `platform.machine()`).
+
+    Raises OSError(ENOSYS) naming the architecture when asynctc does not know it."""
+    machine = platform.machine() if machine is None else machine
+    try:
+        return SYS_BPF_BY_MACHINE[machine]
+    except KeyError:
+        known = ", ".join(sorted(SYS_BPF_BY_MACHINE))
+        raise OSError(
+            _errno.ENOSYS,
+            f"bpf(2): asynctc does not know the system call number on the {machine!r} architecture (known: "
+            f"{known}); use a backend that needs no bpf(2) (mock), or add the number to "
+            "asynctc.lowlevel.bpf.SYS_BPF_BY_MACHINE",
+        ) from None
+
+
+_sys_bpf_number: int | None = None
+
+
+def _bpf_nr(op: str) -> int:
+    global _sys_bpf_number
+    if _sys_bpf_number is None:
+        try:
+            _sys_bpf_number = bpf_syscall_number()
+        except OSError as exc:
+            raise BpfError(exc.errno or _errno.ENOSYS, op, str(exc)) from None
+    return _sys_bpf_number
 
 # commands
 BPF_MAP_CREATE = 0
@@ -75,8 +121,6 @@ BPF_MAP_GET_NEXT_KEY = 4
 BPF_PROG_LOAD = 5
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
-BPF_PROG_ATTACH = 8
-BPF_PROG_DETACH = 9
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
@@ -99,6 +143,11 @@ BPF_TCX_EGRESS = 47
 BPF_LINK_TYPE_TCX = 11
 
 # flags
+BPF_OBJ_NAME_LEN = 16  # program and map names: 15 characters and a NUL
+BPF_PSEUDO_MAP_FD = 1  # src_reg of a ld_imm64 whose immediate is a map fd
+BPF_REG_FP = 10  # the read-only frame pointer register
+BPF_FUNC_MAP_LOOKUP_ELEM = 1  # helper id of bpf_map_lookup_elem
+
 BPF_F_REPLACE = 0x4
 BPF_F_BEFORE = 0x8
 BPF_F_AFTER = 0x10
@@ -125,7 +174,7 @@ class BpfError(OSError):
 
 
 def _sys_bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], op: str) -> int:
-    ret = int(_libc.syscall(SYS_bpf, cmd, attr, ATTR_SIZE))
+    ret = int(_libc.syscall(_bpf_nr(op), cmd, attr, ATTR_SIZE))
     if ret < 0:
         raise BpfError(ctypes.get_errno(), op)
     return ret
@@ -140,7 +189,7 @@ def _put(buf: ctypes.Array[ctypes.c_char], fmt: str, offset: int, *values: int) 
 
 
 def _put_name(buf: ctypes.Array[ctypes.c_char], offset: int, name: str) -> None:
-    encoded = name.encode()[:15]
+    encoded = name.encode()[: BPF_OBJ_NAME_LEN - 1]
     ctypes.memmove(ctypes.addressof(buf) + offset, encoded, len(encoded))
 
 
@@ -169,11 +218,6 @@ def _addr(obj: ctypes.Array[ctypes.c_char] | ctypes.Array[ctypes.c_uint32]) -> i
     return ctypes.addressof(obj)
 
 
-def close_fd(fd: int) -> None:
-    """close() an fd; for an attached tcx link this waits for an RCU grace period (run it in a thread)."""
-    os.close(fd)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Instructions
 
@@ -183,7 +227,9 @@ class asm:
 
     @staticmethod
     def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
-        return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+        # The register nibbles follow the byte order (struct bpf_insn's bit fields): dst first on little-endian.
+        regs = (src << 4) | dst if sys.byteorder == "little" else (dst << 4) | src
+        return struct.pack("=BBhi", code, regs, off, imm)
 
     @classmethod
     def mov64_imm(cls, dst: int, imm: int) -> bytes:
@@ -199,8 +245,8 @@ class asm:
 
     @classmethod
     def ld_map_fd(cls, dst: int, map_fd: int) -> bytes:
-        # ld_imm64 with src_reg = BPF_PSEUDO_MAP_FD (1): two instruction slots
-        return cls.insn(0x18, dst=dst, src=1, imm=map_fd) + cls.insn(0)
+        # ld_imm64 with src_reg = BPF_PSEUDO_MAP_FD: two instruction slots
+        return cls.insn(0x18, dst=dst, src=BPF_PSEUDO_MAP_FD, imm=map_fd) + cls.insn(0)
 
     @classmethod
     def st_mem_w(cls, dst: int, off: int, imm: int) -> bytes:
@@ -244,12 +290,12 @@ def prog_load(
     code = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(license.encode() + b"\0")
     logbuf = ctypes.create_string_buffer(log_size) if log_size else None
-    _put(attr, "<IIQQ", 0, prog_type, len(insns) // 8, _addr(code), _addr(lic))
+    _put(attr, "=IIQQ", 0, prog_type, len(insns) // 8, _addr(code), _addr(lic))
     if logbuf is not None:
-        _put(attr, "<IIQ", 24, 1, log_size, _addr(logbuf))
+        _put(attr, "=IIQ", 24, 1, log_size, _addr(logbuf))
     _put_name(attr, 48, name)
-    _put(attr, "<II", 64, prog_ifindex, expected_attach_type)
-    ret = int(_libc.syscall(SYS_bpf, BPF_PROG_LOAD, attr, ATTR_SIZE))
+    _put(attr, "=II", 64, prog_ifindex, expected_attach_type)
+    ret = int(_libc.syscall(_bpf_nr("prog_load"), BPF_PROG_LOAD, attr, ATTR_SIZE))
     if ret < 0:
         err = ctypes.get_errno()
         log = logbuf.value.decode(errors="replace").strip() if logbuf is not None else ""
@@ -260,7 +306,7 @@ def prog_load(
 def map_create_array(value_size: int = 8, max_entries: int = 1, *, name: str = "") -> int:
     """BPF_MAP_CREATE of an ARRAY map with u32 keys; returns the map fd."""
     attr = _attr()
-    _put(attr, "<IIIII", 0, BPF_MAP_TYPE_ARRAY, 4, value_size, max_entries, 0)
+    _put(attr, "=IIIII", 0, BPF_MAP_TYPE_ARRAY, 4, value_size, max_entries, 0)
     _put_name(attr, 28, name)  # map_name@28 (after inner_map_fd@20, numa_node@24)
     try:
         return _sys_bpf(BPF_MAP_CREATE, attr, "map_create")
@@ -273,24 +319,24 @@ def map_create_array(value_size: int = 8, max_entries: int = 1, *, name: str = "
 def map_lookup(map_fd: int, key: int, value_size: int) -> bytes:
     """BPF_MAP_LOOKUP_ELEM with a u32 key; returns the raw value."""
     attr = _attr()
-    k = ctypes.create_string_buffer(struct.pack("<I", key), 4)
+    k = ctypes.create_string_buffer(struct.pack("=I", key), 4)
     v = ctypes.create_string_buffer(value_size)
-    _put(attr, "<IIQQ", 0, map_fd, 0, _addr(k), _addr(v))
+    _put(attr, "=IIQQ", 0, map_fd, 0, _addr(k), _addr(v))
     _sys_bpf(BPF_MAP_LOOKUP_ELEM, attr, "map_lookup")
     return v.raw
 
 
 def map_lookup_u64(map_fd: int, key: int = 0) -> int:
     """The u64 value at `key` of an array map."""
-    return int(struct.unpack("<Q", map_lookup(map_fd, key, 8))[0])
+    return int(struct.unpack("=Q", map_lookup(map_fd, key, 8))[0])
 
 
 def map_update(map_fd: int, key: int, value: bytes) -> None:
-    """BPF_MAP_UPDATE_ELEM (2) with a u32 key and BPF_ANY."""
+    """BPF_MAP_UPDATE_ELEM with a u32 key and BPF_ANY."""
     attr = _attr()
-    k = ctypes.create_string_buffer(struct.pack("<I", key), 4)
+    k = ctypes.create_string_buffer(struct.pack("=I", key), 4)
     v = ctypes.create_string_buffer(value, len(value))
-    _put(attr, "<IIQQQ", 0, map_fd, 0, _addr(k), _addr(v), 0)
+    _put(attr, "=IIQQQ", 0, map_fd, 0, _addr(k), _addr(v), 0)
     _sys_bpf(BPF_MAP_UPDATE_ELEM, attr, "map_update")
 
 
@@ -298,10 +344,10 @@ def prog_test_run(prog_fd: int, data: bytes = bytes(64), repeat: int = 1) -> int
     """BPF_PROG_TEST_RUN: run the program on `data` and return its verdict (as a signed int)."""
     attr = _attr()
     buf = ctypes.create_string_buffer(data, len(data))
-    _put(attr, "<IIII", 0, prog_fd, 0, len(data), 0)
-    _put(attr, "<QQI", 16, _addr(buf), 0, repeat)
+    _put(attr, "=IIII", 0, prog_fd, 0, len(data), 0)
+    _put(attr, "=QQI", 16, _addr(buf), 0, repeat)
     _sys_bpf(BPF_PROG_TEST_RUN, attr, "prog_test_run")
-    return int(struct.unpack_from("<i", attr, 4)[0])
+    return int(struct.unpack_from("=i", attr, 4)[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +364,7 @@ class ProgInfo:
 def _get_info(fd: int, size: int, op: str) -> ctypes.Array[ctypes.c_char]:
     info = ctypes.create_string_buffer(size)
     attr = _attr()
-    _put(attr, "<IIQ", 0, fd, size, _addr(info))
+    _put(attr, "=IIQ", 0, fd, size, _addr(info))
     _sys_bpf(BPF_OBJ_GET_INFO_BY_FD, attr, op)
     return info
 
@@ -326,17 +372,17 @@ def _get_info(fd: int, size: int, op: str) -> ctypes.Array[ctypes.c_char]:
 def prog_info(prog_fd: int) -> ProgInfo:
     """BPF_OBJ_GET_INFO_BY_FD on a program fd."""
     info = _get_info(prog_fd, 256, "prog_info")
-    ptype, pid = struct.unpack_from("<II", info, 0)
+    ptype, pid = struct.unpack_from("=II", info, 0)
     tag = info.raw[8:16].hex()
     name = info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
-    (ifindex,) = struct.unpack_from("<I", info, 80)
+    (ifindex,) = struct.unpack_from("=I", info, 80)
     return ProgInfo(type=ptype, id=pid, tag=tag, name=name, ifindex=ifindex)
 
 
 def prog_get_fd_by_id(prog_id: int) -> int:
     check_field("prog_id", prog_id)
     attr = _attr()
-    _put(attr, "<I", 0, prog_id)
+    _put(attr, "=I", 0, prog_id)
     return _sys_bpf(BPF_PROG_GET_FD_BY_ID, attr, "prog_get_fd_by_id")
 
 
@@ -345,7 +391,7 @@ def obj_pin(fd: int, path: str) -> None:
     check_field("fd", fd, FD_MAX)
     attr = _attr()
     p = ctypes.create_string_buffer(_check_path(path))
-    _put(attr, "<QI", 0, _addr(p), fd)
+    _put(attr, "=QI", 0, _addr(p), fd)
     _sys_bpf(BPF_OBJ_PIN, attr, "obj_pin")
 
 
@@ -354,7 +400,7 @@ def obj_get(path: str, flags: int = 0) -> int:
     check_field("flags", flags)
     attr = _attr()
     p = ctypes.create_string_buffer(_check_path(path))
-    _put(attr, "<QII", 0, _addr(p), 0, flags)
+    _put(attr, "=QII", 0, _addr(p), 0, flags)
     return _sys_bpf(BPF_OBJ_GET, attr, "obj_get")
 
 
@@ -388,15 +434,15 @@ class LinkInfo:
 
 def link_info(link_fd: int) -> LinkInfo:
     info = _get_info(link_fd, 64, "link_info")
-    ltype, lid, prog_id = struct.unpack_from("<III", info, 0)
-    ifindex, attach_type = struct.unpack_from("<II", info, 16)
+    ltype, lid, prog_id = struct.unpack_from("=III", info, 0)
+    ifindex, attach_type = struct.unpack_from("=II", info, 16)
     return LinkInfo(type=ltype, id=lid, prog_id=prog_id, ifindex=ifindex, attach_type=attach_type)
 
 
 def link_get_fd_by_id(link_id: int) -> int:
     check_field("link_id", link_id)
     attr = _attr()
-    _put(attr, "<I", 0, link_id)
+    _put(attr, "=I", 0, link_id)
     return _sys_bpf(BPF_LINK_GET_FD_BY_ID, attr, "link_get_fd_by_id")
 
 
@@ -426,7 +472,7 @@ def link_create_tcx(
     """
     _check_attach(prog_fd, ifindex, attach_type, flags, relative, expected_revision)
     attr = _attr()
-    _put(attr, "<IIIIIIQ", 0, prog_fd, ifindex, attach_type, flags, relative, 0, expected_revision)
+    _put(attr, "=IIIIIIQ", 0, prog_fd, ifindex, attach_type, flags, relative, 0, expected_revision)
     return _sys_bpf(BPF_LINK_CREATE, attr, "link_create")
 
 
@@ -438,44 +484,18 @@ def link_update(link_fd: int, new_prog_fd: int, *, old_prog_fd: int | None = Non
         check_field("old_prog_fd", old_prog_fd, FD_MAX)
     attr = _attr()
     if old_prog_fd is None:
-        _put(attr, "<III", 0, link_fd, new_prog_fd, 0)
+        _put(attr, "=III", 0, link_fd, new_prog_fd, 0)
         _sys_bpf(BPF_LINK_UPDATE, attr, "link_update")
     else:
-        _put(attr, "<IIII", 0, link_fd, new_prog_fd, BPF_F_REPLACE, old_prog_fd)
+        _put(attr, "=IIII", 0, link_fd, new_prog_fd, BPF_F_REPLACE, old_prog_fd)
         _sys_bpf(BPF_LINK_UPDATE, attr, "link_update_cas")
 
 
 def link_detach(link_fd: int) -> None:
     """BPF_LINK_DETACH: detach now; the fd stays open (close it afterwards)."""
     attr = _attr()
-    _put(attr, "<I", 0, link_fd)
+    _put(attr, "=I", 0, link_fd)
     _sys_bpf(BPF_LINK_DETACH, attr, "link_detach")
-
-
-def prog_attach(
-    prog_fd: int,
-    ifindex: int,
-    attach_type: int,
-    *,
-    flags: int = 0,
-    relative: int = 0,
-    expected_revision: int = 0,
-) -> None:
-    """BPF_PROG_ATTACH (a tcx attachment without a link: it stays until detached explicitly)."""
-    _check_attach(prog_fd, ifindex, attach_type, flags, relative, expected_revision)
-    attr = _attr()
-    _put(attr, "<IIIIIIQ", 0, ifindex, prog_fd, attach_type, flags, 0, relative, expected_revision)
-    _sys_bpf(BPF_PROG_ATTACH, attr, "prog_attach")
-
-
-def prog_detach(prog_fd: int, ifindex: int, attach_type: int) -> None:
-    """BPF_PROG_DETACH of a program attached with prog_attach."""
-    check_field("prog_fd", prog_fd, FD_MAX)
-    check_field("ifindex", ifindex)
-    check_field("attach_type", attach_type)
-    attr = _attr()
-    _put(attr, "<IIII", 0, ifindex, prog_fd, attach_type, 0)
-    _sys_bpf(BPF_PROG_DETACH, attr, "prog_detach")
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,19 +515,19 @@ def prog_query(ifindex: int, attach_type: int, *, capacity: int = 64) -> HookQue
         prog_ids = (ctypes.c_uint32 * capacity)()
         link_ids = (ctypes.c_uint32 * capacity)()
         attr = _attr()
-        _put(attr, "<IIII", 0, ifindex, attach_type, 0, 0)
-        _put(attr, "<QI", 16, _addr(prog_ids), capacity)
-        _put(attr, "<Q", 40, _addr(link_ids))
+        _put(attr, "=IIII", 0, ifindex, attach_type, 0, 0)
+        _put(attr, "=QI", 16, _addr(prog_ids), capacity)
+        _put(attr, "=Q", 40, _addr(link_ids))
         try:
             _sys_bpf(BPF_PROG_QUERY, attr, "prog_query")
         except BpfError as exc:
             if exc.errno == _errno.ENOSPC:
-                (count,) = struct.unpack_from("<I", attr, 24)
+                (count,) = struct.unpack_from("=I", attr, 24)
                 capacity = max(count, capacity * 2)
                 continue
             raise
-        (count,) = struct.unpack_from("<I", attr, 24)
-        (revision,) = struct.unpack_from("<Q", attr, 56)
+        (count,) = struct.unpack_from("=I", attr, 24)
+        (revision,) = struct.unpack_from("=Q", attr, 56)
         return HookQuery(
             revision=revision,
             prog_ids=tuple(prog_ids[:count]),

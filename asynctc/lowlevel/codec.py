@@ -1,25 +1,24 @@
-"""rtnetlink messages for traffic control: pyroute2's message classes as the codec, with typed results.
+"""rtnetlink messages for traffic control: `struct` decodes them into typed results, pyroute2's message
+classes encode the requests.
 
-pyroute2's message classes (`tcmsg`, `ifinfmsg`) encode and decode rtnetlink messages; asynctc uses them as
-pure codecs over sockets of its own (pyroute2's I/O core is asyncio and does not run under trio). Stock
-pyroute2 0.9 falls short for cls_bpf in three places, which `TcMsg` and `BpfOptions` fix:
+Decoding is `struct` only: `decode_messages()` turns a receive buffer into frozen dataclasses (`NlError`,
+`NlDone`, `LinkMsg`, `QdiscMsg`, `FilterMsg`, `ChainMsg`, `OtherMsg`); the rest of asynctc never sees a
+pyroute2 dict. Encoding uses pyroute2's message classes (`tcmsg`, `ifinfmsg`) as pure codecs over sockets
+of asynctc's own (pyroute2's I/O core is asyncio and does not run under trio); encoders return `bytes`.
+Stock pyroute2 0.9 falls short for cls_bpf in three places, which `TcMsg` and `BpfOptions` fix (the tests
+also use `TcMsg` as the reference decoder the struct decoder is checked against):
 
 - cls_bpf options: TCA_BPF_FLAGS_GEN (9), TCA_BPF_TAG (10, 8 bytes, given here as 16 hex digits) and
   TCA_BPF_ID (11, the program id) decode as UNKNOWN in stock pyroute2;
 - the tcmsg attributes after TCA_STAB (TCA_CHAIN = 11 among them) are unknown to it;
 - RTM_NEWCHAIN (100) / RTM_DELCHAIN (101) are not in its message map.
 
-The rest of asynctc never sees a pyroute2 dict: encoders return `bytes`, and `decode_messages()` turns a
-receive buffer into frozen dataclasses (`NlError`, `NlDone`, `LinkMsg`, `QdiscMsg`, `FilterMsg`,
-`ChainMsg`, `OtherMsg`).
-
-Cost: a pyroute2 decode costs 0.05-0.3 ms per message, which matters on hot paths (every request waits for
-an ACK; a dump of a busy hook has many filters; event storms are read on the trio thread). So the netlink
-header of every message is parsed with `struct` first; ACKs, errors and NLMSG_DONE are decoded with
-`struct` (fixed layout, the most frequent messages, ~2 us); link messages too (only ifindex, flags and name
-are needed; pyroute2 costs 0.26 ms on their ~40 attributes, struct ~10 us); pyroute2 (`TcMsg`) decodes the
-tc messages (qdiscs, filters, chains: ~0.06 ms each), reading only the attributes used (its attribute
-decoding is lazy). Messages of other types are kept raw.
+Why struct for decoding: a pyroute2 decode costs 0.05-0.3 ms per message, which matters on hot paths (every
+request waits for an ACK; a dump of a busy hook has many filters; event storms are read on the trio
+thread). `struct` decodes ACKs, errors and NLMSG_DONE (fixed layout, the most frequent messages, ~2 us),
+link messages (only ifindex, flags and name are read: ~10 us, where pyroute2 costs 0.26 ms on their ~40
+attributes) and tc messages (qdiscs, filters, chains: only the attributes used are read). Messages of
+other types are kept raw.
 
 Encoding: pyroute2 costs 0.03-0.2 ms per message, and the hot paths send the same few messages again and
 again (the same clsact add, filter add and delete for a device). So every encoder is memoized on its
@@ -95,7 +94,6 @@ __all__ = [
     "TcMsg",
     "decode_message",
     "decode_messages",
-    "encode_chain_dump",
     "encode_dump_request",
     "encode_filter",
     "encode_filter_get",
@@ -165,7 +163,6 @@ TCA_CLS_FLAGS_NOT_IN_HW: Final = 8
 _TC_TYPES: Final = frozenset(
     {RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER, RTM_DELTFILTER, RTM_NEWCHAIN, RTM_DELCHAIN}
 )
-_FILTER_TYPES: Final = frozenset({RTM_NEWTFILTER, RTM_DELTFILTER})
 _QDISC_TYPES: Final = frozenset({RTM_NEWQDISC, RTM_DELQDISC})
 _CHAIN_TYPES: Final = frozenset({RTM_NEWCHAIN, RTM_DELCHAIN})
 _LINK_TYPES: Final = frozenset({RTM_NEWLINK, RTM_DELLINK})
@@ -566,43 +563,6 @@ def _decode_tc(data: bytes | bytearray | memoryview, off: int, length: int, mtyp
                      bpf_name=name, bpf_id=bpf_id, bpf_tag=tag, bpf_flags=flags, gen_flags=gen, portid=pid)
 
 
-def decode_tc_with_pyroute2(chunk: bytes, mtype: int, seq: int, pid: int) -> QdiscMsg | FilterMsg | ChainMsg:
-    """The same decode through pyroute2's TcMsg: the reference the fast path is tested against."""
-    m = TcMsg(chunk)
-    m.decode()
-    try:
-        return _tc_fields(m, mtype, seq, pid)
-    finally:
-        _release(m)
-
-
-def _tc_fields(m: Any, mtype: int, seq: int, pid: int) -> QdiscMsg | FilterMsg | ChainMsg:
-    ifindex: int = m["index"]
-    parent: int = m["parent"]
-    if mtype in _QDISC_TYPES:
-        return QdiscMsg(type=mtype, seq=seq, ifindex=ifindex, parent=parent, handle=m["handle"],
-                        kind=m.get_attr("TCA_KIND"), portid=pid)
-    chain: int = m.get_attr("TCA_CHAIN", 0)
-    if mtype in _CHAIN_TYPES:
-        return ChainMsg(type=mtype, seq=seq, ifindex=ifindex, parent=parent, chain=chain, portid=pid)
-    info: int = m["info"]
-    kind: str | None = m.get_attr("TCA_KIND")
-    bpf: dict[str, Any] = {}
-    if kind == "bpf":
-        opts = m.get_attr("TCA_OPTIONS")
-        if opts is not None:
-            bpf = {
-                "bpf_name": opts.get_attr("TCA_BPF_NAME"),
-                "bpf_id": opts.get_attr("TCA_BPF_ID"),
-                "bpf_tag": opts.get_attr("TCA_BPF_TAG"),
-                "bpf_flags": opts.get_attr("TCA_BPF_FLAGS"),
-                "gen_flags": opts.get_attr("TCA_BPF_FLAGS_GEN"),
-            }
-    return FilterMsg(type=mtype, seq=seq, ifindex=ifindex, parent=parent, priority=info >> 16,
-                     protocol=socket.ntohs(info & 0xFFFF), handle=m["handle"], kind=kind, chain=chain,
-                     portid=pid, **bpf)
-
-
 def decode_message(data: bytes | bytearray | memoryview, off: int, length: int, mtype: int, flags: int,
                    seq: int, pid: int) -> Message:
     """Decode the one message at `off` of a receive buffer, given its header as `iter_headers` yields it.
@@ -813,11 +773,6 @@ def encode_dump_request(seq: int, msg_type: int, ifindex: int = 0, parent: int =
     raise ValueError(f"not a supported dump type: {msg_type}")
 
 
-def encode_chain_dump(seq: int, ifindex: int, parent: int) -> bytes:
-    """RTM_GETCHAIN dump of the chains of one block (e.g. the ingress hook of a clsact qdisc)."""
-    return encode_dump_request(seq, RTM_GETCHAIN, ifindex, parent)
-
-
 @_memoized
 def encode_link_get(seq: int, ifindex: int = 0, name: str | None = None) -> bytes:
     """RTM_GETLINK of one device by ifindex or by name (no dump): answered by one RTM_NEWLINK, or ENODEV.
@@ -838,3 +793,25 @@ def encode_link_get(seq: int, ifindex: int = 0, name: str | None = None) -> byte
     data = bytes(msg.data)
     _release(msg)
     return data
+
+
+def _compile_message_classes() -> None:
+    """Encode one message of each kind, unmemoized, and throw it away. pyroute2 compiles a message class's
+    attribute table on its first encode (milliseconds); done here, at import (asynctc imports its plugins
+    in a worker thread), the first request of a process does not do it on the trio thread."""
+
+    def raw(encoder: Callable[..., bytes]) -> Callable[..., bytes]:
+        unwrapped: Callable[..., bytes] = encoder.__wrapped__  # type: ignore[attr-defined]
+        return unwrapped
+
+    raw(encode_qdisc_add_clsact)(0, 1)
+    raw(encode_qdisc_del)(0, 1)
+    raw(encode_filter)(0, RTM_NEWTFILTER, NLM_F_REQUEST, 1, INGRESS_PARENT, 1, 1, prog_fd=1, name="warm",
+                       gen_flags=1)
+    raw(encode_filter_get)(0, 1, INGRESS_PARENT, 1, 1, chain=0)
+    raw(encode_dump_request)(0, RTM_GETTFILTER, 1, INGRESS_PARENT)
+    raw(encode_dump_request)(0, RTM_GETLINK)
+    raw(encode_link_get)(0, 1, name="warm")
+
+
+_compile_message_classes()

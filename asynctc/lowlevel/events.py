@@ -7,8 +7,8 @@ It keeps the state it has reported (devices, qdiscs, clsact filters) so that:
   its state equals the kernel's again.
 
 The socket is opened before the baseline dump, so nothing can happen unseen between the two. Reading runs
-on the trio thread (it only copies queued messages); dumps run in the transport's kernel thread
-(lowlevel.netlink).
+on the trio thread (it only copies queued messages); dumps run in the transport's I/O thread
+(lowlevel.transport).
 
 tcx links produce no netlink events of their own: the session learns of severed links from DeviceRemoved
 and confirms each with the link's info (ifindex 0).
@@ -38,8 +38,9 @@ from ..events import (
     Resynced,
 )
 from . import codec
-from .netlink import EventsLost, MulticastSocket, NetlinkTransport, open_multicast_socket, open_transport
+from .multicast import EventsLost, MulticastSocket, open_multicast_socket
 from .netns import NetnsRunner
+from .transport import NetlinkTransport, open_transport
 
 __all__ = [
     "DEFAULT_EVENT_RCVBUF",

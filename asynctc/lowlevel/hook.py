@@ -23,7 +23,7 @@ from . import bpf, codec
 from .netns import NetnsRunner
 
 if TYPE_CHECKING:
-    from .netlink import NetlinkTransport
+    from .transport import NetlinkTransport
 
 __all__ = ["CLSACT_PARENTS", "ProgNameCache", "cls_bpf_entries", "dump_filters", "query_hook", "tcx_entries"]
 
@@ -62,10 +62,6 @@ class ProgNameCache:
                 self._map.clear()
             self._map[prog_id] = value
         return value
-
-    def remember(self, prog_id: int, name: str, tag: str) -> None:
-        with self._lock:
-            self._map[prog_id] = (name, tag)
 
 
 def tcx_entries(

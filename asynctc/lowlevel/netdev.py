@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING
 from .._errors import DeviceNotFound, TCError
 
 if TYPE_CHECKING:
-    from .netlink import NetlinkTransport
+    from .transport import NetlinkTransport
 
-__all__ = ["IFINDEX_MAX", "check_dev", "resolve_device", "resolve_device_nl"]
+__all__ = ["IFINDEX_MAX", "IFNAMSIZ", "check_dev", "resolve_device", "resolve_device_nl"]
+
+IFNAMSIZ = 16  # linux/if.h: device names hold at most 15 characters and a NUL
 
 
 def _where(netns: str | None) -> str:
@@ -39,8 +41,8 @@ def check_dev(dev: object) -> str | int:
             raise ValueError(f"dev: an ifindex must be in 1..{IFINDEX_MAX}, got {dev}")
         if dev == 0:
             raise DeviceNotFound("ifindex must be positive, got 0 (no device has ifindex 0)", errno=_errno.ENODEV)
-    elif not dev or len(dev) >= 16 or "/" in dev or "\0" in dev:
-        raise DeviceNotFound(f"{dev!r} is not a valid device name (1-15 characters)", errno=_errno.ENODEV)
+    elif not dev or len(dev) >= IFNAMSIZ or "/" in dev or "\0" in dev:
+        raise DeviceNotFound(f"{dev!r} is not a valid device name (1-{IFNAMSIZ - 1} characters)", errno=_errno.ENODEV)
     return dev
 
 

@@ -3,7 +3,7 @@
 Every blocking kernel call of asynctc (bpf(2), close() of a link fd, creating a netlink socket) goes through
 a `NetnsRunner`: the call runs in a trio worker thread, bounded by the runner's CapacityLimiter, and, when
 the runner has a namespace, the thread enters that namespace for the call and leaves it afterwards. (Netlink
-requests and dumps go through the transport's own kernel thread instead, `asynctc.lowlevel.netlink`: its
+requests and dumps go through the transport's own I/O thread instead, `asynctc.lowlevel.transport`: its
 sockets are bound to the namespace already.)
 
 Why threads enter namespaces: BPF_LINK_CREATE and BPF_PROG_QUERY resolve `target_ifindex` in the calling
@@ -15,10 +15,12 @@ namespace fails, the process is ended (os.abort) rather than letting later work 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno as _errno
 import fcntl
+import functools
 import os
 import sys
 import threading
@@ -178,10 +180,6 @@ class NetnsRunner:
             raise TCError(f"netns={self.netns!r}: {path} is {what}; give a name under {NETNS_RUN_DIR} or the "
                           "path of a network namespace file (such as /proc/PID/ns/net)", errno=_errno.EINVAL)
 
-    @property
-    def in_other_netns(self) -> bool:
-        return self._ns_fd is not None
-
     def call_in_netns(self, fn: Callable[..., T], *args: object) -> T:
         """Run `fn(*args)` in the namespace on the CURRENT thread, synchronously (for worker threads)."""
         if self._ns_fd is None:
@@ -280,6 +278,16 @@ class NetnsNameWatch:
                 pass
 
     def close(self) -> None:
+        """Stop watching (idempotent), without waiting: closing an inotify fd waits for an SRCU grace period
+        in the kernel (up to ~15 ms measured), so the fd is closed in one of trio's cached worker threads
+        (`trio.lowlevel.start_thread_soon`, which does not wait for the thread) and the caller, the trio
+        thread, goes on at once."""
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
-            os.close(fd)
+            with contextlib.suppress(RuntimeError):  # outside trio.run nobody can be waiting on it
+                trio.lowlevel.notify_closing(fd)
+            trio.lowlevel.start_thread_soon(functools.partial(os.close, fd), _ignore_outcome)
+
+
+def _ignore_outcome(result: object) -> None:
+    """What a background close of an inotify fd reports: nothing to do (closing it cannot fail usefully)."""

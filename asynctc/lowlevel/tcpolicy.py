@@ -29,13 +29,10 @@ from __future__ import annotations
 import errno as _errno
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal
+from typing import Final, Literal
 
 from .._errors import AnchorNotFound, HookFull
-from .._types import Direction
-
-if TYPE_CHECKING:
-    from ..backend import Placement
+from .._types import Direction, Placement
 
 __all__ = [
     "AUTO_PRIORITY_ATTEMPTS",
@@ -49,6 +46,7 @@ __all__ = [
     "between",
     "choose_priority",
     "filter_slot_options",
+    "format_session_tag",
     "format_tag",
     "parse_session_tag",
     "parse_tag",
@@ -180,7 +178,14 @@ class FilterTag:
     @property
     def session_tag(self) -> str:
         """"owner:pid.start.serial", as `BackendContext.session_tag` spells it."""
-        return f"{self.owner}:{self.pid}.{self.start}.{self.serial}"
+        return format_session_tag(self.owner, self.pid, self.start, self.serial)
+
+
+def format_session_tag(owner: str, pid: int, start: str, serial: int) -> str:
+    """The session tag "owner:pid.start.serial" (`BackendContext.session_tag`): the session's owner, its
+    process id and that process's start time (`process_start_time`; "0" when unknown), and the session's
+    serial in the process. `parse_session_tag` reads it back; nothing else spells or splits it."""
+    return f"{owner}:{pid}.{start or '0'}.{serial}"
 
 
 def format_tag(session_tag: str, prog_name: str, *, pinned: bool = False) -> str:
@@ -218,6 +223,9 @@ def parse_session_tag(tag: str) -> tuple[str, int, str, int] | None:
     return owner, int(parts[0]), parts[1], int(parts[2])
 
 
+_STARTTIME: Final = 22 - 3  # field 22 of /proc/PID/stat, indexed among the fields after "pid (comm)"
+
+
 def process_start_time(pid: int) -> str | None:
     """The start time of process `pid` in clock ticks since boot (field 22 of /proc/PID/stat): with the
     pid it names a process uniquely, even after the pid is reused. None if there is no such process; ""
@@ -227,8 +235,8 @@ def process_start_time(pid: int) -> str | None:
             stat = f.read()
     except OSError:
         return None
-    fields = stat.rsplit(")", 1)[-1].split()
-    return fields[19] if len(fields) > 19 else ""
+    fields = stat.rsplit(")", 1)[-1].split()  # from field 3 on: "pid (comm)" may hold spaces
+    return fields[_STARTTIME] if len(fields) > _STARTTIME else ""
 
 
 def process_alive(pid: int, start: str) -> bool:

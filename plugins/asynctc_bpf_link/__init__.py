@@ -42,7 +42,7 @@ from asynctc import (
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource, Updated
 from asynctc.lowlevel import bpf, pins
 from asynctc.lowlevel import hook as hooklib
-from asynctc.lowlevel import netlink as nllib
+from asynctc.lowlevel import transport as nllib
 from asynctc.lowlevel.netdev import resolve_device_nl
 from asynctc.lowlevel.tcpolicy import parse_session_tag
 

@@ -84,7 +84,6 @@ from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel.devlock import DeviceLocks
 from asynctc.lowlevel.locks import held
 from asynctc.lowlevel.netdev import resolve_device, resolve_device_nl
-from asynctc.lowlevel.netlink import NetlinkTransport, open_transport, start_transport
 from asynctc.lowlevel.netns import current_netns_inode
 from asynctc.lowlevel.tcpolicy import (
     AUTO_PRIORITY_ATTEMPTS,
@@ -95,6 +94,7 @@ from asynctc.lowlevel.tcpolicy import (
     place_filter,
     process_alive,
 )
+from asynctc.lowlevel.transport import NetlinkTransport, open_transport, start_transport
 
 from ._policy import RECORD_SIZE, PinRecord
 
@@ -240,7 +240,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
         return Probe(True, f"rtnetlink with CAP_NET_ADMIN: clsact + cls_bpf filters{note}")
 
     async def open(self) -> None:
-        """Open the rtnetlink transport (its kernel thread starts with the first request)."""
+        """Open the rtnetlink transport (its I/O thread starts with the first request)."""
         if self._nl is None:
             ino = self.ctx.runner.ns_inode or os.stat("/proc/self/ns/net").st_ino
             try:

@@ -24,8 +24,8 @@ from _children import CHILD_TIMEOUT, stop
 import asynctc
 from asynctc import After, Before, Direction, First, Last, programs
 from asynctc.lowlevel import bpf, codec
-from asynctc.lowlevel.netlink import NetlinkTransport, open_transport
 from asynctc.lowlevel.netns import NetnsRunner
+from asynctc.lowlevel.transport import NetlinkTransport, open_transport
 from asynctc.testing import VethPair, ip, run_without_capabilities, send_frames, tc
 
 pytestmark = pytest.mark.kernel

@@ -25,15 +25,10 @@ from _children import CHILD_TIMEOUT
 from asynctc._errors import AlreadyAttached, DeviceNotFound, OffloadError, Severed, TCError
 from asynctc.lowlevel import bpf
 from asynctc.lowlevel import codec as c
+from asynctc.lowlevel.multicast import EventsLost, MulticastSocket, open_multicast_socket
 from asynctc.lowlevel.netdev import resolve_device, resolve_device_nl
-from asynctc.lowlevel.netlink import (
-    EventsLost,
-    MulticastSocket,
-    NetlinkTransport,
-    open_multicast_socket,
-    open_transport,
-)
 from asynctc.lowlevel.netns import NetnsRunner
+from asynctc.lowlevel.transport import NetlinkTransport, open_transport
 
 pytestmark = [
     pytest.mark.kernel,
@@ -241,7 +236,7 @@ async def test_cancelled_requests_leave_the_transport_consistent(nl: NetlinkTran
     ifx = nl_netns.veth0
     await nl.request(lambda seq: c.encode_qdisc_add_clsact(seq, ifx), op="qdisc_add")
 
-    # Cancel deterministically while the kernel thread is sending: the caller sees Cancelled, the request
+    # Cancel deterministically while the I/O thread is sending: the caller sees Cancelled, the request
     # still takes effect in the kernel, and the ACK that arrives for the abandoned seq is dropped.
     real_send = nl._send
     scope = trio.CancelScope()
@@ -283,7 +278,7 @@ async def test_cancelled_requests_leave_the_transport_consistent(nl: NetlinkTran
 
 async def test_a_request_cancelled_before_it_was_sent_is_never_sent(nl: NetlinkTransport, nl_netns: NlNetns,
                                                                      prog: int) -> None:
-    """Requests wait in the kernel thread's queue while it is busy; one whose caller gave up before the
+    """Requests wait in the I/O thread's queue while it is busy; one whose caller gave up before the
     thread took it is withdrawn: the kernel never sees it. The requests queued around it are sent in
     their order."""
     ifx = nl_netns.veth0
@@ -296,7 +291,7 @@ async def test_a_request_cancelled_before_it_was_sent_is_never_sent(nl: NetlinkT
         sent.append(data)
         if len(sent) == 1:
             entered.set()
-            release.wait(10)  # the kernel thread is busy with the first request
+            release.wait(10)  # the I/O thread is busy with the first request
         real_send(data)
 
     nl._send = held_send  # type: ignore[method-assign]
@@ -567,7 +562,7 @@ async def test_devices_resolve_over_the_transport(nl: NetlinkTransport, nl_netns
 
 
 async def test_transports_that_end_leave_no_fd_behind(runner: NetnsRunner, nl_netns: NlNetns) -> None:
-    """Each transport's kernel thread enters the namespace once (to create its dump socket), which caches
+    """Each transport's I/O thread enters the namespace once (to create its dump socket), which caches
     an fd on its home namespace: it is closed when the thread ends, as are the transport's sockets."""
 
     async def use_once() -> None:

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from asynctc.lowlevel.locks import held
-from asynctc.lowlevel.netlink import NonblockingReceiver
+from asynctc.lowlevel.nlsock import NonblockingReceiver
 
 
 async def test_held_takes_a_free_lock_without_yielding() -> None:

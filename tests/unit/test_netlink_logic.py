@@ -1,5 +1,6 @@
-"""Logic of asynctc.lowlevel.netlink that the kernel cannot be made to show on demand: dump retries on
-NLM_F_DUMP_INTR, dump errors, and the order of events around an ENOBUFS. Fake sockets; no privileges."""
+"""Logic of the rtnetlink transport and multicast socket (asynctc.lowlevel.transport, .multicast) that the
+kernel cannot be made to show on demand: dump retries on NLM_F_DUMP_INTR, dump errors, and the order of
+events around an ENOBUFS. Fake sockets; no privileges."""
 
 from __future__ import annotations
 
@@ -14,13 +15,10 @@ import trio
 
 from asynctc._errors import DeviceNotFound, TCError
 from asynctc.lowlevel import codec as c
-from asynctc.lowlevel.netlink import (
-    EventsLost,
-    MulticastSocket,
-    NetlinkTransport,
-    open_netlink_socket,
-)
+from asynctc.lowlevel.multicast import EventsLost, MulticastSocket
 from asynctc.lowlevel.netns import NetnsRunner
+from asynctc.lowlevel.nlsock import open_netlink_socket
+from asynctc.lowlevel.transport import NetlinkTransport
 
 
 def filter_msg(seq: int, prio: int, flags: int = c.NLM_F_MULTI) -> bytes:
@@ -64,7 +62,7 @@ async def transport() -> AsyncIterator[NetlinkTransport]:
     try:
         yield t
     finally:
-        await t.aclose()  # ends the kernel thread the dumps started, and closes the socket
+        await t.aclose()  # ends the I/O thread the dumps started, and closes the socket
         assert sock.fileno() == -1
 
 
@@ -217,7 +215,7 @@ async def test_batches_are_split_to_fit_the_send_buffer() -> None:
         await t.aclose()
 
 
-async def test_a_kernel_thread_that_could_not_start_is_started_by_the_next_request(
+async def test_an_io_thread_that_could_not_start_is_started_by_the_next_request(
     transport: NetlinkTransport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_start = threading.Thread.start
@@ -234,6 +232,39 @@ async def test_a_kernel_thread_that_could_not_start_is_started_by_the_next_reque
     with trio.fail_after(5):
         assert await transport.request(link_get_lo, op="link_get")
     assert transport.in_flight == 0
+
+
+async def test_a_transport_closed_while_its_io_thread_starts_ends_that_thread(
+    transport: NetlinkTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The I/O thread is started from a worker thread; a close that comes meanwhile fails the request and
+    the thread, once started, is stopped (it would otherwise wait for jobs forever)."""
+    real_start = threading.Thread.start
+    starting, release = threading.Event(), threading.Event()
+    started: list[threading.Thread] = []
+
+    def start_slowly(self: threading.Thread) -> None:
+        if self.name.startswith("asynctc-netlink"):
+            starting.set()
+            release.wait(10)
+            started.append(self)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start_slowly)
+
+    async def request() -> None:
+        with pytest.raises(trio.ClosedResourceError):
+            await transport.request(link_get_lo, op="link_get")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request)
+            assert await trio.to_thread.run_sync(starting.wait, 10)
+            await transport.aclose()
+            release.set()
+        assert len(started) == 1
+        await trio.to_thread.run_sync(started[0].join, 10)
+    assert not started[0].is_alive()
 
 
 def test_a_transport_is_used_in_the_trio_run_that_first_used_it() -> None:

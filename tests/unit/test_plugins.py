@@ -3,10 +3,12 @@ third-party backend package discovered through its entry point."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import textwrap
-from collections.abc import Mapping
+import threading
+from collections.abc import Generator, Mapping
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,15 @@ from _children import run as run_child
 
 import asynctc
 from asynctc import events
-from asynctc._plugins import BackendRegistry, PluginError, make_plugin_manager
+from asynctc._plugins import (
+    BackendRegistry,
+    PluginError,
+    PluginLoadWarning,
+    collect_backends,
+    load_plugins,
+    make_plugin_manager,
+    notify,
+)
 from asynctc.hookspecs import BackendRequest
 from asynctc_mock import MockBackend, MockKernel
 
@@ -93,10 +103,71 @@ async def test_a_selection_plugin_overrides_the_default() -> None:
     assert asked and asked[0].purpose == "session" and asked[0].requested == "auto"
 
 
+class _Recorder:
+    """Hook implementations of every kind pluggy offers, each appending what it saw to `calls`."""
+
+    def __init__(self, calls: list[str], tag: str) -> None:
+        self.calls, self.tag = calls, tag
+
+
+def _plain(calls: list[str], tag: str, *, tryfirst: bool = False, trylast: bool = False) -> object:
+    class Plain(_Recorder):
+        @asynctc.hookimpl(tryfirst=tryfirst, trylast=trylast)
+        def asynctc_attachment_event(self, event: events.AttachmentEvent) -> None:
+            self.calls.append(self.tag)
+
+    return Plain(calls, tag)
+
+
+class _Wrapper(_Recorder):
+    @asynctc.hookimpl(wrapper=True)
+    def asynctc_attachment_event(self, event: events.AttachmentEvent) -> Generator[None, None, None]:
+        self.calls.append(f"{self.tag}-before")
+        try:
+            yield
+        except Exception as exc:
+            self.calls.append(f"{self.tag}-saw {exc}")
+            raise
+        self.calls.append(f"{self.tag}-after")
+
+
+class _OldStyleWrapper(_Recorder):
+    @asynctc.hookimpl(hookwrapper=True)
+    def asynctc_attachment_event(self, event: events.AttachmentEvent) -> Generator[None, object, None]:
+        self.calls.append(f"{self.tag}-before")
+        yield
+        self.calls.append(f"{self.tag}-after")
+
+
+async def test_observer_hooks_run_in_pluggys_documented_order() -> None:
+    """Wrappers around everything, tryfirst before the rest, the rest in LIFO registration order, trylast
+    at the end: asynctc calls the hook through pluggy, not its implementations one by one."""
+    calls: list[str] = []
+    plugins = [
+        _plain(calls, "A"), _plain(calls, "B"), _plain(calls, "T-tryfirst", tryfirst=True),
+        _Wrapper(calls, "W"),
+    ]
+    kernel = MockKernel()
+    async with asynctc.open_session("mock", kernel=kernel, plugins=plugins) as s:
+        await s.attach("eth0", "ingress", kernel.program())
+    assert calls[:5] == ["W-before", "T-tryfirst", "B", "A", "W-after"]
+
+    calls.clear()
+    pm = make_plugin_manager(entry_points=False, plugins=[
+        _plain(calls, "L-trylast", trylast=True), _plain(calls, "A"), _Wrapper(calls, "W"),
+        _OldStyleWrapper(calls, "H"), _plain(calls, "B"),
+    ])
+    notify(pm, object())
+    assert calls == ["H-before", "W-before", "B", "A", "L-trylast", "W-after", "H-after"]
+
+
 async def test_attachment_events_reach_observers_and_a_failing_observer_is_harmless(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """A failing observer ends that hook call as pluggy documents (wrappers see its exception, the
+    implementations after it miss that event); the exception is logged and the lifecycle goes on."""
     seen: list[tuple[str, int, str | None]] = []
+    wrapped: list[str] = []
 
     class Observer:
         @asynctc.hookimpl
@@ -110,19 +181,98 @@ async def test_attachment_events_reach_observers_and_a_failing_observer_is_harml
 
     kernel = MockKernel()
     p1, p2, p3 = kernel.program("pass"), kernel.program("pass"), kernel.program("pass")
-    async with asynctc.open_session("mock", kernel=kernel, plugins=[Observer(), Broken()]) as s:
-        a = await s.attach("eth0", "ingress", p1)
-        await a.update(p2)
-        await a.detach()
-        b = await s.attach("veth0", "egress", p3)
-        await trio.to_thread.run_sync(kernel.remove_device, "veth0")
-        with trio.fail_after(10):
-            await b.wait_severed()
+    # Registered last, Observer is called first (LIFO); Broken then raises in every call.
+    plugins = [Broken(), Observer(), _Wrapper(wrapped, "W")]
+    with caplog.at_level(logging.ERROR, logger="asynctc"):
+        async with asynctc.open_session("mock", kernel=kernel, plugins=plugins) as s:
+            a = await s.attach("eth0", "ingress", p1)
+            await a.update(p2)
+            await a.detach()
+            b = await s.attach("veth0", "egress", p3)
+            await trio.to_thread.run_sync(kernel.remove_device, "veth0")
+            with trio.fail_after(10):
+                await b.wait_severed()
+            assert a.state is asynctc.State.DETACHED
     assert seen == [
         ("attach", p1.id, None), ("update", p2.id, "link_update"), ("detach", p2.id, None),
         ("attach", p3.id, None), ("sever", p3.id, None),
     ]
-    assert "observer bug" in caplog.text
+    assert wrapped == ["W-before", "W-saw observer bug"] * 5
+    assert caplog.text.count("observer bug") >= 5
+    assert "asynctc_attachment_event implementation raised" in caplog.text
+
+
+def _install_distribution(root: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
+    """Install a distribution the way pip leaves one in site-packages: its modules and a .dist-info with
+    METADATA and entry_points.txt (importlib.metadata finds it on sys.path)."""
+    info = root / f"{dist.replace('-', '_')}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    lines = "".join(f"{name} = {value}\n" for name, value in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[asynctc]\n{lines}")
+    for name, source in modules.items():
+        (root / f"{name}.py").write_text(textwrap.dedent(source))
+
+
+async def test_a_broken_or_async_entry_point_plugin_is_reported_and_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _install_distribution(
+        tmp_path, "asynctc-broken-plugins",
+        {"fails_to_import": "asynctc_test_fails_to_import", "async_hook": "asynctc_test_async_hook"},
+        {
+            "asynctc_test_fails_to_import": "raise ImportError('needs libfoo, which is not installed')\n",
+            "asynctc_test_async_hook": """
+                import asynctc
+
+                @asynctc.hookimpl
+                async def asynctc_attachment_event(event):
+                    pass
+            """,
+        },
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.warns(PluginLoadWarning) as record:
+        pm = make_plugin_manager()
+    messages = sorted(str(w.message) for w in record)
+    assert len(messages) == 2, messages
+    assert "'async_hook'" in messages[0] and "'asynctc-broken-plugins'" in messages[0]
+    assert "async def" in messages[0] and "is malformed" in messages[0]
+    assert "'fails_to_import'" in messages[1] and "'asynctc-broken-plugins'" in messages[1]
+    assert "needs libfoo" in messages[1] and "could not be imported" in messages[1]
+    assert pm.get_plugin("async_hook") is None and pm.get_plugin("fails_to_import") is None
+    assert {"mock", "netlink", "bpf_link"} <= set(collect_backends(pm).names())
+
+    # Sessions still open: the broken distribution is reported again and left out again.
+    class Noop:
+        @asynctc.hookimpl
+        def asynctc_attachment_event(self, event: events.AttachmentEvent) -> None:
+            pass
+
+    with pytest.warns(PluginLoadWarning, match="asynctc-broken-plugins"):
+        async with asynctc.open_session("mock", plugins=[Noop()]) as s:
+            assert s.backend_name == "mock"
+
+
+async def test_plugins_are_imported_in_a_worker_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importing plugins (and their dependencies) takes tens of milliseconds: never on the trio thread."""
+    _install_distribution(
+        tmp_path, "asynctc-thread-probe", {"thread_probe": "asynctc_test_thread_probe"},
+        {"asynctc_test_thread_probe": "import threading\nIMPORTED_IN = threading.get_ident()\n"},
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "asynctc_test_thread_probe", raising=False)
+
+    class Noop:
+        @asynctc.hookimpl
+        def asynctc_attachment_event(self, event: events.AttachmentEvent) -> None:
+            pass
+
+    pm, registry = await load_plugins([Noop()])
+    assert pm.get_plugin("thread_probe") is not None and "mock" in registry
+    assert threading.get_ident() != sys.modules["asynctc_test_thread_probe"].IMPORTED_IN
+    default, default_registry = await load_plugins()
+    assert (default, default_registry) == await load_plugins()  # built once per process
 
 
 @pytest.mark.timeout(120)  # a pip install, then a fresh interpreter: two children of up to 50 and 30 s

@@ -8,7 +8,7 @@ import pytest
 
 import asynctc
 from asynctc import Direction
-from asynctc.backend import Placement
+from asynctc._types import Placement
 from asynctc.lowlevel.tcpolicy import (
     PRIO_BASE,
     PRIO_END,
@@ -133,9 +133,11 @@ def test_place_filter_anchors_to_cls_bpf_filters_only() -> None:
 
 
 def test_session_tags_parse_and_reject() -> None:
-    from asynctc.lowlevel.tcpolicy import parse_session_tag
+    from asynctc.lowlevel.tcpolicy import format_session_tag, parse_session_tag
 
     assert parse_session_tag("app:123.456.7") == ("app", 123, "456", 7)
+    assert format_session_tag("app", 123, "456", 7) == "app:123.456.7"
+    assert parse_session_tag(format_session_tag("app", 5, "", 2)) == ("app", 5, "0", 2)
     for bad in ("app", "app:1.2", "app:1.2.x", ":1.2.3", "a b:1.2.3", "a/b:1.2.3", "app:1.2.3:x"):
         assert parse_session_tag(bad) is None, bad
 
