@@ -32,12 +32,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import trio
 
 import asynctc
-from asynctc import After, Before, Direction, First, Last, Program, State
+from asynctc import After, Before, Direction, First, Last, Program, State, programs
 from asynctc.events import (
     AttachmentSevered,
     DeviceAdded,
@@ -101,7 +101,7 @@ async def check_backend(
     backend: str | SessionFactory,
     *,
     dev: str,
-    program: ProgramFactory,
+    program: ProgramFactory | None = None,
     netns: str | None = None,
     kernel: Any = None,
     direction: Direction | str = Direction.INGRESS,
@@ -120,6 +120,8 @@ async def check_backend(
             session of the backend under test each time (then leave netns, kernel and plugins out).
         dev: a device of the session's namespace whose `direction` hook is empty and may be used freely.
         program: makes a fresh program for a verdict ("pass", "drop", "next"); each call a new program.
+            Default: the `program` method of the session's in-memory kernel where it has one (the mock's,
+            the dummy backend's), else `asynctc.programs.constant` (real BPF programs: needs CAP_BPF).
         netns, kernel, plugins: passed to `asynctc.open_session` when `backend` is a name.
         direction: the hook to use.
         pin_dir: a directory where the pin check may pin (on bpffs for backends of the real kernel). Without
@@ -157,6 +159,9 @@ async def check_backend(
     if not sever_timeout > 0:
         raise ValueError(f"check_backend: sever_timeout must be > 0 seconds, got {sever_timeout!r}")
 
+    if program is None:
+        async with session() as s:
+            program = _default_program(s)
     check = _Checks(session, name, dev, d, program, attach_options)
     await check.basics()
     await check.reaping()
@@ -172,6 +177,26 @@ async def check_backend(
     else:
         await check.severing(remove_device, events, sever_timeout)
     return CheckReport(check.name, tuple(check.passed), dict(check.skipped), check.kernel_events)
+
+
+def _default_program(session: asynctc.Session) -> ProgramFactory:
+    """The session's in-memory kernel's `program` method, else real programs (asynctc.programs)."""
+    make = getattr(session.kernel, "program", None)
+    if callable(make):
+        def simulated(verdict: str) -> Program:
+            prog = make(verdict)
+            if not isinstance(prog, Program):
+                raise TypeError(f"check_backend: {session.kernel!r}.program() returned {prog!r}, not a Program; "
+                                "pass program= explicitly")
+            return prog
+
+        return simulated
+
+    def real(verdict: str) -> Program:
+        programs.verdict_value(verdict)  # ValueError naming the verdicts
+        return programs.constant(cast(programs.Verdict, verdict))
+
+    return real
 
 
 class _Checks:

@@ -49,6 +49,10 @@ class DummyProgram(Program):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def fd(self) -> int:
+        raise asynctc.ProgramError(f"{self} exists only in a DummyNet (it has no fd): use the dummy backend")
+
     def close(self) -> None:
         self._closed = True
 

@@ -182,6 +182,24 @@ async def test_each_check_catches_its_fault(cls: type[DummyBackend], kwargs: dic
         await _check(cls, **kwargs)
 
 
+async def test_default_programs() -> None:
+    """Without program=, the programs come from the session's in-memory kernel."""
+    net = DummyNet()
+    report = await run_check(lambda: asynctc.open_session("dummy", kernel=net, plugins=[DummyPlugin()]),
+                             dev="dummy1")
+    assert "placement" in report.passed
+    kernel = MockKernel()
+    report = await run_check("mock", kernel=kernel, dev="eth0", direction="egress")
+    assert "session close" in report.passed
+
+
+@pytest.mark.kernel
+async def test_default_programs_on_the_kernel(netns: str) -> None:
+    """Without program= on the real kernel: asynctc.programs.constant."""
+    report = await run_check("bpf_link", netns=netns, dev="lo")
+    assert report.backend == "bpf_link" and "update" in report.passed
+
+
 async def test_bad_arguments() -> None:
     net = DummyNet()
 

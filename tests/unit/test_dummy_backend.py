@@ -82,3 +82,15 @@ async def test_a_session_without_kernel_gets_a_fresh_network() -> None:
     with pytest.raises(ValueError, match="kernel= is for in-memory kernel backends"):
         async with asynctc.open_session("bpf_link", kernel=DummyNet()):
             pass
+
+
+def test_dummy_programs() -> None:
+    net = DummyNet()
+    p = net.program("drop")
+    assert (p.name, p.type_name, p.closed, p.simulated) == ("dummy_drop", "SCHED_CLS", False, True)
+    assert net.program().id != p.id
+    with pytest.raises(asynctc.ProgramError, match="exists only in a DummyNet"):
+        _ = p.fd
+    p.close()
+    with pytest.raises(asynctc.ProgramError, match="closed"):
+        p.check_usable()
