@@ -138,7 +138,8 @@ async def check_backend(
         A `CheckReport`: the checks that passed, those skipped and why, whether kernel events came.
 
     Raises:
-        AssertionError naming the failed check; TypeError for netns/kernel/plugins given with a factory.
+        AssertionError naming the failed check; TypeError or ValueError for a bad argument (netns, kernel
+        or plugins given with a factory...), before anything is attached.
     """
     d = Direction.coerce(direction)
     if isinstance(backend, str):
@@ -156,7 +157,13 @@ async def check_backend(
         raise TypeError(f"check_backend: backend must be a backend name or a session factory, got {backend!r}")
     if pin_dir is not None and (not isinstance(pin_dir, str) or not pin_dir.startswith("/")):
         raise ValueError(f"check_backend: pin_dir must be an absolute directory path, got {pin_dir!r}")
-    if not sever_timeout > 0:
+    if remove_device is not None and not callable(remove_device):
+        raise TypeError(f"check_backend: remove_device must be an async callable taking a device name, got "
+                        f"{remove_device!r}")
+    if events is not None and not isinstance(events, bool):
+        raise TypeError(f"check_backend: events must be True, False or None, got {events!r}")
+    if (not isinstance(sever_timeout, int | float) or isinstance(sever_timeout, bool)
+            or not sever_timeout > 0):
         raise ValueError(f"check_backend: sever_timeout must be > 0 seconds, got {sever_timeout!r}")
 
     if program is None:
@@ -169,8 +176,6 @@ async def check_backend(
         check.skipped["pin/adopt"] = "no pin_dir given"
     else:
         await check.pin_adopt(pin_dir)
-    if events is not None and not isinstance(events, bool):
-        raise TypeError(f"check_backend: events must be True, False or None, got {events!r}")
     if remove_device is None:
         check.skipped["severing"] = "no remove_device given"
         check.skipped["events"] = "no remove_device given: nothing provokes a kernel event"

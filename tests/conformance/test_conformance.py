@@ -214,4 +214,8 @@ async def test_bad_arguments() -> None:
         await run_check(factory(), dev="dummy0", program=net.program, pin_dir="pins")
     with pytest.raises(TypeError, match="events must be True, False or None"):
         await run_check(factory(), dev="dummy0", program=net.program, events="yes")  # type: ignore[arg-type]
-    assert net.hooks == {} or all(not links for links in net.hooks.values())  # nothing was attached
+    with pytest.raises(TypeError, match="remove_device must be an async callable"):
+        await run_check(factory(), dev="dummy0", program=net.program, remove_device="dummy0")
+    with pytest.raises(ValueError, match="sever_timeout must be > 0 seconds"):
+        await run_check(factory(), dev="dummy0", program=net.program, sever_timeout=0)
+    assert net.hooks == {}  # refused before anything was attached
