@@ -164,7 +164,11 @@ class Lifecycle:
                 return
             if rec.info.pinned is not None:
                 raise PinError(f"{rec.public!r} is already pinned at {rec.info.pinned}; unpin() it first")
-            claim = self.claim(path)
+            try:
+                claim = self.claim(path)
+            except NotOwned as exc:
+                raise PinError(f"cannot pin {rec.public!r} at {path!r}: the path is taken ({exc.message})",
+                               errno=_errno.EEXIST) from None
             try:
                 with trio.CancelScope(shield=True):
                     await rec.backend.pin(rec.handle, path)

@@ -453,11 +453,15 @@ async def open_session(
     if kernel is not None:
         if backend == "auto":
             backend = "mock"
-        if classes.get(backend).kernel_kind != "mock":
+        cls = classes.get(backend)
+        if cls.kernel_kind != "mock":
             raise ValueError(
                 f"kernel= is for in-memory kernel backends such as 'mock'; backend {backend!r} drives the real "
                 "kernel: leave kernel= out"
             )
+        if cls.kernel_type is not None and not isinstance(kernel, cls.kernel_type):
+            raise TypeError(f"the {backend} backend needs a {cls.kernel_type.__module__}.{cls.kernel_type.__name__} "
+                            f"as kernel=, got {kernel!r}")
     kernel = BackendSet.default_kernel(classes, backend, kernel)
     runner = NetnsRunner(netns, trio.CapacityLimiter(max_workers))
 

@@ -139,6 +139,8 @@ class Backend(abc.ABC, Generic[H]):
         has_revisions: whether its hooks have a tcx revision (expected_revision works).
         kernel_kind: "linux" for backends that drive the real kernel, "mock" for in-memory models; a
             session only combines backends of one kind.
+        kernel_type: for in-memory models, the class of the kernel object `open_session(kernel=...)` must
+            be (TypeError otherwise, before anything opens).
 
     The core runs attach, update, detach, pin, unpin, adopt_pinned and reap_orphans shielded from
     cancellation, so a backend's multi-step operation is never interrupted half-way; it must still leave
@@ -152,6 +154,7 @@ class Backend(abc.ABC, Generic[H]):
     can_offload: ClassVar[bool] = False
     has_revisions: ClassVar[bool] = False
     kernel_kind: ClassVar[str] = "linux"
+    kernel_type: ClassVar[type | None] = None
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx

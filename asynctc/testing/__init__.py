@@ -1,6 +1,7 @@
 """Helpers for testing code that uses asynctc, and for testing backends.
 
-- `check_backend(...)`: the conformance suite any Backend implementation can run against itself.
+- `check_backend(...)`: the conformance suite any Backend implementation can run against itself, returning a
+  `CheckReport`; `SessionFactory` is the type of the session factory it accepts.
 - Throwaway network environments: `temp_netns`, `veth_pair`, `bpffs_mount`, `send_frames`.
 - `compile_bpf(source)`: clang a BPF C file into an object for `asynctc.open_object`.
 - A pytest plugin (`-p asynctc.testing.pytest_plugin`) with fixtures `netns`, `veth`, `bpffs`.
@@ -21,4 +22,6 @@ from ._netenv import tc as tc
 from ._netenv import temp_netns as temp_netns
 from ._netenv import unique_name as unique_name
 from ._netenv import veth_pair as veth_pair
+from .conformance import CheckReport as CheckReport
+from .conformance import SessionFactory as SessionFactory
 from .conformance import check_backend as check_backend

@@ -116,6 +116,7 @@ class MockBackend(Backend[MockAttachment]):
 
     name = "mock"
     attach_options: ClassVar[Mapping[str, type]] = {"mode": str, "priority": int, "handle": int}
+    kernel_type: ClassVar[type | None] = MockKernel
     kernel_kind = "mock"
     can_offload = True
     has_revisions = True
@@ -138,7 +139,10 @@ class MockBackend(Backend[MockAttachment]):
 
     @classmethod
     async def probe(cls, ctx: BackendContext) -> Probe:
-        """Always available: the kernel is in memory."""
+        """Available wherever the session's kernel is a MockKernel (or none: a fresh one is made). A
+        session over another in-memory kernel (a third-party backend's) leaves the mock out."""
+        if ctx.kernel is not None and not isinstance(ctx.kernel, MockKernel):
+            return Probe(False, f"the session's kernel is a {type(ctx.kernel).__name__}, not a MockKernel")
         return Probe(True, "in-memory kernel model; no privileges needed")
 
     # -- plumbing -------------------------------------------------------------------------------------
