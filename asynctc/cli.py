@@ -1146,8 +1146,9 @@ def completion_script(shell: str, parser: argparse.ArgumentParser) -> str:
     if shell == "bash":
         return body + "complete -F _asynctc asynctc\n"
     # zsh runs bash completion functions through bashcompinit.
-    return ("#compdef asynctc\nautoload -U +X bashcompinit && bashcompinit\n" + body
-            + "complete -F _asynctc asynctc\n")
+    return ("#compdef asynctc\n"
+            "(( $+functions[compdef] )) || { autoload -U +X compinit && compinit }\n"
+            "autoload -U +X bashcompinit && bashcompinit\n" + body + "complete -F _asynctc asynctc\n")
 
 
 async def _cmd_completion(args: argparse.Namespace, out: TextIO) -> int:

@@ -299,3 +299,12 @@ def test_zsh_completion_uses_bash_completion() -> None:
     script = cli.completion_script("zsh", cli.build_parser())
     assert script.startswith("#compdef asynctc\n")
     assert "bashcompinit" in script and "complete -F _asynctc asynctc" in script
+
+
+def test_every_command_and_option_is_documented() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    for name, options in cli._completion_words(cli.build_parser()).items():
+        assert f"\n### {name}\n" in doc, name
+        for opt in options:
+            if opt != "--help":
+                assert opt in doc, (name, opt)
