@@ -508,8 +508,7 @@ async def _cmd_show(args: argparse.Namespace, out: TextIO) -> int:
         else:
             devices = sorted(await session.runner.run(socket.if_nameindex))
         ns_inode = await _netns_inode(session)
-        pins = _list_pins(pin_directory(_pin_root(args), session.owner, create=False)
-                          if _pin_dir_usable(args) else None)
+        pins = _list_pins(_known_pin_directory(args, session.owner))
         hooks: list[tuple[str, int, str, int | None, list[Row]]] = []
         for ifindex, name in devices:
             for direction in directions:
@@ -534,6 +533,18 @@ async def _cmd_show(args: argparse.Namespace, out: TextIO) -> int:
         for line in _format_hook(name, ifindex, direction, revision, rows, args.stats):
             _say(out, line)
     return 0
+
+
+def _known_pin_directory(args: argparse.Namespace, owner: str) -> str | None:
+    """The default pin directory for `show`, None when there is none to trust (said once on stderr):
+    the hooks are shown all the same, without their pins."""
+    if not _pin_dir_usable(args):
+        return None
+    try:
+        return pin_directory(_pin_root(args), owner, create=False)
+    except asynctc.PinError as exc:
+        _say(sys.stderr, f"asynctc {args.command}: warning: pins not shown: {_one_line(exc.message)}")
+        return None
 
 
 def _pin_dir_usable(args: argparse.Namespace) -> bool:

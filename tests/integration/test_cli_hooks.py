@@ -303,6 +303,15 @@ def test_an_unsafe_pin_directory_is_refused_and_nothing_stays(veth: VethPair, pi
     failed(asynctc_cmd("attach", "veth0", "ingress", prog, "--netns", ns, "--backend", "netlink",
                        pin_dir=pins.root), "is a symbolic link")
     assert tc_filters(ns, "veth0") == []
+    # Hooks are still shown from an untrusted pin directory, without pins, saying why.
+    tc("qdisc", "add", "dev", "veth0", "clsact", netns=ns)
+    tc("filter", "add", "dev", "veth0", "ingress", "prio", "7", "u32", "match", "u32", "0", "0", netns=ns)
+    shown = asynctc_cmd("show", "--netns", ns, "--json", pin_dir=pins.root)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stderr.splitlines() == [
+        f"asynctc show: warning: pins not shown: refusing pin directory {pins.root}: it is a symbolic link "
+        "(remove it, or pass --pin-dir)"]
+    assert {e["kind"] for e in json.loads(shown.stdout)["hooks"][0]["entries"]} == {"u32"}
 
 
 def test_bad_requests_fail_in_one_line(veth: VethPair, pins: Pins) -> None:
