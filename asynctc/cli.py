@@ -430,8 +430,8 @@ def _attach_pins(rows: list[Row], pins: list[str], ns_inode: int, ifindex: int, 
             continue
         ident = name[len(prefix):]
         for r in rows:
-            if (r.link_id is not None and ident == f"link{r.link_id}") or (
-                r.link_id is None and ident == f"prio{r.priority}_handle{r.handle or 0:x}"
+            if (r.kind == "tcx" and r.link_id is not None and ident == f"link{r.link_id}") or (
+                r.kind == "cls_bpf" and ident == f"prio{r.priority}_handle{r.handle or 0:x}"
             ):
                 r.pinned = path
                 if r.kind == "tcx":
@@ -1082,8 +1082,9 @@ async def _cmd_monitor(args: argparse.Namespace, out: TextIO) -> int:
 
     runner = NetnsRunner(args.netns, trio.CapacityLimiter(2))
     try:
-        rcvbuf = None if os.geteuid() != 0 else 8 << 20  # forcing the buffer size needs CAP_NET_ADMIN
-        async with open_netlink_event_source(runner, rcvbuf=rcvbuf) as source:
+        # (without CAP_NET_ADMIN its receive buffer is capped at net.core.rmem_max: a storm may then cost a
+        # resync, which the source recovers from)
+        async with open_netlink_event_source(runner) as source:
             names = dict(source.links)
             _say(sys.stderr, f"watching {where} (rtnetlink link and tc events); Ctrl-C to stop")
             while True:
