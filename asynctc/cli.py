@@ -25,6 +25,7 @@ import dataclasses
 import enum
 import errno as _errno
 import json
+import logging
 import os
 import signal
 import stat
@@ -1230,8 +1231,29 @@ def _quiet_stdout() -> None:
         pass
 
 
+class _OneLineFormatter(logging.Formatter):
+    """The library's warnings, one line each (never a traceback), named after the command."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__()
+        self.command = command
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"asynctc {self.command}: {record.levelname.lower()}: {_one_line(record.getMessage())}"
+
+
+def _log_to_stderr(command: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter(command))
+    log = logging.getLogger("asynctc")
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stderr(args.command)
     out = sys.stdout
     job = {c.name: c.run for c in SUBCOMMANDS}[args.command]
 

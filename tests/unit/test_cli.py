@@ -308,3 +308,11 @@ def test_every_command_and_option_is_documented() -> None:
         for opt in options:
             if opt != "--help":
                 assert opt in doc, (name, opt)
+
+
+def test_library_warnings_are_one_line_each() -> None:
+    code = ("import logging, sys; from asynctc import cli; cli._log_to_stderr('show'); "
+            "log = logging.getLogger('asynctc')\n"
+            "try:\n    raise OSError('boom')\nexcept OSError:\n    log.exception('cleanup failed:\\nsecond line')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stderr == "asynctc show: error: cleanup failed: second line\n"
