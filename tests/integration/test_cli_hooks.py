@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -249,6 +250,8 @@ def test_detach_finds_a_filter_by_its_owner_tag(veth: VethPair, pins: Pins) -> N
     prog = pins.load("cli_tagged")
     live = subprocess.Popen([sys.executable, "-c", ATTACH_AND_STAY.format(ns=ns, prog=prog, die=False)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(120, live.kill)  # a deadline for the blocking reads below
+    watchdog.start()
     try:
         assert live.stdout is not None and live.stdin is not None
         assert live.stdout.readline() == "attached\n"
@@ -264,6 +267,7 @@ def test_detach_finds_a_filter_by_its_owner_tag(veth: VethPair, pins: Pins) -> N
             live.wait()
         if live.stdout is not None:
             live.stdout.close()
+        watchdog.cancel()
     assert tc_filters(ns, "veth0") == []
     orphaned = subprocess.run([sys.executable, "-c", ATTACH_AND_STAY.format(ns=ns, prog=prog, die=True)],
                               capture_output=True, text=True, timeout=60)
