@@ -379,3 +379,17 @@ def test_reap_reports_what_it_removed(veth: VethPair, pins: Pins) -> None:
     reaped = ok(asynctc_cmd("reap", "--netns", ns, "--json"))["reaped"]
     assert [(e["prog_id"], e["kind"], e["priority"]) for e in reaped] == [(pins.id(prog), "cls_bpf", 32768)]
     assert tc_filters(ns, "veth0") == []
+
+
+def test_positions_place_programs_in_run_order(veth: VethPair, pins: Pins) -> None:
+    ns = veth.netns_a
+    a, b, c = pins.load("pos_a"), pins.load("pos_b"), pins.load("pos_c")
+    ok(asynctc_cmd("attach", "veth0", "ingress", a, "--netns", ns, "--backend", "bpf_link", pin_dir=pins.root))
+    ok(asynctc_cmd("attach", "veth0", "ingress", b, "--netns", ns, "--backend", "bpf_link", "--position", "first",
+                   pin_dir=pins.root))
+    ok(asynctc_cmd("attach", "veth0", "ingress", c, "--netns", ns, "--backend", "bpf_link", "--position",
+                   f"after:{pins.id(b)}", pin_dir=pins.root))
+    assert tcx_query(ns, "veth0").prog_ids == (pins.id(b), pins.id(c), pins.id(a))
+    failed(asynctc_cmd("attach", "veth0", "ingress", pins.load("pos_d"), "--netns", ns, "--backend", "bpf_link",
+                       "--position", "before:4000000000", pin_dir=pins.root), "asynctc attach: AnchorNotFound: ")
+    assert tcx_query(ns, "veth0").prog_ids == (pins.id(b), pins.id(c), pins.id(a))
