@@ -34,6 +34,11 @@ __all__ = [
     "BPF_PROG_TYPE_XDP",
     "BPF_TCX_EGRESS",
     "BPF_TCX_INGRESS",
+    "BPF_ENABLE_STATS",
+    "BPF_STATS_RUN_TIME",
+    "ProgRunStats",
+    "enable_stats",
+    "prog_run_stats",
     "BpfError",
     "HookQuery",
     "LinkInfo",
@@ -130,6 +135,10 @@ BPF_LINK_CREATE = 28
 BPF_LINK_UPDATE = 29
 BPF_LINK_GET_FD_BY_ID = 30
 BPF_LINK_DETACH = 34
+BPF_ENABLE_STATS = 32
+
+# BPF_ENABLE_STATS types
+BPF_STATS_RUN_TIME = 0
 
 # program and map types
 BPF_PROG_TYPE_SOCKET_FILTER = 1
@@ -701,3 +710,28 @@ def possible_cpus() -> int:
 
 
 _possible_cpus: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProgRunStats:
+    """A program's run statistics (struct bpf_prog_info run_time_ns@192, run_cnt@200): how often it ran and
+    how long it ran in total. The kernel adds to them only while run-time statistics are enabled (by a held
+    `enable_stats()` fd anywhere on the machine, or the sysctl kernel.bpf_stats_enabled=1)."""
+
+    run_cnt: int
+    run_time_ns: int
+
+
+def enable_stats(stats_type: int = BPF_STATS_RUN_TIME) -> int:
+    """BPF_ENABLE_STATS: switch on the kernel's per-program run statistics; returns an fd that keeps them on
+    until it is closed (or the process ends). Needs CAP_SYS_ADMIN."""
+    attr = _attr()
+    _put(attr, "<I", 0, stats_type)
+    return _sys_bpf(BPF_ENABLE_STATS, attr, "enable_stats")
+
+
+def prog_run_stats(prog_fd: int) -> ProgRunStats:
+    """The run count and total run time of a program (BPF_OBJ_GET_INFO_BY_FD)."""
+    info = _get_info(prog_fd, 216, "prog_info")
+    run_time_ns, run_cnt = struct.unpack_from("<QQ", info, 192)
+    return ProgRunStats(run_cnt=run_cnt, run_time_ns=run_time_ns)
