@@ -39,6 +39,7 @@ __all__ = [
     "link_create_tcx",
     "link_detach",
     "link_get_fd_by_id",
+    "link_ids",
     "link_info",
     "link_update",
     "map_create_array",
@@ -72,6 +73,7 @@ BPF_PROG_QUERY = 16
 BPF_LINK_CREATE = 28
 BPF_LINK_UPDATE = 29
 BPF_LINK_GET_FD_BY_ID = 30
+BPF_LINK_GET_NEXT_ID = 31
 BPF_LINK_DETACH = 34
 
 # program and map types
@@ -360,6 +362,24 @@ def link_get_fd_by_id(link_id: int) -> int:
     attr = _attr()
     _put(attr, "<I", 0, link_id)
     return _sys_bpf(BPF_LINK_GET_FD_BY_ID, attr, "link_get_fd_by_id")
+
+
+def link_ids() -> list[int]:
+    """The ids of every BPF link that exists now, system-wide (BPF_LINK_GET_NEXT_ID, as `bpftool link`
+    lists them): attached, detached or severed links that something (an fd, a pin) still holds."""
+    ids: list[int] = []
+    start = 0
+    while True:
+        attr = _attr()
+        _put(attr, "<I", 0, start)
+        try:
+            _sys_bpf(BPF_LINK_GET_NEXT_ID, attr, "link_get_next_id")
+        except BpfError as exc:
+            if exc.errno == _errno.ENOENT:
+                return ids
+            raise
+        (start,) = struct.unpack_from("<I", attr, 4)
+        ids.append(start)
 
 
 def link_create_tcx(
