@@ -1,4 +1,4 @@
-"""The `asynctc` command: `demo`, `backends`, `monitor`.
+"""The `asynctc` command: `demo`, `backends`, `monitor`, `stress`.
 
 Ctrl-C (SIGINT) and SIGTERM become a cancellation of the running job, which runs in a child task, so its
 shielded cleanup always completes: nothing is left attached and every namespace the demo made is removed.
@@ -235,6 +235,64 @@ async def _monitor(args: argparse.Namespace, out: TextIO) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# stress
+
+
+def _count_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _rate_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value:g}")
+    return value
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
+async def _stress(args: argparse.Namespace, out: TextIO) -> int:
+    import logging
+
+    from asynctc import testing
+
+    if not args.verbose:  # failed cleanups under injected faults are counted in the report instead
+        logging.getLogger("asynctc").addHandler(logging.NullHandler())
+    try:
+        report = await testing.stress(
+            lifecycles=args.lifecycles, devices=args.devices, duration=args.duration, namespaces=args.namespaces,
+            backend=args.backend, cancel_rate=args.cancel_rate, fault_rate=args.fault_rate,
+            delete_rate=args.delete_rate, pin_rate=args.pin_rate, seed=args.seed,
+            progress=sys.stderr if sys.stderr.isatty() else None,
+        )
+    except ValueError as exc:
+        sys.stderr.write(f"asynctc stress: {exc}\n")
+        return 2
+    except asynctc.TCError as exc:
+        sys.stderr.write(f"asynctc stress: {type(exc).__name__}: {exc}\n")
+        return 1
+    _say(out, json.dumps(report.to_json()) if args.json else report.summary())
+    return 1 if report.leaks else 0
+
+
+# ---------------------------------------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -253,13 +311,33 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--netns", default=None, help="watch this network namespace (name or path)")
     m.add_argument("--json", action="store_true", help="one JSON object per line")
     m.add_argument("--backend", default="auto", help="backend whose event source to use")
+    st = sub.add_parser("stress", help="many concurrent lifecycles with cancellations, then a leak audit "
+                                       "(exit 1 if anything leaked)")
+    st.add_argument("--lifecycles", type=_count_arg, default=16, help="concurrent lifecycles (default 16)")
+    st.add_argument("--devices", type=_count_arg, default=4, help="devices they share (default 4)")
+    st.add_argument("--duration", type=_seconds_arg, default=5.0, help="seconds of workload (default 5)")
+    st.add_argument("--namespaces", type=_count_arg, default=1,
+                    help="network namespaces (mock: kernels) the devices are spread over (default 1)")
+    st.add_argument("--backend", default="auto",
+                    help="auto, bpf_link or netlink (real kernel, in namespaces it creates; needs root), or mock")
+    st.add_argument("--cancel-rate", type=_rate_arg, default=0.2,
+                    help="share of lifecycles cancelled at a random instant (default 0.2)")
+    st.add_argument("--fault-rate", type=_rate_arg, default=0.0,
+                    help="chance of an injected kernel fault before each operation (mock only; default 0)")
+    st.add_argument("--delete-rate", type=float, default=1.0,
+                    help="device deletions (re-created at once) per second (default 1)")
+    st.add_argument("--pin-rate", type=_rate_arg, default=0.1,
+                    help="share of lifecycles that pin and unpin their attachment (default 0.1)")
+    st.add_argument("--seed", type=int, default=None, help="repeat a run's random choices")
+    st.add_argument("--json", action="store_true", help="the report as one JSON object")
+    st.add_argument("--verbose", action="store_true", help="also show asynctc's log (failed cleanups...)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = sys.stdout
-    jobs = {"demo": _demo, "backends": _backends, "monitor": _monitor}
+    jobs = {"demo": _demo, "backends": _backends, "monitor": _monitor, "stress": _stress}
     job = jobs[args.command]
 
     async def run() -> int:
