@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -417,30 +418,31 @@ async def failed_cleanup_after_failure(kernel: MockKernel) -> None:
     assert any("cleanup of" in note and "EIO" in note for note in notes)
 
 
-async def run_until_interrupted(job: Callable[[], Awaitable[None]]) -> int:
-    """Run `job` in a child task; SIGINT/SIGTERM cancel it, and its shielded cleanup completes."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def run() -> None:
-                await job()
-                nursery.cancel_scope.cancel()  # done: stop waiting for signals
-
-            nursery.start_soon(run)
-            async for signum in signals:
-                nursery.cancel_scope.cancel()  # Ctrl-C: cancel the job, whose cleanup still runs
-                return 128 + signum
-    return 0
+async def main(kernel: MockKernel) -> None:
+    async with asynctc.open_session("mock", kernel=kernel) as session:
+        await session.attach("eth0", "ingress", kernel.program())
+        os.kill(os.getpid(), signal.SIGTERM)  # as if the service manager stopped us
+        await trio.sleep_forever()
 
 
-async def ctrl_c(kernel: MockKernel) -> None:
-    async def job() -> None:
-        async with asynctc.open_session("mock", kernel=kernel) as session:
-            await session.attach("eth0", "ingress", kernel.program())
-            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C
-            await trio.sleep_forever()
+async def stopped_by_sigterm(kernel: MockKernel) -> None:
+    with pytest.raises(asynctc.Interrupted) as info:
+        await asynctc.run_until_interrupted(main, kernel)
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    assert kernel.hook("eth0", "ingress").entries == ()  # the session detached it on the way out
 
-    assert await run_until_interrupted(job) == 128 + signal.SIGINT
+
+def run_program(main: Callable[..., Awaitable[object]], *args: object) -> None:
+    try:
+        trio.run(asynctc.run_until_interrupted, main, *args)
+    except asynctc.Interrupted as exc:
+        sys.exit(exc.exit_code)
+
+
+def test_run_program_exits_with_the_signal_code(kernel: MockKernel) -> None:
+    with pytest.raises(SystemExit) as info:
+        run_program(main, kernel)
+    assert info.value.code == 128 + signal.SIGTERM
     assert kernel.hook("eth0", "ingress").entries == ()
 
 
@@ -469,7 +471,7 @@ async def namespace_deleted(netns: str) -> None:
         failed_detach_after_success,
         failed_cleanup_after_success,
         failed_cleanup_after_failure,
-        ctrl_c,
+        stopped_by_sigterm,
     ],
 )
 async def test_cancellation_examples(
