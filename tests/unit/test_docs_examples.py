@@ -22,7 +22,7 @@ import trio
 import asynctc
 from asynctc import After, Before, First, Last, programs
 from asynctc import events as ev
-from asynctc.testing import VethPair, check_backend, send_frames
+from asynctc.testing import VethPair, check_backend, send_frames, stress
 from asynctc_mock import MockBackend, MockKernel
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -606,6 +606,48 @@ async def test_conformance_on_the_kernel(veth: VethPair) -> None:
 
 
 # =========================================================================================================
+# docs/testing.md (the fixtures are the pytest plugin's, as an application's suite gets them)
+# =========================================================================================================
+async def test_blocks_traffic(mock_kernel: MockKernel, mock_session: asynctc.Session) -> None:
+    prog = mock_kernel.program("drop")
+    async with mock_session.open_attachment("eth0", "ingress", prog):
+        assert mock_kernel.send("eth0", "ingress") == "drop"
+    assert mock_kernel.hook("eth0", "ingress").entries == ()
+
+
+async def test_a_failed_detach_can_be_retried(mock_kernel: MockKernel, mock_session: asynctc.Session) -> None:
+    att = await mock_session.attach("eth0", "ingress", mock_kernel.program())
+    mock_kernel.inject_fault("link_detach", errno.EIO)
+    with pytest.raises(asynctc.TCError) as info:
+        await att.detach()
+    assert info.value.errno == errno.EIO
+    await att.detach()  # the fault was for one call: the second attempt works
+    assert mock_kernel.hook("eth0", "ingress").entries == ()
+
+
+@pytest.mark.kernel
+async def test_counts_real_packets(kernel_session: asynctc.Session, veth: VethPair) -> None:
+    prog = programs.counting("pass")
+    async with kernel_session.open_attachment(veth.a, "ingress", prog):
+        # frames sent out of the peer end arrive at veth.a's ingress hook
+        await trio.to_thread.run_sync(lambda: send_frames(veth.b, 3, netns=veth.netns_b))
+        assert prog.count() == 3
+    prog.close()
+
+
+async def stress_the_mock() -> None:
+    report = await stress(backend="mock", lifecycles=8, devices=2, duration=0.5, fault_rate=0.05, seed=1)
+    assert report.leaks == ()
+    assert report.operations["attach"] > 0
+    assert "leaks: 0" in report.summary()
+
+
+async def test_stress_example() -> None:
+    with trio.fail_after(60):
+        await stress_the_mock()
+
+
+# =========================================================================================================
 # the docs show only what is tested here
 # =========================================================================================================
 def _python_blocks(text: str) -> list[str]:
@@ -616,7 +658,7 @@ def _norm(lines: list[str]) -> list[str]:
     return [ln.strip() for ln in lines if ln.strip()]
 
 
-@pytest.mark.parametrize("doc", ["tutorial.md", "cancellation.md", "backends.md"])
+@pytest.mark.parametrize("doc", ["tutorial.md", "cancellation.md", "backends.md", "testing.md"])
 def test_docs_blocks_are_tested(doc: str) -> None:
     """Every ```python block of the doc appears, line for line (indentation aside), in this file."""
     here = _norm(Path(__file__).read_text().splitlines())
