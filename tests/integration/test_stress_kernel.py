@@ -4,6 +4,7 @@ namespaces the run made are gone afterwards."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from typing import ClassVar
 
@@ -11,7 +12,9 @@ import pytest
 
 import asynctc
 from asynctc.backend import BackendAttachment
+from asynctc.lowlevel import bpf
 from asynctc.testing import stress
+from asynctc_bpf_link import BpfLinkBackend, LinkAttachment
 from asynctc_netlink import NetlinkBackend
 
 pytestmark = pytest.mark.kernel
@@ -31,10 +34,30 @@ class SkipsDeletingFilters(NetlinkBackend):
         return True
 
 
+class NeverClosesLinks(BpfLinkBackend):
+    """A buggy third-party backend: the tcx link leaves its hook, but its fd is never closed."""
+
+    name: ClassVar[str] = "leaky_bpf_link"
+    kept: ClassVar[list[int]] = []  # the test closes them afterwards
+
+    async def detach(self, att: BackendAttachment) -> bool:
+        assert isinstance(att, LinkAttachment)
+        fd = att.take_fd()
+        if fd is None:
+            return False
+        self.kept.append(fd)
+        try:
+            await self.ctx.runner.run(bpf.link_detach, fd)
+        except bpf.BpfError:
+            return False
+        return True
+
+
 class LeakyPlugin:
     @asynctc.hookimpl
     def asynctc_register_backends(self, registry: asynctc.BackendRegistry) -> None:
         registry.add(SkipsDeletingFilters)
+        registry.add(NeverClosesLinks)
 
 
 @pytest.mark.parametrize("backend", ["bpf_link", "netlink"])
@@ -60,3 +83,16 @@ async def test_the_audit_reads_the_kernel_and_catches_filters_left_behind() -> N
     assert all(leak.where.startswith("namespace atcst") for leak in report.leaks)
     assert stress_namespaces() <= before  # the leaks went with the namespaces
 
+
+
+async def test_the_audit_finds_links_whose_fds_were_never_closed() -> None:
+    try:
+        report = await stress(backend="leaky_bpf_link", plugins=[LeakyPlugin()], lifecycles=4, devices=2,
+                              duration=0.5, cancel_rate=0.0, delete_rate=0.0, pin_rate=0.0, seed=5)
+        # every hook is empty: only the system's list of links shows what was left
+        assert {leak.kind for leak in report.leaks} == {"link"}, report.summary()
+        assert len(report.leaks) == len(NeverClosesLinks.kept) > 0
+        assert all("detached" in leak.detail for leak in report.leaks)
+    finally:
+        while NeverClosesLinks.kept:
+            os.close(NeverClosesLinks.kept.pop())

@@ -21,8 +21,8 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_command_prints_a_json_report_and_exits_0_when_nothing_leaked() -> None:
     proc = run("stress", "--backend", "mock", "--duration", "0.4", "--lifecycles", "4", "--fault-rate", "0.05",
-               "--seed", "3", "--json")
-    assert proc.returncode == 0, proc.stderr
+               "--pin-rate", "0", "--delete-rate", "0", "--seed", "3", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr == ""  # no progress line when stderr is not a terminal, no log noise
     report = json.loads(proc.stdout)
     assert report["leaks"] == 0 and report["seed"] == 3 and report["backend"] == "mock"

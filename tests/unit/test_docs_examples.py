@@ -636,7 +636,8 @@ async def test_counts_real_packets(kernel_session: asynctc.Session, veth: VethPa
 
 
 async def stress_the_mock() -> None:
-    report = await stress(backend="mock", lifecycles=8, devices=2, duration=0.5, fault_rate=0.05, seed=1)
+    report = await stress(backend="mock", lifecycles=8, devices=2, duration=0.5, seed=1,
+                          fault_rate=0.05, pin_rate=0, delete_rate=0)
     assert report.leaks == ()
     assert report.operations["attach"] > 0
     assert "leaks: 0" in report.summary()
