@@ -224,6 +224,13 @@ def _check_rate(name: str, value: float) -> float:
     return float(value)
 
 
+def _check_number(name: str, value: float, what: str, *, positive: bool) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{name} {what}, got {value!r}")
+    return float(value)
+
+
 def _check_count(name: str, value: int, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not (low <= value <= high):
         raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
@@ -640,30 +647,26 @@ async def stress(
         ValueError: a parameter is out of range (fault injection asked of a real kernel...).
         BackendUnavailable: the backend is not installed, or the real kernel is not usable here.
     """
+    if not isinstance(backend, str) or not backend:
+        raise TypeError(f"backend must be a backend name, got {backend!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
     cfg = _Config(
         backend=backend,
         lifecycles=_check_count("lifecycles", lifecycles, 1, 100_000),
         devices=_check_count("devices", devices, 1, 4096),
         namespaces=_check_count("namespaces", namespaces, 1, 256),
-        duration=float(duration),
+        duration=_check_number("duration", duration, "must be a positive number of seconds", positive=True),
         cancel_rate=_check_rate("cancel_rate", cancel_rate),
         fault_rate=_check_rate("fault_rate", fault_rate),
-        delete_rate=float(delete_rate),
+        delete_rate=_check_number("delete_rate", delete_rate, "must be >= 0 deletions per second", positive=False),
         pin_rate=_check_rate("pin_rate", pin_rate),
         seed=random.randrange(2**32) if seed is None else seed,
         owner=owner,
     )
-    if not isinstance(backend, str) or not backend:
-        raise TypeError(f"backend must be a backend name, got {backend!r}")
-    if isinstance(duration, bool) or not (0 < cfg.duration < math.inf):
-        raise ValueError(f"duration must be a positive number of seconds, got {duration!r}")
-    if isinstance(delete_rate, bool) or not (0 <= cfg.delete_rate < math.inf):
-        raise ValueError(f"delete_rate must be >= 0 deletions per second, got {delete_rate!r}")
     if namespaces > devices:
         raise ValueError(f"namespaces ({namespaces}) cannot exceed devices ({devices}): each namespace needs "
                          "a device")
-    if isinstance(seed, bool) or not isinstance(cfg.seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
     plugins = list(plugins) if plugins is not None else None
     kind = await trio.to_thread.run_sync(_kernel_kind, backend, plugins)
     if kind != "mock" and cfg.fault_rate:

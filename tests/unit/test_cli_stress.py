@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import select
 import subprocess
 import sys
 
@@ -72,3 +74,29 @@ def test_the_command_reports_zero_leaks_on_this_kernel() -> None:
          "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert '"leaks": 0' in proc.stdout
+
+
+def test_progress_is_shown_when_stderr_is_a_terminal() -> None:
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "asynctc.cli", "stress", "--backend", "mock", "--duration", "0.8",
+                               "--lifecycles", "2", "--json"], stdout=subprocess.PIPE, stderr=slave, text=True,
+                              timeout=120)
+        os.close(slave)
+        slave = -1
+        seen = b""
+        while select.select([master], [], [], 5)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and everything was read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert proc.returncode == 0
+    assert b"\r" in seen and b"/0.8 s  attach " in seen
+    assert json.loads(proc.stdout)["leaks"] == 0  # stdout carries the report only

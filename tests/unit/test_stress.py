@@ -86,6 +86,8 @@ async def test_the_audit_catches_link_fds_that_were_never_closed() -> None:
         ({"duration": 0}, "duration must be a positive number"),
         ({"cancel_rate": 1.5}, "cancel_rate must be a probability"),
         ({"delete_rate": -1}, "delete_rate must be >= 0"),
+        ({"delete_rate": "often"}, "delete_rate must be >= 0"),
+        ({"duration": float("nan")}, "duration must be a positive number"),
         ({"backend": "bpf_link", "fault_rate": 0.1}, "fault injection needs the mock kernel"),
     ],
 )
@@ -93,6 +95,11 @@ async def test_bad_parameters_are_refused_before_anything_is_made(kwargs: dict[s
     args: dict[str, Any] = {"backend": "mock", "duration": 0.1} | kwargs
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
         await stress(**args)
+
+
+async def test_a_seed_must_be_an_integer() -> None:
+    with pytest.raises(TypeError, match="seed must be an integer, got 'x'"):
+        await stress(backend="mock", duration=0.1, seed="x")  # type: ignore[arg-type]
 
 
 async def test_an_unknown_backend_says_which_are_installed() -> None:
