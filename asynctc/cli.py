@@ -11,7 +11,6 @@ import dataclasses
 import enum
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,24 +30,12 @@ def _say(out: TextIO, text: str = "") -> None:
 
 
 async def _run_cancellable(job: Callable[[], Awaitable[int]]) -> int:
-    """Run `job` in a child task; SIGINT/SIGTERM cancel it (its cleanup still runs to completion)."""
-    result: list[int] = []
-    interrupted: list[int] = []
-
-    async def run_job(scope: trio.CancelScope) -> None:
-        result.append(await job())
-        scope.cancel()
-
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_job, nursery.cancel_scope)
-            async for signum in signals:
-                interrupted.append(signum)
-                nursery.cancel_scope.cancel()
-                break
-    if interrupted:
-        return 128 + interrupted[0]
-    return result[0] if result else 1
+    """Run `job` in a child task; SIGINT/SIGTERM cancel it (its cleanup still runs to completion, further
+    signals are absorbed) and the exit code is 128 + the signal."""
+    try:
+        return await asynctc.run_until_interrupted(job)
+    except asynctc.Interrupted as exc:
+        return exc.exit_code
 
 
 # ---------------------------------------------------------------------------------------------------------

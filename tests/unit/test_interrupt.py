@@ -4,7 +4,10 @@ completes (further signals are absorbed); results and errors come back as themse
 from __future__ import annotations
 
 import os
+import select
 import signal
+import subprocess
+import sys
 
 import pytest
 import trio
@@ -137,3 +140,23 @@ async def test_an_error_beside_the_cancellations_comes_back_with_a_note() -> Non
     assert info.value.subgroup(trio.Cancelled) is None
     assert [type(e) for e in info.value.exceptions] == [OSError]
     assert any("SIGTERM had cancelled the work" in n for n in info.value.__notes__)
+
+
+def test_the_command_absorbs_a_second_signal_during_its_cleanup() -> None:
+    # `asynctc monitor` runs its job under run_until_interrupted: Ctrl-C then SIGTERM right after it (an
+    # impatient operator, a service manager) still ends with the first signal's code and no traceback.
+    proc = subprocess.Popen([sys.executable, "-m", "asynctc.cli", "monitor", "--backend", "mock"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        ready, _, _ = select.select([proc.stderr], [], [], 60)
+        assert ready and "watching" in proc.stderr.readline()
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "Traceback" not in err
