@@ -5,7 +5,7 @@
     asynctc detach DEV DIRECTION PROGRAM     detach what asynctc attached for PROGRAM there
     asynctc update DEV DIRECTION OLD NEW     swap OLD for NEW atomically (a compare-and-swap)
     asynctc pin DEV DIRECTION PROGRAM PATH   move an attachment's pin to PATH
-    asynctc unpin PATH / adopt PATH / reap / backends / monitor / demo / completion
+    asynctc unpin PATH / adopt PATH / reap / backends / monitor / demo / stress / completion
 
 Every command takes `--netns NAME` and `--json`. Errors are one line on stderr, never a traceback; the exit
 status is 0 on success, 1 when an operation failed, 2 on bad usage (docs/cli.md).
@@ -99,30 +99,12 @@ def _report(command: str, exc: BaseException) -> int:
 
 
 async def _run_cancellable(job: Callable[[], Awaitable[int]]) -> int:
-    """Run `job` in a child task; SIGINT/SIGTERM cancel it (its cleanup still runs to completion)."""
-    result: list[int] = []
-    interrupted: list[int] = []
-    failed: list[Exception] = []
-
-    async def run_job(scope: trio.CancelScope) -> None:
-        try:
-            result.append(await job())
-        except Exception as exc:  # re-raised below, outside the nursery: never wrapped in an ExceptionGroup
-            failed.append(exc)
-        scope.cancel()
-
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_job, nursery.cancel_scope)
-            async for signum in signals:
-                interrupted.append(signum)
-                nursery.cancel_scope.cancel()
-                break
-    if failed:
-        raise failed[0]
-    if interrupted:
-        return 128 + interrupted[0]
-    return result[0] if result else 1
+    """Run `job` in a child task; SIGINT/SIGTERM cancel it (its cleanup still runs to completion, further
+    signals are absorbed) and the exit code is 128 + the signal."""
+    try:
+        return await asynctc.run_until_interrupted(job)
+    except asynctc.Interrupted as exc:
+        return exc.exit_code
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1136,8 +1118,86 @@ def _add_monitor(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# completion
+# stress
 
+
+def _count_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _rate_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value:g}")
+    return value
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
+async def _stress(args: argparse.Namespace, out: TextIO) -> int:
+    import logging
+
+    from asynctc import testing
+
+    if not args.verbose:  # failed cleanups under injected faults are counted in the report instead
+        logging.getLogger("asynctc").setLevel(logging.CRITICAL)
+    try:
+        report = await testing.stress(
+            lifecycles=args.lifecycles, devices=args.devices, duration=args.duration, namespaces=args.namespaces,
+            backend=args.backend, cancel_rate=args.cancel_rate, fault_rate=args.fault_rate,
+            delete_rate=args.delete_rate, pin_rate=args.pin_rate, seed=args.seed,
+            progress=sys.stderr if sys.stderr.isatty() else None,
+        )
+    except ValueError as exc:
+        sys.stderr.write(f"asynctc stress: {exc}\n")
+        return 2
+    except asynctc.TCError as exc:
+        sys.stderr.write(f"asynctc stress: {type(exc).__name__}: {exc}\n")
+        return 1
+    _say(out, json.dumps(report.to_json()) if args.json else report.summary())
+    return 1 if report.leaks else 0
+
+
+def _add_stress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lifecycles", type=_count_arg, default=16, help="concurrent lifecycles (default 16)")
+    p.add_argument("--devices", type=_count_arg, default=4, help="devices they share (default 4)")
+    p.add_argument("--duration", type=_seconds_arg, default=5.0, help="seconds of workload (default 5)")
+    p.add_argument("--namespaces", type=_count_arg, default=1,
+                    help="network namespaces (mock: kernels) the devices are spread over (default 1)")
+    p.add_argument("--backend", default="auto",
+                    help="auto, bpf_link or netlink (real kernel, in namespaces it creates; needs root), or mock")
+    p.add_argument("--cancel-rate", type=_rate_arg, default=0.2,
+                    help="share of lifecycles cancelled at a random instant (default 0.2)")
+    p.add_argument("--fault-rate", type=_rate_arg, default=0.0,
+                    help="chance of an injected kernel fault before each operation (mock only; default 0)")
+    p.add_argument("--delete-rate", type=float, default=1.0,
+                    help="device deletions (re-created at once) per second (default 1)")
+    p.add_argument("--pin-rate", type=_rate_arg, default=0.1,
+                    help="share of lifecycles that pin and unpin their attachment (default 0.1)")
+    p.add_argument("--seed", type=int, default=None, help="repeat a run's random choices")
+    p.add_argument("--json", action="store_true", help="the report as one JSON object")
+    p.add_argument("--verbose", action="store_true", help="also show asynctc's log (failed cleanups...)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# completion
 
 def _completion_words(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
     """subcommand -> its options, from the parser itself."""
@@ -1236,6 +1296,8 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("backends", "installed backends and whether each works here", _add_backends, _cmd_backends),
     Subcommand("monitor", "a live stream of device, qdisc and filter events", _add_monitor, _cmd_monitor),
     Subcommand("demo", "attach a counting program, send packets, update it, detach it", _add_demo, _cmd_demo),
+    Subcommand("stress", "many concurrent lifecycles with cancellations, then a leak audit (exit 1 on a leak)",
+               _add_stress, _stress),
     Subcommand("completion", "print a completion script: asynctc completion bash|zsh", _add_completion,
                _cmd_completion),
 ]

@@ -51,6 +51,7 @@ __all__ = [
     "link_create_tcx",
     "link_detach",
     "link_get_fd_by_id",
+    "link_ids",
     "link_info",
     "link_update",
     "map_create_array",
@@ -134,6 +135,7 @@ BPF_PROG_QUERY = 16
 BPF_LINK_CREATE = 28
 BPF_LINK_UPDATE = 29
 BPF_LINK_GET_FD_BY_ID = 30
+BPF_LINK_GET_NEXT_ID = 31
 BPF_LINK_DETACH = 34
 BPF_ENABLE_STATS = 32
 
@@ -463,6 +465,24 @@ def _check_attach(prog_fd: int, ifindex: int, attach_type: int, flags: int, rela
     check_field("flags", flags)
     check_field("relative (anchor id or fd)", relative)
     check_field("expected_revision", expected_revision, U64_MAX)
+
+
+def link_ids() -> list[int]:
+    """The ids of every BPF link that exists now, system-wide (BPF_LINK_GET_NEXT_ID, as `bpftool link`
+    lists them): attached, detached or severed links that something (an fd, a pin) still holds."""
+    ids: list[int] = []
+    start = 0
+    while True:
+        attr = _attr()
+        _put(attr, "<I", 0, start)
+        try:
+            _sys_bpf(BPF_LINK_GET_NEXT_ID, attr, "link_get_next_id")
+        except BpfError as exc:
+            if exc.errno == _errno.ENOENT:
+                return ids
+            raise
+        (start,) = struct.unpack_from("<I", attr, 4)
+        ids.append(start)
 
 
 def link_create_tcx(

@@ -4,7 +4,9 @@
   `CheckReport`; `SessionFactory` is the type of the session factory it accepts.
 - Throwaway network environments: `temp_netns`, `veth_pair`, `bpffs_mount`, `send_frames`.
 - `compile_bpf(source)`: clang a BPF C file into an object for `asynctc.open_object`.
-- A pytest plugin (`-p asynctc.testing.pytest_plugin`) with fixtures `netns`, `veth`, `bpffs`.
+- `stress(...)`: many concurrent lifecycles with cancellations, device deletions and (on the mock)
+  injected faults, then a leak audit read from the kernel itself; returns a `StressReport`.
+- A pytest plugin (`asynctc.testing.pytest_plugin`, registered through the `pytest11` entry point).
 """
 
 from ._bpfcc import compile_bpf as compile_bpf
@@ -22,6 +24,10 @@ from ._netenv import tc as tc
 from ._netenv import temp_netns as temp_netns
 from ._netenv import unique_name as unique_name
 from ._netenv import veth_pair as veth_pair
+from ._stress import LatencyStats as LatencyStats
+from ._stress import Leak as Leak
+from ._stress import StressReport as StressReport
+from ._stress import stress as stress
 from .conformance import CheckReport as CheckReport
 from .conformance import SessionFactory as SessionFactory
 from .conformance import check_backend as check_backend

@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from dummy_backend import DummyNet, DummyPlugin
 import asynctc
 from asynctc import After, Before, First, Last, programs
 from asynctc import events as ev
-from asynctc.testing import VethPair, check_backend, send_frames
+from asynctc.testing import VethPair, check_backend, send_frames, stress
 from asynctc_mock import MockAttachment, MockBackend, MockKernel
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -426,30 +427,31 @@ async def failed_cleanup_after_failure(kernel: MockKernel) -> None:
     assert any("cleanup of" in note and "EIO" in note for note in notes)
 
 
-async def run_until_interrupted(job: Callable[[], Awaitable[None]]) -> int:
-    """Run `job` in a child task; SIGINT/SIGTERM cancel it, and its shielded cleanup completes."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def run() -> None:
-                await job()
-                nursery.cancel_scope.cancel()  # done: stop waiting for signals
-
-            nursery.start_soon(run)
-            async for signum in signals:
-                nursery.cancel_scope.cancel()  # Ctrl-C: cancel the job, whose cleanup still runs
-                return 128 + signum
-    return 0
+async def main(kernel: MockKernel) -> None:
+    async with asynctc.open_session("mock", kernel=kernel) as session:
+        await session.attach("eth0", "ingress", kernel.program())
+        os.kill(os.getpid(), signal.SIGTERM)  # as if the service manager stopped us
+        await trio.sleep_forever()
 
 
-async def ctrl_c(kernel: MockKernel) -> None:
-    async def job() -> None:
-        async with asynctc.open_session("mock", kernel=kernel) as session:
-            await session.attach("eth0", "ingress", kernel.program())
-            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C
-            await trio.sleep_forever()
+async def stopped_by_sigterm(kernel: MockKernel) -> None:
+    with pytest.raises(asynctc.Interrupted) as info:
+        await asynctc.run_until_interrupted(main, kernel)
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    assert kernel.hook("eth0", "ingress").entries == ()  # the session detached it on the way out
 
-    assert await run_until_interrupted(job) == 128 + signal.SIGINT
+
+def run_program(main: Callable[..., Awaitable[object]], *args: object) -> None:
+    try:
+        trio.run(asynctc.run_until_interrupted, main, *args)
+    except asynctc.Interrupted as exc:
+        sys.exit(exc.exit_code)
+
+
+def test_run_program_exits_with_the_signal_code(kernel: MockKernel) -> None:
+    with pytest.raises(SystemExit) as info:
+        run_program(main, kernel)
+    assert info.value.code == 128 + signal.SIGTERM
     assert kernel.hook("eth0", "ingress").entries == ()
 
 
@@ -478,7 +480,7 @@ async def namespace_deleted(netns: str) -> None:
         failed_detach_after_success,
         failed_cleanup_after_success,
         failed_cleanup_after_failure,
-        ctrl_c,
+        stopped_by_sigterm,
     ],
 )
 async def test_cancellation_examples(
@@ -655,6 +657,49 @@ async def test_conformance_on_the_kernel(veth: VethPair, bpffs: str) -> None:
 
 
 # =========================================================================================================
+# docs/testing.md (the fixtures are the pytest plugin's, as an application's suite gets them)
+# =========================================================================================================
+async def test_blocks_traffic(mock_kernel: MockKernel, mock_session: asynctc.Session) -> None:
+    prog = mock_kernel.program("drop")
+    async with mock_session.open_attachment("eth0", "ingress", prog):
+        assert mock_kernel.send("eth0", "ingress") == "drop"
+    assert mock_kernel.hook("eth0", "ingress").entries == ()
+
+
+async def test_a_failed_detach_can_be_retried(mock_kernel: MockKernel, mock_session: asynctc.Session) -> None:
+    att = await mock_session.attach("eth0", "ingress", mock_kernel.program())
+    mock_kernel.inject_fault("link_detach", errno.EIO)
+    with pytest.raises(asynctc.TCError) as info:
+        await att.detach()
+    assert info.value.errno == errno.EIO
+    await att.detach()  # the fault was for one call: the second attempt works
+    assert mock_kernel.hook("eth0", "ingress").entries == ()
+
+
+@pytest.mark.kernel
+async def test_counts_real_packets(kernel_session: asynctc.Session, veth: VethPair) -> None:
+    prog = programs.counting("pass")
+    async with kernel_session.open_attachment(veth.a, "ingress", prog):
+        # frames sent out of the peer end arrive at veth.a's ingress hook
+        await trio.to_thread.run_sync(lambda: send_frames(veth.b, 3, netns=veth.netns_b))
+        assert prog.count() == 3
+    prog.close()
+
+
+async def stress_the_mock() -> None:
+    report = await stress(backend="mock", lifecycles=8, devices=2, duration=0.5, seed=1,
+                          fault_rate=0.05, pin_rate=0, delete_rate=0)
+    assert report.leaks == ()
+    assert report.operations["attach"] > 0
+    assert "leaks: 0" in report.summary()
+
+
+async def test_stress_example() -> None:
+    with trio.fail_after(60):
+        await stress_the_mock()
+
+
+# =========================================================================================================
 # the docs show only what is tested here
 # =========================================================================================================
 def _python_blocks(text: str) -> list[str]:
@@ -665,7 +710,7 @@ def _norm(lines: list[str]) -> list[str]:
     return [ln.strip() for ln in lines if ln.strip()]
 
 
-@pytest.mark.parametrize("doc", ["tutorial.md", "cancellation.md", "backends.md"])
+@pytest.mark.parametrize("doc", ["tutorial.md", "cancellation.md", "backends.md", "testing.md"])
 def test_docs_blocks_are_tested(doc: str) -> None:
     """Every ```python block of the doc appears, line for line (indentation aside), in this file, or is
     the whole of a file of docs/examples (which the tests import and run)."""
