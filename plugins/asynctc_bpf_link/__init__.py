@@ -27,6 +27,7 @@ import asynctc
 from asynctc import (
     AttachmentInfo,
     Conflict,
+    DeviceNotFound,
     Direction,
     Hook,
     PinError,
@@ -41,7 +42,8 @@ from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendCo
 from asynctc.lowlevel import bpf
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel import netlink as nllib
-from asynctc.lowlevel.netdev import resolve_device_nl
+from asynctc.lowlevel.netdev import resolve_device as resolve_device_here
+from asynctc.lowlevel.syscalls import DEFAULT_MAX_THREADS, SyscallThreads
 
 __all__ = ["BpfLinkBackend", "LinkAttachment", "asynctc_register_backends"]
 
@@ -63,6 +65,23 @@ class LinkAttachment(BackendAttachment):
     def take_fd(self) -> int | None:
         fd, self.fd = self.fd, None
         return fd
+
+
+def _resolve_device(dev: str | int, netns: str | None) -> tuple[int, str]:
+    """(ifindex, own name) of a device of the calling thread's namespace (an alternative name resolves to
+    the device's own name); DeviceNotFound otherwise."""
+    if isinstance(dev, int) and not isinstance(dev, bool) and dev > 0xFFFFFFFF:
+        raise DeviceNotFound(f"no device with ifindex {dev}: an ifindex is a 32-bit number", errno=_errno.ENODEV)
+    ifindex, name = resolve_device_here(dev, netns)
+    if isinstance(dev, int):
+        return ifindex, name
+    return resolve_device_here(ifindex, netns)
+
+
+def _close_created(created: tuple[int, bpf.LinkInfo]) -> None:
+    """Close the fd of a link made for an attach whose caller was cancelled meanwhile (it is unpinned and
+    ours alone: closing it detaches it)."""
+    os.close(created[0])
 
 
 def _detach_and_close(fd: int) -> bool:
@@ -88,18 +107,29 @@ class BpfLinkBackend(Backend):
         super().__init__(ctx)
         self._names = hooklib.ProgNameCache()
         self._nl: nllib.NetlinkTransport | None = None
+        self._sys: SyscallThreads | None = None
 
     async def open(self) -> None:
         """Open the rtnetlink transport that resolves device names and lists legacy cls_bpf filters in
-        `query` (tcx itself needs none)."""
+        `query` (tcx itself needs none), and the syscall threads that make every bpf(2) call and close()
+        of a link fd in the session's namespace (started as calls need them; at most max_workers)."""
+        if self._sys is None:
+            workers = int(self.ctx.runner.limiter.total_tokens)
+            self._sys = SyscallThreads(self.ctx.runner, max_threads=max(1, min(DEFAULT_MAX_THREADS, workers)),
+                                       name="bpf_link")
         if self._nl is None:
             self._nl = await nllib.start_transport(self.ctx.runner)
 
     async def aclose(self) -> None:
-        """Close the transport (idempotent)."""
+        """Close the transport, then the syscall threads once every call queued has run (idempotent)."""
         nl, self._nl = self._nl, None
-        if nl is not None:
-            await nl.aclose()
+        try:
+            if nl is not None:
+                await nl.aclose()
+        finally:
+            sys_threads, self._sys = self._sys, None
+            if sys_threads is not None:
+                await sys_threads.aclose()
 
     @classmethod
     async def probe(cls, ctx: BackendContext) -> Probe:
@@ -114,8 +144,15 @@ class BpfLinkBackend(Backend):
             raise TCError("the bpf_link backend is closed (its session has ended)")
         return self._nl
 
+    def _syscalls(self) -> SyscallThreads:
+        if self._sys is None:
+            raise TCError("the bpf_link backend is closed (its session has ended)")
+        return self._sys
+
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
-        return await resolve_device_nl(self._transport(), dev, self.ctx.netns)
+        """(ifindex, the device's own name), asked of the kernel in a syscall thread (two SIOCGIF* ioctls,
+        lock-free in the kernel: far cheaper than an RTM_GETLINK and decoding its answer)."""
+        return await self._syscalls().run(_resolve_device, dev, self.ctx.netns)
 
     def _err(self, exc: bpf.BpfError, req_dev: str | int | None = None, direction: Direction | None = None,
              program: object | None = None) -> TCError:
@@ -140,7 +177,7 @@ class BpfLinkBackend(Backend):
                 raise
 
         try:
-            fd, info = await self.ctx.runner.run(create)
+            fd, info = await self._syscalls().run(create, discard=_close_created)
         except bpf.BpfError as exc:
             raise self._err(exc, request.dev, request.direction, request.program) from None
         return LinkAttachment(fd, AttachmentInfo(
@@ -170,7 +207,7 @@ class BpfLinkBackend(Backend):
         if fd is None:
             return False
         try:
-            return await self.ctx.runner.run(_detach_and_close, fd)
+            return await self._syscalls().run(_detach_and_close, fd, must_run=True)
         except bpf.BpfError as exc:
             if exc.errno == _errno.ENOLINK:
                 return False
@@ -180,7 +217,7 @@ class BpfLinkBackend(Backend):
         assert isinstance(att, LinkAttachment)
         fd = att.take_fd()
         if fd is not None:
-            await self.ctx.runner.run(os.close, fd)
+            await self._syscalls().run(os.close, fd, must_run=True)
 
     async def is_attached(self, att: BackendAttachment) -> bool:
         assert isinstance(att, LinkAttachment)
@@ -188,7 +225,7 @@ class BpfLinkBackend(Backend):
         if fd is None:
             return False
         try:
-            info = await self.ctx.runner.run(bpf.link_info, fd)
+            info = await self._syscalls().run(bpf.link_info, fd)
         except bpf.BpfError:
             return False
         return info.ifindex != 0
@@ -212,7 +249,7 @@ class BpfLinkBackend(Backend):
             return info.prog_id, bpf.prog_query(ifindex, attach_type).revision
 
         try:
-            prog_id, revision = await self.ctx.runner.run(in_place)
+            prog_id, revision = await self._syscalls().run(in_place)
         except bpf.BpfError as exc:
             if exc.errno in FALLBACK_ERRNOS:
                 return await self._make_before_break(att, program, expected, refused=exc)
@@ -261,7 +298,7 @@ class BpfLinkBackend(Backend):
 
         for attempt in range(MBB_RETRIES):
             try:
-                new_fd, info, revision = await self.ctx.runner.run(step)
+                new_fd, info, revision = await self._syscalls().run(step)
                 break
             except bpf.BpfError as exc:
                 if exc.errno == _errno.ESTALE and attempt + 1 < MBB_RETRIES:
@@ -289,7 +326,7 @@ class BpfLinkBackend(Backend):
             bpf.obj_pin(fd, path)
 
         try:
-            await self.ctx.runner.run(repin)
+            await self._syscalls().run(repin)
         except bpf.BpfError as exc:
             att.info = dataclasses.replace(att.info, pinned=None)
             raise from_errno(exc.errno or 0, op="obj_pin", backend=self.name, dev=path) from None
@@ -303,7 +340,7 @@ class BpfLinkBackend(Backend):
         async def filters(i: int, d: Direction) -> list[asynctc.HookEntry]:
             return await hooklib.cls_bpf_entries(nl, i, d, self._names)
 
-        return await hooklib.query_hook(self.ctx.runner, ifindex, direction, names=self._names,
+        return await hooklib.query_hook(self._syscalls(), ifindex, direction, names=self._names,
                                         backend=self.name, filters=filters)
 
     # -- pinning -------------------------------------------------------------------------------------
@@ -317,7 +354,7 @@ class BpfLinkBackend(Backend):
                 return
             raise PinError(f"{att.info.dev}: already pinned at {att.info.pinned}; unpin() first")
         try:
-            await self.ctx.runner.run(bpf.obj_pin, fd, path)
+            await self._syscalls().run(bpf.obj_pin, fd, path)
         except bpf.BpfError as exc:
             raise from_errno(exc.errno or 0, op="obj_pin", backend=self.name, dev=path) from None
         att.info = dataclasses.replace(att.info, pinned=path)
@@ -328,7 +365,7 @@ class BpfLinkBackend(Backend):
         if path is None:
             return
         try:
-            await self.ctx.runner.run(os.unlink, path)
+            await self._syscalls().run(os.unlink, path)
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -373,7 +410,7 @@ class BpfLinkBackend(Backend):
                     pass
                 raise
 
-        got = await self.ctx.runner.run(adopt)
+        got = await self._syscalls().run(adopt)
         if got is None:
             return None
         fd, info, dev = got
