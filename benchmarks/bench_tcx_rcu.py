@@ -15,7 +15,10 @@ weighs on all of them alike; rates are total cycles over total time. Contenders:
                with cc at start; skipped, saying so, without a C compiler): the anchor of the targets;
   raw Python   the same loop in N Python threads through asynctc.lowlevel.bpf (ctypes): what any Python
                code pays for the GIL and ctypes before doing anything else;
-  asynctc      N tasks looping `session.open_attachment(dev, "ingress", program)` on the bpf_link backend.
+  asynctc      N tasks looping `session.open_attachment(dev, "ingress", program)` on the bpf_link backend;
+  core only    the same asynctc loop on a backend that is bpf_link with resolve_device, attach and detach
+               making no kernel call at all (a checkpoint each): the ceiling that asynctc's core (session,
+               attachment records, locks, shields, event notification) and trio set by themselves.
 Targets: asynctc >= 0.5x raw C at rcu_expedited=1, >= 0.9x at the default, no trio task step over 5 ms.
 """
 
@@ -37,11 +40,14 @@ from types import FrameType
 import trio
 
 import asynctc
+from asynctc import AttachmentInfo
+from asynctc.backend import AttachRequest, BackendAttachment
 from asynctc.lowlevel.netns import netns_path
+from asynctc_bpf_link import BpfLinkBackend, LinkAttachment
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import LagProbe, bench_netns, machine_line, make_veths, print_lag_verdicts, run_threads, verdict
-from bench_bpf_link import asynctc_run, raw_cycle_factory
+from bench_bpf_link import raw_cycle_factory
 
 RCU_PATH = "/sys/kernel/rcu_expedited"
 CONCURRENCY = (8, 64)
@@ -51,7 +57,7 @@ C_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "raw_tcx_cyc
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a short smoke run (~30 s)")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (~40 s)")
     p.add_argument("--duration", type=float, default=None, help="seconds per round and contender (default 2)")
     p.add_argument("--rounds", type=int, default=None, help="alternating rounds per configuration (default 3)")
     args = p.parse_args()
@@ -120,6 +126,65 @@ def run_raw_c(exe: str, netns: str, devs: list[str], duration: float) -> tuple[i
     return int(cycles), float(seconds)
 
 
+class CoreOnlyBackend(BpfLinkBackend):
+    """bpf_link without its kernel calls on the lifecycle path: what the core and trio cost alone."""
+
+    name = "bench_core_only"
+
+    async def resolve_device(self, dev: str | int) -> tuple[int, str]:
+        await trio.lowlevel.checkpoint()
+        return (dev, f"if{dev}") if isinstance(dev, int) else (1 + int(dev.lstrip("bv") or 0), dev)
+
+    async def attach(self, request: AttachRequest) -> LinkAttachment:
+        await trio.lowlevel.checkpoint()
+        return LinkAttachment(-1, AttachmentInfo(
+            backend=self.name, netns=self.ctx.netns, dev=request.dev, ifindex=request.ifindex,
+            direction=request.direction, prog_id=request.program.id, link_id=1, handle=None, priority=None,
+            offloaded=False, pinned=None))
+
+    async def detach(self, att: BackendAttachment) -> bool:
+        assert isinstance(att, LinkAttachment)
+        att.take_fd()
+        await trio.lowlevel.checkpoint()
+        return True
+
+
+class CoreOnlyPlugin:
+    @asynctc.hookimpl
+    def asynctc_register_backends(self, registry: asynctc.BackendRegistry) -> None:
+        registry.add(CoreOnlyBackend)
+
+
+async def asynctc_run(netns: str, devs: list[str], concurrency: int, duration: float, program: asynctc.Program,
+                      backend: str = "bpf_link") -> tuple[int, float, LagProbe]:
+    """`concurrency` lifecycles, each looping open_attachment (attach, then detach on exit) on its own device
+    (as bench_bpf_link.py, with the session's default max_workers)."""
+    lag = LagProbe()
+    counts = [0] * concurrency
+    plugins = [CoreOnlyPlugin()] if backend == CoreOnlyBackend.name else None
+    async with asynctc.open_session(backend, netns=netns, plugins=plugins) as session:
+        async with session.open_attachment(devs[0], "ingress", program):  # warm-up: watcher, threads
+            pass
+        await trio.sleep(0.2)
+
+        async def lifecycle(i: int, deadline: float) -> None:
+            dev = devs[i]
+            while time.perf_counter() < deadline:
+                async with session.open_attachment(dev, "ingress", program):
+                    pass
+                counts[i] += 1
+
+        async with trio.open_nursery() as outer:
+            await outer.start(lag.run)
+            t0 = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for i in range(concurrency):
+                    nursery.start_soon(lifecycle, i, t0 + duration)
+            elapsed = time.perf_counter() - t0
+            outer.cancel_scope.cancel()
+    return sum(counts), elapsed, lag
+
+
 @dataclass
 class Tally:
     cycles: int = 0
@@ -141,15 +206,17 @@ class Tally:
 
 def measure(netns: str, devs: list[str], n: int, duration: float, rounds: int, raw_c: str | None,
             program: asynctc.Program) -> dict[str, Tally]:
-    tallies = {"raw C": Tally(), "raw Python": Tally(), "asynctc": Tally()}
+    tallies = {"raw C": Tally(), "raw Python": Tally(), "asynctc": Tally(), "core only": Tally()}
     for _ in range(rounds):
         if raw_c is not None:
             tallies["raw C"].add(*run_raw_c(raw_c, netns, devs[:n], duration))
         py = run_threads(netns, n, duration, raw_cycle_factory(program.fd, devs))
         tallies["raw Python"].add(py.cycles, py.seconds)
-        cycles, seconds, lag = trio.run(asynctc_run, netns, devs, n, duration, program, 16)
+        cycles, seconds, lag = trio.run(asynctc_run, netns, devs, n, duration, program)
         tallies["asynctc"].add(cycles, seconds)
         tallies["asynctc"].lags.append(lag)
+        cycles, seconds, _ = trio.run(asynctc_run, netns, devs, n, duration, program, CoreOnlyBackend.name)
+        tallies["core only"].add(cycles, seconds)
     return tallies
 
 
@@ -185,12 +252,13 @@ def main() -> int:
     print(f"\ntcx attach+detach cycles per second (higher is better); ratios against {anchor} and raw Python, "
           "same run")
     header = ["rcu_expedited", "conc", "raw C/s", "raw Python/s", "asynctc/s", f"x {anchor}", "x raw Python",
-              "step max ms"]
+              "core only/s", f"core only x {anchor}", "step max ms"]
     rows = []
     for (rcu, n), t in results.items():
         rows.append([rcu, str(n), f"{t['raw C'].rate:.0f}" if t["raw C"].seconds else "-",
                      f"{t['raw Python'].rate:.0f}", f"{t['asynctc'].rate:.0f}",
                      f"{t['asynctc'].rate / t[anchor].rate:.2f}", f"{t['asynctc'].rate / t['raw Python'].rate:.2f}",
+                     f"{t['core only'].rate:.0f}", f"{t['core only'].rate / t[anchor].rate:.2f}",
                      f"{t['asynctc'].step_max_ms:.2f}"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))

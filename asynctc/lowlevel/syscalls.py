@@ -306,8 +306,9 @@ class SyscallThreads:
         exits, self._exits = self._exits, []
         if exits:
             def join() -> None:
+                deadline = time.monotonic() + CLOSE_WAIT
                 for exited in exits:
-                    if exited.acquire(timeout=CLOSE_WAIT):
+                    if exited.acquire(timeout=max(0.0, deadline - time.monotonic())):
                         exited.release()
 
             with trio.CancelScope(shield=True):
