@@ -43,7 +43,7 @@ from asynctc.lowlevel import bpf
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel import netlink as nllib
 from asynctc.lowlevel.netdev import resolve_device as resolve_device_here
-from asynctc.lowlevel.syscalls import DEFAULT_MAX_THREADS, SyscallThreads
+from asynctc.lowlevel.syscalls import SyscallThreads
 
 __all__ = ["BpfLinkBackend", "LinkAttachment", "asynctc_register_backends"]
 
@@ -112,11 +112,11 @@ class BpfLinkBackend(Backend):
     async def open(self) -> None:
         """Open the rtnetlink transport that resolves device names and lists legacy cls_bpf filters in
         `query` (tcx itself needs none), and the syscall threads that make every bpf(2) call and close()
-        of a link fd in the session's namespace (started as calls need them; at most max_workers)."""
+        of a link fd in the session's namespace (started as calls need them; at most the session's
+        max_workers)."""
         if self._sys is None:
             workers = int(self.ctx.runner.limiter.total_tokens)
-            self._sys = SyscallThreads(self.ctx.runner, max_threads=max(1, min(DEFAULT_MAX_THREADS, workers)),
-                                       name="bpf_link")
+            self._sys = SyscallThreads(self.ctx.runner, max_threads=max(1, workers), name="bpf_link")
         if self._nl is None:
             self._nl = await nllib.start_transport(self.ctx.runner)
 
