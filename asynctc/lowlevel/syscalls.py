@@ -6,17 +6,18 @@ hand-off, two setns() calls to enter and leave the namespace, and one wake-up of
 result. `SyscallThreads` keeps the rules of the runner and drops that cost, on the model of the netlink
 transport's kernel thread (`asynctc.lowlevel.netlink`):
 
-- Threads of its own (at most `max_threads`), started lazily with `_thread.start_new_thread` (the trio
-  thread does not wait until a new thread runs, as `threading.Thread.start()` would) whenever more calls
-  are waiting or running than there are threads. tcx calls spend most of their time asleep in the kernel
-  (waiting for rtnl and for RCU grace periods, even expedited ones), not holding the GIL: measured with 64
-  lifecycles and expedited grace periods, the GIL was free 44% of the time with 4 threads, and 16 threads
-  did ~15% more cycles than 4.
-- Each thread enters the session's namespace ONCE, when it starts (`NetnsRunner.call_in_netns` around
-  its whole loop), and then takes calls from one shared queue, one at a time. If the namespace cannot be
-  entered, the thread runs nothing and fails the calls it takes with the runner's error. A thread that
-  leaves the namespace ends (its namespace is restored, or the process is ended if that fails, by
-  `call_in_netns`); it never runs anything else afterwards.
+- A few threads of its own (at most `max_threads`), started lazily with `_thread.start_new_thread` (the
+  trio thread does not wait until a new thread runs, as `threading.Thread.start()` would): the first
+  EAGER_THREADS (4) as soon as calls are waiting, more only while calls are waiting AND the calls take
+  long (a moving average of their durations over `slow` seconds): the threads are then blocked in the
+  kernel, and more of them overlap the waits (a tcx attach or detach that waits for an RCU grace period:
+  8-28 ms). Fast calls are run by a few threads: more would only contend for the GIL (each system call
+  gives it up and takes it back, and a thread that wants it back can wait up to the interpreter's switch
+  interval). Each thread enters the session's namespace ONCE, when it starts (`NetnsRunner.call_in_netns`
+  around its whole loop), and then takes calls from one shared queue, one at a time. If the namespace
+  cannot be entered, the thread runs nothing and fails the calls it takes with the runner's error. A
+  thread that leaves the namespace ends (its namespace is restored, or the process is ended if that
+  fails, by `call_in_netns`); it never runs anything else afterwards.
 - Results go back to trio in batches: a finished call is put on a shared list, and only the call that finds
   the list empty asks the trio thread to deliver it (one `TrioToken.run_sync_soon`); by the time the trio
   thread runs the delivery, the other threads' results have joined the list, and every waiting task is
@@ -63,6 +64,8 @@ DEFAULT_MAX_THREADS: Final = 16
 thread for 8-28 ms, mostly waiting for grace periods that concurrent calls share: the more calls in flight,
 the closer to the kernel's ceiling (raw C loops: ~23 cycles/s with one thread, ~40 with many)."""
 CLOSE_WAIT: Final = 30.0
+SLOW: Final = 0.002
+EAGER_THREADS: Final = 4
 
 # job states (changed under SyscallThreads._lock)
 _QUEUED: Final = 0
@@ -100,13 +103,19 @@ class SyscallThreads:
         runner: the session's runner: its namespace is the threads' (entered once per thread).
         max_threads: how many threads at most (started as calls need them).
         name: a short label for the threads' names (shown by top -H, py-spy: "atc-" + name, 15 characters).
+        slow: past EAGER_THREADS threads, another starts (while calls wait) only when the calls' average duration
+            is over this many seconds; 0 starts one whenever more calls wait or run than there are threads.
     """
 
-    def __init__(self, runner: NetnsRunner, *, max_threads: int = DEFAULT_MAX_THREADS, name: str = "sys") -> None:
+    def __init__(self, runner: NetnsRunner, *, max_threads: int = DEFAULT_MAX_THREADS, name: str = "sys",
+                 slow: float = SLOW) -> None:
         if max_threads < 1:
             raise ValueError(f"max_threads must be >= 1, got {max_threads}")
+        if not slow >= 0:
+            raise ValueError(f"slow must be >= 0 seconds, got {slow!r}")
         self.runner = runner
         self.max_threads = max_threads
+        self.slow = slow
         self._name = name
         self._queue: queue.SimpleQueue[_Job[Any] | object] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -116,6 +125,7 @@ class SyscallThreads:
         self._queued = 0  # calls queued that no thread has taken (nor were withdrawn)
         self._running = 0  # calls being run now
         self._done: list[_Job[Any]] = []  # results waiting for the trio thread
+        self._duration = 0.0  # moving average of the calls' durations (seconds)
         self._closed = False
 
     # -- state ----------------------------------------------------------------------------------------
@@ -152,7 +162,11 @@ class SyscallThreads:
         job: _Job[T] = _Job(fn, args, trio.lowlevel.current_task(), discard, must_run)
         with self._lock:
             self._queued += 1
-            start = self._threads < self.max_threads and self._queued + self._running > self._threads
+            start = self._threads == 0 or (
+                self._threads < self.max_threads
+                and self._queued + self._running > self._threads
+                and (self._threads < EAGER_THREADS or self._duration > self.slow)
+            )
             if start:
                 self._threads += 1
         if start:
@@ -224,21 +238,24 @@ class SyscallThreads:
             return job
 
     def _loop(self) -> None:
+        clock = time.monotonic
         while (job := self._take()) is not None:
+            t0 = clock()
             try:
                 job.result = outcome.Value(job.fn(*job.args))
             except BaseException as exc:
                 job.result = outcome.Error(exc)
-            self._finish(job)
+            self._finish(job, clock() - t0)
 
     def _fail_loop(self, exc: BaseException) -> None:
         while (job := self._take()) is not None:
             job.result = outcome.Error(exc)
-            self._finish(job)
+            self._finish(job, 0.0)
 
-    def _finish(self, job: _Job[Any]) -> None:
+    def _finish(self, job: _Job[Any], duration: float) -> None:
         with self._lock:
             self._running -= 1
+            self._duration += (duration - self._duration) * 0.2
             abandoned = job.state == _ABANDONED
             if not abandoned:
                 job.state = _DONE

@@ -46,8 +46,8 @@ async def test_each_thread_works_in_its_own_namespace(veth: VethPair) -> None:
     home = current_netns_inode()
     runner_a = NetnsRunner(veth.netns_a, trio.CapacityLimiter(4))
     runner_b = NetnsRunner(veth.netns_b, trio.CapacityLimiter(4))
-    pool_a = SyscallThreads(runner_a, max_threads=4)
-    pool_b = SyscallThreads(runner_b, max_threads=4)
+    pool_a = SyscallThreads(runner_a, max_threads=4, slow=0)
+    pool_b = SyscallThreads(runner_b, max_threads=4, slow=0)
     ino_a = os.stat(netns_path(veth.netns_a)).st_ino
     ino_b = os.stat(netns_path(veth.netns_b)).st_ino
     seen: list[tuple[str, tuple[int, bool, int]]] = []
@@ -104,7 +104,7 @@ async def test_cancelling_in_the_middle_of_a_batch_leaks_no_link(veth: VethPair)
     (who closes it) or was never made (withdrawn) or was closed by `discard` (made for a caller who had
     left). The kernel's hook is empty afterwards."""
     runner = NetnsRunner(veth.netns_a, trio.CapacityLimiter(8))
-    pool = SyscallThreads(runner, max_threads=8)
+    pool = SyscallThreads(runner, max_threads=8, slow=0)
     progs = [programs.constant("pass", name=f"storm{i}") for i in range(64)]
     ifindex = runner_index(veth.netns_a, veth.a)
     fds: list[int] = []

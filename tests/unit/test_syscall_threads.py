@@ -69,7 +69,7 @@ async def test_results_and_exceptions_come_back_as_they_are(pool: SyscallThreads
 
 
 async def test_many_concurrent_calls_each_get_their_own_result() -> None:
-    pool = SyscallThreads(NetnsRunner(None, trio.CapacityLimiter(4)), max_threads=4)
+    pool = SyscallThreads(NetnsRunner(None, trio.CapacityLimiter(4)), max_threads=4, slow=0)
     results: dict[int, int] = {}
 
     async def one(i: int) -> None:
@@ -161,7 +161,7 @@ async def test_a_must_run_call_runs_even_when_cancelled_in_the_queue(pool: Sysca
 
 
 async def test_closed_threads_refuse_calls_and_end() -> None:
-    pool = SyscallThreads(NetnsRunner(None, trio.CapacityLimiter(4)), max_threads=3)
+    pool = SyscallThreads(NetnsRunner(None, trio.CapacityLimiter(4)), max_threads=3, slow=0)
     with trio.fail_after(DEADLINE):
         async with trio.open_nursery() as n:
             for _ in range(10):
@@ -210,3 +210,5 @@ def test_bad_arguments_are_refused() -> None:
     runner = NetnsRunner(None, trio.CapacityLimiter(1))
     with pytest.raises(ValueError, match="max_threads"):
         SyscallThreads(runner, max_threads=0)
+    with pytest.raises(ValueError, match="slow"):
+        SyscallThreads(runner, slow=-1)
