@@ -12,6 +12,12 @@ hook is never without a program; any failure rolls back to the old program.
 
 tcx has no hardware path: offload="require" raises OffloadError naming the netlink backend, and "prefer"
 attaches in software (info.offloaded False).
+
+Every kernel call runs in the session's syscall threads (`asynctc.lowlevel.syscalls`). A cycle makes the
+calls it needs and no more: attach = BPF_LINK_CREATE + one link info read (the link id; for tcx it can only
+be read through BPF_OBJ_GET_INFO_BY_FD, which takes rtnl); detach = a link info read (a severed link has
+ifindex 0: detach() then returns False, and BPF_LINK_DETACH could not tell) + BPF_LINK_DETACH (closing our
+fd detaches only if nobody else holds the link: a pin, a forked child, a tool holding it by id) + close().
 """
 
 from __future__ import annotations
@@ -110,10 +116,9 @@ class BpfLinkBackend(Backend):
         self._sys: SyscallThreads | None = None
 
     async def open(self) -> None:
-        """Open the rtnetlink transport that resolves device names and lists legacy cls_bpf filters in
-        `query` (tcx itself needs none), and the syscall threads that make every bpf(2) call and close()
-        of a link fd in the session's namespace (started as calls need them; at most the session's
-        max_workers)."""
+        """Open the rtnetlink transport that lists legacy cls_bpf filters in `query` (tcx itself needs
+        none), and the syscall threads that make every bpf(2) call, close() of a link fd and device lookup
+        in the session's namespace (started as calls need them; at most the session's max_workers)."""
         if self._sys is None:
             workers = int(self.ctx.runner.limiter.total_tokens)
             self._sys = SyscallThreads(self.ctx.runner, max_threads=max(1, workers), name="bpf_link")
@@ -150,8 +155,8 @@ class BpfLinkBackend(Backend):
         return self._sys
 
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
-        """(ifindex, the device's own name), asked of the kernel in a syscall thread (two SIOCGIF* ioctls,
-        lock-free in the kernel: far cheaper than an RTM_GETLINK and decoding its answer)."""
+        """(ifindex, the device's own name), asked of the kernel in a syscall thread (two SIOCGIF* ioctls
+        that take no rtnl: far cheaper than an RTM_GETLINK and decoding its answer)."""
         return await self._syscalls().run(_resolve_device, dev, self.ctx.netns)
 
     def _err(self, exc: bpf.BpfError, req_dev: str | int | None = None, direction: Direction | None = None,
