@@ -21,6 +21,7 @@ from .._errors import DeviceNotFound, from_errno
 from .._types import Direction, Hook, HookEntry
 from . import bpf, codec
 from .netns import NetnsRunner
+from .syscalls import SyscallThreads
 
 if TYPE_CHECKING:
     from .transport import NetlinkTransport
@@ -126,7 +127,7 @@ FilterLister = Callable[[int, Direction], Awaitable[Sequence[HookEntry]]]
 
 
 async def query_hook(
-    runner: NetnsRunner,
+    runner: NetnsRunner | SyscallThreads,
     ifindex: int,
     direction: Direction,
     *,
@@ -137,6 +138,7 @@ async def query_hook(
     """The hook's tcx entries (in run order) followed by its cls_bpf filters (by priority).
 
     `filters` lists the legacy filters of the hook (from a netlink dump); without it only tcx is read.
+    `runner` runs the BPF_PROG_QUERY in the hook's namespace: the session's runner or its syscall threads.
     """
     revision, entries = await runner.run(tcx_entries, ifindex, direction, names)
     if filters is not None:

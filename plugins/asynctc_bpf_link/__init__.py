@@ -12,6 +12,12 @@ hook is never without a program; any failure rolls back to the old program.
 
 tcx has no hardware path: offload="require" raises OffloadError naming the netlink backend, and "prefer"
 attaches in software (info.offloaded False).
+
+Every kernel call runs in the session's syscall threads (`asynctc.lowlevel.syscalls`). A cycle makes the
+calls it needs and no more: attach = BPF_LINK_CREATE + one link info read (the link id; for tcx it can only
+be read through BPF_OBJ_GET_INFO_BY_FD, which takes rtnl); detach = a link info read (a severed link has
+ifindex 0: detach() then returns False, and BPF_LINK_DETACH could not tell) + BPF_LINK_DETACH (closing our
+fd detaches only if nobody else holds the link: a pin, a forked child, a tool holding it by id) + close().
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import asynctc
 from asynctc import (
     AttachmentInfo,
     Conflict,
+    DeviceNotFound,
     Direction,
     Hook,
     NotOwned,
@@ -43,7 +50,8 @@ from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendCo
 from asynctc.lowlevel import bpf, pins
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel import transport as nllib
-from asynctc.lowlevel.netdev import resolve_device_nl
+from asynctc.lowlevel.netdev import resolve_device as resolve_device_here
+from asynctc.lowlevel.syscalls import SyscallThreads
 from asynctc.lowlevel.tcpolicy import parse_session_tag
 
 __all__ = [
@@ -83,6 +91,23 @@ class LinkAttachment(BackendAttachment):
     def take_fd(self) -> int | None:
         fd, self.fd = self.fd, None
         return fd
+
+
+def _resolve_device(dev: str | int, netns: str | None) -> tuple[int, str]:
+    """(ifindex, own name) of a device of the calling thread's namespace (an alternative name resolves to
+    the device's own name); DeviceNotFound otherwise."""
+    if isinstance(dev, int) and not isinstance(dev, bool) and dev > 0xFFFFFFFF:
+        raise DeviceNotFound(f"no device with ifindex {dev}: an ifindex is a 32-bit number", errno=_errno.ENODEV)
+    ifindex, name = resolve_device_here(dev, netns)
+    if isinstance(dev, int):
+        return ifindex, name
+    return resolve_device_here(ifindex, netns)
+
+
+def _close_created(created: tuple[int, bpf.LinkInfo]) -> None:
+    """Close the fd of a link made for an attach whose caller was cancelled meanwhile (it is unpinned and
+    ours alone: closing it detaches it)."""
+    os.close(created[0])
 
 
 def _pin_over(fd: int, path: str) -> None:
@@ -210,18 +235,28 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         super().__init__(ctx)
         self._names = hooklib.ProgNameCache()
         self._nl: nllib.NetlinkTransport | None = None
+        self._sys: SyscallThreads | None = None
 
     async def open(self) -> None:
-        """Open the rtnetlink transport that resolves device names and lists legacy cls_bpf filters in
-        `query` (tcx itself needs none)."""
+        """Open the rtnetlink transport that lists legacy cls_bpf filters in `query` (tcx itself needs
+        none), and the syscall threads that make every bpf(2) call, close() of a link fd and device lookup
+        in the session's namespace (started as calls need them; at most the session's max_workers)."""
+        if self._sys is None:
+            workers = int(self.ctx.runner.limiter.total_tokens)
+            self._sys = SyscallThreads(self.ctx.runner, max_threads=max(1, workers), name="bpf_link")
         if self._nl is None:
             self._nl = await nllib.start_transport(self.ctx.runner)
 
     async def aclose(self) -> None:
-        """Close the transport (idempotent)."""
+        """Close the transport, then the syscall threads once every call queued has run (idempotent)."""
         nl, self._nl = self._nl, None
-        if nl is not None:
-            await nl.aclose()
+        try:
+            if nl is not None:
+                await nl.aclose()
+        finally:
+            sys_threads, self._sys = self._sys, None
+            if sys_threads is not None:
+                await sys_threads.aclose()
 
     @classmethod
     async def probe(cls, ctx: BackendContext) -> Probe:
@@ -236,8 +271,15 @@ class BpfLinkBackend(Backend[LinkAttachment]):
             raise TCError("the bpf_link backend is closed (its session has ended)")
         return self._nl
 
+    def _syscalls(self) -> SyscallThreads:
+        if self._sys is None:
+            raise TCError("the bpf_link backend is closed (its session has ended)")
+        return self._sys
+
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
-        return await resolve_device_nl(self._transport(), dev, self.ctx.netns)
+        """(ifindex, the device's own name), asked of the kernel in a syscall thread (two SIOCGIF* ioctls
+        that take no rtnl: far cheaper than an RTM_GETLINK and decoding its answer)."""
+        return await self._syscalls().run(_resolve_device, dev, self.ctx.netns)
 
     def _err(self, exc: bpf.BpfError, req_dev: str | int | None = None, direction: Direction | None = None,
              program: object | None = None) -> TCError:
@@ -262,7 +304,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                 raise
 
         try:
-            fd, info = await self.ctx.runner.run(create)
+            fd, info = await self._syscalls().run(create, discard=_close_created)
         except bpf.BpfError as exc:
             p = request.placement
             if exc.errno == _errno.ENOENT and p.where in ("before", "after"):
@@ -313,7 +355,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         if fd is None:
             return False
         try:
-            return await self.ctx.runner.run(_detach_and_close, fd)
+            return await self._syscalls().run(_detach_and_close, fd, must_run=True)
         except bpf.BpfError as exc:
             if exc.errno == _errno.ENOLINK:
                 return False
@@ -322,14 +364,14 @@ class BpfLinkBackend(Backend[LinkAttachment]):
     async def release(self, att: LinkAttachment) -> None:
         fd = att.take_fd()
         if fd is not None:
-            await self.ctx.runner.run(os.close, fd)
+            await self._syscalls().run(os.close, fd, must_run=True)
 
     async def is_attached(self, att: LinkAttachment) -> bool:
         fd = att.fd
         if fd is None:
             return False
         try:
-            info = await self.ctx.runner.run(bpf.link_info, fd)
+            info = await self._syscalls().run(bpf.link_info, fd)
         except bpf.BpfError:
             return False
         return info.ifindex != 0
@@ -352,13 +394,13 @@ class BpfLinkBackend(Backend[LinkAttachment]):
             return info.prog_id, bpf.prog_query(ifindex, attach_type).revision
 
         try:
-            prog_id, revision = await self.ctx.runner.run(in_place)
+            prog_id, revision = await self._syscalls().run(in_place)
         except bpf.BpfError as exc:
             if exc.errno in FALLBACK_ERRNOS:
                 return await self._make_before_break(att, program, expected, refused=exc)
             if exc.op == "link_update_cas" and exc.errno == _errno.EPERM and expected is not None:
                 try:
-                    now = f"program {(await self.ctx.runner.run(bpf.link_info, fd)).prog_id}"
+                    now = f"program {(await self._syscalls().run(bpf.link_info, fd)).prog_id}"
                 except bpf.BpfError:
                     now = "another program"
                 raise Conflict(
@@ -422,7 +464,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
 
         for attempt in range(MBB_RETRIES):
             try:
-                new_fd, info, revision = await self.ctx.runner.run(step)
+                new_fd, info, revision = await self._syscalls().run(step)
                 break
             except bpf.BpfError as exc:
                 if exc.errno == _errno.ESTALE and attempt + 1 < MBB_RETRIES:
@@ -447,7 +489,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         async def filters(i: int, d: Direction) -> list[asynctc.HookEntry]:
             return await hooklib.cls_bpf_entries(nl, i, d, self._names)
 
-        return await hooklib.query_hook(self.ctx.runner, ifindex, direction, names=self._names,
+        return await hooklib.query_hook(self._syscalls(), ifindex, direction, names=self._names,
                                         backend=self.name, filters=filters)
 
     # -- pinning -------------------------------------------------------------------------------------
@@ -471,7 +513,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                 raise
 
         try:
-            await self.ctx.runner.run(pin)
+            await self._syscalls().run(pin)
         except bpf.BpfError as exc:
             raise from_errno(exc.errno or 0, op="obj_pin", backend=self.name, dev=path) from None
 
@@ -490,7 +532,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
             pins.unpin(path + RECORD_SUFFIX)
 
         try:
-            await self.ctx.runner.run(remove)
+            await self._syscalls().run(remove)
         except OSError as exc:
             raise PinError(f"cannot unpin {path}: {exc.strerror}", errno=exc.errno) from None
 
@@ -545,7 +587,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                     pass
                 raise
 
-        got = await self.ctx.runner.run(adopt)
+        got = await self._syscalls().run(adopt)
         if got is None:
             return None
         fd, info, dev = got
