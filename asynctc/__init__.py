@@ -25,6 +25,7 @@ from ._errors import DeviceNotFound as DeviceNotFound
 from ._errors import HookFull as HookFull
 from ._errors import NotOwned as NotOwned
 from ._errors import OffloadError as OffloadError
+from ._errors import Op as Op
 from ._errors import PermissionDenied as PermissionDenied
 from ._errors import PinError as PinError
 from ._errors import ProgramError as ProgramError

@@ -7,6 +7,7 @@ attempted (operation, device, direction, program, backend), what the kernel said
 
 from __future__ import annotations
 
+import enum
 import errno as _errno
 import os
 from collections.abc import Sequence
@@ -28,7 +29,63 @@ __all__ = [
     "StaleRevision",
     "TCError",
     "from_errno",
+    "Op",
 ]
+
+
+class Op(enum.StrEnum):
+    """The kernel operations asynctc reports errors of. `from_errno` chooses the exception by errno, refined
+    by the operation where the kernel gives an errno a meaning of its own (EPERM from a compare-and-swap
+    link update is a `Conflict`); the value is the name messages use. Low-level code names the operation it
+    ran (`asynctc.lowlevel.bpf.BpfError.op`), a backend the one it attempted."""
+
+    CLSACT_ADD = "clsact_add"
+    DEV_ADD = "dev_add"
+    DEV_GET = "dev_get"
+    DUMP = "dump"
+    ENABLE_STATS = "enable_stats"
+    FILTER_ADD = "filter_add"
+    FILTER_ADD_HW = "filter_add_hw"
+    FILTER_DELETE = "filter_delete"
+    FILTER_DUMP = "filter_dump"
+    FILTER_GET = "filter_get"
+    FILTER_REPLACE = "filter_replace"
+    FILTER_REPLACE_HW = "filter_replace_hw"
+    LINK_CREATE = "link_create"
+    LINK_DETACH = "link_detach"
+    LINK_DUMP = "link_dump"
+    LINK_GET = "link_get"
+    LINK_GET_FD_BY_ID = "link_get_fd_by_id"
+    LINK_GET_NEXT_ID = "link_get_next_id"
+    LINK_INFO = "link_info"
+    LINK_UPDATE = "link_update"
+    LINK_UPDATE_CAS = "link_update_cas"
+    MAP_CREATE = "map_create"
+    MAP_DELETE = "map_delete"
+    MAP_GET_FD_BY_ID = "map_get_fd_by_id"
+    MAP_GET_NEXT_ID = "map_get_next_id"
+    MAP_GET_NEXT_KEY = "map_get_next_key"
+    MAP_INFO = "map_info"
+    MAP_LOOKUP = "map_lookup"
+    MAP_UPDATE = "map_update"
+    NETLINK = "netlink"
+    OBJ_GET = "obj_get"
+    OBJ_PIN = "obj_pin"
+    OBJ_UNPIN = "obj_unpin"
+    OBJECT_LOAD = "object_load"
+    PROG_ATTACH = "prog_attach"
+    PROG_DETACH = "prog_detach"
+    PROG_GET = "prog_get"
+    PROG_GET_FD_BY_ID = "prog_get_fd_by_id"
+    PROG_GET_NEXT_ID = "prog_get_next_id"
+    PROG_INFO = "prog_info"
+    PROG_LOAD = "prog_load"
+    PROG_QUERY = "prog_query"
+    PROG_TEST_RUN = "prog_test_run"
+    QDISC_ADD = "qdisc_add"
+    QDISC_DELETE = "qdisc_delete"
+    QDISC_DUMP = "qdisc_dump"
+    QDISC_GET = "qdisc_get"
 
 
 class TCError(Exception):
@@ -170,25 +227,25 @@ _CAP_HINT = {
 }
 
 # Operations whose EPERM is a privilege problem of a specific capability.
-_OP_CAPABILITY = {
-    "prog_load": "prog",
-    "map_create": "bpf",
-    "map_lookup": "bpf",
-    "map_update": "bpf",
-    "map_delete": "bpf",
-    "map_get_next_key": "bpf",
-    "map_info": "bpf",
-    "map_get_fd_by_id": "sysadmin",
-    "object_load": "net",
-    "obj_pin": "bpf",
-    "obj_get": "bpf",
-    "prog_get_fd_by_id": "sysadmin",
-    "link_get_fd_by_id": "sysadmin",
-    "prog_query": "net",
-    "link_create": "net",
-    "link_update": "net",
-    "link_detach": "net",
-    "netlink": "net",
+_OP_CAPABILITY: dict[Op, str] = {
+    Op.PROG_LOAD: "prog",
+    Op.MAP_CREATE: "bpf",
+    Op.MAP_LOOKUP: "bpf",
+    Op.MAP_UPDATE: "bpf",
+    Op.MAP_DELETE: "bpf",
+    Op.MAP_GET_NEXT_KEY: "bpf",
+    Op.MAP_INFO: "bpf",
+    Op.MAP_GET_FD_BY_ID: "sysadmin",
+    Op.OBJECT_LOAD: "net",
+    Op.OBJ_PIN: "bpf",
+    Op.OBJ_GET: "bpf",
+    Op.PROG_GET_FD_BY_ID: "sysadmin",
+    Op.LINK_GET_FD_BY_ID: "sysadmin",
+    Op.PROG_QUERY: "net",
+    Op.LINK_CREATE: "net",
+    Op.LINK_UPDATE: "net",
+    Op.LINK_DETACH: "net",
+    Op.NETLINK: "net",
 }
 
 _BY_ERRNO: dict[int, tuple[type[TCError], str]] = {
@@ -204,94 +261,90 @@ _BY_ERRNO: dict[int, tuple[type[TCError], str]] = {
 }
 
 # Where one operation gives an errno a different meaning, the (op, errno) pair decides.
-_BY_OP: dict[tuple[str, int], tuple[type[TCError], str]] = {
-    ("link_update_cas", _errno.EPERM): (
+_BY_OP: dict[tuple[Op, int], tuple[type[TCError], str]] = {
+    (Op.LINK_UPDATE_CAS, _errno.EPERM): (
         Conflict,
         "another program is on the hook now; nothing was changed. query() and retry with the current one",
     ),
-    ("link_create", _errno.EINVAL): (
+    (Op.LINK_CREATE, _errno.EINVAL): (
         ProgramError,
         "the kernel refused the program for this hook: it must be a BPF_PROG_TYPE_SCHED_CLS program",
     ),
-    ("link_create", _errno.ENOENT): (
+    (Op.LINK_CREATE, _errno.ENOENT): (
         AnchorNotFound,
         "the Before/After anchor is not on this hook; query() the hook and anchor to a program on it",
     ),
-    ("prog_attach", _errno.ENOENT): (
-        AnchorNotFound,
-        "the Before/After anchor is not on this hook; query() the hook and anchor to a program on it",
-    ),
-    ("link_update", _errno.EINVAL): (
+    (Op.LINK_UPDATE, _errno.EINVAL): (
         ProgramError,
         "the kernel refused the new program for this link: it must be a SCHED_CLS program",
     ),
-    ("prog_get_fd_by_id", _errno.ENOENT): (ProgramError, "no BPF program has this id (it was unloaded?)"),
-    ("map_get_fd_by_id", _errno.ENOENT): (TCError, "no BPF map has this id (it was freed?)"),
-    ("map_update", _errno.E2BIG): (
+    (Op.PROG_GET_FD_BY_ID, _errno.ENOENT): (ProgramError, "no BPF program has this id (it was unloaded?)"),
+    (Op.MAP_GET_FD_BY_ID, _errno.ENOENT): (TCError, "no BPF map has this id (it was freed?)"),
+    (Op.MAP_UPDATE, _errno.E2BIG): (
         TCError,
         "the map is full (or the key is past the end of an array): delete entries, or declare more max_entries",
     ),
-    ("map_update", _errno.ENOMEM): (TCError, "the kernel could not allocate the element"),
-    ("map_delete", _errno.EINVAL): (
+    (Op.MAP_UPDATE, _errno.ENOMEM): (TCError, "the kernel could not allocate the element"),
+    (Op.MAP_DELETE, _errno.EINVAL): (
         TCError,
         "this kind of map cannot delete elements (arrays keep every key): update the value instead",
     ),
-    ("link_get_fd_by_id", _errno.ENOENT): (Severed, "no BPF link has this id any more"),
-    ("prog_load", _errno.EINVAL): (ProgramError, "the verifier or the loader refused the program"),
-    ("prog_load", _errno.EACCES): (ProgramError, "the verifier refused the program"),
-    ("obj_get", _errno.ENOENT): (PinError, "nothing is pinned at this path"),
-    ("obj_get", _errno.EACCES): (
+    (Op.LINK_GET_FD_BY_ID, _errno.ENOENT): (Severed, "no BPF link has this id any more"),
+    (Op.PROG_LOAD, _errno.EINVAL): (ProgramError, "the verifier or the loader refused the program"),
+    (Op.PROG_LOAD, _errno.EACCES): (ProgramError, "the verifier refused the program"),
+    (Op.OBJ_GET, _errno.ENOENT): (PinError, "nothing is pinned at this path"),
+    (Op.OBJ_GET, _errno.EACCES): (
         PinError,
         "not a bpffs object: BPF_OBJ_GET opens only pins on a bpffs mount (or the pin's mode does not let "
         "this user open it)",
     ),
-    ("obj_get", _errno.EPERM): (
+    (Op.OBJ_GET, _errno.EPERM): (
         PinError,
         "the path is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf` and pin under it",
     ),
-    ("obj_get", _errno.EINVAL): (
+    (Op.OBJ_GET, _errno.EINVAL): (
         PinError,
         "the path is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf` and pin under it",
     ),
-    ("obj_pin", _errno.EEXIST): (PinError, "something is already pinned at this path; unpin it or pick another"),
-    ("obj_pin", _errno.ENOENT): (PinError, "the directory of the pin path does not exist on bpffs"),
-    ("obj_pin", _errno.EPERM): (
+    (Op.OBJ_PIN, _errno.EEXIST): (PinError, "something is already pinned at this path; unpin it or pick another"),
+    (Op.OBJ_PIN, _errno.ENOENT): (PinError, "the directory of the pin path does not exist on bpffs"),
+    (Op.OBJ_PIN, _errno.EPERM): (
         PinError,
         "the path is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf` and pin under it",
     ),
-    ("obj_pin", _errno.EINVAL): (
+    (Op.OBJ_PIN, _errno.EINVAL): (
         PinError,
         "the path is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf` and pin under it",
     ),
-    ("filter_add", _errno.ENOENT): (
+    (Op.FILTER_ADD, _errno.ENOENT): (
         DeviceNotFound,
         "the clsact qdisc or the device is gone; attach again to recreate it",
     ),
-    ("filter_replace", _errno.ENOENT): (Severed, "the filter is gone: someone deleted it or its qdisc"),
-    ("filter_delete", _errno.ENOENT): (Severed, "the filter is gone: someone deleted it or its qdisc"),
-    ("filter_get", _errno.ENOENT): (Severed, "the filter is gone: someone deleted it or its qdisc"),
-    ("filter_add_hw", _errno.EINVAL): (
+    (Op.FILTER_REPLACE, _errno.ENOENT): (Severed, "the filter is gone: someone deleted it or its qdisc"),
+    (Op.FILTER_DELETE, _errno.ENOENT): (Severed, "the filter is gone: someone deleted it or its qdisc"),
+    (Op.FILTER_GET, _errno.ENOENT): (Severed, "the filter is gone: someone deleted it or its qdisc"),
+    (Op.FILTER_ADD_HW, _errno.EINVAL): (
         OffloadError,
         "the device refused hardware offload (skip_sw); use offload='prefer' or 'never' to run in software",
     ),
-    ("filter_add_hw", _errno.EOPNOTSUPP): (
+    (Op.FILTER_ADD_HW, _errno.EOPNOTSUPP): (
         OffloadError,
         "the device does not support hardware offload; use offload='prefer' or 'never'",
     ),
-    ("filter_replace_hw", _errno.EINVAL): (
+    (Op.FILTER_REPLACE_HW, _errno.EINVAL): (
         OffloadError,
         "the hardware refused the new program; the update was aborted and the old program keeps running",
     ),
-    ("filter_replace_hw", _errno.EOPNOTSUPP): (
+    (Op.FILTER_REPLACE_HW, _errno.EOPNOTSUPP): (
         OffloadError,
         "the hardware refused the new program; the update was aborted and the old program keeps running",
     ),
-    ("clsact_add", _errno.EEXIST): (
+    (Op.CLSACT_ADD, _errno.EEXIST): (
         AlreadyAttached,
         "an ingress qdisc is in the way (clsact cannot share a device with it): delete it "
         "(tc qdisc del dev DEV ingress) or use the bpf_link backend (tcx works beside it)",
     ),
-    ("qdisc_add", _errno.EEXIST): (
+    (Op.QDISC_ADD, _errno.EEXIST): (
         AlreadyAttached,
         "another root/ingress qdisc is in the way; delete it or use the bpf_link backend",
     ),
@@ -319,7 +372,7 @@ def _describe(
 def from_errno(
     err: int,
     *,
-    op: str,
+    op: Op | str,
     backend: str | None = None,
     dev: str | int | None = None,
     direction: object | None = None,
@@ -330,14 +383,17 @@ def from_errno(
 
     Args:
         err: the positive errno the kernel returned.
-        op: the operation attempted, e.g. "link_create", "filter_add", "obj_pin"; some operations give an
-            errno a meaning of their own (EPERM from a compare-and-swap link update is a `Conflict`).
+        op: the operation attempted, an `Op` (e.g. `Op.LINK_CREATE`) or its value ("link_create"; an
+            unknown name is a ValueError, so a misspelt operation never silently loses its meaning); some
+            operations give an errno a meaning of their own (EPERM from a compare-and-swap link update is a
+            `Conflict`).
         backend, dev, direction, program: what the operation was about, for the message.
         detail: the kernel's own words where it gave some (netlink extended ACK, verifier log).
     """
+    op = Op(op)
     cls, hint = _BY_OP.get((op, err)) or _BY_ERRNO.get(err) or (TCError, "")
     if cls is PermissionDenied:
-        cap = _OP_CAPABILITY.get(op.removesuffix("_cas"), "net")
+        cap = _OP_CAPABILITY.get(Op(op.removesuffix("_cas")), "net")
         hint = _cap_hint(cap)
     what = _describe(op, backend=backend, dev=dev, direction=direction, program=program)
     name = _errno.errorcode.get(err, str(err))

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TypeAlias, TypeVar
 
-from ._errors import TCError, from_errno
+from ._errors import Op, TCError, from_errno
 from .lowlevel import bpf
 
 __all__ = ["MAP_TYPE_NAMES", "Map", "MapKey", "MapValue", "adopt_map_fd"]
@@ -103,7 +103,7 @@ class Map:
         try:
             fd = bpf.obj_get(os.fspath(path))
         except bpf.BpfError as exc:
-            raise from_errno(exc.errno or 0, op="obj_get", program=f"map pin {os.fspath(path)}") from None
+            raise from_errno(exc.errno or 0, op=Op.OBJ_GET, program=f"map pin {os.fspath(path)}") from None
         return adopt_map_fd(fd)
 
     @classmethod
@@ -114,7 +114,7 @@ class Map:
         try:
             fd = bpf.map_get_fd_by_id(map_id)
         except bpf.BpfError as exc:
-            raise from_errno(exc.errno or 0, op="map_get_fd_by_id", program=f"map id {map_id}") from None
+            raise from_errno(exc.errno or 0, op=Op.MAP_GET_FD_BY_ID, program=f"map id {map_id}") from None
         return adopt_map_fd(fd)
 
     # -- identity ---------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ class Map:
         try:
             bpf.obj_pin(self.fd, os.fspath(path))
         except bpf.BpfError as exc:
-            raise from_errno(exc.errno or 0, op="obj_pin", program=f"{self} at {os.fspath(path)}") from None
+            raise from_errno(exc.errno or 0, op=Op.OBJ_PIN, program=f"{self} at {os.fspath(path)}") from None
 
     def close(self) -> None:
         """Close the map's fd. Idempotent. Programs using the map keep it alive; so does a pin."""
@@ -315,7 +315,7 @@ def adopt_map_fd(fd: int, *, name: str | None = None) -> Map:
         info = bpf.map_info(fd)
     except bpf.BpfError as exc:
         os.close(fd)
-        raise from_errno(exc.errno or 0, op="map_info") from None
+        raise from_errno(exc.errno or 0, op=Op.MAP_INFO) from None
     return Map(
         fd,
         id=info.id,

@@ -6,7 +6,7 @@ import builtins
 import os
 from types import TracebackType
 
-from ._errors import ProgramError, from_errno
+from ._errors import Op, ProgramError, from_errno
 from .lowlevel import bpf
 from .lowlevel.pins import check_path
 
@@ -60,7 +60,7 @@ class Program:
         try:
             fd = bpf.obj_get(spath)
         except bpf.BpfError as exc:
-            raise from_errno(exc.errno or 0, op="obj_get", program=spath) from None
+            raise from_errno(exc.errno or 0, op=Op.OBJ_GET, program=spath) from None
         return adopt_program_fd(fd)
 
     @classmethod
@@ -71,7 +71,7 @@ class Program:
         try:
             fd = bpf.prog_get_fd_by_id(prog_id)
         except bpf.BpfError as exc:
-            raise from_errno(exc.errno or 0, op="prog_get_fd_by_id", program=f"program id {prog_id}") from None
+            raise from_errno(exc.errno or 0, op=Op.PROG_GET_FD_BY_ID, program=f"program id {prog_id}") from None
         return adopt_program_fd(fd)
 
     @property
@@ -163,5 +163,5 @@ def adopt_program_fd(fd: int, *, name: str | None = None, section: str | None = 
         info = bpf.prog_info(fd)
     except bpf.BpfError as exc:
         os.close(fd)
-        raise from_errno(exc.errno or 0, op="prog_info") from None
+        raise from_errno(exc.errno or 0, op=Op.PROG_INFO) from None
     return Program(fd, id=info.id, name=name or info.name, tag=info.tag, type=info.type, section=section)

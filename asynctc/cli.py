@@ -37,6 +37,7 @@ from typing import Any, NamedTuple, TextIO
 import trio
 
 import asynctc
+from asynctc import Op
 from asynctc import events as ev
 
 __all__ = ["SUBCOMMANDS", "Subcommand", "UsageError", "format_event", "main", "reported_error"]
@@ -461,7 +462,7 @@ async def _add_stats(rows: list[Row], seconds: float) -> None:
     try:
         stats_fd = await trio.to_thread.run_sync(bpf.enable_stats)
     except bpf.BpfError as exc:
-        raise asynctc.from_errno(exc.errno or 0, op="enable_stats") from None
+        raise asynctc.from_errno(exc.errno or 0, op=Op.ENABLE_STATS) from None
     try:
         before = await trio.to_thread.run_sync(read)
         await trio.sleep(seconds)
@@ -689,7 +690,7 @@ async def _find_by_tag(session: Any, args: argparse.Namespace, ifindex: int, nam
                                            f.ifindex, f.parent, f.priority, f.handle)
 
             with trio.CancelScope(shield=True):
-                await nl.request(build, op="filter_delete", dev=name, direction=direction)
+                await nl.request(build, op=Op.FILTER_DELETE, dev=name, direction=direction)
             removed.append(Row("cls_bpf", prog_id, tag.prog_name, f.bpf_tag or "", None, f.priority, f.handle,
                                f.parent, owner=tag.owner, pid=tag.pid))
     if removed:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Literal, TypeAlias
 
-from ._errors import ProgramError, from_errno
+from ._errors import Op, ProgramError, from_errno
 from ._program import Program, adopt_program_fd
 from .lowlevel import bpf
 
@@ -47,7 +47,7 @@ def _load(insns: bytes, name: str) -> int:
     try:
         return bpf.prog_load(bpf.BPF_PROG_TYPE_SCHED_CLS, insns, name=name)
     except bpf.BpfError as exc:
-        raise from_errno(exc.errno or 0, op="prog_load", program=name, detail=exc.log or None) from None
+        raise from_errno(exc.errno or 0, op=Op.PROG_LOAD, program=name, detail=exc.log or None) from None
 
 
 def constant(verdict: Verdict = "pass", *, name: str | None = None) -> Program:
@@ -98,7 +98,7 @@ def counting(verdict: Verdict = "pass", *, name: str | None = None) -> CountingP
     try:
         map_fd = bpf.map_create_array(8, 1, name="atc_count")
     except bpf.BpfError as exc:
-        raise from_errno(exc.errno or 0, op="map_create", program="counting program") from None
+        raise from_errno(exc.errno or 0, op=Op.MAP_CREATE, program="counting program") from None
     a = bpf.asm
     insns = (
         a.ld_map_fd(1, map_fd)

@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from .._errors import TCError
+from .._errors import Op, TCError
 from .._types import Direction
 from ..events import (
     DeviceAdded,
@@ -188,12 +188,12 @@ class NetlinkEventSource(EventSource):
     async def _dump_state(self) -> tuple[dict[int, str], dict[QdiscKey, str], dict[FilterKey, FilterVal]]:
         links: dict[int, str] = {}
         for m in await self._nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETLINK),
-                                     op="link_dump"):
+                                     op=Op.LINK_DUMP):
             if isinstance(m, codec.LinkMsg):
                 links[m.ifindex] = m.name or ""
         qdiscs: dict[QdiscKey, str] = {}
         for m in await self._nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETQDISC),
-                                     op="qdisc_dump"):
+                                     op=Op.QDISC_DUMP):
             if isinstance(m, codec.QdiscMsg) and m.ifindex in links:
                 qdiscs[(m.ifindex, m.parent, m.handle)] = m.kind or ""
         filters: dict[FilterKey, FilterVal] = {}
@@ -203,7 +203,7 @@ class NetlinkEventSource(EventSource):
                 try:
                     msgs = await self._nl.dump(
                         functools.partial(_filter_dump, ifindex=ifindex, parent=parent),
-                        op="filter_dump", dev=ifindex,
+                        op=Op.FILTER_DUMP, dev=ifindex,
                     )
                 except Exception as exc:  # the device went away meanwhile: its events will say so
                     log.debug("asynctc: filter dump of ifindex %d failed during resync: %r", ifindex, exc)

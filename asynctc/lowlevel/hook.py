@@ -17,7 +17,7 @@ import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
-from .._errors import DeviceNotFound, from_errno
+from .._errors import DeviceNotFound, Op, from_errno
 from .._types import Direction, Hook, HookEntry
 from . import bpf, codec
 from .netns import NetnsRunner
@@ -79,7 +79,7 @@ def tcx_entries(
             return None, []
         if exc.errno == _errno.ENODEV:
             raise DeviceNotFound(f"no device with ifindex {ifindex} (it was deleted?)", errno=exc.errno) from None
-        raise from_errno(exc.errno or 0, op="prog_query", dev=ifindex, direction=direction) from None
+        raise from_errno(exc.errno or 0, op=Op.PROG_QUERY, dev=ifindex, direction=direction) from None
     entries = []
     for prog_id, link_id in zip(q.prog_ids, q.link_ids, strict=True):
         name, tag = names.get(prog_id)
@@ -100,7 +100,7 @@ async def dump_filters(
     clsact qdisc. DeviceNotFound when the device is gone."""
     parent = CLSACT_PARENTS[direction]
     msgs = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETTFILTER, ifindex, parent),
-                         op="filter_dump", dev=dev if dev is not None else ifindex, direction=direction)
+                         op=Op.FILTER_DUMP, dev=dev if dev is not None else ifindex, direction=direction)
     out = [m for m in msgs if isinstance(m, codec.FilterMsg) and m.handle != 0 and m.chain == 0
            and m.ifindex == ifindex and m.parent == parent]
     out.sort(key=lambda m: (m.priority, m.handle))

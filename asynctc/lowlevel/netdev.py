@@ -14,7 +14,7 @@ import errno as _errno
 import socket
 from typing import TYPE_CHECKING
 
-from .._errors import DeviceNotFound, TCError
+from .._errors import DeviceNotFound, Op, TCError
 
 if TYPE_CHECKING:
     from .transport import NetlinkTransport
@@ -86,7 +86,7 @@ async def resolve_device_nl(nl: NetlinkTransport, dev: str | int, netns: str | N
         def build(seq: int) -> bytes:
             return codec.encode_link_get(seq, name=dev)
     try:
-        msgs = await nl.request(build, op="link_get", dev=dev)
+        msgs = await nl.request(build, op=Op.LINK_GET, dev=dev)
     except TCError as exc:
         if exc.errno in (_errno.ENODEV, _errno.ENOENT):
             raise _not_found(dev, netns) from None

@@ -638,7 +638,7 @@ async def open_transport(
     closed) on exit, however the block ends.
 
         async with open_transport(runner) as nl:
-            await nl.request(lambda seq: codec.encode_qdisc_add_clsact(seq, ifindex), op="qdisc_add")
+            await nl.request(lambda seq: codec.encode_qdisc_add_clsact(seq, ifindex), op=Op.QDISC_ADD)
             filters = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETTFILTER,
                                                                           ifindex, codec.INGRESS_PARENT))
     """

@@ -31,6 +31,8 @@ from typing import Any, TextIO
 
 import trio
 
+from asynctc import Op
+
 from .._errors import BackendUnavailable, CleanupError, TCError
 from .._program import Program
 from .._session import Session, open_session
@@ -440,7 +442,7 @@ async def _audit_netns(env: _Env) -> list[Leak]:
     runner = NetnsRunner(env.netns, trio.CapacityLimiter(2))
     try:
         async with open_transport(runner) as nl:
-            msgs = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETLINK), op="link_dump")
+            msgs = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETLINK), op=Op.LINK_DUMP)
             names = {m.ifindex: m.name or str(m.ifindex) for m in msgs if isinstance(m, codec.LinkMsg)}
             for ifindex, name in sorted(names.items()):
                 for d in Direction:
@@ -456,7 +458,7 @@ async def _audit_netns(env: _Env) -> list[Leak]:
                         leaks.append(Leak("filter", env.where, name, d.value,
                                           f"{f.kind} pref {f.priority} handle {f.handle:#x} prog {f.bpf_id} "
                                           f"name {f.bpf_name!r}"))
-            qdiscs = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETQDISC), op="qdisc_dump")
+            qdiscs = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETQDISC), op=Op.QDISC_DUMP)
             for m in qdiscs:
                 if isinstance(m, codec.QdiscMsg) and m.kind in ("clsact", "ingress"):
                     leaks.append(Leak("qdisc", env.where, names.get(m.ifindex, str(m.ifindex)), None, m.kind))

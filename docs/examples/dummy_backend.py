@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import asynctc
-from asynctc import AttachmentInfo, Direction, Hook, HookEntry, NotOwned, Probe, Program, from_errno
+from asynctc import AttachmentInfo, Direction, Hook, HookEntry, NotOwned, Op, Probe, Program, from_errno
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, Updated
 from asynctc.lowlevel.bpf import BPF_PROG_TYPE_SCHED_CLS
 
@@ -208,7 +208,7 @@ class DummyBackend(Backend[DummyAttachment]):
         try:
             ifindex = self.net.ifindex(dev)
         except OSError as exc:
-            raise from_errno(exc.errno or 0, op="dev_get", backend=self.name, dev=dev) from None
+            raise from_errno(exc.errno or 0, op=Op.DEV_GET, backend=self.name, dev=dev) from None
         return ifindex, self.net.devices[ifindex]
 
     async def attach(self, request: AttachRequest) -> DummyAttachment:
@@ -217,7 +217,7 @@ class DummyBackend(Backend[DummyAttachment]):
             link = self.net.link_create(request.ifindex, request.direction, request.program, p.where,
                                         p.prog_id, p.link_id)
         except OSError as exc:
-            raise from_errno(exc.errno or 0, op="link_create", backend=self.name, dev=request.dev,
+            raise from_errno(exc.errno or 0, op=Op.LINK_CREATE, backend=self.name, dev=request.dev,
                              direction=request.direction, program=request.program, detail=exc.strerror) from None
         info = self._info(request.dev, request.ifindex, request.direction, link, pinned=None)
         return DummyAttachment(info, link.link_id)
@@ -250,7 +250,7 @@ class DummyBackend(Backend[DummyAttachment]):
         try:
             self.net.pin(att.link_id, path, self.ctx.owner)
         except OSError as exc:
-            raise from_errno(exc.errno or 0, op="obj_pin", backend=self.name, dev=att.info.dev,
+            raise from_errno(exc.errno or 0, op=Op.OBJ_PIN, backend=self.name, dev=att.info.dev,
                              detail=exc.strerror) from None
 
     async def unpin(self, att: DummyAttachment) -> None:
@@ -267,7 +267,7 @@ class DummyBackend(Backend[DummyAttachment]):
         found = self.net.find(link_id)
         if found is None:
             self.net.unpin(path)
-            raise from_errno(errno.ENOLINK, op="obj_get", backend=self.name, dev=path,
+            raise from_errno(errno.ENOLINK, op=Op.OBJ_GET, backend=self.name, dev=path,
                              detail="the pinned link was severed; its pin was removed")
         ifindex, direction, link = found
         return DummyAttachment(self._info(self.net.devices[ifindex], ifindex, direction, link, pinned=path), link_id)

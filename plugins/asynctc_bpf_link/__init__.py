@@ -39,6 +39,7 @@ from asynctc import (
     Direction,
     Hook,
     NotOwned,
+    Op,
     PinError,
     Probe,
     Program,
@@ -515,7 +516,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         try:
             await self._syscalls().run(pin)
         except bpf.BpfError as exc:
-            raise from_errno(exc.errno or 0, op="obj_pin", backend=self.name, dev=path) from None
+            raise from_errno(exc.errno or 0, op=Op.OBJ_PIN, backend=self.name, dev=path) from None
 
     async def unpin(self, att: LinkAttachment) -> None:
         path = att.info.pinned
@@ -549,7 +550,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                     raise PinError(f"nothing is pinned at {path}: a pin of asynctc was interrupted there (the "
                                    "link died with its process); its stale record was removed",
                                    errno=_errno.ENOENT) from None
-                raise from_errno(exc.errno or 0, op="obj_get", backend=self.name, dev=path) from None
+                raise from_errno(exc.errno or 0, op=Op.OBJ_GET, backend=self.name, dev=path) from None
             try:
                 if bpf.fd_object_kind(fd) != "link":
                     os.close(fd)

@@ -43,6 +43,7 @@ from asynctc import (
     HookEntry,
     NotOwned,
     OffloadError,
+    Op,
     Probe,
     Program,
     TCError,
@@ -192,7 +193,7 @@ class MockBackend(Backend[MockAttachment]):
         try:
             return await self._k(self.kernel.register_program, program)
         except KernelError as exc:
-            raise from_errno(exc.errno or 0, op="prog_get", backend=self.name, program=program,
+            raise from_errno(exc.errno or 0, op=Op.PROG_GET, backend=self.name, program=program,
                              detail=exc.detail) from None
 
     async def _attach_tcx(self, request: AttachRequest) -> MockAttachment:
@@ -228,7 +229,7 @@ class MockBackend(Backend[MockAttachment]):
                 q = await self._k(self.kernel.qdisc_get, request.ifindex)
                 if q is not None:
                     if q.kind != "clsact":
-                        raise from_errno(_errno.EEXIST, op="qdisc_add", backend=self.name, dev=request.dev,
+                        raise from_errno(_errno.EEXIST, op=Op.QDISC_ADD, backend=self.name, dev=request.dev,
                                          detail=f"an {q.kind} qdisc is on the device")
                     return False
                 await self._k(self.kernel.qdisc_add, request.ifindex, "clsact", creator=self.tag)
@@ -237,7 +238,7 @@ class MockBackend(Backend[MockAttachment]):
                 if exc.errno == _errno.EEXIST and exc.op == "qdisc_add":
                     continue  # someone created one meanwhile: look again
                 raise self._err(exc, dev=request.dev) from None
-        raise from_errno(_errno.EEXIST, op="qdisc_add", backend=self.name, dev=request.dev)
+        raise from_errno(_errno.EEXIST, op=Op.QDISC_ADD, backend=self.name, dev=request.dev)
 
     def _choose_priority(self, request: AttachRequest, filters: tuple[FilterInfo, ...]) -> int:
         """Map a position onto a priority between the existing filters' (the netlink backend's rule)."""
@@ -347,7 +348,7 @@ class MockBackend(Backend[MockAttachment]):
                 await self._k(self.kernel.obj_unpin, info.pinned)
             except KernelError as exc:
                 if exc.errno != _errno.ENOENT:
-                    raise self._err(exc, op="obj_unpin", dev=info.dev) from None
+                    raise self._err(exc, op=Op.OBJ_UNPIN, dev=info.dev) from None
         async with self._locks[info.ifindex]:  # not between another attach's clsact check and its filter add
             await self._drop_qdisc_if_empty(info.ifindex)
         return not gone
@@ -410,7 +411,7 @@ class MockBackend(Backend[MockAttachment]):
         if att.kind == "filter":
             return await self._update_filter(att, program, new_id, expected)
         assert info.link_id is not None
-        op = "link_update_cas" if expected is not None else "link_update"
+        op = Op.LINK_UPDATE_CAS if expected is not None else Op.LINK_UPDATE
         try:
             await self._k(self.kernel.link_update, info.link_id, new_id,
                           old_prog_id=expected.id if expected is not None else None)
@@ -442,12 +443,12 @@ class MockBackend(Backend[MockAttachment]):
                 li = await self._k(self.kernel.link_info, info.link_id)
             except KernelError as exc:
                 if exc.errno in (_errno.ENODEV, _errno.ENOENT):
-                    raise from_errno(_errno.ENOLINK, op="link_update", backend=self.name, **where) from None
+                    raise from_errno(_errno.ENOLINK, op=Op.LINK_UPDATE, backend=self.name, **where) from None
                 raise self._err(exc, **where) from None
             if li.ifindex == 0:
-                raise from_errno(_errno.ENOLINK, op="link_update", backend=self.name, **where)
+                raise from_errno(_errno.ENOLINK, op=Op.LINK_UPDATE, backend=self.name, **where)
             if expected is not None and li.prog_id != expected.id:
-                raise from_errno(_errno.EPERM, op="link_update_cas", backend=self.name, **where,
+                raise from_errno(_errno.EPERM, op=Op.LINK_UPDATE_CAS, backend=self.name, **where,
                                  detail=f"the link runs program {li.prog_id}, not {expected.id}")
             if li.prog_id == new_id:
                 return Updated("make_before_break", q.revision, new_id)
@@ -469,7 +470,7 @@ class MockBackend(Backend[MockAttachment]):
             await self._retire_old_link(info.link_id, new_link, info.pinned)
             return Updated("make_before_break", await self._revision(info.ifindex, info.direction), new_id,
                            link_id=new_link)
-        raise from_errno(_errno.ESTALE, op="link_create", backend=self.name, **where,
+        raise from_errno(_errno.ESTALE, op=Op.LINK_CREATE, backend=self.name, **where,
                          detail="the hook kept changing during make-before-break")
 
     async def _rollback_link(self, link_id: int) -> None:
@@ -503,7 +504,7 @@ class MockBackend(Backend[MockAttachment]):
         except KernelError as exc:
             raise self._err(exc, **where) from None
         if cur is None or cur.name != att.filter_name or cur.kind != "bpf":
-            raise from_errno(_errno.ENOENT, op="filter_replace", backend=self.name, **where)
+            raise from_errno(_errno.ENOENT, op=Op.FILTER_REPLACE, backend=self.name, **where)
         if expected is not None and cur.prog_id != expected.id:
             raise Conflict(
                 f"update of {info.dev} {info.direction} prio {info.priority} [mock backend]: the filter runs "
@@ -555,7 +556,7 @@ class MockBackend(Backend[MockAttachment]):
                 await self._k(self.kernel.obj_pin_filter, info.ifindex, info.direction, info.priority,
                               info.handle, path)
         except KernelError as exc:
-            raise self._err(exc, op="obj_pin", dev=info.dev, direction=info.direction) from None
+            raise self._err(exc, op=Op.OBJ_PIN, dev=info.dev, direction=info.direction) from None
         if att.kind == "filter":
             tag = parse_tag(att.filter_name)
             name = format_tag(tag.session_tag if tag else self.tag, self._prog_name(att), pinned=True)
@@ -563,7 +564,7 @@ class MockBackend(Backend[MockAttachment]):
                 try:
                     await self._replace_filter(att, info.prog_id, name)
                 except KernelError as exc:
-                    raise self._err(exc, op="filter_replace", dev=info.dev, direction=info.direction) from None
+                    raise self._err(exc, op=Op.FILTER_REPLACE, dev=info.dev, direction=info.direction) from None
             except BaseException:
                 with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                     try:
@@ -588,12 +589,12 @@ class MockBackend(Backend[MockAttachment]):
                 await self._replace_filter(att, att.info.prog_id, format_tag(self.tag, self._prog_name(att)))
             except KernelError as exc:
                 if exc.errno not in (_errno.ENOENT, _errno.ENODEV):
-                    raise self._err(exc, op="filter_replace", dev=att.info.dev) from None
+                    raise self._err(exc, op=Op.FILTER_REPLACE, dev=att.info.dev) from None
         try:
             await self._k(self.kernel.obj_unpin, path)
         except KernelError as exc:
             if exc.errno != _errno.ENOENT:
-                raise self._err(exc, op="obj_unpin", dev=att.info.dev) from None
+                raise self._err(exc, op=Op.OBJ_UNPIN, dev=att.info.dev) from None
 
     async def adopt_pinned(self, path: str, *, foreign: bool = False) -> MockAttachment | None:
         """Take over the link or filter pinned at `path`. A pinned link that was severed meanwhile is
@@ -601,7 +602,7 @@ class MockBackend(Backend[MockAttachment]):
         try:
             got = await self._k(self.kernel.obj_get, path)
         except KernelError as exc:
-            raise self._err(exc, op="obj_get", dev=path) from None
+            raise self._err(exc, op=Op.OBJ_GET, dev=path) from None
         if got[0] == "link":
             link_id = got[1]
             li = await self._k(self.kernel.link_info, link_id)
@@ -610,7 +611,7 @@ class MockBackend(Backend[MockAttachment]):
             if li.ifindex == 0:
                 await self._k(self.kernel.link_close, link_id)
                 await self._k(self.kernel.obj_unpin, path)
-                raise from_errno(_errno.ENOLINK, op="obj_get", backend=self.name, dev=path,
+                raise from_errno(_errno.ENOLINK, op=Op.OBJ_GET, backend=self.name, dev=path,
                                  detail="the pinned link was severed; its pin was removed")
             try:
                 _ifindex, name, _off = await self._k(self.kernel.dev_get, li.ifindex)

@@ -70,6 +70,7 @@ from asynctc import (
     HookEntry,
     NotOwned,
     OffloadError,
+    Op,
     PermissionDenied,
     PinError,
     Probe,
@@ -222,7 +223,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
         try:
             async with open_transport(ctx.runner) as nl:
                 try:
-                    await nl.request(lambda seq: codec.encode_qdisc_del(seq, 0, kind=None), op="netlink")
+                    await nl.request(lambda seq: codec.encode_qdisc_del(seq, 0, kind=None), op=Op.NETLINK)
                 except DeviceNotFound:
                     pass  # the expected answer: the request got past the capability check
                 except TCError as exc:
@@ -301,7 +302,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
     async def _ingress_slot_kind(self, ifindex: int, dev: str | int) -> str | None:
         """The kind of the qdisc in the device's ingress slot ("clsact", "ingress"), None if empty."""
         msgs = await self._transport().dump(
-            lambda seq: codec.encode_dump_request(seq, codec.RTM_GETQDISC), op="qdisc_dump", dev=dev)
+            lambda seq: codec.encode_dump_request(seq, codec.RTM_GETQDISC), op=Op.QDISC_DUMP, dev=dev)
         for m in msgs:
             if isinstance(m, codec.QdiscMsg) and m.ifindex == ifindex and m.parent == codec.CLSACT_PARENT:
                 return m.kind
@@ -314,7 +315,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
         nl = self._transport()
         for _ in range(3):
             try:
-                await nl.request(lambda seq: codec.encode_qdisc_add_clsact(seq, ifindex), op="clsact_add",
+                await nl.request(lambda seq: codec.encode_qdisc_add_clsact(seq, ifindex), op=Op.CLSACT_ADD,
                                  backend=self.name, dev=dev)
             except AlreadyAttached:
                 kind = await self._ingress_slot_kind(ifindex, dev)
@@ -322,7 +323,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
                     return False  # someone's (or ours from before): used, never deleted unless ours
                 if kind is None:
                     continue  # it went away meanwhile: try again
-                raise from_errno(_errno.EEXIST, op="clsact_add", backend=self.name, dev=dev,
+                raise from_errno(_errno.EEXIST, op=Op.CLSACT_ADD, backend=self.name, dev=dev,
                                  detail=f"{dev} has an {kind} qdisc; `tc qdisc del dev {dev} {kind}` removes it"
                                  ) from None
             else:
@@ -338,7 +339,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
             def build(seq: int, parent: int = parent) -> bytes:
                 return codec.encode_dump_request(seq, codec.RTM_GETTFILTER, ifindex, parent)
 
-            msgs = await nl.dump(build, op="filter_dump", dev=ifindex)
+            msgs = await nl.dump(build, op=Op.FILTER_DUMP, dev=ifindex)
             if any(isinstance(m, codec.FilterMsg) for m in msgs):
                 return True
         return False
@@ -355,7 +356,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
             if await self._any_filter(ifindex):
                 return
             await self._transport().request(lambda seq: codec.encode_qdisc_del(seq, ifindex),
-                                             op="qdisc_delete", backend=self.name, dev=dev)
+                                             op=Op.QDISC_DELETE, backend=self.name, dev=dev)
         except DeviceNotFound:
             pass  # the device is gone, and its qdisc with it
         except TCError as exc:
@@ -393,10 +394,10 @@ class NetlinkBackend(Backend[FilterAttachment]):
         prog_fd = request.program.fd
         parent = hooklib.CLSACT_PARENTS[request.direction]
         ifindex = request.ifindex
-        modes: list[tuple[int, str]] = {
-            "require": [(codec.TCA_CLS_FLAGS_SKIP_SW, "filter_add_hw")],
-            "prefer": [(codec.TCA_CLS_FLAGS_SKIP_SW, "filter_add_hw"), (codec.TCA_CLS_FLAGS_SKIP_HW, "filter_add")],
-            "never": [(codec.TCA_CLS_FLAGS_SKIP_HW, "filter_add")],
+        modes: list[tuple[int, Op]] = {
+            "require": [(codec.TCA_CLS_FLAGS_SKIP_SW, Op.FILTER_ADD_HW)],
+            "prefer": [(codec.TCA_CLS_FLAGS_SKIP_SW, Op.FILTER_ADD_HW), (codec.TCA_CLS_FLAGS_SKIP_HW, Op.FILTER_ADD)],
+            "never": [(codec.TCA_CLS_FLAGS_SKIP_HW, Op.FILTER_ADD)],
         }[request.offload]
         for attempt in range(AUTO_PRIORITY_ATTEMPTS):
             # After a collision the hook is not empty any more: the next choice asks the kernel.
@@ -429,7 +430,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
                 return m
         got = await self._get(ifindex, parent, prio, handle, dev)
         if got is None:
-            raise from_errno(_errno.ENOENT, op="filter_get", backend=self.name, dev=dev,
+            raise from_errno(_errno.ENOENT, op=Op.FILTER_GET, backend=self.name, dev=dev,
                              detail="the filter vanished right after it was added")
         return got
 
@@ -491,7 +492,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
         """The filter in a slot (a filter get), None if there is none. DeviceNotFound if the device is gone."""
         try:
             msgs = await self._transport().request(
-                lambda seq: codec.encode_filter_get(seq, ifindex, parent, prio, handle), op="filter_get",
+                lambda seq: codec.encode_filter_get(seq, ifindex, parent, prio, handle), op=Op.FILTER_GET,
                 backend=self.name, dev=dev)
         except Severed:  # ENOENT: no such priority or handle
             return None
@@ -524,7 +525,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
                         await self._transport().request(
                             lambda seq: codec.encode_filter(seq, codec.RTM_DELTFILTER, DELETE_FLAGS, info.ifindex,
                                                             att.parent, prio, handle),
-                            op="filter_delete", backend=self.name, dev=info.dev, direction=info.direction)
+                            op=Op.FILTER_DELETE, backend=self.name, dev=info.dev, direction=info.direction)
                         ours = True
                     except (Severed, DeviceNotFound):
                         ours = False  # deleted under us between the check and the delete
@@ -564,7 +565,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
         info = att.info
         prio, handle = att.slot
         gen_flags = codec.TCA_CLS_FLAGS_SKIP_SW if skip_sw else att.gen_flags & codec.TCA_CLS_FLAGS_SKIP_HW
-        op = "filter_replace_hw" if skip_sw else "filter_replace"
+        op = Op.FILTER_REPLACE_HW if skip_sw else Op.FILTER_REPLACE
 
         def build(seq: int) -> bytes:
             return codec.encode_filter(seq, codec.RTM_NEWTFILTER, REPLACE_FLAGS, info.ifindex, att.parent, prio,
@@ -672,7 +673,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
             await self.ctx.runner.run(
                 lambda: self._write_pin(prog_fd, path, self._record(att, pinned_name, info.prog_id)))
         except bpf.BpfError as exc:
-            raise from_errno(exc.errno or 0, op="obj_pin", backend=self.name, dev=path) from None
+            raise from_errno(exc.errno or 0, op=Op.OBJ_PIN, backend=self.name, dev=path) from None
         try:
             # Mark the filter pinned in the kernel, so that no reap_orphans ever removes it.
             await self._replace(att, prog_fd, pinned_name, f"program {info.prog_id}", cur.skip_sw)
@@ -716,7 +717,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
             try:
                 fd = pins.get_object(path)
             except bpf.BpfError as exc:
-                raise from_errno(exc.errno or 0, op="obj_get", backend=self.name, dev=path) from None
+                raise from_errno(exc.errno or 0, op=Op.OBJ_GET, backend=self.name, dev=path) from None
             try:
                 if bpf.fd_object_kind(fd) != "prog":
                     os.close(fd)
@@ -799,7 +800,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
         """Delete the cls_bpf filters tagged with this owner whose process is dead (and not pinned);
         return them. Empty clsact qdiscs are left (see the module docstring)."""
         nl = self._transport()
-        links = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETLINK), op="link_dump")
+        links = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETLINK), op=Op.LINK_DUMP)
         candidates: list[tuple[Direction, codec.FilterMsg, str, int, str]] = []
         for link in links:
             if not isinstance(link, codec.LinkMsg):
@@ -828,7 +829,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
 
             async with self._device(f.ifindex, f.ifindex):
                 try:
-                    await nl.request(build, op="filter_delete", backend=self.name, dev=dev, direction=direction)
+                    await nl.request(build, op=Op.FILTER_DELETE, backend=self.name, dev=dev, direction=direction)
                 except (Severed, DeviceNotFound):
                     continue  # someone else removed it first
             removed.append(HookEntry(prog_id=f.bpf_id or 0, prog_name=prog_name, prog_tag=f.bpf_tag or prog_tag,

@@ -70,3 +70,13 @@ async def test_the_session_watcher_is_ki_protected(monkeypatch: pytest.MonkeyPat
         with trio.fail_after(10):
             await mon.receive()
     assert protected and all(protected)
+
+
+def test_an_operation_is_an_op_and_a_misspelt_one_is_refused() -> None:
+    """from_errno chooses the class by errno refined by the operation: the operation is an Op (or its value),
+    so a misspelt name fails loudly instead of silently losing its meaning."""
+    err = asynctc.from_errno(1, op=asynctc.Op.LINK_UPDATE_CAS)
+    assert isinstance(err, asynctc.Conflict)
+    assert isinstance(asynctc.from_errno(1, op="link_update_cas"), asynctc.Conflict)
+    with pytest.raises(ValueError, match="link_updat_cas"):
+        asynctc.from_errno(1, op="link_updat_cas")
