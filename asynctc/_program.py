@@ -6,6 +6,8 @@ import builtins
 import os
 from types import TracebackType
 
+import trio
+
 from ._errors import Op, ProgramError, from_errno
 from .lowlevel import bpf
 from .lowlevel.pins import check_path
@@ -73,6 +75,25 @@ class Program:
         except bpf.BpfError as exc:
             raise from_errno(exc.errno or 0, op=Op.PROG_GET_FD_BY_ID, program=f"program id {prog_id}") from None
         return adopt_program_fd(fd)
+
+    # -- the same, off the trio thread -----------------------------------------------------------------
+    # Each bpf(2) call above takes microseconds on an idle machine, but the kernel may make one wait (BTF,
+    # a program id lookup under load): from a trio task, these keep the event loop free.
+
+    @classmethod
+    async def open_fd(cls, fd: int) -> Program:
+        """`from_fd` in a worker thread (for trio tasks: the sync `from_fd` blocks its caller)."""
+        return await trio.to_thread.run_sync(cls.from_fd, fd)
+
+    @classmethod
+    async def open_pinned(cls, path: str | os.PathLike[str]) -> Program:
+        """`from_pinned` in a worker thread (for trio tasks: the sync `from_pinned` blocks its caller)."""
+        return await trio.to_thread.run_sync(cls.from_pinned, path)
+
+    @classmethod
+    async def open_id(cls, prog_id: int) -> Program:
+        """`from_id` in a worker thread (for trio tasks: the sync `from_id` blocks its caller)."""
+        return await trio.to_thread.run_sync(cls.from_id, prog_id)
 
     @property
     def fd(self) -> int:
