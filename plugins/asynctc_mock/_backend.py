@@ -314,22 +314,26 @@ class MockBackend(Backend[MockAttachment]):
             if att.closed:
                 return False
             try:
-                li = await self._k(self.kernel.link_info, info.link_id)
-            except KernelError as exc:
-                if exc.errno == _errno.ENOENT:
-                    att.closed = True
-                    return False
-                raise self._err(exc, dev=info.dev, direction=info.direction) from None
-            alive = li.ifindex != 0
-            try:
+                try:
+                    li = await self._k(self.kernel.link_info, info.link_id)
+                except KernelError as exc:
+                    if exc.errno == _errno.ENOENT:
+                        att.closed = True
+                        return False
+                    raise
+                alive = li.ifindex != 0
                 if alive:
                     await self._k(self.kernel.link_detach, info.link_id)
                 for path in li.pinned:
                     await self._k(self.kernel.obj_unpin, path)
-                await self._k(self.kernel.link_close, info.link_id)
             except KernelError as exc:
                 raise self._err(exc, dev=info.dev, direction=info.direction) from None
-            att.closed = True
+            finally:
+                # As the real backend closes its link fd whatever happened: the link is released either
+                # way (closing the last reference of an unpinned link detaches it), never leaked.
+                if not att.closed:
+                    att.closed = True
+                    await self._k(self.kernel.link_close, info.link_id)
             return alive
         assert info.priority is not None and info.handle is not None
         gone = False

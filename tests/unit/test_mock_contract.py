@@ -486,3 +486,15 @@ async def test_simulated_program_handle() -> None:
     prog.close()
     assert prog.closed
     await trio.lowlevel.checkpoint()
+
+
+async def test_a_failed_detach_still_releases_the_link(kernel: MockKernel, session: asynctc.Session) -> None:
+    """As the real backend closes its link fd whatever the kernel answered, the mock releases its link
+    when a step of detach fails: the failure is reported, the link is not leaked."""
+    import errno
+
+    att = await session.attach("eth0", IN, kernel.program())
+    kernel.inject_fault("link_info", errno.EIO)
+    with pytest.raises(asynctc.TCError, match="EIO"):
+        await att.detach()
+    assert kernel.links() == ()
