@@ -23,6 +23,7 @@ from types import FrameType
 
 import trio
 
+import asynctc
 from asynctc.lowlevel.netns import CLONE_NEWNET, netns_path, setns
 from asynctc.testing import create_netns, delete_netns, unique_name
 
@@ -347,3 +348,32 @@ def print_lag_verdicts(probes: dict[str, LagProbe], bound_ms: float = 5.0) -> No
           f"(longest {max(p.preempted_max for p in probes.values()) * 1000:.1f} ms)")
     print(f"        ticker lag (latency another task sees, queueing behind runnable tasks included): worst "
           f"{lag.max_ms:.2f} ms (run {lag_run}, p99 {lag.p99_ms:.2f}) -> {verdict(lag.max_ms <= bound_ms)}")
+
+
+async def open_attachment_cycles(session: asynctc.Session, devs: Sequence[str], concurrency: int, duration: float,
+                                 program: asynctc.Program) -> tuple[int, float, LagProbe]:
+    """`concurrency` lifecycles on `session`, each looping open_attachment (attach, then detach on exit) on
+    its own device of `devs` for `duration` seconds, after one warm-up cycle (which starts the session's
+    event watcher and threads); the cycles done, the seconds taken, and the trio loop's lag meanwhile."""
+    lag = LagProbe()
+    counts = [0] * concurrency
+    async with session.open_attachment(devs[0], "ingress", program):
+        pass
+    await trio.sleep(0.2)
+
+    async def lifecycle(i: int, deadline: float) -> None:
+        dev = devs[i]
+        while time.perf_counter() < deadline:
+            async with session.open_attachment(dev, "ingress", program):
+                pass
+            counts[i] += 1
+
+    async with trio.open_nursery() as outer:
+        await outer.start(lag.run)
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for i in range(concurrency):
+                nursery.start_soon(lifecycle, i, t0 + duration)
+        elapsed = time.perf_counter() - t0
+        outer.cancel_scope.cancel()
+    return sum(counts), elapsed, lag

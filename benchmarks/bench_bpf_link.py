@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import time
 from collections.abc import Callable
 
 import trio
@@ -33,6 +32,7 @@ from _common import (
     bench_netns,
     machine_line,
     make_veths,
+    open_attachment_cycles,
     parse_args,
     print_lag_verdicts,
     print_table,
@@ -65,30 +65,8 @@ def raw_cycle_factory(prog_fd: int, devs: list[str]) -> Callable[[int], Callable
 async def asynctc_run(netns: str, devs: list[str], concurrency: int, duration: float,
                       program: asynctc.Program, max_workers: int) -> tuple[int, float, LagProbe]:
     """`concurrency` lifecycles, each looping open_attachment (attach, then detach on exit) on its own device."""
-    lag = LagProbe()
-    counts = [0] * concurrency
     async with asynctc.open_session("bpf_link", netns=netns, max_workers=max_workers) as session:
-        # one warm-up cycle: starts the session's event watcher and the worker threads
-        async with session.open_attachment(devs[0], "ingress", program):
-            pass
-        await trio.sleep(0.2)
-
-        async def lifecycle(i: int, deadline: float) -> None:
-            dev = devs[i]
-            while time.perf_counter() < deadline:
-                async with session.open_attachment(dev, "ingress", program):
-                    pass
-                counts[i] += 1
-
-        async with trio.open_nursery() as outer:
-            await outer.start(lag.run)
-            t0 = time.perf_counter()
-            async with trio.open_nursery() as nursery:
-                for i in range(concurrency):
-                    nursery.start_soon(lifecycle, i, t0 + duration)
-            elapsed = time.perf_counter() - t0
-            outer.cancel_scope.cancel()
-    return sum(counts), elapsed, lag
+        return await open_attachment_cycles(session, devs, concurrency, duration, program)
 
 
 def main() -> int:

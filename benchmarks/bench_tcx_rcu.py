@@ -46,7 +46,16 @@ from asynctc.lowlevel.netns import netns_path
 from asynctc_bpf_link import BpfLinkBackend, LinkAttachment
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import LagProbe, bench_netns, machine_line, make_veths, print_lag_verdicts, run_threads, verdict
+from _common import (
+    LagProbe,
+    bench_netns,
+    machine_line,
+    make_veths,
+    open_attachment_cycles,
+    print_lag_verdicts,
+    run_threads,
+    verdict,
+)
 from bench_bpf_link import raw_cycle_factory
 
 RCU_PATH = "/sys/kernel/rcu_expedited"
@@ -159,30 +168,9 @@ async def asynctc_run(netns: str, devs: list[str], concurrency: int, duration: f
                       backend: str = "bpf_link") -> tuple[int, float, LagProbe]:
     """`concurrency` lifecycles, each looping open_attachment (attach, then detach on exit) on its own device
     (as bench_bpf_link.py, with the session's default max_workers)."""
-    lag = LagProbe()
-    counts = [0] * concurrency
     plugins = [CoreOnlyPlugin()] if backend == CoreOnlyBackend.name else None
     async with asynctc.open_session(backend, netns=netns, plugins=plugins) as session:
-        async with session.open_attachment(devs[0], "ingress", program):  # warm-up: watcher, threads
-            pass
-        await trio.sleep(0.2)
-
-        async def lifecycle(i: int, deadline: float) -> None:
-            dev = devs[i]
-            while time.perf_counter() < deadline:
-                async with session.open_attachment(dev, "ingress", program):
-                    pass
-                counts[i] += 1
-
-        async with trio.open_nursery() as outer:
-            await outer.start(lag.run)
-            t0 = time.perf_counter()
-            async with trio.open_nursery() as nursery:
-                for i in range(concurrency):
-                    nursery.start_soon(lifecycle, i, t0 + duration)
-            elapsed = time.perf_counter() - t0
-            outer.cancel_scope.cancel()
-    return sum(counts), elapsed, lag
+        return await open_attachment_cycles(session, devs, concurrency, duration, program)
 
 
 @dataclass
