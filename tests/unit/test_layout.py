@@ -140,3 +140,9 @@ def test_the_rules_catch_what_they_forbid() -> None:
     assert private_imports(backend) == ["line 1: imports the private module asynctc._monitor",
                                         "line 2: imports the private module asynctc._errors",
                                         "line 3: imports the private name _types from asynctc"]
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/backends.md"])
+def test_the_architecture_page_is_linked(page: str) -> None:
+    target = "docs/architecture.md" if page == "README.md" else "architecture.md"
+    assert f"]({target})" in (ROOT / page).read_text(), f"{page} does not link {target}"
