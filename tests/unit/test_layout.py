@@ -1,0 +1,148 @@
+"""The import rules of docs/architecture.md: the core (asynctc/*.py, and asynctc/testing/) imports no
+plugin, plugins import nothing private of asynctc, and the architecture page names every module (so it
+stays complete as modules come and go). The rules of asynctc.lowlevel itself are in
+test_lowlevel_layout.py."""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CORE = ROOT / "asynctc"
+PLUGINS = ROOT / "plugins"
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+PLUGIN_PACKAGES = {"asynctc_bpf_link", "asynctc_netlink", "asynctc_mock"}
+# The command line and the testing kit are applications of the public API: the demo without root, the
+# mock_kernel fixture and the stress harness run on the in-memory kernel, so they may import the mock
+# plugin, inside the function that uses it (never at module level, where importing them would need the
+# plugin installed).
+APPLICATION_PLUGIN_IMPORTS = {
+    "asynctc/cli.py": {"asynctc_mock"},
+    "asynctc/testing/pytest_plugin.py": {"asynctc_mock"},
+    "asynctc/testing/_stress.py": {"asynctc_mock"},
+}
+# Backends written outside plugins/ that follow the same rules as the built-in ones.
+OTHER_BACKENDS = [ROOT / "docs" / "examples" / "dummy_backend.py",
+                  ROOT / "tests" / "fixtures" / "example_backend" / "asynctc_example" / "__init__.py"]
+
+
+def _imports(tree: ast.Module) -> Iterator[tuple[ast.stmt, str, tuple[str, ...]]]:
+    """Every absolute import of a module: (statement, module imported from, names imported from it)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node, alias.name, ()
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module is not None:
+            yield node, node.module, tuple(alias.name for alias in node.names)
+
+
+def _top_package(module: str) -> str:
+    return module.split(".", 1)[0]
+
+
+def _core_modules() -> list[Path]:
+    return sorted(CORE.glob("*.py")) + sorted((CORE / "testing").glob("*.py"))
+
+
+def _plugin_modules() -> list[Path]:
+    return sorted(PLUGINS.glob("*/**/*.py")) + OTHER_BACKENDS
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def plugin_imports(tree: ast.Module, allowed: set[str]) -> list[str]:
+    """What a core module's imports break: a plugin package imported (other than `allowed` ones, and those
+    only inside a function)."""
+    out = []
+    for node, module, _ in _imports(tree):
+        package = _top_package(module)
+        if package not in PLUGIN_PACKAGES:
+            continue
+        if package not in allowed:
+            out.append(f"line {node.lineno}: imports the plugin {module}")
+        elif node in tree.body:
+            out.append(f"line {node.lineno}: imports {module} at module level; import it inside the function "
+                       "that needs it")
+    return out
+
+
+def private_imports(tree: ast.Module) -> list[str]:
+    """What a backend's imports break: a private module of asynctc, or a private name from one."""
+    out = []
+    for node, module, names in _imports(tree):
+        if _top_package(module) != "asynctc":
+            continue
+        if any(part.startswith("_") for part in module.split(".")):
+            out.append(f"line {node.lineno}: imports the private module {module}")
+        out.extend(f"line {node.lineno}: imports the private name {name} from {module}"
+                   for name in names if name.startswith("_"))
+    return out
+
+
+@pytest.mark.parametrize("path", _core_modules(), ids=_rel)
+def test_the_core_imports_no_plugin(path: Path) -> None:
+    broken = plugin_imports(ast.parse(path.read_text()), APPLICATION_PLUGIN_IMPORTS.get(_rel(path), set()))
+    assert not broken, f"{_rel(path)}: {broken}; the core finds backends through the entry-point group " \
+                       "'asynctc', never by import"
+
+
+@pytest.mark.parametrize("path", _plugin_modules(), ids=_rel)
+def test_plugins_import_nothing_private_of_asynctc(path: Path) -> None:
+    broken = private_imports(ast.parse(path.read_text()))
+    assert not broken, f"{_rel(path)}: {broken}; use the public API (asynctc, asynctc.backend, " \
+                       "asynctc.events, asynctc.lowlevel)"
+
+
+def test_the_plugin_list_is_the_installed_plugins() -> None:
+    # If a plugin package is added under plugins/, the rule of the core must cover it too.
+    assert {p.name for p in PLUGINS.iterdir() if (p / "__init__.py").is_file()} == PLUGIN_PACKAGES
+
+
+def _documented_modules() -> set[str]:
+    return set(re.findall(r"`(asynctc/[\w/]+\.py)`", ARCHITECTURE.read_text()))
+
+
+def test_the_architecture_page_names_every_module() -> None:
+    modules = sorted(CORE.glob("*.py")) + sorted((CORE / "lowlevel").glob("*.py")) \
+        + sorted((CORE / "testing").glob("*.py"))
+    missing = [_rel(p) for p in modules if _rel(p) not in _documented_modules()]
+    assert not missing, f"docs/architecture.md does not name {missing}: add a row saying what each owns"
+
+
+def test_the_architecture_page_names_no_module_that_is_gone() -> None:
+    gone = sorted(m for m in _documented_modules() if not (ROOT / m).is_file())
+    assert not gone, f"docs/architecture.md names modules that do not exist: {gone}"
+
+
+def test_the_rules_catch_what_they_forbid() -> None:
+    # The checks above pass on the code as it is; these show they fail on each kind of violation.
+    core = ast.parse("import asynctc_netlink\nfrom asynctc_mock import MockKernel\nimport asynctc.lowlevel.bpf\n")
+    assert plugin_imports(core, set()) == ["line 1: imports the plugin asynctc_netlink",
+                                           "line 2: imports the plugin asynctc_mock"]
+    assert plugin_imports(core, {"asynctc_mock"}) == [
+        "line 1: imports the plugin asynctc_netlink",
+        "line 2: imports asynctc_mock at module level; import it inside the function that needs it",
+    ]
+    lazy = ast.parse("def demo() -> None:\n    from asynctc_mock import MockKernel\n")
+    assert plugin_imports(lazy, {"asynctc_mock"}) == []
+    assert plugin_imports(lazy, set()) == ["line 2: imports the plugin asynctc_mock"]
+
+    backend = ast.parse("from asynctc._monitor import Fanout\nimport asynctc._errors\nfrom asynctc import _types\n"
+                        "from asynctc.lowlevel import bpf\nfrom asynctc.backend import Backend\nimport asynctc\n")
+    assert private_imports(backend) == ["line 1: imports the private module asynctc._monitor",
+                                        "line 2: imports the private module asynctc._errors",
+                                        "line 3: imports the private name _types from asynctc"]
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/backends.md"])
+def test_the_architecture_page_is_linked(page: str) -> None:
+    target = "docs/architecture.md" if page == "README.md" else "architecture.md"
+    assert f"]({target})" in (ROOT / page).read_text(), f"{page} does not link {target}"
