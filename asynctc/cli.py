@@ -933,12 +933,10 @@ async def _demo_real(out: TextIO, backend: str, hold: bool = False) -> int:
 
 
 async def _demo_mock(out: TextIO, why: str | None) -> int:
-    from asynctc_mock import MockKernel
-
-    kernel = MockKernel()
     if why:
         _say(sys.stderr, f"no real kernel for the demo here ({why}); using the in-memory mock kernel")
-    async with asynctc.open_session("mock", kernel=kernel, owner="asynctc-demo") as session:
+    async with asynctc.open_session("mock", owner="asynctc-demo") as session:
+        kernel = session.kernel  # the fresh in-memory kernel the mock backend made for this session
         _say(out, f"backend: {session.backend_name} (in-memory kernel model, no privileges needed)")
         counter = kernel.program("pass", name="demo_v1")
         async with session.open_attachment("eth0", "ingress", counter) as att:

@@ -4,7 +4,7 @@ Why: a `trio.to_thread` hop per call (`NetnsRunner.run`) costs more than the cal
 fast (a tcx link create or detach takes ~0.1 ms with expedited RCU grace periods): the limiter, a thread
 hand-off, two setns() calls to enter and leave the namespace, and one wake-up of the trio thread per
 result. `SyscallThreads` keeps the rules of the runner and drops that cost, on the model of the netlink
-transport's kernel thread (`asynctc.lowlevel.netlink`):
+transport's I/O thread (`asynctc.lowlevel.transport`):
 
 - A few threads of its own (at most `max_threads`), started lazily with `_thread.start_new_thread` (the
   trio thread does not wait until a new thread runs, as `threading.Thread.start()` would): the first

@@ -54,16 +54,16 @@ def test_backends_are_registered_once_per_plugin_manager() -> None:
 async def test_the_session_watcher_is_ki_protected(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C must be delivered to the main task, never raised inside the session's background watcher
     (its death would fail the nursery that the main task's cleanup runs in)."""
-    from asynctc._watcher import Watcher as _Hub
+    from asynctc._watcher import Watcher
 
     protected: list[bool] = []
-    real = _Hub._dispatch
+    real = Watcher._dispatch
 
-    async def spy(self: _Hub, event: object) -> None:
+    async def spy(self: Watcher, event: object) -> None:
         protected.append(trio.lowlevel.currently_ki_protected())
         await real(self, event)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(_Hub, "_dispatch", spy)
+    monkeypatch.setattr(Watcher, "_dispatch", spy)
     kernel = MockKernel()
     async with asynctc.open_session("mock", kernel=kernel) as s, s.open_monitor() as mon:
         await trio.to_thread.run_sync(kernel.add_device, "kp0")

@@ -18,12 +18,11 @@ PLUGINS = ROOT / "plugins"
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
 PLUGIN_PACKAGES = {"asynctc_bpf_link", "asynctc_netlink", "asynctc_mock"}
-# The command line and the testing kit are applications of the public API: the demo without root, the
-# mock_kernel fixture and the stress harness run on the in-memory kernel, so they may import the mock
-# plugin, inside the function that uses it (never at module level, where importing them would need the
-# plugin installed).
+# The testing kit is an application of the public API: the mock_kernel fixture and the stress harness run
+# on the in-memory kernel, so they may import the mock plugin, inside the function that uses it (never at
+# module level, where importing them would need the plugin installed). The command line needs none (its
+# demo without root takes the kernel a mock session made: `session.kernel`).
 APPLICATION_PLUGIN_IMPORTS = {
-    "asynctc/cli.py": {"asynctc_mock"},
     "asynctc/testing/pytest_plugin.py": {"asynctc_mock"},
     "asynctc/testing/_stress.py": {"asynctc_mock"},
 }
