@@ -33,6 +33,7 @@ from ._errors import Severed as Severed
 from ._errors import StaleRevision as StaleRevision
 from ._errors import TCError as TCError
 from ._errors import from_errno as from_errno
+from ._errors import translated as translated
 from ._interrupt import Interrupted as Interrupted
 from ._interrupt import run_until_interrupted as run_until_interrupted
 from ._map import Map as Map

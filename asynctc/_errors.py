@@ -10,7 +10,8 @@ from __future__ import annotations
 import enum
 import errno as _errno
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 __all__ = [
     "AlreadyAttached",
@@ -30,6 +31,7 @@ __all__ = [
     "TCError",
     "from_errno",
     "Op",
+    "translated",
 ]
 
 
@@ -403,3 +405,35 @@ def from_errno(
     if hint:
         msg += f"; {hint}"
     return cls(msg, errno=err)
+
+
+@contextmanager
+def translated(
+    op: Op | str | None = None,
+    *,
+    backend: str | None = None,
+    dev: str | int | None = None,
+    direction: object | None = None,
+    program: object | None = None,
+) -> Iterator[None]:
+    """Turn a raw kernel error raised in the block into asynctc's exception, once, at a backend's edge.
+
+    Low-level code (`asynctc.lowlevel`: bpf(2), the netlink transport) raises the kernel's errno raw, as an
+    OSError (`BpfError`, `NetlinkError`) whose `detail` holds the kernel's own words where it gave some;
+    the code that attempted the operation knows what it was about and wraps the call:
+
+        with translated(Op.FILTER_ADD, backend=self.name, dev=dev, direction=direction, program=prog):
+            await nl.request(build)
+
+    `op` None: the operation the raw error names (its `op`: a block that runs several). asynctc's own
+    exceptions pass through unchanged; an OSError without an errno too."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        detail = getattr(exc, "detail", None)
+        if op is None:
+            op = getattr(exc, "op", None) or Op.NETLINK
+        raise from_errno(exc.errno, op=op, backend=backend, dev=dev, direction=direction, program=program,
+                         detail=detail if isinstance(detail, str) and detail else None) from None

@@ -389,7 +389,8 @@ async def _hook_rows(session: Any, nl: Any, ifindex: int, direction: str) -> tup
     from asynctc.lowlevel.tcpolicy import parse_tag
 
     hook = await session.query(ifindex, direction)
-    dumped = await hooklib.dump_filters(nl, ifindex, asynctc.Direction(direction))
+    with asynctc.translated(asynctc.Op.FILTER_DUMP, dev=ifindex, direction=direction):
+        dumped = await hooklib.dump_filters(nl, ifindex, asynctc.Direction(direction))
     by_slot = {(m.priority, m.handle): m for m in dumped}
     rows: list[Row] = []
     listed: set[tuple[int, int]] = set()
@@ -672,7 +673,8 @@ async def _find_by_tag(session: Any, args: argparse.Namespace, ifindex: int, nam
     where = f"{name} {direction}"
     removed: list[Row] = []
     async with open_transport(session.runner) as nl:
-        filters = await hooklib.dump_filters(nl, ifindex, asynctc.Direction(direction))
+        with asynctc.translated(asynctc.Op.FILTER_DUMP, dev=name, direction=direction):
+            filters = await hooklib.dump_filters(nl, ifindex, asynctc.Direction(direction))
         for f in filters:
             tag = parse_tag(f.bpf_name) if f.kind == "bpf" and f.bpf_id == prog_id else None
             if tag is None or tag.owner != session.owner:
@@ -690,7 +692,8 @@ async def _find_by_tag(session: Any, args: argparse.Namespace, ifindex: int, nam
                                            f.ifindex, f.parent, f.priority, f.handle)
 
             with trio.CancelScope(shield=True):
-                await nl.request(build, op=Op.FILTER_DELETE, dev=name, direction=direction)
+                with asynctc.translated(asynctc.Op.FILTER_DELETE, dev=name, direction=direction):
+                    await nl.request(build, op=asynctc.Op.FILTER_DELETE)
             removed.append(Row("cls_bpf", prog_id, tag.prog_name, f.bpf_tag or "", None, f.priority, f.handle,
                                f.parent, owner=tag.owner, pid=tag.pid))
     if removed:

@@ -179,6 +179,11 @@ class BpfError(OSError):
         self.op = op
         self.log = log
 
+    @property
+    def detail(self) -> str | None:
+        """The kernel's own words (a verifier log), for messages."""
+        return self.log or None
+
     def __str__(self) -> str:
         s = f"bpf {self.op}: [Errno {self.errno}] {self.strerror}"
         return s + (f"\n{self.log}" if self.log else "")

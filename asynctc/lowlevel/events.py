@@ -202,9 +202,7 @@ class NetlinkEventSource(EventSource):
             for parent in PARENT_DIRECTION:
                 try:
                     msgs = await self._nl.dump(
-                        functools.partial(_filter_dump, ifindex=ifindex, parent=parent),
-                        op=Op.FILTER_DUMP, dev=ifindex,
-                    )
+                        functools.partial(_filter_dump, ifindex=ifindex, parent=parent), op=Op.FILTER_DUMP)
                 except Exception as exc:  # the device went away meanwhile: its events will say so
                     log.debug("asynctc: filter dump of ifindex %d failed during resync: %r", ifindex, exc)
                     continue

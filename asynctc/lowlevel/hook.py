@@ -17,11 +17,12 @@ import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
-from .._errors import DeviceNotFound, Op, from_errno
+from .._errors import DeviceNotFound, Op
 from .._types import Direction, Hook, HookEntry
 from . import bpf, codec
 from .netns import NetnsRunner
 from .syscalls import SyscallThreads
+from .transport import NetlinkError
 
 if TYPE_CHECKING:
     from .transport import NetlinkTransport
@@ -79,7 +80,7 @@ def tcx_entries(
             return None, []
         if exc.errno == _errno.ENODEV:
             raise DeviceNotFound(f"no device with ifindex {ifindex} (it was deleted?)", errno=exc.errno) from None
-        raise from_errno(exc.errno or 0, op=Op.PROG_QUERY, dev=ifindex, direction=direction) from None
+        raise  # the kernel's refusal, raw: the backend translates it
     entries = []
     for prog_id, link_id in zip(q.prog_ids, q.link_ids, strict=True):
         name, tag = names.get(prog_id)
@@ -97,10 +98,17 @@ async def dump_filters(
 ) -> list[codec.FilterMsg]:
     """Every filter of the clsact hook `direction` of a device (any classifier, chain 0), without the
     per-priority classifier heads (handle 0), sorted by (priority, handle). Empty when the device has no
-    clsact qdisc. DeviceNotFound when the device is gone."""
+    clsact qdisc. DeviceNotFound when the device is gone; other refusals are the kernel's, raw
+    (`NetlinkError`: the caller translates them)."""
     parent = CLSACT_PARENTS[direction]
-    msgs = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETTFILTER, ifindex, parent),
-                         op=Op.FILTER_DUMP, dev=dev if dev is not None else ifindex, direction=direction)
+    try:
+        msgs = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETTFILTER, ifindex, parent),
+                             op=Op.FILTER_DUMP)
+    except NetlinkError as exc:
+        if exc.errno == _errno.ENODEV:
+            raise DeviceNotFound(f"no device {dev if dev is not None else ifindex} (it was deleted?)",
+                                 errno=exc.errno) from None
+        raise
     out = [m for m in msgs if isinstance(m, codec.FilterMsg) and m.handle != 0 and m.chain == 0
            and m.ifindex == ifindex and m.parent == parent]
     out.sort(key=lambda m: (m.priority, m.handle))

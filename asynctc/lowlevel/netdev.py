@@ -14,7 +14,8 @@ import errno as _errno
 import socket
 from typing import TYPE_CHECKING
 
-from .._errors import DeviceNotFound, Op, TCError
+from .._errors import DeviceNotFound, Op
+from .transport import NetlinkError
 
 if TYPE_CHECKING:
     from .transport import NetlinkTransport
@@ -86,8 +87,8 @@ async def resolve_device_nl(nl: NetlinkTransport, dev: str | int, netns: str | N
         def build(seq: int) -> bytes:
             return codec.encode_link_get(seq, name=dev)
     try:
-        msgs = await nl.request(build, op=Op.LINK_GET, dev=dev)
-    except TCError as exc:
+        msgs = await nl.request(build, op=Op.LINK_GET)
+    except NetlinkError as exc:
         if exc.errno in (_errno.ENODEV, _errno.ENOENT):
             raise _not_found(dev, netns) from None
         raise

@@ -14,6 +14,7 @@ from .nlsock import SO_RCVBUFFORCE as SO_RCVBUFFORCE
 from .nlsock import SOL_NETLINK as SOL_NETLINK
 from .nlsock import NonblockingReceiver as NonblockingReceiver
 from .nlsock import open_netlink_socket as open_netlink_socket
+from .transport import NetlinkError as NetlinkError
 from .transport import NetlinkTransport as NetlinkTransport
 from .transport import RequestBuilder as RequestBuilder
 from .transport import open_transport as open_transport
@@ -26,6 +27,7 @@ __all__ = [
     "SO_RCVBUFFORCE",
     "EventsLost",
     "MulticastSocket",
+    "NetlinkError",
     "NetlinkTransport",
     "NonblockingReceiver",
     "RequestBuilder",

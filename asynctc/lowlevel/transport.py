@@ -35,9 +35,11 @@ spoil its neighbours in the datagram. Should the kernel drop answers anyway
 (ENOBUFS), the requests left unanswered fail with TCError(errno=ENOBUFS) at once; an answer that does not
 come at all fails its request after `answer_timeout` (30 s), even inside a shield.
 
-Errors: a kernel errno becomes asynctc's exception through `asynctc._errors.from_errno` with the operation
-and the kernel's extended-ACK text (NETLINK_EXT_ACK is requested on every socket); `.errno` keeps the raw
-errno. A closed transport raises `trio.ClosedResourceError`.
+Errors: a kernel errno is raised raw, as `NetlinkError` (an OSError with the kernel's errno, the operation's
+name and its extended-ACK text: NETLINK_EXT_ACK is requested on every socket); the backend that made the
+request turns it into asynctc's exception once, at its edge (`asynctc._errors.translated`). What the
+transport itself decides (an answer lost or never come, a dump interrupted too often) is a TCError. A
+closed transport raises `trio.ClosedResourceError`.
 
 Multicast events are `asynctc.lowlevel.multicast`; the socket helpers are `asynctc.lowlevel.nlsock`.
 """
@@ -47,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import errno as _errno
 import itertools
+import os
 import queue
 import random
 import select
@@ -61,7 +64,7 @@ from typing import Final, TypeVar
 
 import trio
 
-from .._errors import TCError, from_errno
+from .._errors import TCError
 from . import codec
 from .codec import Message, NlDone, NlError
 from .locks import held
@@ -72,6 +75,7 @@ __all__ = [
     "ANSWER_TIMEOUT",
     "DEFAULT_RCVBUF",
     "DUMP_TIMEOUT",
+    "NetlinkError",
     "NetlinkTransport",
     "RequestBuilder",
     "open_transport",
@@ -163,13 +167,33 @@ class _Send:
     outcome: _Outcome = field(default_factory=_Outcome)  # filled by the I/O thread
 
 
+class NetlinkError(OSError):
+    """A request or dump the kernel refused: `errno` is the kernel's, `op` names what was asked, `extack` is
+    the kernel's extended-ACK text (None when it gave none)."""
+
+    def __init__(self, err: int, op: str, extack: str | None = None) -> None:
+        super().__init__(err, _errno_text(err))
+        self.op = op
+        self.extack = extack
+
+    @property
+    def detail(self) -> str | None:
+        """The kernel's own words, for messages."""
+        return self.extack
+
+    def __str__(self) -> str:
+        text = f"netlink {self.op}: [Errno {self.errno}] {self.strerror}"
+        return f"{text}: {self.extack}" if self.extack else text
+
+
+def _errno_text(err: int) -> str:
+    return os.strerror(err)
+
+
 @dataclass(slots=True, eq=False)
 class _Dump:
     request: bytes | RequestBuilder
     op: str
-    backend: str | None
-    dev: str | int | None
-    direction: object | None
     retries: int
     slot: _Slot
 
@@ -254,10 +278,6 @@ class NetlinkTransport:
         msg: bytes | RequestBuilder,
         *,
         op: str = "netlink",
-        backend: str | None = None,
-        dev: str | int | None = None,
-        direction: object | None = None,
-        program: object | None = None,
     ) -> list[Message]:
         """Send one request and wait for the kernel's ACK.
 
@@ -267,9 +287,9 @@ class NetlinkTransport:
 
         Returns the messages the kernel sent for this request before the ACK: empty for most requests; the
         object for RTM_GET* without NLM_F_DUMP (e.g. `codec.encode_filter_get`), or the created object when
-        NLM_F_ECHO is set. An error ACK raises `from_errno(errno, op=op, ..., detail=<extended ACK text>)`
-        (so `.errno` is the kernel's errno). If the task is cancelled while waiting, the request may or may
-        not have taken effect in the kernel (one the I/O thread had not sent yet never is). An answer
+        NLM_F_ECHO is set. An error ACK raises `NetlinkError(errno, op, extended ACK text)`, raw: the caller
+        translates it (`op` only names the request in it). If the task is cancelled while waiting, the
+        request may or may not have taken effect in the kernel (one the I/O thread had not sent yet never is). An answer
         that never comes (the kernel answers inside sendmsg, so it was lost) fails the request with
         TCError (ENOBUFS when the kernel said it dropped answers, ETIMEDOUT after `answer_timeout`).
         """
@@ -294,16 +314,14 @@ class NetlinkTransport:
             raise outcome.failure
         if outcome.send_error is not None:
             exc = outcome.send_error
-            raise from_errno(exc.errno or _errno.EIO, op=op, backend=backend, dev=dev, direction=direction,
-                             program=program, detail="netlink send failed") from exc
+            raise NetlinkError(exc.errno or _errno.EIO, op, "netlink send failed") from exc
         if outcome.timed_out:
             raise TCError(f"{op}: no answer from the kernel within {self.answer_timeout}s; the request may or "
                           "may not have taken effect: query the kernel", errno=_errno.ETIMEDOUT)
         answer = outcome.answer
         assert answer is not None
         if answer.errno:
-            raise from_errno(answer.errno, op=op, backend=backend, dev=dev, direction=direction,
-                             program=program, detail=answer.extack_msg)
+            raise NetlinkError(answer.errno, op, answer.extack_msg)
         return outcome.messages
 
     def _fail_all(self, exc: BaseException) -> None:
@@ -317,9 +335,6 @@ class NetlinkTransport:
         request: bytes | RequestBuilder,
         *,
         op: str = "dump",
-        backend: str | None = None,
-        dev: str | int | None = None,
-        direction: object | None = None,
         retries: int = 5,
     ) -> list[Message]:
         """Run a dump and return its decoded messages (without the final NlDone), e.g.
@@ -330,7 +345,7 @@ class NetlinkTransport:
         continuation inside recvmsg, so reading a dump on the trio thread would stall it. Decoding runs
         there as well. A dump interrupted by a concurrent change (NLM_F_DUMP_INTR: the result may be
         inconsistent) is redone, up to `retries` times; after that TCError(errno=EINTR). A kernel error
-        raises `from_errno(errno, op=op, ...)`. A cancelled caller stops waiting at once (a dump changes
+        raises `NetlinkError`, raw. A cancelled caller stops waiting at once (a dump changes
         nothing; its result is dropped).
         """
         self._check_usable()
@@ -338,7 +353,7 @@ class NetlinkTransport:
         slot = _Slot()
         self._dumps.add(slot)
         try:
-            self._submit(_Dump(request, op, backend, dev, direction, retries, slot))
+            self._submit(_Dump(request, op, retries, slot))
             await slot.event.wait()
         finally:
             slot.withdrawn = True
@@ -502,7 +517,7 @@ class NetlinkTransport:
 
     def _run_dump(self, job: _Dump) -> _Done:
         try:
-            msgs = self._dump_sync(job.request, job.op, job.backend, job.dev, job.direction, job.retries)
+            msgs = self._dump_sync(job.request, job.op, job.retries)
         except BaseException as exc:
             return job.slot, _Outcome(failure=exc)
         return job.slot, _Outcome(messages=msgs)
@@ -544,9 +559,6 @@ class NetlinkTransport:
         self,
         request: bytes | RequestBuilder,
         op: str,
-        backend: str | None,
-        dev: str | int | None,
-        direction: object | None,
         retries: int,
     ) -> list[Message]:
         for _attempt in range(retries + 1):
@@ -563,8 +575,7 @@ class NetlinkTransport:
             finally:
                 self._give_back_dump_socket(sock, clean)
             if end.errno:
-                raise from_errno(end.errno, op=op, backend=backend, dev=dev, direction=direction,
-                                 detail=end.extack_msg)
+                raise NetlinkError(end.errno, op, end.extack_msg)
             if interrupted:
                 continue
             out: list[Message] = []
@@ -638,7 +649,7 @@ async def open_transport(
     closed) on exit, however the block ends.
 
         async with open_transport(runner) as nl:
-            await nl.request(lambda seq: codec.encode_qdisc_add_clsact(seq, ifindex), op=Op.QDISC_ADD)
+            await nl.request(lambda seq: codec.encode_qdisc_add_clsact(seq, ifindex), op="qdisc_add")
             filters = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETTFILTER,
                                                                           ifindex, codec.INGRESS_PARENT))
     """

@@ -46,6 +46,7 @@ from asynctc import (
     Severed,
     TCError,
     from_errno,
+    translated,
 )
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource, Updated
 from asynctc.lowlevel import bpf, pins
@@ -490,8 +491,9 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         async def filters(i: int, d: Direction) -> list[asynctc.HookEntry]:
             return await hooklib.cls_bpf_entries(nl, i, d, self._names)
 
-        return await hooklib.query_hook(self._syscalls(), ifindex, direction, names=self._names,
-                                        backend=self.name, filters=filters)
+        with translated(backend=self.name, dev=ifindex, direction=direction):  # the raw error names its op
+            return await hooklib.query_hook(self._syscalls(), ifindex, direction, names=self._names,
+                                            backend=self.name, filters=filters)
 
     # -- pinning -------------------------------------------------------------------------------------
     async def pin(self, att: LinkAttachment, path: str) -> None:

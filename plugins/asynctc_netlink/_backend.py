@@ -78,6 +78,7 @@ from asynctc import (
     Severed,
     TCError,
     from_errno,
+    translated,
 )
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource, Updated
 from asynctc.lowlevel import bpf, codec, pins
@@ -95,7 +96,7 @@ from asynctc.lowlevel.tcpolicy import (
     place_filter,
     process_alive,
 )
-from asynctc.lowlevel.transport import NetlinkTransport, open_transport, start_transport
+from asynctc.lowlevel.transport import NetlinkTransport, RequestBuilder, open_transport, start_transport
 
 from ._policy import RECORD_SIZE, PinRecord
 
@@ -223,7 +224,8 @@ class NetlinkBackend(Backend[FilterAttachment]):
         try:
             async with open_transport(ctx.runner) as nl:
                 try:
-                    await nl.request(lambda seq: codec.encode_qdisc_del(seq, 0, kind=None), op=Op.NETLINK)
+                    with translated(Op.NETLINK, backend=cls.name):
+                        await nl.request(lambda seq: codec.encode_qdisc_del(seq, 0, kind=None))
                 except DeviceNotFound:
                     pass  # the expected answer: the request got past the capability check
                 except TCError as exc:
@@ -277,8 +279,21 @@ class NetlinkBackend(Backend[FilterAttachment]):
             raise TCError("the netlink backend is closed (its session has ended)")
         return self._nl
 
+    async def _request(self, op: Op, build: RequestBuilder, *, dev: str | int | None = None,
+                       direction: Direction | None = None, program: object | None = None) -> list[codec.Message]:
+        """One rtnetlink request; the kernel's refusal becomes asynctc's exception here, at the backend's
+        edge (the transport raises it raw)."""
+        with translated(op, backend=self.name, dev=dev, direction=direction, program=program):
+            return await self._transport().request(build, op=op)
+
+    async def _dump(self, op: Op, build: RequestBuilder, *, dev: str | int | None = None) -> list[codec.Message]:
+        """One rtnetlink dump, its errors translated as `_request`'s."""
+        with translated(op, backend=self.name, dev=dev):
+            return await self._transport().dump(build, op=op)
+
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
-        return await resolve_device_nl(self._transport(), dev, self.ctx.netns)
+        with translated(Op.LINK_GET, backend=self.name, dev=dev):
+            return await resolve_device_nl(self._transport(), dev, self.ctx.netns)
 
     @asynccontextmanager
     async def _device(self, ifindex: int, dev: str | int) -> AsyncIterator[None]:
@@ -301,8 +316,8 @@ class NetlinkBackend(Backend[FilterAttachment]):
     # -- clsact --------------------------------------------------------------------------------------
     async def _ingress_slot_kind(self, ifindex: int, dev: str | int) -> str | None:
         """The kind of the qdisc in the device's ingress slot ("clsact", "ingress"), None if empty."""
-        msgs = await self._transport().dump(
-            lambda seq: codec.encode_dump_request(seq, codec.RTM_GETQDISC), op=Op.QDISC_DUMP, dev=dev)
+        msgs = await self._dump(Op.QDISC_DUMP, lambda seq: codec.encode_dump_request(seq, codec.RTM_GETQDISC),
+                                dev=dev)
         for m in msgs:
             if isinstance(m, codec.QdiscMsg) and m.ifindex == ifindex and m.parent == codec.CLSACT_PARENT:
                 return m.kind
@@ -312,11 +327,9 @@ class NetlinkBackend(Backend[FilterAttachment]):
         """Make sure the device has a clsact qdisc, creating it (EXCL) only when absent and recording then
         that this instance created it; True when it did (both hooks were empty then). An ingress qdisc in
         the way raises AlreadyAttached."""
-        nl = self._transport()
         for _ in range(3):
             try:
-                await nl.request(lambda seq: codec.encode_qdisc_add_clsact(seq, ifindex), op=Op.CLSACT_ADD,
-                                 backend=self.name, dev=dev)
+                await self._request(Op.CLSACT_ADD, lambda seq: codec.encode_qdisc_add_clsact(seq, ifindex), dev=dev)
             except AlreadyAttached:
                 kind = await self._ingress_slot_kind(ifindex, dev)
                 if kind == "clsact":
@@ -334,12 +347,11 @@ class NetlinkBackend(Backend[FilterAttachment]):
 
     async def _any_filter(self, ifindex: int) -> bool:
         """Whether any filter (any classifier, chain or hook) is on the device's clsact qdisc."""
-        nl = self._transport()
         for parent in hooklib.CLSACT_PARENTS.values():
             def build(seq: int, parent: int = parent) -> bytes:
                 return codec.encode_dump_request(seq, codec.RTM_GETTFILTER, ifindex, parent)
 
-            msgs = await nl.dump(build, op=Op.FILTER_DUMP, dev=ifindex)
+            msgs = await self._dump(Op.FILTER_DUMP, build, dev=ifindex)
             if any(isinstance(m, codec.FilterMsg) for m in msgs):
                 return True
         return False
@@ -355,8 +367,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
         try:
             if await self._any_filter(ifindex):
                 return
-            await self._transport().request(lambda seq: codec.encode_qdisc_del(seq, ifindex),
-                                             op=Op.QDISC_DELETE, backend=self.name, dev=dev)
+            await self._request(Op.QDISC_DELETE, lambda seq: codec.encode_qdisc_del(seq, ifindex), dev=dev)
         except DeviceNotFound:
             pass  # the device is gone, and its qdisc with it
         except TCError as exc:
@@ -380,8 +391,11 @@ class NetlinkBackend(Backend[FilterAttachment]):
     async def _choose(self, request: AttachRequest, hook_empty: bool) -> int:
         """A free priority for the request's position among the filters on the hook now (`hook_empty`:
         known without asking, the clsact qdisc was created just now under the device's lock)."""
-        filters = [] if hook_empty else await hooklib.dump_filters(self._transport(), request.ifindex,
-                                                                   request.direction, dev=request.dev)
+        filters: list[codec.FilterMsg] = []
+        if not hook_empty:
+            with translated(Op.FILTER_DUMP, backend=self.name, dev=request.dev, direction=request.direction):
+                filters = await hooklib.dump_filters(self._transport(), request.ifindex, request.direction,
+                                                     dev=request.dev)
         return place_filter(request.placement, [(f.priority, f.handle, f.kind, f.bpf_id) for f in filters],
                             dev=request.dev, direction=request.direction, backend=self.name)
 
@@ -390,7 +404,6 @@ class NetlinkBackend(Backend[FilterAttachment]):
     ) -> tuple[codec.FilterMsg, int]:
         """Add the filter (choosing its priority unless given), in hardware first where asked; returns
         the created filter as the kernel echoed it and the skip flags it was made with."""
-        nl = self._transport()
         prog_fd = request.program.fd
         parent = hooklib.CLSACT_PARENTS[request.direction]
         ifindex = request.ifindex
@@ -407,8 +420,8 @@ class NetlinkBackend(Backend[FilterAttachment]):
                     return codec.encode_filter(seq, codec.RTM_NEWTFILTER, ADD_FLAGS, ifindex, parent, prio,
                                                handle, codec.ETH_P_ALL, prog_fd, name, True, gen_flags)
                 try:
-                    msgs = await nl.request(build, op=op, backend=self.name, dev=request.dev,
-                                            direction=request.direction, program=request.program)
+                    msgs = await self._request(op, build, dev=request.dev, direction=request.direction,
+                                               program=request.program)
                 except OffloadError as exc:
                     if request.offload == "prefer" and gen_flags & codec.TCA_CLS_FLAGS_SKIP_SW:
                         log.info("asynctc netlink: %s refused hardware offload (%s); attaching in software",
@@ -491,9 +504,8 @@ class NetlinkBackend(Backend[FilterAttachment]):
     async def _get(self, ifindex: int, parent: int, prio: int, handle: int, dev: str | int) -> codec.FilterMsg | None:
         """The filter in a slot (a filter get), None if there is none. DeviceNotFound if the device is gone."""
         try:
-            msgs = await self._transport().request(
-                lambda seq: codec.encode_filter_get(seq, ifindex, parent, prio, handle), op=Op.FILTER_GET,
-                backend=self.name, dev=dev)
+            msgs = await self._request(
+                Op.FILTER_GET, lambda seq: codec.encode_filter_get(seq, ifindex, parent, prio, handle), dev=dev)
         except Severed:  # ENOENT: no such priority or handle
             return None
         except TCError as exc:
@@ -522,10 +534,11 @@ class NetlinkBackend(Backend[FilterAttachment]):
             async with self._device(info.ifindex, info.dev):
                 if await self._current(att) is not None:
                     try:
-                        await self._transport().request(
+                        await self._request(
+                            Op.FILTER_DELETE,
                             lambda seq: codec.encode_filter(seq, codec.RTM_DELTFILTER, DELETE_FLAGS, info.ifindex,
                                                             att.parent, prio, handle),
-                            op=Op.FILTER_DELETE, backend=self.name, dev=info.dev, direction=info.direction)
+                            dev=info.dev, direction=info.direction)
                         ours = True
                     except (Severed, DeviceNotFound):
                         ours = False  # deleted under us between the check and the delete
@@ -573,8 +586,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
 
         att.busy += 1
         try:
-            msgs = await self._transport().request(build, op=op, backend=self.name, dev=info.dev,
-                                                   direction=info.direction, program=program)
+            msgs = await self._request(op, build, dev=info.dev, direction=info.direction, program=program)
             f = await self._echoed(msgs, info.ifindex, att.parent, prio, handle, info.dev)
             att.name = name
             return f
@@ -615,8 +627,9 @@ class NetlinkBackend(Backend[FilterAttachment]):
         return await hooklib.cls_bpf_entries(self._transport(), ifindex, direction, self._names)
 
     async def query(self, ifindex: int, direction: Direction) -> Hook:
-        return await hooklib.query_hook(self.ctx.runner, ifindex, direction, names=self._names,
-                                        backend=self.name, filters=self._filters)
+        with translated(backend=self.name, dev=ifindex, direction=direction):  # the raw error names its op
+            return await hooklib.query_hook(self.ctx.runner, ifindex, direction, names=self._names,
+                                            backend=self.name, filters=self._filters)
 
     # -- pinning -------------------------------------------------------------------------------------
     def _record(self, att: FilterAttachment, name: str, prog_id: int) -> Callable[[], PinRecord]:
@@ -800,14 +813,15 @@ class NetlinkBackend(Backend[FilterAttachment]):
         """Delete the cls_bpf filters tagged with this owner whose process is dead (and not pinned);
         return them. Empty clsact qdiscs are left (see the module docstring)."""
         nl = self._transport()
-        links = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETLINK), op=Op.LINK_DUMP)
+        links = await self._dump(Op.LINK_DUMP, lambda seq: codec.encode_dump_request(seq, codec.RTM_GETLINK))
         candidates: list[tuple[Direction, codec.FilterMsg, str, int, str]] = []
         for link in links:
             if not isinstance(link, codec.LinkMsg):
                 continue
             for direction in Direction:
                 try:
-                    filters = await hooklib.dump_filters(nl, link.ifindex, direction, dev=link.name)
+                    with translated(Op.FILTER_DUMP, backend=self.name, dev=link.name, direction=direction):
+                        filters = await hooklib.dump_filters(nl, link.ifindex, direction, dev=link.name)
                 except DeviceNotFound:
                     break  # deleted meanwhile
                 for f in filters:
@@ -829,7 +843,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
 
             async with self._device(f.ifindex, f.ifindex):
                 try:
-                    await nl.request(build, op=Op.FILTER_DELETE, backend=self.name, dev=dev, direction=direction)
+                    await self._request(Op.FILTER_DELETE, build, dev=dev, direction=direction)
                 except (Severed, DeviceNotFound):
                     continue  # someone else removed it first
             removed.append(HookEntry(prog_id=f.bpf_id or 0, prog_name=prog_name, prog_tag=f.bpf_tag or prog_tag,

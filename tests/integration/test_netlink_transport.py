@@ -16,19 +16,20 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 from _children import CHILD_TIMEOUT
 
-from asynctc._errors import AlreadyAttached, DeviceNotFound, OffloadError, Severed, TCError
+from asynctc._errors import AlreadyAttached, DeviceNotFound, OffloadError, Op, Severed, TCError, translated
 from asynctc.lowlevel import bpf
 from asynctc.lowlevel import codec as c
 from asynctc.lowlevel.multicast import EventsLost, MulticastSocket, open_multicast_socket
 from asynctc.lowlevel.netdev import resolve_device, resolve_device_nl
 from asynctc.lowlevel.netns import NetnsRunner
-from asynctc.lowlevel.transport import NetlinkTransport, open_transport
+from asynctc.lowlevel.transport import NetlinkError, NetlinkTransport, RequestBuilder, open_transport
 
 pytestmark = [
     pytest.mark.kernel,
@@ -168,29 +169,39 @@ async def test_clsact_and_cls_bpf_lifecycle(nl: NetlinkTransport, nl_netns: NlNe
 
 
 async def test_errors_map_to_contract_exceptions(nl: NetlinkTransport, nl_netns: NlNetns, prog: int) -> None:
+    """The transport raises the kernel's refusal raw (NetlinkError: errno and extended ACK); `translated`
+    turns it into the contract's exception at the caller's edge."""
     ifx = nl_netns.veth0
-    await nl.request(lambda seq: c.encode_qdisc_add_clsact(seq, ifx), op="qdisc_add")
+
+    async def req(build: bytes | RequestBuilder, op: Op, **where: Any) -> list[c.Message]:
+        with translated(op, **where):
+            return await nl.request(build, op=op)
+
+    await req(lambda seq: c.encode_qdisc_add_clsact(seq, ifx), Op.QDISC_ADD)
+    with pytest.raises(NetlinkError, match="Exclusivity flag on") as raw:
+        await nl.request(lambda seq: c.encode_qdisc_add_clsact(seq, ifx), op=Op.QDISC_ADD)
+    assert raw.value.errno == errno.EEXIST and raw.value.extack and raw.value.op == "qdisc_add"
     with pytest.raises(AlreadyAttached, match="Exclusivity flag on") as qexc:
-        await nl.request(lambda seq: c.encode_qdisc_add_clsact(seq, ifx), op="qdisc_add")
+        await req(lambda seq: c.encode_qdisc_add_clsact(seq, ifx), Op.QDISC_ADD)
     assert qexc.value.errno == errno.EEXIST
 
-    await nl.request(add_filter(ifx, 1, 1, prog), op="filter_add")
+    await req(add_filter(ifx, 1, 1, prog), Op.FILTER_ADD)
     with pytest.raises(AlreadyAttached, match="Filter already exists") as exc:
-        await nl.request(add_filter(ifx, 1, 1, prog), op="filter_add", dev="veth0", direction="ingress")
+        await req(add_filter(ifx, 1, 1, prog), Op.FILTER_ADD, dev="veth0", direction="ingress")
     assert exc.value.errno == errno.EEXIST
     assert "filter add on veth0 ingress" in str(exc.value)
 
     with pytest.raises(Severed, match="not found") as dexc:
-        await nl.request(del_filter(ifx, 9, 9), op="filter_delete")
+        await req(del_filter(ifx, 9, 9), Op.FILTER_DELETE)
     assert dexc.value.errno == errno.ENOENT
 
     with pytest.raises(DeviceNotFound) as nexc:
-        await nl.request(add_filter(999_999, 1, 1, prog), op="filter_add")
+        await req(add_filter(999_999, 1, 1, prog), Op.FILTER_ADD)
     assert nexc.value.errno == errno.ENODEV
 
     # skip_sw (hardware only) on a veth: refused, nothing left behind.
     with pytest.raises(OffloadError) as oexc:
-        await nl.request(add_filter(ifx, 2, 1, prog, gen_flags=c.TCA_CLS_FLAGS_SKIP_SW), op="filter_add_hw")
+        await req(add_filter(ifx, 2, 1, prog, gen_flags=c.TCA_CLS_FLAGS_SKIP_SW), Op.FILTER_ADD_HW)
     assert oexc.value.errno == errno.EOPNOTSUPP
     assert [(f.priority, f.handle) for f in await dump_filters(nl, ifx)] == [(1, 1)]
 
@@ -214,13 +225,14 @@ async def test_many_concurrent_requests_on_one_transport(nl: NetlinkTransport, n
         await add(prio)
         try:
             await add(prio)
-        except AlreadyAttached as exc:
+        except NetlinkError as exc:  # EEXIST, raw: the transport does not translate
             failures.append(exc)
 
     async with trio.open_nursery() as nursery:
         for prio in range(1, n + 1):
             nursery.start_soon(add_twice if prio % 2 else add, prio)
     assert len(failures) == n // 2
+    assert {getattr(f, "errno", None) for f in failures} == {errno.EEXIST}
     filters = await dump_filters(nl, ifx)
     assert sorted((f.priority, f.bpf_name) for f in filters) == [(p, f"p{p}") for p in range(1, n + 1)]
 
@@ -434,8 +446,9 @@ async def test_socket_is_created_in_the_namespace(runner: NetnsRunner, nl_netns:
     async with open_transport(runner) as nl:
         links = await nl.dump(lambda seq: c.encode_dump_request(seq, c.RTM_GETLINK))
         got = await nl.request(lambda seq: c.encode_link_get(seq, name="veth1"), op="link_get")
-        with pytest.raises(DeviceNotFound):
+        with pytest.raises(NetlinkError) as missing:
             await nl.request(lambda seq: c.encode_link_get(seq, name="nope0"), op="link_get")
+        assert missing.value.errno == errno.ENODEV
     assert sorted(m.name or "" for m in links if isinstance(m, c.LinkMsg)) == ["lo", "veth0", "veth1"]
     assert [(m.ifindex, m.name) for m in got if isinstance(m, c.LinkMsg)] == [(nl_netns.veth1, "veth1")]
     assert socket.if_nametoindex("lo") == 1
@@ -475,7 +488,7 @@ async def test_a_lost_answer_fails_the_request_instead_of_waiting_forever(
     assert exc.value.errno == errno.ENOBUFS
     monkeypatch.undo()
     # the requests did reach the kernel; the transport still works
-    with pytest.raises(AlreadyAttached):
+    with pytest.raises(NetlinkError, match="Exclusivity flag on"):
         await nl.request(lambda seq: c.encode_qdisc_add_clsact(seq, ifx), op="qdisc_add")
     assert nl.in_flight == 0
 

@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from asynctc._errors import DeviceNotFound, TCError
+from asynctc._errors import DeviceNotFound, Op, TCError, translated
 from asynctc.lowlevel import codec as c
 from asynctc.lowlevel.multicast import EventsLost, MulticastSocket
 from asynctc.lowlevel.netns import NetnsRunner
 from asynctc.lowlevel.nlsock import open_netlink_socket
-from asynctc.lowlevel.transport import NetlinkTransport
+from asynctc.lowlevel.transport import NetlinkError, NetlinkTransport
 
 
 def filter_msg(seq: int, prio: int, flags: int = c.NLM_F_MULTI) -> bytes:
@@ -99,9 +99,12 @@ async def test_dump_error_becomes_contract_exception(transport: NetlinkTransport
     fake = FakeDumpSocket()
     fake.script = [lambda seq: [done(seq, errno.ENODEV)]]
     use_fake(transport, fake, monkeypatch)
-    with pytest.raises(DeviceNotFound, match="filter dump on veth9") as exc:
-        await transport.dump(c.encode_dump_request(0, c.RTM_GETTFILTER, 9, c.INGRESS_PARENT),
-                             op="filter_dump", dev="veth9")
+    with pytest.raises(NetlinkError, match="filter_dump") as raw:  # raw: the caller translates it
+        await transport.dump(c.encode_dump_request(0, c.RTM_GETTFILTER, 9, c.INGRESS_PARENT), op="filter_dump")
+    assert raw.value.errno == errno.ENODEV
+    fake.script = [lambda seq: [done(seq, errno.ENODEV)]]
+    with pytest.raises(DeviceNotFound, match="filter dump on veth9") as exc, translated(Op.FILTER_DUMP, dev="veth9"):
+        await transport.dump(c.encode_dump_request(0, c.RTM_GETTFILTER, 9, c.INGRESS_PARENT), op="filter_dump")
     assert exc.value.errno == errno.ENODEV
 
 
