@@ -116,6 +116,8 @@ class BackendSet:
         be = self._opened.get(name)
         if be is not None:
             return be
+        if self._closed:
+            raise TCError("this session is closed; open a new one with asynctc.open_session()")
         async with self._locks.setdefault(name, trio.Lock()):
             be = self._opened.get(name)
             if be is not None:

@@ -236,6 +236,12 @@ class Session:
         )
         with self._registry.attaching(ifindex), trio.CancelScope(shield=True):
             handle = await be.attach(request)
+            if self._lifecycle.closed:
+                # The session closed while the kernel attached (its cleanup could not see this one yet):
+                # nothing may outlive it unowned.
+                await be.detach(handle)
+                raise TCError("this session closed while the attach was under way; the program was detached "
+                              "again. Open a new session with asynctc.open_session()")
         # No checkpoint from here to the return: the attachment is registered before any cancellation
         # can be delivered, so it is never lost.
         return self._lifecycle.register(be, handle)

@@ -189,12 +189,31 @@ def _check_owner(path: str, record: LinkRecord | None, owner: str) -> None:
 
 
 def _stale_record(path: str) -> bool:
-    """Remove an asynctc record left at `path + "_record"` without its link (a pin interrupted by a
-    crash); True if there was one."""
-    if read_record(path + RECORD_SUFFIX) is None:
+    """Remove an asynctc record left at `path + "_record"` without its pin (a pin interrupted by a crash:
+    every asynctc backend writes its record first); True if there was one. asynctc's record maps are
+    named "atc_*_pin" (this backend's, the netlink backend's)."""
+    try:
+        fd = pins.get_object(path + RECORD_SUFFIX)
+    except (bpf.BpfError, PinError):
+        return False
+    try:
+        if bpf.fd_object_kind(fd) != "map":
+            return False
+        name = bpf.map_info(fd).name
+    finally:
+        os.close(fd)
+    if not (name.startswith("atc_") and name.endswith("_pin")):
         return False
     pins.unpin(path + RECORD_SUFFIX)
     return True
+
+
+def _revision_or_none(ifindex: int, attach_type: int) -> int | None:
+    """The hook's revision, or None if the kernel cannot say now (the device is going away...)."""
+    try:
+        return bpf.prog_query(ifindex, attach_type).revision
+    except bpf.BpfError:
+        return None
 
 
 def _finish_interrupted_update(path: str) -> None:
@@ -384,16 +403,21 @@ class BpfLinkBackend(Backend[LinkAttachment]):
             raise Severed(f"{att.info.dev}: the link is closed", errno=_errno.ENOLINK)
         fd = att.fd
         new_fd = program.fd
+        new_prog_id = program.id
         old_fd = expected.fd if expected is not None else None
         attach_type = ATTACH_TYPES[att.info.direction]
         ifindex = att.info.ifindex
 
-        def in_place() -> tuple[int, int]:
+        def in_place() -> tuple[int, int | None]:
             bpf.link_update(fd, new_fd, old_prog_fd=old_fd)
-            info = bpf.link_info(fd)
+            # Done: the new program runs. What follows only reads; it must not make the update look failed.
+            try:
+                info = bpf.link_info(fd)
+            except bpf.BpfError:
+                return new_prog_id, _revision_or_none(ifindex, attach_type)
             if info.ifindex == 0:
                 raise bpf.BpfError(_errno.ENOLINK, "link_update")
-            return info.prog_id, bpf.prog_query(ifindex, attach_type).revision
+            return info.prog_id, _revision_or_none(ifindex, attach_type)
 
         try:
             prog_id, revision = await self._syscalls().run(in_place)
@@ -431,7 +455,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         new_prog_fd = program.fd
         pinned = att.info.pinned
 
-        def step() -> tuple[int, bpf.LinkInfo, int]:
+        def step() -> tuple[int, bpf.LinkInfo, int | None]:
             old = bpf.link_info(old_fd)
             if old.ifindex == 0:
                 raise bpf.BpfError(_errno.ENOLINK, "link_update")
@@ -457,12 +481,19 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                 bpf.link_detach(old_fd)
             except BaseException:
                 # Roll back: the old program keeps running alone, pinned as before.
-                if moved:
-                    _pin_over(old_fd, pinned)  # type: ignore[arg-type]
-                _detach_and_close(fd)
+                try:
+                    if moved:
+                        _pin_over(old_fd, pinned)  # type: ignore[arg-type]
+                finally:
+                    _detach_and_close(fd)
                 raise
-            os.close(old_fd)
-            return fd, info, bpf.prog_query(ifindex, attach_type).revision
+            # Committed: the new link is the attachment. Nothing from here on may raise (the caller would
+            # say "rolled back" and keep a closed fd): the revision is read best-effort.
+            try:
+                os.close(old_fd)
+            except OSError:
+                pass
+            return fd, info, _revision_or_none(ifindex, attach_type)
 
         for attempt in range(MBB_RETRIES):
             try:

@@ -263,7 +263,8 @@ class NetlinkBackend(Backend[FilterAttachment]):
         try:
             for ifindex in sorted(self._created):
                 try:
-                    await self._drop_clsact_if_empty(ifindex, ifindex, quiet=False)
+                    async with self._device(ifindex, ifindex):  # never between another session's checks
+                        await self._drop_clsact_if_empty(ifindex, ifindex, quiet=False)
                 except (TCError, OSError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
                     failures.append(f"ifindex {ifindex}: {exc}")
         finally:
@@ -594,6 +595,13 @@ class NetlinkBackend(Backend[FilterAttachment]):
             att.busy -= 1
 
     async def update(self, att: FilterAttachment, program: Program, *, expected: Program | None) -> Updated:
+        """Replace the filter's program in its slot (NLM_F_REPLACE), holding the device: another asynctc
+        session's filter can then not take the slot between our check that the filter is ours and the
+        replace (which would overwrite its program)."""
+        async with self._device(att.info.ifindex, att.info.dev):
+            return await self._update_held(att, program, expected=expected)
+
+    async def _update_held(self, att: FilterAttachment, program: Program, *, expected: Program | None) -> Updated:
         info = att.info
         where = f"update of {info.dev} {info.direction} prio {info.priority} handle {info.handle:#x} [netlink backend]"
         cur = await self._current(att)
@@ -645,19 +653,20 @@ class NetlinkBackend(Backend[FilterAttachment]):
 
     @staticmethod
     def _write_pin(prog_fd: int, path: str, record: Callable[[], PinRecord]) -> None:
-        """Pin the program at `path` and the record map at `path + "_record"` (in a worker); nothing is
-        left behind on failure."""
+        """Pin the record map at `path + "_record"`, then the program at `path` (in a worker); nothing is
+        left behind on failure. The record goes first: a crash between the two leaves a record without its
+        program pin, which adoption reports and removes, never a pinned program no record explains."""
         rec = record().encode()
-        pins.pin_object(prog_fd, path)
+        map_fd = bpf.map_create_array(RECORD_SIZE, 1, name="atc_nl_pin")
         try:
-            map_fd = bpf.map_create_array(RECORD_SIZE, 1, name="atc_nl_pin")
-            try:
-                bpf.map_update(map_fd, 0, rec)
-                pins.pin_object(map_fd, path + RECORD_SUFFIX)
-            finally:
-                os.close(map_fd)
+            bpf.map_update(map_fd, 0, rec)
+            pins.pin_object(map_fd, path + RECORD_SUFFIX)
+        finally:
+            os.close(map_fd)
+        try:
+            pins.pin_object(prog_fd, path)
         except BaseException:
-            pins.unpin(path)
+            pins.unpin(path + RECORD_SUFFIX)
             raise
 
     async def _remove_pin(self, path: str) -> None:
@@ -671,6 +680,10 @@ class NetlinkBackend(Backend[FilterAttachment]):
             raise PinError(f"cannot unpin {path}: {exc.strerror}", errno=exc.errno) from None
 
     async def pin(self, att: FilterAttachment, path: str) -> None:
+        async with self._device(att.info.ifindex, att.info.dev):  # the check and the rename, as in update
+            await self._pin_held(att, path)
+
+    async def _pin_held(self, att: FilterAttachment, path: str) -> None:
         info = att.info
         if "." in os.path.basename(path):
             raise PinError(f"cannot pin at {path}: bpffs refuses names with a dot; pick a name without one")
@@ -713,6 +726,10 @@ class NetlinkBackend(Backend[FilterAttachment]):
                         "it", path, exc)
 
     async def unpin(self, att: FilterAttachment) -> None:
+        async with self._device(att.info.ifindex, att.info.dev):  # the check and the rename, as in update
+            await self._unpin_held(att)
+
+    async def _unpin_held(self, att: FilterAttachment) -> None:
         info = att.info
         path = info.pinned
         if path is None:

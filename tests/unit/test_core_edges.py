@@ -80,3 +80,25 @@ def test_an_operation_is_an_op_and_a_misspelt_one_is_refused() -> None:
     assert isinstance(asynctc.from_errno(1, op="link_update_cas"), asynctc.Conflict)
     with pytest.raises(ValueError, match="link_updat_cas"):
         asynctc.from_errno(1, op="link_updat_cas")
+
+
+async def test_an_attach_that_ends_after_the_session_closed_is_detached_again() -> None:
+    """An attach still under way when its session closes (started from a task outside the session's block)
+    must not leave an attachment nobody owns."""
+    kernel = MockKernel()
+    kernel.set_latency(0.2, op="link_create")
+    outcome: list[BaseException | asynctc.Attachment] = []
+    async with trio.open_nursery() as outer:
+        async with asynctc.open_session("mock", kernel=kernel) as s:
+
+            async def attach() -> None:
+                try:
+                    outcome.append(await s.attach("eth0", "ingress", kernel.program()))
+                except asynctc.TCError as exc:
+                    outcome.append(exc)
+
+            outer.start_soon(attach)
+            await trio.sleep(0.05)  # the attach is in the kernel now; the session closes meanwhile
+    assert len(outcome) == 1 and isinstance(outcome[0], asynctc.TCError), outcome
+    assert "closed while the attach was under way" in str(outcome[0])
+    assert kernel.hook("eth0", "ingress").entries == ()
