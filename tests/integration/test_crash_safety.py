@@ -513,3 +513,38 @@ def test_sigkill_at_any_instant(veth: VethPair, netns: str, bpffs: str, forker: 
         one(f"killed {delay * 1e3:.3f} ms into the operation (kill {n}, seed {SEED})", delay=delay)
     trio.run(clean_up, k, backend)
 
+
+
+async def test_interrupted_update_is_finished_only_by_its_owner(veth: VethPair, netns: str, bpffs: str) -> None:
+    """A make-before-break killed between pinning the new link beside the pin and renaming it over leaves
+    both links attached. Adopting the pin finishes the rename, but only once ownership is proven: a session
+    of another owner is refused and changes nothing."""
+    path = os.path.join(bpffs, "crash")
+    async with asynctc.open_session("bpf_link", netns=netns, owner=OWNER) as s:
+        att = await s.attach(DEV, "ingress", programs.constant("pass"))
+        await att.pin(path)
+        old_link, ifindex = att.info.link_id, att.info.ifindex
+    runner = NetnsRunner(netns, trio.CapacityLimiter(1))
+    new = programs.constant("drop")
+
+    def interrupted() -> int:  # what the killed update had done: the new link, pinned beside the pin
+        fd = bpf.link_create_tcx(new.fd, ifindex, bpf.BPF_TCX_INGRESS, flags=bpf.BPF_F_BEFORE)
+        try:
+            bpf.obj_pin(fd, path + NEXT)
+            return bpf.link_info(fd).id
+        finally:
+            os.close(fd)
+
+    new_link = await runner.run(interrupted)
+    async with asynctc.open_session("bpf_link", netns=netns, owner="someone-else") as other:
+        with pytest.raises(asynctc.NotOwned, match=f"belongs to owner '{OWNER}'"):
+            await other.adopt_pinned(path)
+    assert bpffs_entries(bpffs) == {"crash", "crash" + NEXT, "crash" + RECORD}
+    assert read_pin(path) == Pinned("link", old_link, att.info.prog_id, ifindex)
+    async with asynctc.open_session("bpf_link", netns=netns, owner=OWNER) as s:
+        adopted = await s.adopt_pinned(path)
+        assert (adopted.info.link_id, adopted.info.prog_id) == (new_link, new.id)
+        assert bpffs_entries(bpffs) == {"crash", "crash" + RECORD}
+        await adopted.detach()
+    assert bpffs_entries(bpffs) == set()
+    new.close()
