@@ -541,7 +541,10 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         owner = self.ctx.owner
 
         def adopt() -> tuple[int, bpf.LinkInfo, str] | None:
-            _finish_interrupted_update(path)
+            ahead = read_record(path + RECORD_SUFFIX)
+            if foreign or (ahead is not None and ahead.owner == owner):
+                # Only an owner finishes an interrupted update (others are refused below, changing nothing).
+                _finish_interrupted_update(path)
             try:
                 fd = pins.get_object(path)
             except bpf.BpfError as exc:
