@@ -524,6 +524,7 @@ async def test_interrupted_update_is_finished_only_by_its_owner(veth: VethPair, 
         att = await s.attach(DEV, "ingress", programs.constant("pass"))
         await att.pin(path)
         old_link, ifindex = att.info.link_id, att.info.ifindex
+        assert old_link is not None
     runner = NetnsRunner(netns, trio.CapacityLimiter(1))
     new = programs.constant("drop")
 
