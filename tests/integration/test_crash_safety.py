@@ -478,7 +478,7 @@ METHODS = {"update": {"bpf_link": "link_update", "netlink": "netlink_replace"},
            "mbb": {"bpf_link": "make_before_break"}}
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(60 + KILLS)  # ~0.3 s a kill here; a long run (ASYNCTC_CRASH_KILLS) gets its time
 @pytest.mark.parametrize(("backend", "op"), CASES, ids=[f"{b}-{o}" for b, o in CASES])
 def test_sigkill_at_any_instant(veth: VethPair, netns: str, bpffs: str, forker: Forker, backend: str,
                                 op: str) -> None:
@@ -549,3 +549,26 @@ async def test_interrupted_update_is_finished_only_by_its_owner(veth: VethPair, 
         await adopted.detach()
     assert bpffs_entries(bpffs) == set()
     new.close()
+
+
+@pytest.mark.parametrize("backend", ["bpf_link", "netlink"])
+async def test_stale_record_is_removed_only_by_its_owner(veth: VethPair, netns: str, bpffs: str,
+                                                          backend: str) -> None:
+    """A record without its pin (a pin or unpin killed halfway) is removed by an adoption of its owner,
+    which says so; a session of another owner leaves it in place."""
+    path = os.path.join(bpffs, "crash")
+    async with asynctc.open_session(backend, netns=netns, owner=OWNER) as s:
+        att = await s.attach(DEV, "ingress", programs.constant("pass"))
+        await att.pin(path)
+    os.unlink(path)  # what the killed unpin had done: the pin is gone, its record not yet
+    if backend == "netlink":
+        subprocess.run(["tc", "-n", netns, "filter", "del", "dev", DEV, "ingress"], check=True,
+                       capture_output=True, timeout=CHILD_TIMEOUT)
+    async with asynctc.open_session(backend, netns=netns, owner="someone-else") as other:
+        with pytest.raises(asynctc.TCError):
+            await other.adopt_pinned(path)
+    assert bpffs_entries(bpffs) == {"crash" + RECORD}
+    async with asynctc.open_session(backend, netns=netns, owner=OWNER) as s:
+        with pytest.raises(asynctc.PinError, match="stale record was removed"):
+            await s.adopt_pinned(path)
+    assert bpffs_entries(bpffs) == set()
