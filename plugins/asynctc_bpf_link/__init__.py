@@ -186,10 +186,11 @@ def _check_owner(path: str, record: LinkRecord | None, owner: str) -> None:
                        f"owner={record.owner!r}, or pass adopt_pinned(path, foreign=True) to take it over")
 
 
-def _stale_record(path: str) -> bool:
-    """Remove an asynctc record left at `path + "_record"` without its link (a pin interrupted by a
-    crash); True if there was one."""
-    if read_record(path + RECORD_SUFFIX) is None:
+def _stale_record(path: str, owner: str, foreign: bool) -> bool:
+    """Remove an asynctc record of `owner` (any, with `foreign`) left at `path + "_record"` without its
+    link (a pin interrupted by a crash); True if there was one."""
+    record = read_record(path + RECORD_SUFFIX)
+    if record is None or not (foreign or record.owner == owner):
         return False
     pins.unpin(path + RECORD_SUFFIX)
     return True
@@ -548,7 +549,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
             try:
                 fd = pins.get_object(path)
             except bpf.BpfError as exc:
-                if exc.errno == _errno.ENOENT and _stale_record(path):
+                if exc.errno == _errno.ENOENT and _stale_record(path, owner, foreign):
                     raise PinError(f"nothing is pinned at {path}: a pin of asynctc was interrupted there (the "
                                    "link died with its process); its stale record was removed",
                                    errno=_errno.ENOENT) from None
