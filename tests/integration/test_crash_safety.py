@@ -37,13 +37,13 @@ from typing import Any
 
 import pytest
 import trio
+from _children import CHILD_TIMEOUT, readline, stop
 
 import asynctc
 from asynctc import programs
 from asynctc.lowlevel import bpf
 from asynctc.lowlevel.netns import NetnsRunner
 from asynctc.testing import VethPair
-from tests._children import CHILD_TIMEOUT, readline, stop
 
 pytestmark = pytest.mark.kernel
 
