@@ -237,7 +237,8 @@ class Forker:
                 if line.startswith("step "):
                     r.steps.append(line.split()[2])
                 elif line.startswith("done "):
-                    r.done = True
+                    _, took, r.method = line.split()
+                    r.took, r.done = float(took), True
                 elif line.startswith("exit "):
                     r.status = int(line.split()[2])
                     break
@@ -506,11 +507,15 @@ def test_sigkill_at_any_instant(veth: VethPair, netns: str, bpffs: str, forker: 
     for i, step in enumerate(full.steps):
         r = one(f"killed before step {i} ({step}) of {full.steps}", stop_at=i)
         assert r.paused == step and not r.done, (r, full.steps)
-    # Kills at seeded random instants within the operation (and a little after it).
+    # Kills at seeded random instants within the operation (and a little after it). The window shrinks to
+    # the shortest operation seen: a kill after the operation ended proves less than one within it.
     rng = random.Random(f"{SEED}-{backend}-{op}")
+    took = full.took
     for n in range(KILLS):
-        delay = rng.uniform(0, full.took * 1.3)
-        one(f"killed {delay * 1e3:.3f} ms into the operation (kill {n}, seed {SEED})", delay=delay)
+        delay = rng.uniform(0, took * 1.2)
+        r = one(f"killed {delay * 1e3:.3f} ms into the operation (kill {n}, seed {SEED})", delay=delay)
+        if r.done:
+            took = min(took, r.took)
     trio.run(clean_up, k, backend)
 
 
