@@ -188,10 +188,21 @@ def _check_owner(path: str, record: LinkRecord | None, owner: str) -> None:
                        f"owner={record.owner!r}, or pass adopt_pinned(path, foreign=True) to take it over")
 
 
-def _stale_record(path: str) -> bool:
-    """Remove an asynctc record left at `path + "_record"` without its pin (a pin interrupted by a crash:
-    every asynctc backend writes its record first); True if there was one. asynctc's record maps are
-    named "atc_*_pin" (this backend's, the netlink backend's)."""
+def _stale_record(path: str, owner: str, foreign: bool) -> bool:
+    """Remove this backend's record of `owner` (any, with `foreign`) left at `path + "_record"` without its
+    link (a pin interrupted by a crash: the record is written first); True if there was one."""
+    record = read_record(path + RECORD_SUFFIX)
+    if record is None or not (foreign or record.owner == owner):
+        return False
+    pins.unpin(path + RECORD_SUFFIX)
+    return True
+
+
+def _other_backends_record(path: str) -> bool:
+    """Whether another asynctc backend's record stands at `path + "_record"` (asynctc's record maps are
+    named "atc_*_pin"): that backend, not this one, answers for the path."""
+    if read_record(path + RECORD_SUFFIX) is not None:
+        return False
     try:
         fd = pins.get_object(path + RECORD_SUFFIX)
     except (bpf.BpfError, PinError):
@@ -202,10 +213,7 @@ def _stale_record(path: str) -> bool:
         name = bpf.map_info(fd).name
     finally:
         os.close(fd)
-    if not (name.startswith("atc_") and name.endswith("_pin")):
-        return False
-    pins.unpin(path + RECORD_SUFFIX)
-    return True
+    return name.startswith("atc_") and name.endswith("_pin")
 
 
 def _revision_or_none(ifindex: int, attach_type: int) -> int | None:
@@ -575,14 +583,19 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         owner = self.ctx.owner
 
         def adopt() -> tuple[int, bpf.LinkInfo, str] | None:
-            _finish_interrupted_update(path)
+            ahead = read_record(path + RECORD_SUFFIX)
+            if foreign or (ahead is not None and ahead.owner == owner):
+                # Only an owner finishes an interrupted update (others are refused below, changing nothing).
+                _finish_interrupted_update(path)
             try:
                 fd = pins.get_object(path)
             except bpf.BpfError as exc:
-                if exc.errno == _errno.ENOENT and _stale_record(path):
+                if exc.errno == _errno.ENOENT and _stale_record(path, owner, foreign):
                     raise PinError(f"nothing is pinned at {path}: a pin of asynctc was interrupted there (the "
                                    "link died with its process); its stale record was removed",
                                    errno=_errno.ENOENT) from None
+                if exc.errno == _errno.ENOENT and _other_backends_record(path):
+                    return None  # the netlink backend's leftover: it answers for it
                 raise from_errno(exc.errno or 0, op=Op.OBJ_GET, backend=self.name, dev=path) from None
             try:
                 if bpf.fd_object_kind(fd) != "link":

@@ -528,9 +528,14 @@ class NetlinkBackend(Backend[FilterAttachment]):
 
     # -- detach, liveness ----------------------------------------------------------------------------
     async def detach(self, att: FilterAttachment) -> bool:
+        """Delete the filter. A pinned one is unpinned first (renamed unpinned, then its pin removed), so
+        that a crash at any step leaves a pin naming the filter, or an unpinned filter of a dead process
+        that reap_orphans removes; never a pin naming nothing, nor a filter marked pinned without a pin."""
         info = att.info
         prio, handle = att.slot
         ours = False
+        if info.pinned is not None and await self._current(att) is not None:
+            await self.unpin(att)
         try:
             async with self._device(info.ifindex, info.dev):
                 if await self._current(att) is not None:
@@ -654,8 +659,9 @@ class NetlinkBackend(Backend[FilterAttachment]):
     @staticmethod
     def _write_pin(prog_fd: int, path: str, record: Callable[[], PinRecord]) -> None:
         """Pin the record map at `path + "_record"`, then the program at `path` (in a worker); nothing is
-        left behind on failure. The record goes first: a crash between the two leaves a record without its
-        program pin, which adoption reports and removes, never a pinned program no record explains."""
+        left behind on failure. The record goes first: a crash in between leaves a record without a
+        program, which adoption recognises as asynctc's and removes; never a pinned program that asynctc
+        cannot prove is its own (nor remove)."""
         rec = record().encode()
         map_fd = bpf.map_create_array(RECORD_SIZE, 1, name="atc_nl_pin")
         try:
@@ -747,6 +753,10 @@ class NetlinkBackend(Backend[FilterAttachment]):
             try:
                 fd = pins.get_object(path)
             except bpf.BpfError as exc:
+                if exc.errno == _errno.ENOENT and _remove_stale_record(path, self.ctx.owner, foreign):
+                    raise PinError(f"nothing is pinned at {path}: a pin of asynctc was interrupted there (its "
+                                   "filter was never marked pinned); its stale record was removed",
+                                   errno=_errno.ENOENT) from None
                 raise from_errno(exc.errno or 0, op=Op.OBJ_GET, backend=self.name, dev=path) from None
             try:
                 if bpf.fd_object_kind(fd) != "prog":
@@ -783,8 +793,11 @@ class NetlinkBackend(Backend[FilterAttachment]):
                 try:
                     dev = resolve_device(rec.ifindex, self.ctx.netns)[1]
                 except DeviceNotFound:
+                    # The filter went with its device: the pin and its record only say so. Remove them.
+                    pins.unpin(path)
+                    pins.unpin(path + RECORD_SUFFIX)
                     raise Severed(f"the filter pinned at {path} was severed: its device (ifindex {rec.ifindex}) "
-                                  "is gone; unpin it (remove the pin and its _record)", errno=_errno.ENODEV) from None
+                                  "is gone; its stale pin was removed", errno=_errno.ENODEV) from None
                 return fd, rec, dev
             except BaseException:
                 try:
@@ -801,10 +814,13 @@ class NetlinkBackend(Backend[FilterAttachment]):
             parent = hooklib.CLSACT_PARENTS[rec.direction]
             cur = await self._get(rec.ifindex, parent, rec.priority, rec.handle, dev)
             if cur is None or cur.kind != "bpf" or not _is_pinned_filter(cur, rec):
+                # Owned (checked above) and held by no live session (the caller's claim): a pin naming a
+                # filter that is gone (deleted, or a pinned detach interrupted) only says so. Remove it.
+                await self._remove_pin(path)
                 raise Severed(
                     f"the filter pinned at {path} ({dev} {rec.direction} prio {rec.priority} handle "
-                    f"{rec.handle:#x}) is gone or is not the pinned filter any more; unpin it (remove the pin "
-                    "and its _record)", errno=_errno.ENOENT)
+                    f"{rec.handle:#x}) is gone or is not the pinned filter any more; its stale pin was removed",
+                    errno=_errno.ENOENT)
             prog_id = cur.bpf_id or rec.prog_id
             if prog_id != rec.prog_id:
                 # An update was interrupted before its pin and record were rewritten: finish that now.
@@ -821,6 +837,17 @@ class NetlinkBackend(Backend[FilterAttachment]):
         )
         gen_flags = (cur.gen_flags or 0) & (codec.TCA_CLS_FLAGS_SKIP_HW | codec.TCA_CLS_FLAGS_SKIP_SW)
         att = FilterAttachment(info, name=cur.bpf_name or rec.name, prog_fd=fd, gen_flags=gen_flags)
+        tag = parse_tag(att.name)
+        try:
+            if tag is not None and not tag.pinned:
+                # A pin or an unpin (or a pinned detach) was interrupted between marking the filter and
+                # its pin: the pin is there, so the filter stays pinned. Mark it again, or reap_orphans
+                # would delete it (its process is dead) under its pin.
+                await self._replace(att, fd, format_tag(tag.session_tag, tag.prog_name, pinned=True),
+                                    f"program {prog_id}", cur.skip_sw)
+        except BaseException:
+            os.close(fd)
+            raise
         if prog_id != rec.prog_id:
             await self._repin(att, path, prog_id)
         return self._hold(att)
@@ -872,6 +899,34 @@ class NetlinkBackend(Backend[FilterAttachment]):
     # -- events --------------------------------------------------------------------------------------
     def open_event_source(self) -> AbstractAsyncContextManager[EventSource]:
         return self.ctx.open_netlink_events()
+
+
+def _read_record(path: str) -> PinRecord | None:
+    """The netlink pin record at `path`, or None if none is there (or something else is)."""
+    try:
+        map_fd = pins.get_object(path)
+    except (bpf.BpfError, PinError):
+        return None
+    try:
+        if bpf.fd_object_kind(map_fd) != "map":
+            return None
+        return PinRecord.decode(bpf.map_lookup(map_fd, 0, RECORD_SIZE))
+    except bpf.BpfError:
+        return None
+    finally:
+        os.close(map_fd)
+
+
+def _remove_stale_record(path: str, owner: str, foreign: bool) -> bool:
+    """Remove a record of this owner (any, with `foreign`) left at `path + "_record"` without its program
+    (a pin interrupted by a crash); True if there was one."""
+    rec = _read_record(path + RECORD_SUFFIX)
+    if rec is None:
+        return False
+    tag = parse_tag(rec.name)
+    if not foreign and (tag is None or tag.owner != owner):
+        return False
+    return pins.unpin(path + RECORD_SUFFIX)
 
 
 def _is_pinned_filter(cur: codec.FilterMsg, rec: PinRecord) -> bool:
