@@ -333,7 +333,16 @@ def map_create_array(value_size: int = 8, max_entries: int = 1, *, name: str = "
 
 
 def map_lookup(map_fd: int, key: int, value_size: int) -> bytes:
-    """BPF_MAP_LOOKUP_ELEM with a u32 key; returns the raw value."""
+    """BPF_MAP_LOOKUP_ELEM with a u32 key; returns the raw value.
+
+    The kernel writes the map's whole value into the buffer, whatever size the caller expects: the map's
+    key and value sizes are checked first (BpfError EINVAL when they are not a u32 key and `value_size`
+    bytes), so a map of another shape at a path can never overrun it."""
+    info = map_info(map_fd)
+    if info.key_size != 4 or info.value_size != value_size:
+        raise BpfError(_errno.EINVAL, "map_lookup",
+                       f"the map has {info.key_size}-byte keys and {info.value_size}-byte values, not 4 and "
+                       f"{value_size}")
     attr = _attr()
     k = ctypes.create_string_buffer(struct.pack("=I", key), 4)
     v = ctypes.create_string_buffer(value_size)
