@@ -886,6 +886,15 @@ class NetlinkBackend(Backend[FilterAttachment]):
                                            f.priority, f.handle)
 
             async with self._device(f.ifindex, f.ifindex):
+                # The slot is read again under the lock: the orphan may have gone and someone else's filter
+                # taken its slot since the dump (the liveness check took a thread hop). Only the filter the
+                # dump showed, with its name and program, is deleted.
+                try:
+                    cur = await self._get(f.ifindex, f.parent, f.priority, f.handle, dev)
+                except DeviceNotFound:
+                    continue
+                if cur is None or cur.kind != "bpf" or cur.bpf_name != f.bpf_name or cur.bpf_id != f.bpf_id:
+                    continue
                 try:
                     await self._request(Op.FILTER_DELETE, build, dev=dev, direction=direction)
                 except (Severed, DeviceNotFound):

@@ -566,3 +566,33 @@ def test_without_capabilities_the_backend_says_cap_net_admin(veth: VethPair) -> 
     assert len(lines) == 1, (proc.stdout, proc.stderr)
     assert lines[0].startswith("session:") and "CAP_NET_ADMIN" in lines[0]
     assert qdisc_kinds(veth.netns_a) == []
+
+
+async def test_reaping_never_deletes_a_filter_that_took_an_orphans_slot(
+    veth: VethPair, bpffs: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the dump that finds an orphan and its delete, the orphan may go and someone else's filter
+    take its slot (the liveness check runs in a thread meanwhile): reaping reads the slot again and leaves
+    that filter alone."""
+    import asynctc_netlink._backend as nlbackend
+
+    ns = veth.netns_a
+    owner = "atcreap2"
+    dead = await _run_and_kill(_attach_and_wait(ns, owner, [("veth0", "ingress")]))
+    [orphan] = [f for f in await filters(ns, "veth0", "ingress") if f.bpf_id == dead[0]]
+    foreign = programs.constant("drop")
+    foreign_pin = os.path.join(bpffs, "foreign")
+    bpf.obj_pin(foreign.fd, foreign_pin)
+    real_alive = nlbackend.process_alive  # type: ignore[attr-defined]
+
+    def alive_while_the_slot_changes(pid: int, start: str) -> bool:
+        # A foreign tool removes the orphan and puts its own filter in the same slot.
+        tc("filter", "del", "dev", "veth0", "ingress", "prio", str(orphan.priority), netns=ns)
+        tc("filter", "add", "dev", "veth0", "ingress", "prio", str(orphan.priority), "handle",
+           hex(orphan.handle), "bpf", "object-pinned", foreign_pin, "da", netns=ns)
+        return real_alive(pid, start)
+
+    monkeypatch.setattr(nlbackend, "process_alive", alive_while_the_slot_changes)
+    async with asynctc.open_session("netlink", netns=ns, owner=owner) as s:
+        assert await s.reap_orphans() == ()
+    assert [f.bpf_id for f in await filters(ns, "veth0", "ingress")] == [foreign.id]
