@@ -667,6 +667,7 @@ async def _find_by_tag(session: Any, args: argparse.Namespace, ifindex: int, nam
     live process, or pinned elsewhere, is refused with the reason."""
     from asynctc.lowlevel import codec
     from asynctc.lowlevel import hook as hooklib
+    from asynctc.lowlevel.devlock import DeviceLocks
     from asynctc.lowlevel.netlink import open_transport
     from asynctc.lowlevel.tcpolicy import parse_tag, process_alive
 
@@ -692,8 +693,26 @@ async def _find_by_tag(session: Any, args: argparse.Namespace, ifindex: int, nam
                                            f.ifindex, f.parent, f.priority, f.handle)
 
             with trio.CancelScope(shield=True):
-                with asynctc.translated(asynctc.Op.FILTER_DELETE, dev=name, direction=direction):
-                    await nl.request(build, op=asynctc.Op.FILTER_DELETE)
+                # Under the device lock every asynctc process honours, and only if the slot still holds that
+                # filter (its process's liveness check took a while: a foreign filter may have taken it).
+                locks = DeviceLocks(await _netns_inode(session))
+                await locks.acquire(ifindex)
+                try:
+                    try:
+                        with asynctc.translated(asynctc.Op.FILTER_GET, dev=name, direction=direction):
+                            now = await nl.request(
+                                codec.encode_filter_get(0, f.ifindex, f.parent, f.priority, f.handle),
+                                op=asynctc.Op.FILTER_GET)
+                    except (asynctc.Severed, asynctc.DeviceNotFound):
+                        now = []
+                    if not any(isinstance(m, codec.FilterMsg) and m.bpf_name == f.bpf_name and m.bpf_id == f.bpf_id
+                               for m in now):
+                        continue  # gone meanwhile, or someone else's now: left alone
+                    with asynctc.translated(asynctc.Op.FILTER_DELETE, dev=name, direction=direction):
+                        await nl.request(build, op=asynctc.Op.FILTER_DELETE)
+                finally:
+                    locks.release(ifindex)
+                    locks.close()
             removed.append(Row("cls_bpf", prog_id, tag.prog_name, f.bpf_tag or "", None, f.priority, f.handle,
                                f.parent, owner=tag.owner, pid=tag.pid))
     if removed:
