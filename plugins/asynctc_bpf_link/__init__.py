@@ -63,6 +63,7 @@ __all__ = [
     "LinkRecord",
     "asynctc_register_backends",
     "read_record",
+    "rewrite_record",
     "write_record",
 ]
 
@@ -77,7 +78,7 @@ NEXT_SUFFIX = "_asynctc_next"
 # Beside a pin: asynctc's record of who pinned the link (a one-entry array map; bpffs holds BPF objects).
 RECORD_SUFFIX = "_record"
 RECORD_MAGIC = b"ATCL"
-_RECORD_HEAD = struct.Struct("<4sII")
+_RECORD_HEAD = struct.Struct("=4sIIII")
 RECORD_SIZE = 128
 
 log = logging.getLogger("asynctc")
@@ -119,29 +120,38 @@ def _pin_over(fd: int, path: str) -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class LinkRecord:
-    """asynctc's record beside a pinned tcx link: the session that pinned it (owner and process), and
-    the hook it was on."""
+    """asynctc's record beside a pinned tcx link: the session that pinned it (owner and process), the hook
+    it was on, and which link it is (`link_id`; `next_link_id` while a make-before-break moves the pin to a
+    new link, 0 otherwise): a record left by a crash never vouches for another link pinned at the path."""
 
     session_tag: str
     ifindex: int
     attach_type: int
+    link_id: int = 0
+    next_link_id: int = 0
 
     def encode(self) -> bytes:
         tag = self.session_tag.encode()
         if len(tag) > RECORD_SIZE - _RECORD_HEAD.size:
             raise ValueError(f"session tag too long for a pin record: {self.session_tag!r}")
-        return (_RECORD_HEAD.pack(RECORD_MAGIC, self.ifindex, self.attach_type)
+        return (_RECORD_HEAD.pack(RECORD_MAGIC, self.ifindex, self.attach_type, self.link_id, self.next_link_id)
                 + tag.ljust(RECORD_SIZE - _RECORD_HEAD.size, b"\0"))
 
     @classmethod
     def decode(cls, data: bytes) -> LinkRecord | None:
         if len(data) != RECORD_SIZE:
             return None
-        magic, ifindex, attach_type = _RECORD_HEAD.unpack_from(data)
+        magic, ifindex, attach_type, link_id, next_link_id = _RECORD_HEAD.unpack_from(data)
         if magic != RECORD_MAGIC:
             return None
         tag = data[_RECORD_HEAD.size:].split(b"\0", 1)[0].decode(errors="replace")
-        return cls(tag, ifindex, attach_type)
+        return cls(tag, ifindex, attach_type, link_id, next_link_id)
+
+    def names(self, info: bpf.LinkInfo) -> bool:
+        """Whether this record is the one of the link `info` describes (its hook, and its id or the id of
+        the link a make-before-break was moving the pin to)."""
+        return (self.ifindex, self.attach_type) == (info.ifindex, info.attach_type) and info.id in (
+            self.link_id, self.next_link_id)
 
     @property
     def owner(self) -> str | None:
@@ -155,6 +165,15 @@ def write_record(path: str, value: bytes) -> None:
     try:
         bpf.map_update(map_fd, 0, value)
         pins.pin_object(map_fd, path)
+    finally:
+        os.close(map_fd)
+
+
+def rewrite_record(path: str, record: LinkRecord) -> None:
+    """Rewrite the record map pinned at `path` in place (one map update: atomic)."""
+    map_fd = pins.get_object(path)
+    try:
+        bpf.map_update(map_fd, 0, record.encode())
     finally:
         os.close(map_fd)
 
@@ -483,7 +502,11 @@ class BpfLinkBackend(Backend[LinkAttachment]):
             try:
                 info = bpf.link_info(fd)
                 if pinned is not None:
-                    # The new program runs now (just before the old one). Make the pin name it, atomically.
+                    # The new program runs now (just before the old one). The record vouches for the new link
+                    # too, then the pin names it, atomically.
+                    record = read_record(pinned + RECORD_SUFFIX)
+                    if record is not None:
+                        rewrite_record(pinned + RECORD_SUFFIX, dataclasses.replace(record, next_link_id=info.id))
                     _pin_over(fd, pinned)
                     moved = True
                 bpf.link_detach(old_fd)
@@ -496,11 +519,20 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                     _detach_and_close(fd)
                 raise
             # Committed: the new link is the attachment. Nothing from here on may raise (the caller would
-            # say "rolled back" and keep a closed fd): the revision is read best-effort.
+            # say "rolled back" and keep a closed fd): the record and the revision are written and read
+            # best-effort (a record still naming the new link as the next one vouches for it all the same).
             try:
                 os.close(old_fd)
             except OSError:
                 pass
+            if pinned is not None:
+                try:
+                    record = read_record(pinned + RECORD_SUFFIX)
+                    if record is not None:
+                        rewrite_record(pinned + RECORD_SUFFIX,
+                                       dataclasses.replace(record, link_id=info.id, next_link_id=0))
+                except (OSError, PinError) as exc:
+                    log.warning("asynctc bpf_link: updating the record of %s failed: %s", pinned, exc)
             return fd, info, _revision_or_none(ifindex, attach_type)
 
         for attempt in range(MBB_RETRIES):
@@ -544,7 +576,8 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         fd = att.fd
         if fd is None:
             raise Severed("the link is closed", errno=_errno.ENOLINK)
-        record = LinkRecord(self.ctx.session_tag, att.info.ifindex, ATTACH_TYPES[att.info.direction])
+        record = LinkRecord(self.ctx.session_tag, att.info.ifindex, ATTACH_TYPES[att.info.direction],
+                            att.info.link_id or 0)
 
         def pin() -> None:
             write_record(path + RECORD_SUFFIX, record.encode())
@@ -608,6 +641,11 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                 record = read_record(path + RECORD_SUFFIX)
                 if not foreign:
                     _check_owner(path, record, owner)
+                    assert record is not None
+                    if info.ifindex != 0 and not record.names(info):
+                        raise NotOwned(f"the tcx link pinned at {path} (link {info.id}) is not the one asynctc's "
+                                       f"record beside it names (link {record.link_id}): another program pinned "
+                                       "it there; pass adopt_pinned(path, foreign=True) to take it over")
                 if info.ifindex == 0:
                     # A severed link never runs again: its pin (and record) only say so. Remove them.
                     pins.unpin(path)

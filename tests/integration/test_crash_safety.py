@@ -23,6 +23,7 @@ Each test has its own namespace and its own bpffs mount, both removed afterwards
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -533,11 +534,18 @@ async def test_interrupted_update_is_finished_only_by_its_owner(veth: VethPair, 
     runner = NetnsRunner(netns, trio.CapacityLimiter(1))
     new = programs.constant("drop")
 
-    def interrupted() -> int:  # what the killed update had done: the new link, pinned beside the pin
+    def interrupted() -> int:  # what the killed update had done: the new link, named in the record as the
+        # next one, pinned beside the pin
+        from asynctc_bpf_link import RECORD_SUFFIX, read_record, rewrite_record
+
         fd = bpf.link_create_tcx(new.fd, ifindex, bpf.BPF_TCX_INGRESS, flags=bpf.BPF_F_BEFORE)
         try:
+            link_id = bpf.link_info(fd).id
+            record = read_record(path + RECORD_SUFFIX)
+            assert record is not None
+            rewrite_record(path + RECORD_SUFFIX, dataclasses.replace(record, next_link_id=link_id))
             bpf.obj_pin(fd, path + NEXT)
-            return bpf.link_info(fd).id
+            return link_id
         finally:
             os.close(fd)
 

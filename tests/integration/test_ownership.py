@@ -124,3 +124,43 @@ async def test_a_record_left_without_its_link_is_reported_and_removed(veth: Veth
         with pytest.raises(asynctc.PinError, match="interrupted.*removed"):
             await s.adopt_pinned(path)
     assert pins_in(bpffs) == []
+
+
+async def test_a_record_left_behind_never_vouches_for_another_link(veth: VethPair, bpffs: str) -> None:
+    """A record a crash left at a path (its link died with its process), then another program's link pinned
+    there: the record names a link id and hook, so the foreign link is not adopted (nor detached)."""
+    from asynctc_bpf_link import RECORD_SUFFIX, LinkRecord, write_record
+
+    path = os.path.join(bpffs, "reused")
+    prog = programs.constant("pass")
+
+    def foreign_link_under_a_stale_record() -> int:
+        from asynctc.lowlevel.netns import NetnsRunner
+
+        runner = NetnsRunner(veth.netns_a, trio.CapacityLimiter(1))
+        try:
+            def make() -> int:
+                import socket
+
+                ifindex = socket.if_nametoindex(veth.a)
+                stale = LinkRecord("asynctc:1.1.1", ifindex, bpf.BPF_TCX_INGRESS, link_id=1)
+                write_record(path + RECORD_SUFFIX, stale.encode())
+                fd = bpf.link_create_tcx(prog.fd, ifindex, bpf.BPF_TCX_INGRESS)
+                bpf.obj_pin(fd, path)
+                return fd
+
+            return runner.call_in_netns(make)
+        finally:
+            runner.close()
+
+    fd = await trio.to_thread.run_sync(foreign_link_under_a_stale_record)
+    try:
+        async with asynctc.open_session("bpf_link", netns=veth.netns_a) as s:
+            with pytest.raises(asynctc.NotOwned, match="not the one asynctc's record"):
+                await s.adopt_pinned(path)
+            hook = await s.query(veth.a, "ingress")
+            assert [(e.prog_id, e.owned) for e in hook.entries] == [(prog.id, False)]
+    finally:
+        os.close(fd)
+        os.unlink(path)
+        os.unlink(path + RECORD_SUFFIX)
