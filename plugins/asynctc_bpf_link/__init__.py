@@ -506,7 +506,10 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                     # too, then the pin names it, atomically.
                     record = read_record(pinned + RECORD_SUFFIX)
                     if record is not None:
-                        rewrite_record(pinned + RECORD_SUFFIX, dataclasses.replace(record, next_link_id=info.id))
+                        # The pin names the old link until the rename: the record says so (an earlier update
+                        # killed before its last step may have left the record a link behind).
+                        rewrite_record(pinned + RECORD_SUFFIX,
+                                       dataclasses.replace(record, link_id=old.id, next_link_id=info.id))
                     _pin_over(fd, pinned)
                     moved = True
                 bpf.link_detach(old_fd)
