@@ -631,7 +631,7 @@ def _add_attach(p: argparse.ArgumentParser) -> None:
 
 
 async def _find(session: Any, args: argparse.Namespace, dev: str, direction: str,
-                spec: ProgramSpec) -> asynctc.Attachment:
+                spec: ProgramSpec, *, remove_orphan: bool = False) -> asynctc.Attachment:
     """What asynctc attached for `spec`'s program on the hook: through `--pin`, through a default pin, or
     (a cls_bpf filter of a dead process with this owner tag) adopted from the kernel."""
     ifindex, name = await session.resolve_device(int(dev) if dev.isdigit() else dev)
@@ -657,11 +657,11 @@ async def _find(session: Any, args: argparse.Namespace, dev: str, direction: str
             continue  # stale, or not adoptable by this owner: not the one
         if att.info.prog_id == prog_id and att.info.direction.value == direction:
             return att
-    return await _find_by_tag(session, args, ifindex, name, direction, prog_id)
+    return await _find_by_tag(session, args, ifindex, name, direction, prog_id, remove_orphan=remove_orphan)
 
 
 async def _find_by_tag(session: Any, args: argparse.Namespace, ifindex: int, name: str, direction: str,
-                       prog_id: int) -> asynctc.Attachment:
+                       prog_id: int, *, remove_orphan: bool) -> asynctc.Attachment:
     """No pin names it: look for a cls_bpf filter running `prog_id` with this owner's tag. One whose process
     is dead (an orphan, as `reap` would remove) is deleted here and reported by raising `_Removed`; one of a
     live process, or pinned elsewhere, is refused with the reason."""
@@ -687,6 +687,10 @@ async def _find_by_tag(session: Any, args: argparse.Namespace, ifindex: int, nam
             if await session.runner.run(process_alive, tag.pid, tag.start):
                 raise asynctc.NotOwned(f"program {prog_id} on {where} ({slot}) belongs to the live process "
                                        f"{tag.pid} (owner {session.owner}); it detaches it itself")
+            if not remove_orphan:  # only `detach` removes an orphan; other commands leave the hook as it is
+                raise asynctc.TCError(f"program {prog_id} on {where} ({slot}) is an orphaned filter of the dead "
+                                      f"process {tag.pid} (not pinned, so it cannot be taken over): `asynctc "
+                                      "detach` or `asynctc reap` removes it; attach the program again")
 
             def build(seq: int, f: codec.FilterMsg = f) -> bytes:
                 return codec.encode_filter(seq, codec.RTM_DELTFILTER, codec.NLM_F_REQUEST | codec.NLM_F_ACK,
@@ -740,7 +744,7 @@ async def _cmd_detach(args: argparse.Namespace, out: TextIO) -> int:
     spec = _existing(parse_program(args.program), "PROGRAM")
     async with _session(args) as session:
         try:
-            att = await _find(session, args, args.dev, direction, spec)
+            att = await _find(session, args, args.dev, direction, spec, remove_orphan=True)
         except _Removed as orphans:
             for r in orphans.rows:
                 if args.json:
@@ -775,11 +779,7 @@ async def _cmd_update(args: argparse.Namespace, out: TextIO) -> int:
     direction = _direction(args.direction)
     old_spec, new_spec = _existing(parse_program(args.old), "OLD"), parse_program(args.new)
     async with _session(args) as session:
-        try:
-            att = await _find(session, args, args.dev, direction, old_spec)
-        except _Removed:
-            raise asynctc.TCError(f"{args.old} on {args.dev} {direction} was an orphaned filter and was removed; "
-                                  "attach the new program instead") from None
+        att = await _find(session, args, args.dev, direction, old_spec)
         with await _open_program(new_spec) as new, await trio.to_thread.run_sync(
                 asynctc.Program.from_id, att.info.prog_id) as old:
             result = await att.update(new, expected=old)
@@ -805,11 +805,7 @@ async def _cmd_pin(args: argparse.Namespace, out: TextIO) -> int:
     direction = _direction(args.direction)
     spec = _existing(parse_program(args.program), "PROGRAM")
     async with _session(args) as session:
-        try:
-            att = await _find(session, args, args.dev, direction, spec)
-        except _Removed:
-            raise asynctc.TCError(f"{args.program} on {args.dev} {direction} was an orphaned filter and was "
-                                  "removed; attach it again with --pin") from None
+        att = await _find(session, args, args.dev, direction, spec)
         old = att.info.pinned
         if old == args.path:
             pass

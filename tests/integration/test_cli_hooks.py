@@ -273,6 +273,13 @@ def test_detach_finds_a_filter_by_its_owner_tag(veth: VethPair, pins: Pins) -> N
                               capture_output=True, text=True, timeout=60)
     assert orphaned.stdout == "attached\n", orphaned.stderr
     assert len(tc_filters(ns, "veth0")) == 1
+    # Only detach removes an orphan: update and pin leave the hook as it is and say why.
+    other = pins.load("cli_other")
+    failed(asynctc_cmd("update", "veth0", "ingress", prog, other, "--netns", ns, pin_dir=pins.root),
+           "is an orphaned filter of the dead process")
+    failed(asynctc_cmd("pin", "veth0", "ingress", prog, os.path.join(pins.bpffs, "orphan"), "--netns", ns,
+                       pin_dir=pins.root), "is an orphaned filter of the dead process")
+    assert [f["options"]["prog"]["id"] for f in tc_filters(ns, "veth0")] == [pins.id(prog)]
     out = ok(asynctc_cmd("detach", "veth0", "ingress", prog, "--netns", ns, pin_dir=pins.root))
     assert f"detached orphaned filter cli_tagged prog_id {pins.id(prog)} on veth0 ingress prio 32768 handle 0x1" in out
     assert tc_filters(ns, "veth0") == []
