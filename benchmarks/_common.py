@@ -351,15 +351,20 @@ def print_lag_verdicts(probes: dict[str, LagProbe], bound_ms: float = 5.0) -> No
 
 
 async def open_attachment_cycles(session: asynctc.Session, devs: Sequence[str], concurrency: int, duration: float,
-                                 program: asynctc.Program) -> tuple[int, float, LagProbe]:
+                                 program: asynctc.Program, *, freeze: bool = False) -> tuple[int, float, LagProbe]:
     """`concurrency` lifecycles on `session`, each looping open_attachment (attach, then detach on exit) on
     its own device of `devs` for `duration` seconds, after one warm-up cycle (which starts the session's
-    event watcher and threads); the cycles done, the seconds taken, and the trio loop's lag meanwhile."""
+    event watcher and threads); the cycles done, the seconds taken, and the trio loop's lag meanwhile.
+    `freeze`: gc.freeze() after the warm-up, as a latency-minded application does once it has started
+    (the objects alive then are never scanned again by a full collection), gc.unfreeze() afterwards."""
     lag = LagProbe()
     counts = [0] * concurrency
     async with session.open_attachment(devs[0], "ingress", program):
         pass
     await trio.sleep(0.2)
+    if freeze:
+        gc.collect()
+        gc.freeze()
 
     async def lifecycle(i: int, deadline: float) -> None:
         dev = devs[i]
@@ -376,4 +381,6 @@ async def open_attachment_cycles(session: asynctc.Session, devs: Sequence[str], 
                 nursery.start_soon(lifecycle, i, t0 + duration)
         elapsed = time.perf_counter() - t0
         outer.cancel_scope.cancel()
+    if freeze:
+        gc.unfreeze()
     return sum(counts), elapsed, lag

@@ -16,12 +16,10 @@ A ticker task measures the trio loop lag during every asynctc run.
 
 from __future__ import annotations
 
-import gc
 import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import trio
@@ -37,6 +35,7 @@ from _common import (
     bench_netns,
     machine_line,
     make_veths,
+    open_attachment_cycles,
     parse_args,
     print_lag_verdicts,
     print_table,
@@ -95,37 +94,10 @@ def tc_factory(netns: str, pinned: str, devs: list[str]) -> Callable[[int], Call
 
 async def asynctc_run(netns: str, devs: list[str], concurrency: int, duration: float,
                       program: asynctc.Program, freeze: bool = False) -> tuple[int, float, LagProbe]:
-    """`concurrency` lifecycles, each looping open_attachment (attach, then detach on exit) on its own device.
-    `freeze`: gc.freeze() after the warm-up, as a latency-minded application does once it has started
-    (the objects alive then are never scanned again by a full collection), gc.unfreeze() afterwards."""
-    lag = LagProbe()
-    counts = [0] * concurrency
+    """`concurrency` lifecycles, each looping open_attachment (attach, then detach on exit) on its own device
+    (`freeze`: see open_attachment_cycles)."""
     async with asynctc.open_session("netlink", netns=netns, max_workers=max(8, concurrency)) as session:
-        async with session.open_attachment(devs[0], "ingress", program):  # warm-up
-            pass
-        await trio.sleep(0.2)
-        if freeze:
-            gc.collect()
-            gc.freeze()
-
-        async def lifecycle(i: int, deadline: float) -> None:
-            dev = devs[i]
-            while time.perf_counter() < deadline:
-                async with session.open_attachment(dev, "ingress", program):
-                    pass
-                counts[i] += 1
-
-        async with trio.open_nursery() as outer:
-            await outer.start(lag.run)
-            t0 = time.perf_counter()
-            async with trio.open_nursery() as nursery:
-                for i in range(concurrency):
-                    nursery.start_soon(lifecycle, i, t0 + duration)
-            elapsed = time.perf_counter() - t0
-            outer.cancel_scope.cancel()
-    if freeze:
-        gc.unfreeze()
-    return sum(counts), elapsed, lag
+        return await open_attachment_cycles(session, devs, concurrency, duration, program, freeze=freeze)
 
 
 def check_clean(netns: str, devs: list[str]) -> None:
