@@ -293,3 +293,21 @@ def rename_over(path: str, suffix: str) -> bool:
         os.close(efd)
         os.rename(d.name, d.name.removesuffix(suffix), src_dir_fd=d.fd, dst_dir_fd=d.fd)
         return True
+
+
+def read_pinned_value(path: str, value_size: int) -> bytes | None:
+    """The value at key 0 of the one-entry array map pinned at `path` (how asynctc keeps its records beside
+    its pins), under the rules above; None when nothing is pinned there, or something else is (not a map,
+    or a map of another shape)."""
+    try:
+        map_fd = get_object(path)
+    except (bpf.BpfError, PinError):
+        return None
+    try:
+        if bpf.fd_object_kind(map_fd) != "map":
+            return None
+        return bpf.map_lookup(map_fd, 0, value_size)
+    except bpf.BpfError:
+        return None
+    finally:
+        os.close(map_fd)

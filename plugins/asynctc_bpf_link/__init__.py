@@ -180,19 +180,8 @@ def rewrite_record(path: str, record: LinkRecord) -> None:
 
 def read_record(path: str) -> LinkRecord | None:
     """The record pinned at `path`, or None if there is none (or something else is pinned there)."""
-    try:
-        map_fd = pins.get_object(path)
-    except (bpf.BpfError, PinError):
-        return None
-    try:
-        if bpf.fd_object_kind(map_fd) != "map":
-            return None
-        try:
-            return LinkRecord.decode(bpf.map_lookup(map_fd, 0, RECORD_SIZE))
-        except bpf.BpfError:
-            return None
-    finally:
-        os.close(map_fd)
+    data = pins.read_pinned_value(path, RECORD_SIZE)
+    return LinkRecord.decode(data) if data is not None else None
 
 
 def _check_owner(path: str, record: LinkRecord | None, owner: str) -> None:

@@ -762,24 +762,10 @@ class NetlinkBackend(Backend[FilterAttachment]):
                 if bpf.fd_object_kind(fd) != "prog":
                     os.close(fd)
                     return None  # a tcx link (the bpf_link backend's) or a map: not ours
-                try:
-                    map_fd = pins.get_object(path + RECORD_SUFFIX)
-                except (bpf.BpfError, PinError):
-                    os.close(fd)
-                    return None  # a pinned program without our record: not an attachment of ours
-                try:
-                    if bpf.fd_object_kind(map_fd) != "map":
-                        os.close(fd)
-                        return None
-                    try:
-                        rec = PinRecord.decode(bpf.map_lookup(map_fd, 0, RECORD_SIZE))
-                    except bpf.BpfError:
-                        rec = None
-                finally:
-                    os.close(map_fd)
+                rec = _read_record(path + RECORD_SUFFIX)
                 if rec is None:
                     os.close(fd)
-                    return None
+                    return None  # a pinned program without our record: not an attachment of ours
                 rec_tag = parse_tag(rec.name)
                 owner = rec_tag.owner if rec_tag else None
                 if not foreign and owner != self.ctx.owner:
@@ -912,18 +898,8 @@ class NetlinkBackend(Backend[FilterAttachment]):
 
 def _read_record(path: str) -> PinRecord | None:
     """The netlink pin record at `path`, or None if none is there (or something else is)."""
-    try:
-        map_fd = pins.get_object(path)
-    except (bpf.BpfError, PinError):
-        return None
-    try:
-        if bpf.fd_object_kind(map_fd) != "map":
-            return None
-        return PinRecord.decode(bpf.map_lookup(map_fd, 0, RECORD_SIZE))
-    except bpf.BpfError:
-        return None
-    finally:
-        os.close(map_fd)
+    data = pins.read_pinned_value(path, RECORD_SIZE)
+    return PinRecord.decode(data) if data is not None else None
 
 
 def _remove_stale_record(path: str, owner: str, foreign: bool) -> bool:
