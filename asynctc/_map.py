@@ -9,7 +9,7 @@ from types import TracebackType
 from typing import TypeAlias, TypeVar
 
 from ._errors import Op, TCError, from_errno
-from .lowlevel import bpf
+from .lowlevel import bpf, pins
 
 __all__ = ["MAP_TYPE_NAMES", "Map", "MapKey", "MapValue", "adopt_map_fd"]
 
@@ -99,11 +99,13 @@ class Map:
 
     @classmethod
     def from_pinned(cls, path: str | os.PathLike[str]) -> Map:
-        """The map pinned at `path` on bpffs (PinError if nothing is pinned there)."""
+        """The map pinned at `path` on bpffs (PinError if nothing is pinned there), read under the pin-path
+        rules of `asynctc.lowlevel.pins` (no symlink followed, no directory others may write)."""
+        spath = pins.check_path(path, "map's pin path")
         try:
-            fd = bpf.obj_get(os.fspath(path))
+            fd = pins.get_object(spath)
         except bpf.BpfError as exc:
-            raise from_errno(exc.errno or 0, op=Op.OBJ_GET, program=f"map pin {os.fspath(path)}") from None
+            raise from_errno(exc.errno or 0, op=Op.OBJ_GET, program=f"map pin {spath}") from None
         return adopt_map_fd(fd)
 
     @classmethod
@@ -217,11 +219,14 @@ class Map:
     # -- pins and lifetime ------------------------------------------------------------------------------
 
     def pin(self, path: str | os.PathLike[str]) -> None:
-        """Pin the map at `path` on bpffs: it outlives this process until the pin is removed (unlink it)."""
+        """Pin the map at `path` on bpffs: it outlives this process until the pin is removed (unlink it).
+        The pin-path rules of `asynctc.lowlevel.pins` apply: owner-only (0600), in a directory nobody else
+        may write, no symlink followed (PinError saying why; ValueError for a malformed path)."""
+        spath = pins.check_path(path, "map's pin path")
         try:
-            bpf.obj_pin(self.fd, os.fspath(path))
+            pins.pin_object(self.fd, spath)
         except bpf.BpfError as exc:
-            raise from_errno(exc.errno or 0, op=Op.OBJ_PIN, program=f"{self} at {os.fspath(path)}") from None
+            raise from_errno(exc.errno or 0, op=Op.OBJ_PIN, program=f"{self} at {spath}") from None
 
     def close(self) -> None:
         """Close the map's fd. Idempotent. Programs using the map keep it alive; so does a pin."""

@@ -9,7 +9,7 @@ from types import TracebackType
 import trio
 
 from ._errors import Op, ProgramError, from_errno
-from .lowlevel import bpf
+from .lowlevel import bpf, pins
 from .lowlevel.pins import check_path
 
 __all__ = ["PROG_TYPE_NAMES", "Program", "adopt_program_fd"]
@@ -57,10 +57,12 @@ class Program:
 
     @classmethod
     def from_pinned(cls, path: str | os.PathLike[str]) -> Program:
-        """The program pinned at `path` on bpffs (an absolute path without NUL or '..': ValueError)."""
+        """The program pinned at `path` on bpffs (an absolute path without NUL or '..': ValueError), read as
+        asynctc reads its own pins (`asynctc.lowlevel.pins`): no path component is followed through a
+        symlink, and a pin in a directory others may write is refused (PinError saying why)."""
         spath = check_path(path, "program's pin path")
         try:
-            fd = bpf.obj_get(spath)
+            fd = pins.get_object(spath)
         except bpf.BpfError as exc:
             raise from_errno(exc.errno or 0, op=Op.OBJ_GET, program=spath) from None
         return adopt_program_fd(fd)

@@ -233,8 +233,9 @@ async def test_adopting_a_file_that_is_not_on_bpffs(netns: str, tmp_path: os.Pat
         with pytest.raises(asynctc.PinError, match=r"is not on a bpffs mount; mount one"):
             await s.adopt_pinned(plain)
         assert s.attachments == ()
-    # the kernel's own answer (EACCES from BPF_OBJ_GET) is said as what it means, not as a missing capability
-    with pytest.raises(asynctc.PinError, match="not a bpffs object") as info:
+    # Program.from_pinned reads pins as asynctc reads its own: refused for what it is, never told as a
+    # missing capability (the kernel's EACCES for a file that is not a BPF object)
+    with pytest.raises(asynctc.PinError, match="not on a bpffs mount") as info:
         asynctc.Program.from_pinned(plain)
     assert "CAP_" not in str(info.value)
 
@@ -284,3 +285,30 @@ async def test_a_pin_whose_directory_became_unsafe_is_not_touched(netns: str, bp
         os.chmod(d, 0o755)
         await att.detach()
         assert not os.path.exists(path) and await hook_is_empty(s)
+
+
+def test_programs_and_maps_are_read_and_pinned_under_the_same_rules(bpffs: str) -> None:
+    """Program.from_pinned, Map.from_pinned and Map.pin follow no symlink and make owner-only pins, as the
+    attachments' pins do."""
+    from asynctc import programs
+    from asynctc.lowlevel import bpf
+
+    with programs.constant("pass") as prog:
+        real = os.path.join(bpffs, "real")
+        bpf.obj_pin(prog.fd, real)
+        os.symlink(real, os.path.join(bpffs, "alias"))
+        with asynctc.Program.from_pinned(real) as again:
+            assert again.id == prog.id
+        with pytest.raises(asynctc.PinError, match="symbolic link"):
+            asynctc.Program.from_pinned(os.path.join(bpffs, "alias"))
+    fd = bpf.map_create_array(8, 1, name="atc_test")
+    with asynctc.Map.from_fd(fd) as m:
+        path = os.path.join(bpffs, "amap")
+        m.pin(path)
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        with asynctc.Map.from_pinned(path) as again_map:
+            assert again_map.id == m.id
+        os.symlink(path, os.path.join(bpffs, "maplink"))
+        with pytest.raises(asynctc.PinError, match="symbolic link"):
+            asynctc.Map.from_pinned(os.path.join(bpffs, "maplink"))
+    os.close(fd)
