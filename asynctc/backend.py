@@ -28,7 +28,7 @@ from ._errors import BackendUnavailable, PinError
 from ._program import Program
 from ._types import AttachmentInfo, Direction, Hook, HookEntry, Offload, Probe, UpdateMethod, UpdateResult
 from ._types import Placement as Placement  # a value type; re-exported where backends always found it
-from .lowlevel.events import DEFAULT_EVENT_RCVBUF, EventSource, check_rcvbuf, open_netlink_event_source
+from .events import EventSource
 from .lowlevel.netns import NetnsRunner
 
 __all__ = [
@@ -71,6 +71,10 @@ class BackendContext:
         """The rtnetlink event source of the session's namespace (links, qdiscs, filters), for backends on
         the real kernel. `backend_options={"event_rcvbuf": BYTES}` sets its socket's receive buffer (small
         values force resyncs, for tests)."""
+        # Imported here: the rtnetlink codec loads pyroute2, which `import asynctc` must not (the backends
+        # that use it are loaded in a worker thread).
+        from .lowlevel.events import DEFAULT_EVENT_RCVBUF, check_rcvbuf, open_netlink_event_source
+
         rcvbuf = check_rcvbuf(self.options.get("event_rcvbuf", DEFAULT_EVENT_RCVBUF))
         return open_netlink_event_source(self.runner, rcvbuf=rcvbuf)
 

@@ -7,6 +7,7 @@ from the session's own bookkeeping.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
@@ -21,6 +22,7 @@ __all__ = [
     "DeviceAdded",
     "DeviceRemoved",
     "Event",
+    "EventSource",
     "EventsDropped",
     "FilterAdded",
     "FilterRemoved",
@@ -137,3 +139,16 @@ class AttachmentEvent:
     attachment: Attachment
     method: str | None = None
     reason: str | None = None
+
+
+class EventSource(abc.ABC):
+    """A stream of kernel events for one namespace. `receive()` returns the next batch (never empty).
+
+    When events were lost, the source re-reads the kernel's state, returns the differences as ordinary
+    events and then a `Resynced` (in the same batch or the next). A backend's `open_event_source()`
+    returns an async context manager of one; `asynctc.lowlevel.events.open_netlink_event_source` is the
+    rtnetlink one the built-in backends share, for any backend on the real kernel.
+    """
+
+    @abc.abstractmethod
+    async def receive(self) -> list[KernelEvent | Resynced]: ...

@@ -16,7 +16,6 @@ and confirms each with the link's info (ifindex 0).
 
 from __future__ import annotations
 
-import abc
 import errno
 import functools
 import logging
@@ -37,6 +36,7 @@ from ..events import (
     QdiscRemoved,
     Resynced,
 )
+from ..events import EventSource as EventSource
 from . import codec
 from .multicast import EventsLost, MulticastSocket, open_multicast_socket
 from .netns import NetnsRunner
@@ -63,19 +63,6 @@ HOOK_QDISCS = ("clsact", "ingress")
 QdiscKey = tuple[int, int, int]  # ifindex, parent, handle
 FilterKey = tuple[int, int, int, int, int]  # ifindex, parent, chain, priority, handle
 FilterVal = tuple[str, int | None]  # kind, bpf program id
-
-
-class EventSource(abc.ABC):
-    """A stream of kernel events for one namespace. `receive()` returns the next batch (never empty).
-
-    When events were lost, the source re-reads the kernel's state, returns the differences as ordinary
-    events and then a `Resynced` (in the same batch or the next). A backend's `open_event_source()`
-    returns an async context manager of one; `open_netlink_event_source` is the rtnetlink one the built-in
-    backends share, for any backend on the real kernel.
-    """
-
-    @abc.abstractmethod
-    async def receive(self) -> list[KernelEvent | Resynced]: ...
 
 
 def _filter_dump(seq: int, *, ifindex: int, parent: int) -> bytes:

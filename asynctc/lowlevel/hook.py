@@ -21,8 +21,8 @@ from .._errors import DeviceNotFound, Op
 from .._types import Direction, Hook, HookEntry
 from . import bpf, codec
 from .netns import NetnsRunner
+from .nlsock import NetlinkError
 from .syscalls import SyscallThreads
-from .transport import NetlinkError
 
 if TYPE_CHECKING:
     from .transport import NetlinkTransport

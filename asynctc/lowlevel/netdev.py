@@ -15,7 +15,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from .._errors import DeviceNotFound, Op
-from .transport import NetlinkError
+from .nlsock import NetlinkError
 
 if TYPE_CHECKING:
     from .transport import NetlinkTransport

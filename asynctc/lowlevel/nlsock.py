@@ -22,6 +22,7 @@ __all__ = [
     "RECV_SIZE",
     "SOL_NETLINK",
     "SO_RCVBUFFORCE",
+    "NetlinkError",
     "NonblockingReceiver",
     "open_netlink_socket",
 ]
@@ -32,6 +33,25 @@ NETLINK_CAP_ACK: Final = 10
 NETLINK_EXT_ACK: Final = 11
 SO_RCVBUFFORCE: Final = 33
 RECV_SIZE: Final = 64 * 1024  # the kernel builds dump skbs of at most 32 KiB; events and ACKs are smaller
+
+
+class NetlinkError(OSError):
+    """A request or dump the kernel refused: `errno` is the kernel's, `op` names what was asked, `extack` is
+    the kernel's extended-ACK text (None when it gave none)."""
+
+    def __init__(self, err: int, op: str, extack: str | None = None) -> None:
+        super().__init__(err, os.strerror(err))
+        self.op = op
+        self.extack = extack
+
+    @property
+    def detail(self) -> str | None:
+        """The kernel's own words, for messages."""
+        return self.extack
+
+    def __str__(self) -> str:
+        text = f"netlink {self.op}: [Errno {self.errno}] {self.strerror}"
+        return f"{text}: {self.extack}" if self.extack else text
 
 
 def open_netlink_socket(

@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import errno as _errno
 import itertools
-import os
 import queue
 import random
 import select
@@ -69,7 +68,7 @@ from . import codec
 from .codec import Message, NlDone, NlError
 from .locks import held
 from .netns import NetnsRunner, release_thread_home
-from .nlsock import RECV_SIZE, NonblockingReceiver, open_netlink_socket
+from .nlsock import RECV_SIZE, NetlinkError, NonblockingReceiver, open_netlink_socket
 
 __all__ = [
     "ANSWER_TIMEOUT",
@@ -165,29 +164,6 @@ class _Send:
     seq: int
     slot: _Slot
     outcome: _Outcome = field(default_factory=_Outcome)  # filled by the I/O thread
-
-
-class NetlinkError(OSError):
-    """A request or dump the kernel refused: `errno` is the kernel's, `op` names what was asked, `extack` is
-    the kernel's extended-ACK text (None when it gave none)."""
-
-    def __init__(self, err: int, op: str, extack: str | None = None) -> None:
-        super().__init__(err, _errno_text(err))
-        self.op = op
-        self.extack = extack
-
-    @property
-    def detail(self) -> str | None:
-        """The kernel's own words, for messages."""
-        return self.extack
-
-    def __str__(self) -> str:
-        text = f"netlink {self.op}: [Errno {self.errno}] {self.strerror}"
-        return f"{text}: {self.extack}" if self.extack else text
-
-
-def _errno_text(err: int) -> str:
-    return os.strerror(err)
 
 
 @dataclass(slots=True, eq=False)

@@ -145,3 +145,15 @@ def test_the_rules_catch_what_they_forbid() -> None:
 def test_the_architecture_page_is_linked(page: str) -> None:
     target = "docs/architecture.md" if page == "README.md" else "architecture.md"
     assert f"]({target})" in (ROOT / page).read_text(), f"{page} does not link {target}"
+
+
+def test_importing_asynctc_loads_no_netlink_codec() -> None:
+    """`import asynctc` stays light: pyroute2 (the rtnetlink codec, ~0.2 s of imports) is loaded with the
+    backends that use it, in the worker thread that loads plugins, never by the import itself."""
+    import subprocess
+    import sys
+
+    code = "import sys, asynctc; print('pyroute2' in sys.modules, 'asynctc.lowlevel.codec' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
