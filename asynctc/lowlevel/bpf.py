@@ -343,12 +343,10 @@ def map_lookup(map_fd: int, key: int, value_size: int) -> bytes:
         raise BpfError(_errno.EINVAL, "map_lookup",
                        f"the map has {info.key_size}-byte keys and {info.value_size}-byte values, not 4 and "
                        f"{value_size}")
-    attr = _attr()
-    k = ctypes.create_string_buffer(struct.pack("=I", key), 4)
-    v = ctypes.create_string_buffer(value_size)
-    _put(attr, "=IIQQ", 0, map_fd, 0, _addr(k), _addr(v))
-    _sys_bpf(BPF_MAP_LOOKUP_ELEM, attr, "map_lookup")
-    return v.raw
+    value = map_lookup_elem(map_fd, struct.pack("=I", key), value_size)
+    if value is None:
+        raise BpfError(_errno.ENOENT, "map_lookup")
+    return value
 
 
 def map_lookup_u64(map_fd: int, key: int = 0) -> int:
@@ -358,11 +356,7 @@ def map_lookup_u64(map_fd: int, key: int = 0) -> int:
 
 def map_update(map_fd: int, key: int, value: bytes) -> None:
     """BPF_MAP_UPDATE_ELEM with a u32 key and BPF_ANY."""
-    attr = _attr()
-    k = ctypes.create_string_buffer(struct.pack("=I", key), 4)
-    v = ctypes.create_string_buffer(value, len(value))
-    _put(attr, "=IIQQQ", 0, map_fd, 0, _addr(k), _addr(v), 0)
-    _sys_bpf(BPF_MAP_UPDATE_ELEM, attr, "map_update")
+    map_update_elem(map_fd, struct.pack("=I", key), value)
 
 
 def prog_test_run(prog_fd: int, data: bytes = bytes(64), repeat: int = 1) -> int:
@@ -640,8 +634,19 @@ def _elem_attr(
 ) -> ctypes.Array[ctypes.c_char]:
     # BPF_MAP_*_ELEM and BPF_MAP_GET_NEXT_KEY: map_fd@0 key(ptr)@8 value|next_key(ptr)@16 flags(u64)@24
     attr = _attr()
-    _put(attr, "<IIQQQ", 0, map_fd, 0, _addr(key) if key is not None else 0, value, flags)
+    _put(attr, "=IIQQQ", 0, map_fd, 0, _addr(key) if key is not None else 0, value, flags)
     return attr
+
+
+def _elem_call(cmd: int, attr: ctypes.Array[ctypes.c_char], op: str) -> bool:
+    """One element call; False where the kernel says there is no such element (ENOENT)."""
+    try:
+        _sys_bpf(cmd, attr, op)
+    except BpfError as exc:
+        if exc.errno == _errno.ENOENT:
+            return False
+        raise
+    return True
 
 
 def map_lookup_elem(map_fd: int, key: bytes, value_size: int) -> bytes | None:
@@ -649,13 +654,7 @@ def map_lookup_elem(map_fd: int, key: bytes, value_size: int) -> bytes | None:
     rounded up to 8, times the number of possible CPUs), or None where there is none (ENOENT)."""
     k = ctypes.create_string_buffer(key, len(key))
     v = ctypes.create_string_buffer(value_size)
-    try:
-        _sys_bpf(BPF_MAP_LOOKUP_ELEM, _elem_attr(map_fd, k, _addr(v)), "map_lookup")
-    except BpfError as exc:
-        if exc.errno == _errno.ENOENT:
-            return None
-        raise
-    return v.raw
+    return v.raw if _elem_call(BPF_MAP_LOOKUP_ELEM, _elem_attr(map_fd, k, _addr(v)), "map_lookup") else None
 
 
 def map_update_elem(map_fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
@@ -668,13 +667,7 @@ def map_update_elem(map_fd: int, key: bytes, value: bytes, flags: int = BPF_ANY)
 def map_delete_elem(map_fd: int, key: bytes) -> bool:
     """BPF_MAP_DELETE_ELEM: True if an element was deleted, False if there was none (ENOENT)."""
     k = ctypes.create_string_buffer(key, len(key))
-    try:
-        _sys_bpf(BPF_MAP_DELETE_ELEM, _elem_attr(map_fd, k, 0), "map_delete")
-    except BpfError as exc:
-        if exc.errno == _errno.ENOENT:
-            return False
-        raise
-    return True
+    return _elem_call(BPF_MAP_DELETE_ELEM, _elem_attr(map_fd, k, 0), "map_delete")
 
 
 def map_get_next_key(map_fd: int, key: bytes | None, key_size: int) -> bytes | None:
@@ -682,13 +675,7 @@ def map_get_next_key(map_fd: int, key: bytes | None, key_size: int) -> bytes | N
     or None after the last one (ENOENT)."""
     k = ctypes.create_string_buffer(key, len(key)) if key is not None else None
     nxt = ctypes.create_string_buffer(key_size)
-    try:
-        _sys_bpf(BPF_MAP_GET_NEXT_KEY, _elem_attr(map_fd, k, _addr(nxt)), "map_get_next_key")
-    except BpfError as exc:
-        if exc.errno == _errno.ENOENT:
-            return None
-        raise
-    return nxt.raw
+    return nxt.raw if _elem_call(BPF_MAP_GET_NEXT_KEY, _elem_attr(map_fd, k, _addr(nxt)), "map_get_next_key") else None
 
 
 def map_get_fd_by_id(map_id: int) -> int:
