@@ -488,6 +488,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                 flags=bpf.BPF_F_BEFORE | bpf.BPF_F_LINK | bpf.BPF_F_ID, relative=old.id, expected_revision=rev,
             )
             moved = False
+            record: LinkRecord | None = None
             try:
                 info = bpf.link_info(fd)
                 if pinned is not None:
@@ -517,12 +518,9 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                 os.close(old_fd)
             except OSError:
                 pass
-            if pinned is not None:
+            if pinned is not None and record is not None:  # the record read before the move
                 try:
-                    record = read_record(pinned + RECORD_SUFFIX)
-                    if record is not None:
-                        rewrite_record(pinned + RECORD_SUFFIX,
-                                       dataclasses.replace(record, link_id=info.id, next_link_id=0))
+                    rewrite_record(pinned + RECORD_SUFFIX, dataclasses.replace(record, link_id=info.id, next_link_id=0))
                 except (OSError, PinError) as exc:
                     log.warning("asynctc bpf_link: updating the record of %s failed: %s", pinned, exc)
             return fd, info, _revision_or_none(ifindex, attach_type)
