@@ -11,6 +11,7 @@ machine's byte order). The system call number is chosen by architecture (`bpf_sy
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import ctypes.util
 import errno as _errno
@@ -23,6 +24,10 @@ from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
+    "LINUX",
+    "Bpf",
+    "LinuxSyscalls",
+    "Syscalls",
     "BPF_F_AFTER",
     "BPF_F_BEFORE",
     "BPF_F_ID",
@@ -189,11 +194,44 @@ class BpfError(OSError):
         return s + (f"\n{self.log}" if self.log else "")
 
 
-def _sys_bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], op: str) -> int:
-    ret = int(_libc.syscall(_bpf_nr(op), cmd, attr, ATTR_SIZE))
-    if ret < 0:
-        raise BpfError(ctypes.get_errno(), op)
-    return ret
+class Syscalls(abc.ABC):
+    """The system calls under `Bpf`: the kernel boundary of every bpf(2) call asynctc makes.
+
+    `LinuxSyscalls` makes them for real; an in-memory kernel (`asynctc_mock.MockKernel`) answers them itself,
+    reading and writing `union bpf_attr` and the memory it points to exactly as the kernel does, so the same
+    `Bpf` code (and the backends above it) runs on either."""
+
+    @abc.abstractmethod
+    def bpf(self, cmd: int, attr: ctypes.Array[ctypes.c_char], op: str) -> int:
+        """bpf(cmd, attr, ATTR_SIZE): the call's non-negative result, or BpfError(errno, op)."""
+
+    @abc.abstractmethod
+    def close(self, fd: int) -> None:
+        """close(2) of an fd this boundary gave out (a program, map or link fd)."""
+
+    @abc.abstractmethod
+    def fdinfo(self, fd: int) -> str:
+        """The text of /proc/self/fdinfo/FD, or "" where there is no such fd."""
+
+
+class LinuxSyscalls(Syscalls):
+    """The real bpf(2), close(2) and /proc/self/fdinfo."""
+
+    def bpf(self, cmd: int, attr: ctypes.Array[ctypes.c_char], op: str) -> int:
+        ret = int(_libc.syscall(_bpf_nr(op), cmd, attr, ATTR_SIZE))
+        if ret < 0:
+            raise BpfError(ctypes.get_errno(), op)
+        return ret
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def fdinfo(self, fd: int) -> str:
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                return f.read()
+        except OSError:
+            return ""
 
 
 def _attr() -> ctypes.Array[ctypes.c_char]:
@@ -289,84 +327,16 @@ class asm:
 # Programs and maps
 
 
-def prog_load(
-    prog_type: int,
-    insns: bytes,
-    *,
-    name: str = "",
-    license: str = "GPL",
-    prog_ifindex: int = 0,
-    expected_attach_type: int = 0,
-    log_size: int = 64 * 1024,
-) -> int:
-    """BPF_PROG_LOAD; returns the program fd. On failure the verifier log is in BpfError.log."""
-    if len(insns) % 8:
-        raise ValueError("instructions must be a multiple of 8 bytes")
-    attr = _attr()
-    code = ctypes.create_string_buffer(insns, len(insns))
-    lic = ctypes.create_string_buffer(license.encode() + b"\0")
-    logbuf = ctypes.create_string_buffer(log_size) if log_size else None
-    _put(attr, "=IIQQ", 0, prog_type, len(insns) // 8, _addr(code), _addr(lic))
-    if logbuf is not None:
-        _put(attr, "=IIQ", 24, 1, log_size, _addr(logbuf))
-    _put_name(attr, 48, name)
-    _put(attr, "=II", 64, prog_ifindex, expected_attach_type)
-    ret = int(_libc.syscall(_bpf_nr("prog_load"), BPF_PROG_LOAD, attr, ATTR_SIZE))
-    if ret < 0:
-        err = ctypes.get_errno()
-        log = logbuf.value.decode(errors="replace").strip() if logbuf is not None else ""
-        raise BpfError(err, "prog_load", log)
-    return ret
 
 
-def map_create_array(value_size: int = 8, max_entries: int = 1, *, name: str = "") -> int:
-    """BPF_MAP_CREATE of an ARRAY map with u32 keys; returns the map fd."""
-    attr = _attr()
-    _put(attr, "=IIIII", 0, BPF_MAP_TYPE_ARRAY, 4, value_size, max_entries, 0)
-    _put_name(attr, 28, name)  # map_name@28 (after inner_map_fd@20, numa_node@24)
-    try:
-        return _sys_bpf(BPF_MAP_CREATE, attr, "map_create")
-    except BpfError as exc:
-        if exc.errno != _errno.EINVAL or not name:
-            raise
-    return map_create_array(value_size, max_entries)
 
 
-def map_lookup(map_fd: int, key: int, value_size: int) -> bytes:
-    """BPF_MAP_LOOKUP_ELEM with a u32 key; returns the raw value.
-
-    The kernel writes the map's whole value into the buffer, whatever size the caller expects: the map's
-    key and value sizes are checked first (BpfError EINVAL when they are not a u32 key and `value_size`
-    bytes), so a map of another shape at a path can never overrun it."""
-    info = map_info(map_fd)
-    if info.key_size != 4 or info.value_size != value_size:
-        raise BpfError(_errno.EINVAL, "map_lookup",
-                       f"the map has {info.key_size}-byte keys and {info.value_size}-byte values, not 4 and "
-                       f"{value_size}")
-    value = map_lookup_elem(map_fd, struct.pack("=I", key), value_size)
-    if value is None:
-        raise BpfError(_errno.ENOENT, "map_lookup")
-    return value
 
 
-def map_lookup_u64(map_fd: int, key: int = 0) -> int:
-    """The u64 value at `key` of an array map."""
-    return int(struct.unpack("=Q", map_lookup(map_fd, key, 8))[0])
 
 
-def map_update(map_fd: int, key: int, value: bytes) -> None:
-    """BPF_MAP_UPDATE_ELEM with a u32 key and BPF_ANY."""
-    map_update_elem(map_fd, struct.pack("=I", key), value)
 
 
-def prog_test_run(prog_fd: int, data: bytes = bytes(64), repeat: int = 1) -> int:
-    """BPF_PROG_TEST_RUN: run the program on `data` and return its verdict (as a signed int)."""
-    attr = _attr()
-    buf = ctypes.create_string_buffer(data, len(data))
-    _put(attr, "=IIII", 0, prog_fd, 0, len(data), 0)
-    _put(attr, "=QQI", 16, _addr(buf), 0, repeat)
-    _sys_bpf(BPF_PROG_TEST_RUN, attr, "prog_test_run")
-    return int(struct.unpack_from("=i", attr, 4)[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,60 +350,16 @@ class ProgInfo:
     ifindex: int
 
 
-def _get_info(fd: int, size: int, op: str) -> ctypes.Array[ctypes.c_char]:
-    info = ctypes.create_string_buffer(size)
-    attr = _attr()
-    _put(attr, "=IIQ", 0, fd, size, _addr(info))
-    _sys_bpf(BPF_OBJ_GET_INFO_BY_FD, attr, op)
-    return info
 
 
-def prog_info(prog_fd: int) -> ProgInfo:
-    """BPF_OBJ_GET_INFO_BY_FD on a program fd."""
-    info = _get_info(prog_fd, 256, "prog_info")
-    ptype, pid = struct.unpack_from("=II", info, 0)
-    tag = info.raw[8:16].hex()
-    name = info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
-    (ifindex,) = struct.unpack_from("=I", info, 80)
-    return ProgInfo(type=ptype, id=pid, tag=tag, name=name, ifindex=ifindex)
 
 
-def prog_get_fd_by_id(prog_id: int) -> int:
-    check_field("prog_id", prog_id)
-    attr = _attr()
-    _put(attr, "=I", 0, prog_id)
-    return _sys_bpf(BPF_PROG_GET_FD_BY_ID, attr, "prog_get_fd_by_id")
 
 
-def obj_pin(fd: int, path: str) -> None:
-    """BPF_OBJ_PIN: pin a program, map or link at `path` on a bpffs mount."""
-    check_field("fd", fd, FD_MAX)
-    attr = _attr()
-    p = ctypes.create_string_buffer(_check_path(path))
-    _put(attr, "=QI", 0, _addr(p), fd)
-    _sys_bpf(BPF_OBJ_PIN, attr, "obj_pin")
 
 
-def obj_get(path: str, flags: int = 0) -> int:
-    """BPF_OBJ_GET: an fd on what is pinned at `path`."""
-    check_field("flags", flags)
-    attr = _attr()
-    p = ctypes.create_string_buffer(_check_path(path))
-    _put(attr, "=QII", 0, _addr(p), 0, flags)
-    return _sys_bpf(BPF_OBJ_GET, attr, "obj_get")
 
 
-def fd_object_kind(fd: int) -> str:
-    """"prog", "map", "link" or "" for an fd, from /proc/self/fdinfo (works for any BPF object)."""
-    try:
-        with open(f"/proc/self/fdinfo/{fd}") as f:
-            text = f.read()
-    except OSError:
-        return ""
-    for key, kind in (("link_type:", "link"), ("prog_type:", "prog"), ("map_type:", "map")):
-        if f"\n{key}" in text or text.startswith(key):
-            return kind
-    return ""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -451,18 +377,8 @@ class LinkInfo:
     attach_type: int
 
 
-def link_info(link_fd: int) -> LinkInfo:
-    info = _get_info(link_fd, 64, "link_info")
-    ltype, lid, prog_id = struct.unpack_from("=III", info, 0)
-    ifindex, attach_type = struct.unpack_from("=II", info, 16)
-    return LinkInfo(type=ltype, id=lid, prog_id=prog_id, ifindex=ifindex, attach_type=attach_type)
 
 
-def link_get_fd_by_id(link_id: int) -> int:
-    check_field("link_id", link_id)
-    attr = _attr()
-    _put(attr, "=I", 0, link_id)
-    return _sys_bpf(BPF_LINK_GET_FD_BY_ID, attr, "link_get_fd_by_id")
 
 
 def _check_attach(prog_fd: int, ifindex: int, attach_type: int, flags: int, relative: int,
@@ -475,64 +391,12 @@ def _check_attach(prog_fd: int, ifindex: int, attach_type: int, flags: int, rela
     check_field("expected_revision", expected_revision, U64_MAX)
 
 
-def link_ids() -> list[int]:
-    """The ids of every BPF link that exists now, system-wide (BPF_LINK_GET_NEXT_ID, as `bpftool link`
-    lists them): attached, detached or severed links that something (an fd, a pin) still holds."""
-    ids: list[int] = []
-    start = 0
-    while True:
-        attr = _attr()
-        _put(attr, "<I", 0, start)
-        try:
-            _sys_bpf(BPF_LINK_GET_NEXT_ID, attr, "link_get_next_id")
-        except BpfError as exc:
-            if exc.errno == _errno.ENOENT:
-                return ids
-            raise
-        (start,) = struct.unpack_from("<I", attr, 4)
-        ids.append(start)
 
 
-def link_create_tcx(
-    prog_fd: int,
-    ifindex: int,
-    attach_type: int,
-    *,
-    flags: int = 0,
-    relative: int = 0,
-    expected_revision: int = 0,
-) -> int:
-    """BPF_LINK_CREATE of a tcx link; returns the link fd.
-
-    `flags` combine BPF_F_BEFORE/BPF_F_AFTER with BPF_F_ID/BPF_F_LINK to say what `relative` is (a program
-    fd, a program id, a link fd or a link id). expected_revision 0 means "don't check".
-    """
-    _check_attach(prog_fd, ifindex, attach_type, flags, relative, expected_revision)
-    attr = _attr()
-    _put(attr, "=IIIIIIQ", 0, prog_fd, ifindex, attach_type, flags, relative, 0, expected_revision)
-    return _sys_bpf(BPF_LINK_CREATE, attr, "link_create")
 
 
-def link_update(link_fd: int, new_prog_fd: int, *, old_prog_fd: int | None = None) -> None:
-    """BPF_LINK_UPDATE; with old_prog_fd it is a compare-and-swap (EPERM when another program is there)."""
-    check_field("link_fd", link_fd, FD_MAX)
-    check_field("new_prog_fd", new_prog_fd, FD_MAX)
-    if old_prog_fd is not None:
-        check_field("old_prog_fd", old_prog_fd, FD_MAX)
-    attr = _attr()
-    if old_prog_fd is None:
-        _put(attr, "=III", 0, link_fd, new_prog_fd, 0)
-        _sys_bpf(BPF_LINK_UPDATE, attr, "link_update")
-    else:
-        _put(attr, "=IIII", 0, link_fd, new_prog_fd, BPF_F_REPLACE, old_prog_fd)
-        _sys_bpf(BPF_LINK_UPDATE, attr, "link_update_cas")
 
 
-def link_detach(link_fd: int) -> None:
-    """BPF_LINK_DETACH: detach now; the fd stays open (close it afterwards)."""
-    attr = _attr()
-    _put(attr, "=I", 0, link_fd)
-    _sys_bpf(BPF_LINK_DETACH, attr, "link_detach")
 
 
 @dataclass(frozen=True, slots=True)
@@ -544,62 +408,8 @@ class HookQuery:
     link_ids: tuple[int, ...]
 
 
-def prog_query(ifindex: int, attach_type: int, *, capacity: int = 64) -> HookQuery:
-    """BPF_PROG_QUERY of a tcx hook, retrying with a larger array on ENOSPC."""
-    check_field("ifindex", ifindex)
-    check_field("attach_type", attach_type)
-    while True:
-        prog_ids = (ctypes.c_uint32 * capacity)()
-        link_ids = (ctypes.c_uint32 * capacity)()
-        attr = _attr()
-        _put(attr, "=IIII", 0, ifindex, attach_type, 0, 0)
-        _put(attr, "=QI", 16, _addr(prog_ids), capacity)
-        _put(attr, "=Q", 40, _addr(link_ids))
-        try:
-            _sys_bpf(BPF_PROG_QUERY, attr, "prog_query")
-        except BpfError as exc:
-            if exc.errno == _errno.ENOSPC:
-                (count,) = struct.unpack_from("=I", attr, 24)
-                capacity = max(count, capacity * 2)
-                continue
-            raise
-        (count,) = struct.unpack_from("=I", attr, 24)
-        (revision,) = struct.unpack_from("=Q", attr, 56)
-        return HookQuery(
-            revision=revision,
-            prog_ids=tuple(prog_ids[:count]),
-            link_ids=tuple(link_ids[:count]),
-        )
 
 
-def probe_tcx() -> tuple[bool, str]:
-    """Whether this kernel has tcx: create a link on ifindex 0xffffffff; ENODEV means tcx exists.
-
-    Returns (available, reason). Needs CAP_BPF to load the probe program; without it the answer says so.
-    """
-    try:
-        fd = prog_load(BPF_PROG_TYPE_SCHED_CLS, asm.mov64_imm(0, 0) + asm.exit(), name="asynctc_probe")
-    except BpfError as exc:
-        if exc.errno in (_errno.EPERM, _errno.EACCES):
-            from .._errors import _cap_hint
-
-            return False, f"cannot load BPF programs here: {_cap_hint('prog')}"
-        return False, f"cannot load a SCHED_CLS program: {exc.strerror}"
-    try:
-        try:
-            lfd = link_create_tcx(fd, 0xFFFFFFFF, BPF_TCX_INGRESS)
-        except BpfError as exc:
-            if exc.errno == _errno.ENODEV:
-                return True, "tcx links are supported (Linux >= 6.6)"
-            if exc.errno == _errno.EPERM:
-                from .._errors import _cap_hint
-
-                return False, f"cannot create tcx links here: {_cap_hint('net')}"
-            return False, f"tcx links are not supported by this kernel (probe answered {exc.strerror})"
-        os.close(lfd)  # pragma: no cover - no device has that ifindex
-        return True, "tcx links are supported"
-    finally:
-        os.close(fd)
 
 
 
@@ -638,51 +448,16 @@ def _elem_attr(
     return attr
 
 
-def _elem_call(cmd: int, attr: ctypes.Array[ctypes.c_char], op: str) -> bool:
-    """One element call; False where the kernel says there is no such element (ENOENT)."""
-    try:
-        _sys_bpf(cmd, attr, op)
-    except BpfError as exc:
-        if exc.errno == _errno.ENOENT:
-            return False
-        raise
-    return True
 
 
-def map_lookup_elem(map_fd: int, key: bytes, value_size: int) -> bytes | None:
-    """BPF_MAP_LOOKUP_ELEM: the raw value at `key` (`value_size` bytes: for per-CPU maps the value size
-    rounded up to 8, times the number of possible CPUs), or None where there is none (ENOENT)."""
-    k = ctypes.create_string_buffer(key, len(key))
-    v = ctypes.create_string_buffer(value_size)
-    return v.raw if _elem_call(BPF_MAP_LOOKUP_ELEM, _elem_attr(map_fd, k, _addr(v)), "map_lookup") else None
 
 
-def map_update_elem(map_fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
-    """BPF_MAP_UPDATE_ELEM with BPF_ANY (create or replace), BPF_NOEXIST or BPF_EXIST."""
-    k = ctypes.create_string_buffer(key, len(key))
-    v = ctypes.create_string_buffer(value, len(value))
-    _sys_bpf(BPF_MAP_UPDATE_ELEM, _elem_attr(map_fd, k, _addr(v), flags), "map_update")
 
 
-def map_delete_elem(map_fd: int, key: bytes) -> bool:
-    """BPF_MAP_DELETE_ELEM: True if an element was deleted, False if there was none (ENOENT)."""
-    k = ctypes.create_string_buffer(key, len(key))
-    return _elem_call(BPF_MAP_DELETE_ELEM, _elem_attr(map_fd, k, 0), "map_delete")
 
 
-def map_get_next_key(map_fd: int, key: bytes | None, key_size: int) -> bytes | None:
-    """BPF_MAP_GET_NEXT_KEY: the key after `key` (the first key for None, or for a key not in the map),
-    or None after the last one (ENOENT)."""
-    k = ctypes.create_string_buffer(key, len(key)) if key is not None else None
-    nxt = ctypes.create_string_buffer(key_size)
-    return nxt.raw if _elem_call(BPF_MAP_GET_NEXT_KEY, _elem_attr(map_fd, k, _addr(nxt)), "map_get_next_key") else None
 
 
-def map_get_fd_by_id(map_id: int) -> int:
-    """BPF_MAP_GET_FD_BY_ID (needs CAP_SYS_ADMIN): map_id@0."""
-    attr = _attr()
-    _put(attr, "<I", 0, map_id)
-    return _sys_bpf(BPF_MAP_GET_FD_BY_ID, attr, "map_get_fd_by_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,21 +473,6 @@ class MapInfo:
     name: str
 
 
-def map_info(map_fd: int) -> MapInfo:
-    """BPF_OBJ_GET_INFO_BY_FD on a map fd: type@0 id@4 key_size@8 value_size@12 max_entries@16
-    map_flags@20 name[16]@24."""
-    info = _get_info(map_fd, BPF_MAP_INFO_SIZE, "map_info")
-    mtype, mid, key_size, value_size, max_entries, flags = struct.unpack_from("<IIIIII", info, 0)
-    name = info.raw[24:40].split(b"\0", 1)[0].decode(errors="replace")
-    return MapInfo(
-        type=mtype,
-        id=mid,
-        key_size=key_size,
-        value_size=value_size,
-        max_entries=max_entries,
-        flags=flags,
-        name=name,
-    )
 
 
 def possible_cpus() -> int:
@@ -743,16 +503,369 @@ class ProgRunStats:
     run_time_ns: int
 
 
-def enable_stats(stats_type: int = BPF_STATS_RUN_TIME) -> int:
-    """BPF_ENABLE_STATS: switch on the kernel's per-program run statistics; returns an fd that keeps them on
-    until it is closed (or the process ends). Needs CAP_SYS_ADMIN."""
-    attr = _attr()
-    _put(attr, "<I", 0, stats_type)
-    return _sys_bpf(BPF_ENABLE_STATS, attr, "enable_stats")
+
+# ---------------------------------------------------------------------------------------------------------
+# The calls, over one kernel boundary
 
 
-def prog_run_stats(prog_fd: int) -> ProgRunStats:
-    """The run count and total run time of a program (BPF_OBJ_GET_INFO_BY_FD)."""
-    info = _get_info(prog_fd, 216, "prog_info")
-    run_time_ns, run_cnt = struct.unpack_from("<QQ", info, 192)
-    return ProgRunStats(run_cnt=run_cnt, run_time_ns=run_time_ns)
+class Bpf:
+    """asynctc's bpf(2) calls over one `Syscalls` boundary: the real kernel (`LINUX`, whose methods are also
+    this module's functions) or a simulated one. A backend makes its calls through the `Bpf` of its
+    session's kernel (`BackendContext.kernel.bpf`), never through the module functions, so it runs unchanged
+    on either."""
+
+    def __init__(self, syscalls: Syscalls) -> None:
+        self.syscalls = syscalls
+        self._sys_bpf = syscalls.bpf
+
+    def close(self, fd: int) -> None:
+        """close(2) of a program, map or link fd (closing the last fd of an attached tcx link detaches it and
+        can wait for an RCU grace period: call it from a worker thread)."""
+        self.syscalls.close(fd)
+
+    def prog_load(
+        self,
+        prog_type: int,
+        insns: bytes,
+        *,
+        name: str = "",
+        license: str = "GPL",
+        prog_ifindex: int = 0,
+        expected_attach_type: int = 0,
+        log_size: int = 64 * 1024,
+    ) -> int:
+        """BPF_PROG_LOAD; returns the program fd. On failure the verifier log is in BpfError.log."""
+        if len(insns) % 8:
+            raise ValueError("instructions must be a multiple of 8 bytes")
+        attr = _attr()
+        code = ctypes.create_string_buffer(insns, len(insns))
+        lic = ctypes.create_string_buffer(license.encode() + b"\0")
+        logbuf = ctypes.create_string_buffer(log_size) if log_size else None
+        _put(attr, "=IIQQ", 0, prog_type, len(insns) // 8, _addr(code), _addr(lic))
+        if logbuf is not None:
+            _put(attr, "=IIQ", 24, 1, log_size, _addr(logbuf))
+        _put_name(attr, 48, name)
+        _put(attr, "=II", 64, prog_ifindex, expected_attach_type)
+        try:
+            return self._sys_bpf(BPF_PROG_LOAD, attr, "prog_load")
+        except BpfError as exc:
+            log = logbuf.value.decode(errors="replace").strip() if logbuf is not None else ""
+            raise BpfError(exc.errno or 0, "prog_load", log) from None
+
+    def map_create_array(self, value_size: int = 8, max_entries: int = 1, *, name: str = "") -> int:
+        """BPF_MAP_CREATE of an ARRAY map with u32 keys; returns the map fd."""
+        attr = _attr()
+        _put(attr, "=IIIII", 0, BPF_MAP_TYPE_ARRAY, 4, value_size, max_entries, 0)
+        _put_name(attr, 28, name)  # map_name@28 (after inner_map_fd@20, numa_node@24)
+        try:
+            return self._sys_bpf(BPF_MAP_CREATE, attr, "map_create")
+        except BpfError as exc:
+            if exc.errno != _errno.EINVAL or not name:
+                raise
+        return self.map_create_array(value_size, max_entries)
+
+    def map_lookup(self, map_fd: int, key: int, value_size: int) -> bytes:
+        """BPF_MAP_LOOKUP_ELEM with a u32 key; returns the raw value.
+
+        The kernel writes the map's whole value into the buffer, whatever size the caller expects: the map's
+        key and value sizes are checked first (BpfError EINVAL when they are not a u32 key and `value_size`
+        bytes), so a map of another shape at a path can never overrun it."""
+        info = self.map_info(map_fd)
+        if info.key_size != 4 or info.value_size != value_size:
+            raise BpfError(_errno.EINVAL, "map_lookup",
+                           f"the map has {info.key_size}-byte keys and {info.value_size}-byte values, not 4 and "
+                           f"{value_size}")
+        value = self.map_lookup_elem(map_fd, struct.pack("=I", key), value_size)
+        if value is None:
+            raise BpfError(_errno.ENOENT, "map_lookup")
+        return value
+
+    def map_lookup_u64(self, map_fd: int, key: int = 0) -> int:
+        """The u64 value at `key` of an array map."""
+        return int(struct.unpack("=Q", self.map_lookup(map_fd, key, 8))[0])
+
+    def map_update(self, map_fd: int, key: int, value: bytes) -> None:
+        """BPF_MAP_UPDATE_ELEM with a u32 key and BPF_ANY."""
+        self.map_update_elem(map_fd, struct.pack("=I", key), value)
+
+    def prog_test_run(self, prog_fd: int, data: bytes = bytes(64), repeat: int = 1) -> int:
+        """BPF_PROG_TEST_RUN: run the program on `data` and return its verdict (as a signed int)."""
+        attr = _attr()
+        buf = ctypes.create_string_buffer(data, len(data))
+        _put(attr, "=IIII", 0, prog_fd, 0, len(data), 0)
+        _put(attr, "=QQI", 16, _addr(buf), 0, repeat)
+        self._sys_bpf(BPF_PROG_TEST_RUN, attr, "prog_test_run")
+        return int(struct.unpack_from("=i", attr, 4)[0])
+
+    def _get_info(self, fd: int, size: int, op: str) -> ctypes.Array[ctypes.c_char]:
+        info = ctypes.create_string_buffer(size)
+        attr = _attr()
+        _put(attr, "=IIQ", 0, fd, size, _addr(info))
+        self._sys_bpf(BPF_OBJ_GET_INFO_BY_FD, attr, op)
+        return info
+
+    def prog_info(self, prog_fd: int) -> ProgInfo:
+        """BPF_OBJ_GET_INFO_BY_FD on a program fd."""
+        info = self._get_info(prog_fd, 256, "prog_info")
+        ptype, pid = struct.unpack_from("=II", info, 0)
+        tag = info.raw[8:16].hex()
+        name = info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
+        (ifindex,) = struct.unpack_from("=I", info, 80)
+        return ProgInfo(type=ptype, id=pid, tag=tag, name=name, ifindex=ifindex)
+
+    def prog_get_fd_by_id(self, prog_id: int) -> int:
+        check_field("prog_id", prog_id)
+        attr = _attr()
+        _put(attr, "=I", 0, prog_id)
+        return self._sys_bpf(BPF_PROG_GET_FD_BY_ID, attr, "prog_get_fd_by_id")
+
+    def obj_pin(self, fd: int, path: str) -> None:
+        """BPF_OBJ_PIN: pin a program, map or link at `path` on a bpffs mount."""
+        check_field("fd", fd, FD_MAX)
+        attr = _attr()
+        p = ctypes.create_string_buffer(_check_path(path))
+        _put(attr, "=QI", 0, _addr(p), fd)
+        self._sys_bpf(BPF_OBJ_PIN, attr, "obj_pin")
+
+    def obj_get(self, path: str, flags: int = 0) -> int:
+        """BPF_OBJ_GET: an fd on what is pinned at `path`."""
+        check_field("flags", flags)
+        attr = _attr()
+        p = ctypes.create_string_buffer(_check_path(path))
+        _put(attr, "=QII", 0, _addr(p), 0, flags)
+        return self._sys_bpf(BPF_OBJ_GET, attr, "obj_get")
+
+    def fd_object_kind(self, fd: int) -> str:
+        """"prog", "map", "link" or "" for an fd, from /proc/self/fdinfo (works for any BPF object)."""
+        text = self.syscalls.fdinfo(fd)
+        for key, kind in (("link_type:", "link"), ("prog_type:", "prog"), ("map_type:", "map")):
+            if f"\n{key}" in text or text.startswith(key):
+                return kind
+        return ""
+
+    def link_info(self, link_fd: int) -> LinkInfo:
+        info = self._get_info(link_fd, 64, "link_info")
+        ltype, lid, prog_id = struct.unpack_from("=III", info, 0)
+        ifindex, attach_type = struct.unpack_from("=II", info, 16)
+        return LinkInfo(type=ltype, id=lid, prog_id=prog_id, ifindex=ifindex, attach_type=attach_type)
+
+    def link_get_fd_by_id(self, link_id: int) -> int:
+        check_field("link_id", link_id)
+        attr = _attr()
+        _put(attr, "=I", 0, link_id)
+        return self._sys_bpf(BPF_LINK_GET_FD_BY_ID, attr, "link_get_fd_by_id")
+
+    def link_ids(self) -> list[int]:
+        """The ids of every BPF link that exists now, system-wide (BPF_LINK_GET_NEXT_ID, as `bpftool link`
+        lists them): attached, detached or severed links that something (an fd, a pin) still holds."""
+        ids: list[int] = []
+        start = 0
+        while True:
+            attr = _attr()
+            _put(attr, "<I", 0, start)
+            try:
+                self._sys_bpf(BPF_LINK_GET_NEXT_ID, attr, "link_get_next_id")
+            except BpfError as exc:
+                if exc.errno == _errno.ENOENT:
+                    return ids
+                raise
+            (start,) = struct.unpack_from("<I", attr, 4)
+            ids.append(start)
+
+    def link_create_tcx(self,
+        prog_fd: int,
+        ifindex: int,
+        attach_type: int,
+        *,
+        flags: int = 0,
+        relative: int = 0,
+        expected_revision: int = 0,
+    ) -> int:
+        """BPF_LINK_CREATE of a tcx link; returns the link fd.
+
+        `flags` combine BPF_F_BEFORE/BPF_F_AFTER with BPF_F_ID/BPF_F_LINK to say what `relative` is (a program
+        fd, a program id, a link fd or a link id). expected_revision 0 means "don't check".
+        """
+        _check_attach(prog_fd, ifindex, attach_type, flags, relative, expected_revision)
+        attr = _attr()
+        _put(attr, "=IIIIIIQ", 0, prog_fd, ifindex, attach_type, flags, relative, 0, expected_revision)
+        return self._sys_bpf(BPF_LINK_CREATE, attr, "link_create")
+
+    def link_update(self, link_fd: int, new_prog_fd: int, *, old_prog_fd: int | None = None) -> None:
+        """BPF_LINK_UPDATE; with old_prog_fd it is a compare-and-swap (EPERM when another program is there)."""
+        check_field("link_fd", link_fd, FD_MAX)
+        check_field("new_prog_fd", new_prog_fd, FD_MAX)
+        if old_prog_fd is not None:
+            check_field("old_prog_fd", old_prog_fd, FD_MAX)
+        attr = _attr()
+        if old_prog_fd is None:
+            _put(attr, "=III", 0, link_fd, new_prog_fd, 0)
+            self._sys_bpf(BPF_LINK_UPDATE, attr, "link_update")
+        else:
+            _put(attr, "=IIII", 0, link_fd, new_prog_fd, BPF_F_REPLACE, old_prog_fd)
+            self._sys_bpf(BPF_LINK_UPDATE, attr, "link_update_cas")
+
+    def link_detach(self, link_fd: int) -> None:
+        """BPF_LINK_DETACH: detach now; the fd stays open (close it afterwards)."""
+        attr = _attr()
+        _put(attr, "=I", 0, link_fd)
+        self._sys_bpf(BPF_LINK_DETACH, attr, "link_detach")
+
+    def prog_query(self, ifindex: int, attach_type: int, *, capacity: int = 64) -> HookQuery:
+        """BPF_PROG_QUERY of a tcx hook, retrying with a larger array on ENOSPC."""
+        check_field("ifindex", ifindex)
+        check_field("attach_type", attach_type)
+        while True:
+            prog_ids = (ctypes.c_uint32 * capacity)()
+            link_ids = (ctypes.c_uint32 * capacity)()
+            attr = _attr()
+            _put(attr, "=IIII", 0, ifindex, attach_type, 0, 0)
+            _put(attr, "=QI", 16, _addr(prog_ids), capacity)
+            _put(attr, "=Q", 40, _addr(link_ids))
+            try:
+                self._sys_bpf(BPF_PROG_QUERY, attr, "prog_query")
+            except BpfError as exc:
+                if exc.errno == _errno.ENOSPC:
+                    (count,) = struct.unpack_from("=I", attr, 24)
+                    capacity = max(count, capacity * 2)
+                    continue
+                raise
+            (count,) = struct.unpack_from("=I", attr, 24)
+            (revision,) = struct.unpack_from("=Q", attr, 56)
+            return HookQuery(
+                revision=revision,
+                prog_ids=tuple(prog_ids[:count]),
+                link_ids=tuple(link_ids[:count]),
+            )
+
+    def probe_tcx(self) -> tuple[bool, str]:
+        """Whether this kernel has tcx: create a link on ifindex 0xffffffff; ENODEV means tcx exists.
+
+        Returns (available, reason). Needs CAP_BPF to load the probe program; without it the answer says so.
+        """
+        try:
+            fd = self.prog_load(BPF_PROG_TYPE_SCHED_CLS, asm.mov64_imm(0, 0) + asm.exit(), name="asynctc_probe")
+        except BpfError as exc:
+            if exc.errno in (_errno.EPERM, _errno.EACCES):
+                from .._errors import _cap_hint
+
+                return False, f"cannot load BPF programs here: {_cap_hint('prog')}"
+            return False, f"cannot load a SCHED_CLS program: {exc.strerror}"
+        try:
+            try:
+                lfd = self.link_create_tcx(fd, 0xFFFFFFFF, BPF_TCX_INGRESS)
+            except BpfError as exc:
+                if exc.errno == _errno.ENODEV:
+                    return True, "tcx links are supported (Linux >= 6.6)"
+                if exc.errno == _errno.EPERM:
+                    from .._errors import _cap_hint
+
+                    return False, f"cannot create tcx links here: {_cap_hint('net')}"
+                return False, f"tcx links are not supported by this kernel (probe answered {exc.strerror})"
+            self.close(lfd)  # pragma: no cover - no device has that ifindex
+            return True, "tcx links are supported"
+        finally:
+            self.close(fd)
+
+    def _elem_call(self, cmd: int, attr: ctypes.Array[ctypes.c_char], op: str) -> bool:
+        """One element call; False where the kernel says there is no such element (ENOENT)."""
+        try:
+            self._sys_bpf(cmd, attr, op)
+        except BpfError as exc:
+            if exc.errno == _errno.ENOENT:
+                return False
+            raise
+        return True
+
+    def map_lookup_elem(self, map_fd: int, key: bytes, value_size: int) -> bytes | None:
+        """BPF_MAP_LOOKUP_ELEM: the raw value at `key` (`value_size` bytes: for per-CPU maps the value size
+        rounded up to 8, times the number of possible CPUs), or None where there is none (ENOENT)."""
+        k = ctypes.create_string_buffer(key, len(key))
+        v = ctypes.create_string_buffer(value_size)
+        return v.raw if self._elem_call(BPF_MAP_LOOKUP_ELEM, _elem_attr(map_fd, k, _addr(v)), "map_lookup") else None
+
+    def map_update_elem(self, map_fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        """BPF_MAP_UPDATE_ELEM with BPF_ANY (create or replace), BPF_NOEXIST or BPF_EXIST."""
+        k = ctypes.create_string_buffer(key, len(key))
+        v = ctypes.create_string_buffer(value, len(value))
+        self._sys_bpf(BPF_MAP_UPDATE_ELEM, _elem_attr(map_fd, k, _addr(v), flags), "map_update")
+
+    def map_delete_elem(self, map_fd: int, key: bytes) -> bool:
+        """BPF_MAP_DELETE_ELEM: True if an element was deleted, False if there was none (ENOENT)."""
+        k = ctypes.create_string_buffer(key, len(key))
+        return self._elem_call(BPF_MAP_DELETE_ELEM, _elem_attr(map_fd, k, 0), "map_delete")
+
+    def map_get_next_key(self, map_fd: int, key: bytes | None, key_size: int) -> bytes | None:
+        """BPF_MAP_GET_NEXT_KEY: the key after `key` (the first key for None, or for a key not in the map),
+        or None after the last one (ENOENT)."""
+        k = ctypes.create_string_buffer(key, len(key)) if key is not None else None
+        nxt = ctypes.create_string_buffer(key_size)
+        found = self._elem_call(BPF_MAP_GET_NEXT_KEY, _elem_attr(map_fd, k, _addr(nxt)), "map_get_next_key")
+        return nxt.raw if found else None
+
+    def map_get_fd_by_id(self, map_id: int) -> int:
+        """BPF_MAP_GET_FD_BY_ID (needs CAP_SYS_ADMIN): map_id@0."""
+        attr = _attr()
+        _put(attr, "<I", 0, map_id)
+        return self._sys_bpf(BPF_MAP_GET_FD_BY_ID, attr, "map_get_fd_by_id")
+
+    def map_info(self, map_fd: int) -> MapInfo:
+        """BPF_OBJ_GET_INFO_BY_FD on a map fd: type@0 id@4 key_size@8 value_size@12 max_entries@16
+        map_flags@20 name[16]@24."""
+        info = self._get_info(map_fd, BPF_MAP_INFO_SIZE, "map_info")
+        mtype, mid, key_size, value_size, max_entries, flags = struct.unpack_from("<IIIIII", info, 0)
+        name = info.raw[24:40].split(b"\0", 1)[0].decode(errors="replace")
+        return MapInfo(
+            type=mtype,
+            id=mid,
+            key_size=key_size,
+            value_size=value_size,
+            max_entries=max_entries,
+            flags=flags,
+            name=name,
+        )
+
+    def enable_stats(self, stats_type: int = BPF_STATS_RUN_TIME) -> int:
+        """BPF_ENABLE_STATS: switch on the kernel's per-program run statistics; returns an fd that keeps them on
+        until it is closed (or the process ends). Needs CAP_SYS_ADMIN."""
+        attr = _attr()
+        _put(attr, "<I", 0, stats_type)
+        return self._sys_bpf(BPF_ENABLE_STATS, attr, "enable_stats")
+
+    def prog_run_stats(self, prog_fd: int) -> ProgRunStats:
+        """The run count and total run time of a program (BPF_OBJ_GET_INFO_BY_FD)."""
+        info = self._get_info(prog_fd, 216, "prog_info")
+        run_time_ns, run_cnt = struct.unpack_from("<QQ", info, 192)
+        return ProgRunStats(run_cnt=run_cnt, run_time_ns=run_time_ns)
+
+
+LINUX: Final = Bpf(LinuxSyscalls())
+"""The real kernel's bpf(2) calls; the module functions below are its methods."""
+
+prog_load = LINUX.prog_load
+map_create_array = LINUX.map_create_array
+map_lookup = LINUX.map_lookup
+map_lookup_u64 = LINUX.map_lookup_u64
+map_update = LINUX.map_update
+prog_test_run = LINUX.prog_test_run
+prog_info = LINUX.prog_info
+prog_get_fd_by_id = LINUX.prog_get_fd_by_id
+obj_pin = LINUX.obj_pin
+obj_get = LINUX.obj_get
+fd_object_kind = LINUX.fd_object_kind
+link_info = LINUX.link_info
+link_get_fd_by_id = LINUX.link_get_fd_by_id
+link_ids = LINUX.link_ids
+link_create_tcx = LINUX.link_create_tcx
+link_update = LINUX.link_update
+link_detach = LINUX.link_detach
+prog_query = LINUX.prog_query
+probe_tcx = LINUX.probe_tcx
+map_lookup_elem = LINUX.map_lookup_elem
+map_update_elem = LINUX.map_update_elem
+map_delete_elem = LINUX.map_delete_elem
+map_get_next_key = LINUX.map_get_next_key
+map_get_fd_by_id = LINUX.map_get_fd_by_id
+map_info = LINUX.map_info
+enable_stats = LINUX.enable_stats
+prog_run_stats = LINUX.prog_run_stats

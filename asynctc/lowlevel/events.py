@@ -38,6 +38,7 @@ from ..events import (
 )
 from ..events import EventSource as EventSource
 from . import codec
+from .kernel import LINUX, Kernel
 from .multicast import EventsLost, MulticastSocket, open_multicast_socket
 from .netns import NetnsRunner
 from .transport import NetlinkTransport, open_transport
@@ -249,13 +250,13 @@ class NetlinkEventSource(EventSource):
 
 @asynccontextmanager
 async def open_netlink_event_source(
-    runner: NetnsRunner, *, rcvbuf: int | None = DEFAULT_EVENT_RCVBUF
+    runner: NetnsRunner, *, rcvbuf: int | None = DEFAULT_EVENT_RCVBUF, kernel: Kernel = LINUX
 ) -> AsyncIterator[NetlinkEventSource]:
     """Subscribe to the namespace's link and tc events, read the baseline, yield the source; closes its
     sockets (and so releases the namespace) on exit."""
-    mc = await open_multicast_socket(runner, (codec.RTNLGRP_LINK, codec.RTNLGRP_TC), rcvbuf)
+    mc = await open_multicast_socket(runner, (codec.RTNLGRP_LINK, codec.RTNLGRP_TC), rcvbuf, kernel=kernel)
     try:
-        async with open_transport(runner, max_in_flight=4) as nl:
+        async with open_transport(runner, max_in_flight=4, kernel=kernel) as nl:
             source = NetlinkEventSource(mc, nl)
             await source.baseline()
             yield source

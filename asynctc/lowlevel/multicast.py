@@ -19,8 +19,9 @@ import trio
 from .._errors import TCError
 from . import codec
 from .codec import Message
+from .kernel import LINUX, Kernel, NetlinkSocket
 from .netns import NetnsRunner
-from .nlsock import NonblockingReceiver, open_netlink_socket
+from .nlsock import nonblocking_receiver
 
 __all__ = ["EventsLost", "MulticastSocket", "open_multicast_socket"]
 
@@ -54,9 +55,9 @@ class MulticastSocket:
     To track state without a gap: open this socket first, then dump, then apply the events.
     """
 
-    def __init__(self, sock: socket.socket, *, max_batch: int = 16) -> None:
+    def __init__(self, sock: NetlinkSocket, *, max_batch: int = 16) -> None:
         self._sock = sock
-        self._receiver = NonblockingReceiver(sock)
+        self._receiver = nonblocking_receiver(sock)
         self._max_batch = max_batch
         self._lost = False
         self._closed = False
@@ -168,6 +169,7 @@ async def open_multicast_socket(
     rcvbuf: int | None = None,
     *,
     max_batch: int = 16,
+    kernel: Kernel = LINUX,
 ) -> MulticastSocket:
     """A `MulticastSocket` for `runner`'s namespace, joined to `groups` (created in a worker thread inside
     the namespace). `rcvbuf` sets the receive buffer with SO_RCVBUFFORCE (bytes; the kernel doubles it).
@@ -180,5 +182,5 @@ async def open_multicast_socket(
                 except EventsLost:
                     ...  # re-dump and diff
     """
-    sock = await runner.run(open_netlink_socket, tuple(groups), rcvbuf)
+    sock = await runner.run(kernel.open_netlink_socket, tuple(groups), rcvbuf)
     return MulticastSocket(sock, max_batch=max_batch)

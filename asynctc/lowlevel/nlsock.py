@@ -12,8 +12,11 @@ import ctypes
 import errno as _errno
 import os
 import socket
-from collections.abc import Iterable
-from typing import Final
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Final, Protocol
+
+if TYPE_CHECKING:
+    from .kernel import NetlinkSocket
 
 __all__ = [
     "NETLINK_ADD_MEMBERSHIP",
@@ -24,6 +27,8 @@ __all__ = [
     "SO_RCVBUFFORCE",
     "NetlinkError",
     "NonblockingReceiver",
+    "Receiver",
+    "nonblocking_receiver",
     "open_netlink_socket",
 ]
 
@@ -116,3 +121,27 @@ class NonblockingReceiver:
                 raise BlockingIOError(err, os.strerror(err))
             raise OSError(err, os.strerror(err))
         return ctypes.string_at(self._buf, n)
+
+
+class Receiver(Protocol):
+    """Non-blocking datagram reads: `recv()` as `NonblockingReceiver.recv`."""
+
+    def recv(self) -> bytes: ...
+
+
+def nonblocking_receiver(sock: NetlinkSocket) -> Receiver:
+    """A non-blocking reader of `sock`: a `NonblockingReceiver` for a real socket; a simulated kernel's
+    socket reads itself (its `recv_nowait`, with the same contract)."""
+    if isinstance(sock, socket.socket):
+        return NonblockingReceiver(sock)
+    recv_nowait: Callable[[], bytes] | None = getattr(sock, "recv_nowait", None)
+    if recv_nowait is None:
+        raise TypeError(f"{sock!r} is neither a socket nor a simulated netlink socket with recv_nowait()")
+
+    class _Simulated:
+        def recv(self) -> bytes:
+            assert recv_nowait is not None
+            return recv_nowait()
+
+    return _Simulated()
+

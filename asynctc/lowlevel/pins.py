@@ -32,6 +32,7 @@ Plain synchronous functions (they make system calls): call them from worker thre
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import ctypes.util
 import errno as _errno
@@ -40,11 +41,17 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Final
 
 from .._errors import PinError
 from . import bpf
 
 __all__ = [
+    "BpffsPins",
+    "Pins",
+    "read_pinned_value",
+    "pin_over",
+    "rename_over",
     "BPF_FS_MAGIC",
     "PIN_MODE",
     "VerifiedDir",
@@ -296,18 +303,73 @@ def rename_over(path: str, suffix: str) -> bool:
 
 
 def read_pinned_value(path: str, value_size: int) -> bytes | None:
-    """The value at key 0 of the one-entry array map pinned at `path` (how asynctc keeps its records beside
-    its pins), under the rules above; None when nothing is pinned there, or something else is (not a map,
-    or a map of another shape)."""
-    try:
-        map_fd = get_object(path)
-    except (bpf.BpfError, PinError):
-        return None
-    try:
-        if bpf.fd_object_kind(map_fd) != "map":
+    """The value at key 0 of the one-entry array map pinned at `path` (see `Pins.read_pinned_value`)."""
+    return _LINUX_PINS.read_pinned_value(path, value_size)
+
+
+class Pins(abc.ABC):
+    """The bpffs pin operations of one kernel (`Kernel.pins`), under the rules above. `BpffsPins` makes them
+    on the real bpffs; an in-memory kernel keeps its own pins. Each method behaves as the module function of
+    the same name; `read_pinned_value` is built on `get_object` and the kernel's `Bpf`."""
+
+    def __init__(self, bpf_calls: bpf.Bpf) -> None:
+        self.bpf = bpf_calls
+
+    @abc.abstractmethod
+    def pin_object(self, obj_fd: int, path: str) -> None:
+        """As the module function `pin_object`."""
+
+    @abc.abstractmethod
+    def get_object(self, path: str) -> int:
+        """As the module function `get_object`."""
+
+    @abc.abstractmethod
+    def unpin(self, path: str) -> bool:
+        """As the module function `unpin`."""
+
+    @abc.abstractmethod
+    def pin_over(self, obj_fd: int, path: str, suffix: str) -> None:
+        """As the module function `pin_over`."""
+
+    @abc.abstractmethod
+    def rename_over(self, path: str, suffix: str) -> bool:
+        """As the module function `rename_over`."""
+
+    def read_pinned_value(self, path: str, value_size: int) -> bytes | None:
+        """The value at key 0 of the one-entry array map pinned at `path` (how asynctc keeps its records
+        beside its pins); None when nothing is pinned there, or something else is (not a map, or a map of
+        another shape)."""
+        try:
+            map_fd = self.get_object(path)
+        except (bpf.BpfError, PinError):
             return None
-        return bpf.map_lookup(map_fd, 0, value_size)
-    except bpf.BpfError:
-        return None
-    finally:
-        os.close(map_fd)
+        try:
+            if self.bpf.fd_object_kind(map_fd) != "map":
+                return None
+            return self.bpf.map_lookup(map_fd, 0, value_size)
+        except bpf.BpfError:
+            return None
+        finally:
+            self.bpf.close(map_fd)
+
+
+class BpffsPins(Pins):
+    """Pins on the real bpffs: the module functions."""
+
+    def pin_object(self, obj_fd: int, path: str) -> None:
+        pin_object(obj_fd, path)
+
+    def get_object(self, path: str) -> int:
+        return get_object(path)
+
+    def unpin(self, path: str) -> bool:
+        return unpin(path)
+
+    def pin_over(self, obj_fd: int, path: str, suffix: str) -> None:
+        pin_over(obj_fd, path, suffix)
+
+    def rename_over(self, path: str, suffix: str) -> bool:
+        return rename_over(path, suffix)
+
+
+_LINUX_PINS: Final = BpffsPins(bpf.LINUX)

@@ -66,9 +66,10 @@ import trio
 from .._errors import TCError
 from . import codec
 from .codec import Message, NlDone, NlError
+from .kernel import LINUX, Kernel, NetlinkSocket
 from .locks import held
 from .netns import NetnsRunner, release_thread_home
-from .nlsock import RECV_SIZE, NetlinkError, NonblockingReceiver, open_netlink_socket
+from .nlsock import RECV_SIZE, NetlinkError, nonblocking_receiver
 
 __all__ = [
     "ANSWER_TIMEOUT",
@@ -189,10 +190,12 @@ class NetlinkTransport:
     transport concurrently. Requests and dumps reach the kernel in the order they were made.
     """
 
-    def __init__(self, runner: NetnsRunner, sock: socket.socket, *, max_in_flight: int = 128) -> None:
+    def __init__(self, runner: NetnsRunner, sock: NetlinkSocket, *, max_in_flight: int = 128,
+                 kernel: Kernel = LINUX) -> None:
         self.runner = runner
+        self.kernel = kernel
         self._sock = sock
-        self._receiver = NonblockingReceiver(sock)  # used by the I/O thread only
+        self._receiver = nonblocking_receiver(sock)  # used by the I/O thread only
         # The kernel refuses a datagram longer than the send buffer less 32 bytes (EMSGSIZE), and drops
         # answers that do not fit the receive buffer (ENOBUFS): a datagram stays within both.
         self._max_send = min(MAX_SEND_BYTES, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 32)
@@ -213,7 +216,7 @@ class NetlinkTransport:
         self._thread_exited = False
         self._token: trio.lowlevel.TrioToken | None = None
         self._state_lock = threading.Lock()  # thread start/exit vs close: who closes the sockets
-        self._dump_sock: socket.socket | None = None
+        self._dump_sock: NetlinkSocket | None = None
 
     # -- state ----------------------------------------------------------------------------------------
 
@@ -517,16 +520,16 @@ class NetlinkTransport:
 
     # -- dumps, in the I/O thread ------------------------------------------------------------------
 
-    def _take_dump_socket(self) -> socket.socket:
+    def _take_dump_socket(self) -> NetlinkSocket:
         sock = self._dump_sock
         if sock is None:
             # A new dump socket must be created inside the namespace: enter it on this thread, and back.
-            sock = self.runner.call_in_netns(open_netlink_socket, (), None, True)
+            sock = self.runner.call_in_netns(self.kernel.open_netlink_socket, (), None, True)
             sock.settimeout(DUMP_TIMEOUT)
             self._dump_sock = sock
         return sock
 
-    def _give_back_dump_socket(self, sock: socket.socket, clean: bool) -> None:
+    def _give_back_dump_socket(self, sock: NetlinkSocket, clean: bool) -> None:
         if not clean:  # a dump left half read: its socket cannot be reused
             self._dump_sock = None
             sock.close()
@@ -563,7 +566,7 @@ class NetlinkTransport:
                       f"{retries + 1} times in a row (NLM_F_DUMP_INTR)", errno=_errno.EINTR)
 
     @staticmethod
-    def _dump_once(sock: socket.socket, data: bytes, seq: int) -> tuple[list[bytes], NlError | NlDone, bool]:
+    def _dump_once(sock: NetlinkSocket, data: bytes, seq: int) -> tuple[list[bytes], NlError | NlDone, bool]:
         """Send a dump request and read until its NLMSG_DONE (or error). Runs in the I/O thread."""
         sock.send(data)
         chunks: list[bytes] = []
@@ -619,7 +622,7 @@ class NetlinkTransport:
 
 @asynccontextmanager
 async def open_transport(
-    runner: NetnsRunner, *, rcvbuf: int = DEFAULT_RCVBUF, max_in_flight: int = 128
+    runner: NetnsRunner, *, rcvbuf: int = DEFAULT_RCVBUF, max_in_flight: int = 128, kernel: Kernel = LINUX
 ) -> AsyncIterator[NetlinkTransport]:
     """Open the rtnetlink transport of `runner`'s namespace; closed (its I/O thread ended, its sockets
     closed) on exit, however the block ends.
@@ -629,7 +632,7 @@ async def open_transport(
             filters = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETTFILTER,
                                                                           ifindex, codec.INGRESS_PARENT))
     """
-    transport = await start_transport(runner, rcvbuf=rcvbuf, max_in_flight=max_in_flight)
+    transport = await start_transport(runner, rcvbuf=rcvbuf, max_in_flight=max_in_flight, kernel=kernel)
     try:
         yield transport
     finally:
@@ -637,7 +640,7 @@ async def open_transport(
 
 
 async def start_transport(
-    runner: NetnsRunner, *, rcvbuf: int = DEFAULT_RCVBUF, max_in_flight: int = 128
+    runner: NetnsRunner, *, rcvbuf: int = DEFAULT_RCVBUF, max_in_flight: int = 128, kernel: Kernel = LINUX
 ) -> NetlinkTransport:
     """Open the rtnetlink transport of `runner`'s namespace, for owners that cannot hold a context manager
     open across calls (a backend); `await transport.aclose()` ends it.
@@ -646,5 +649,5 @@ async def start_transport(
     to `rcvbuf` so that the answers of a whole batch always fit; at most `max_in_flight` requests wait at
     once (more wait for a turn). The I/O thread starts with the first request or dump.
     """
-    sock = await runner.run(open_netlink_socket, (), rcvbuf)
-    return NetlinkTransport(runner, sock, max_in_flight=max_in_flight)
+    sock = await runner.run(kernel.open_netlink_socket, (), rcvbuf)
+    return NetlinkTransport(runner, sock, max_in_flight=max_in_flight, kernel=kernel)

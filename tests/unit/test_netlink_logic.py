@@ -130,6 +130,8 @@ class FakeMulticast:
             raise item
         return item
 
+    recv_nowait = recv  # as a simulated kernel's socket
+
     def fileno(self) -> int:
         return -1
 

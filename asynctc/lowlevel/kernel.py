@@ -1,0 +1,102 @@
+"""The kernel boundary: everything asynctc's backends ask of a kernel, in one object.
+
+A backend reaches the kernel only through its session's `Kernel` (`BackendContext.kernel`), never through
+module globals, so the same backend code runs on the real kernel (`LINUX`) or on a simulated one
+(`asynctc_mock.MockKernel`, a subclass that answers the same calls in memory). The boundary is the
+kernel's own interface, kept as low as the kernel draws it:
+
+- `bpf`: the bpf(2) calls (`asynctc.lowlevel.bpf.Bpf` over a `Syscalls`: raw `union bpf_attr` in, result or
+  errno out, plus close(2) and fdinfo of the fds it hands out);
+- `pins`: BPF_OBJ_PIN / BPF_OBJ_GET under asynctc's pin-path rules, and removing and renaming pins on bpffs;
+- `open_netlink_socket`: NETLINK_ROUTE sockets (requests, dumps, multicast groups, ENOBUFS), carrying the
+  bytes `asynctc.lowlevel.codec` builds and parses;
+- `process_alive`: whether the process an ownership record names still runs (orphans are what dead
+  processes left).
+
+Calls that can block (every bpf(2) call, close() of a link fd, netlink sends) are made from worker threads,
+as before: the boundary does not change where code runs.
+"""
+
+from __future__ import annotations
+
+import abc
+import socket
+from collections.abc import Iterable
+from typing import Final, Protocol
+
+from . import bpf as _bpf
+from . import pins as _pins
+from . import tcpolicy
+from .nlsock import open_netlink_socket
+
+__all__ = ["LINUX", "Kernel", "Linux", "NetlinkSocket"]
+
+
+class NetlinkSocket(Protocol):
+    """What asynctc uses of a NETLINK_ROUTE socket (a `socket.socket` on the real kernel). A simulated
+    socket also offers `recv_nowait()` (see `asynctc.lowlevel.nlsock.nonblocking_receiver`)."""
+
+    def fileno(self) -> int: ...
+    def send(self, data: bytes, /) -> int: ...
+    def recv(self, bufsize: int, /) -> bytes: ...
+    def getsockopt(self, level: int, optname: int, /) -> int: ...
+    def getsockname(self) -> tuple[int, int]: ...
+    def settimeout(self, value: float | None, /) -> None: ...
+    def setblocking(self, flag: bool, /) -> None: ...
+    def close(self) -> None: ...
+
+
+class Kernel(abc.ABC):
+    """One kernel as asynctc's backends see it (see the module docstring).
+
+    Attributes:
+        bpf: the bpf(2) calls of this kernel.
+        pins: the bpffs pins of this kernel.
+    """
+
+    bpf: _bpf.Bpf
+    pins: _pins.Pins
+
+    @property
+    def simulated(self) -> bool:
+        """True for an in-memory kernel (no privileges needed, nothing touches the machine)."""
+        return True
+
+    @abc.abstractmethod
+    def open_netlink_socket(
+        self, groups: Iterable[int] = (), rcvbuf: int | None = None, blocking: bool = False
+    ) -> NetlinkSocket:
+        """A NETLINK_ROUTE socket of the calling thread's namespace (see
+        `asynctc.lowlevel.nlsock.open_netlink_socket`)."""
+
+    @abc.abstractmethod
+    def process_alive(self, pid: int, start: str) -> bool:
+        """Whether process `pid`, started at `start` (clock ticks since boot, as asynctc's ownership tags
+        record it), still runs (see `asynctc.lowlevel.tcpolicy.process_alive`)."""
+
+
+class Linux(Kernel):
+    """The real kernel of this machine."""
+
+    def __init__(self) -> None:
+        self.bpf = _bpf.LINUX
+        self.pins = _pins.BpffsPins(_bpf.LINUX)
+
+    @property
+    def simulated(self) -> bool:
+        return False
+
+    def open_netlink_socket(
+        self, groups: Iterable[int] = (), rcvbuf: int | None = None, blocking: bool = False
+    ) -> socket.socket:
+        return open_netlink_socket(groups, rcvbuf, blocking)
+
+    def process_alive(self, pid: int, start: str) -> bool:
+        return tcpolicy.process_alive(pid, start)
+
+    def __repr__(self) -> str:
+        return "<asynctc Linux kernel>"
+
+
+LINUX: Final = Linux()
+"""The real kernel."""
