@@ -3,6 +3,7 @@ primary, and which one serves each request (chosen by the `asynctc_select_backen
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -14,19 +15,29 @@ from ._plugins import BackendRegistry
 from ._types import Offload, Probe
 from .backend import Backend, BackendContext
 from .hookspecs import BackendRequest
+from .lowlevel.kernel import LINUX
 
 __all__ = ["BackendSet"]
 
 log = logging.getLogger("asynctc")
 
 
-def _kind_name(kind: str) -> str:
-    return "an in-memory" if kind == "mock" else "the real"
+def runs_on(cls: type[Backend[Any]], kernel: object) -> bool:
+    """Whether backend class `cls` can run on `kernel` (the real kernel `LINUX`, a MockKernel, or a
+    third-party in-memory kernel): its `kernel_type` says which kernels it takes; without one, a backend of
+    kind "mock" takes any in-memory kernel (it checks the type itself) and any other the real kernel only."""
+    if cls.kernel_type is not None:
+        return isinstance(kernel, cls.kernel_type)
+    return (kernel is LINUX) == (cls.kernel_kind != "mock")
+
+
+def _kernel_name(kernel: object) -> str:
+    return "the real kernel" if kernel is LINUX else f"an in-memory kernel ({type(kernel).__name__})"
 
 
 class BackendSet:
-    """The backends a session has opened, all of one kernel kind (the real kernel, or one in-memory
-    kernel), created with `await BackendSet.open(...)` and closed with `aclose()`."""
+    """The backends a session has opened, all running on the session's one kernel (`ctx.kernel`: the real
+    kernel, or one in-memory kernel), created with `await BackendSet.open(...)` and closed with `aclose()`."""
 
     def __init__(self, pm: pluggy.PluginManager, classes: BackendRegistry, ctx: BackendContext,
                  requested: str) -> None:
@@ -38,7 +49,6 @@ class BackendSet:
         self._locks: dict[str, trio.Lock] = {}
         self._attach_choices: dict[str, str] = {}  # offload mode -> backend chosen for "auto" attaches
         self._primary: Backend[Any] | None = None
-        self._kind: str | None = None
         self._close_lock = trio.Lock()
         self._closed = False
 
@@ -54,7 +64,9 @@ class BackendSet:
                                                         netns=ctx.netns))
             else:
                 name = requested
-            self._kind = self._classes.get(name).kernel_kind
+            if ctx.kernel is LINUX and not runs_on(self._classes.get(name), LINUX):
+                # "auto" resolved (by a selection plugin) to a backend of an in-memory kernel: its own.
+                self._ctx = dataclasses.replace(ctx, kernel=self.default_kernel(classes, name, None))
             self._primary = await self.get(name)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -94,14 +106,14 @@ class BackendSet:
         return {name: results[name] for name in names}
 
     async def select(self, request: BackendRequest) -> str:
-        """The backend name the `asynctc_select_backend` hook picks among the available ones of the
-        session's kind ("auto" never picks an in-memory kernel for a new session: those are asked for by
-        name)."""
+        """The backend name the `asynctc_select_backend` hook picks among the available ones that run on the
+        session's kernel (on the real kernel, "auto" never picks a backend of kind "mock": those are asked
+        for by name)."""
         available = await self.probe()
-        if self._kind is not None:
-            available = {k: v for k, v in available.items() if self._classes.get(k).kernel_kind == self._kind}
-        else:
-            available = {k: v for k, v in available.items() if self._classes.get(k).kernel_kind != "mock"}
+        kernel = self._ctx.kernel
+        available = {k: v for k, v in available.items()
+                     if runs_on(self._classes.get(k), kernel)
+                     and (kernel is not LINUX or self._classes.get(k).kernel_kind != "mock")}
         choice: str | None = self._pm.hook.asynctc_select_backend(request=request, available=available)
         if choice is None:
             reasons = "; ".join(f"{k}: {v.reason}" for k, v in available.items()) or "none installed"
@@ -123,14 +135,11 @@ class BackendSet:
             if be is not None:
                 return be
             cls = self._classes.get(name)
-            kind = cls.kernel_kind
-            if self._ctx.kernel is not None and kind != "mock":
-                raise TCError(f"this session runs on a MockKernel; backend {name!r} needs the real kernel")
-            if self._kind is not None and kind != self._kind:
-                raise TCError(
-                    f"backend {name!r} works on {_kind_name(kind)} kernel, this session on "
-                    f"{_kind_name(self._kind)} one; open a separate session for it"
-                )
+            if not runs_on(cls, self._ctx.kernel):
+                wants = (f"a {cls.kernel_type.__name__}" if cls.kernel_type is not None
+                         else "an in-memory kernel" if cls.kernel_kind == "mock" else "the real kernel")
+                raise TCError(f"backend {name!r} runs on {wants}, this session on {_kernel_name(self._ctx.kernel)}; "
+                              "open a separate session for it")
             probe = await cls.probe(self._ctx)
             if not probe.available:
                 raise BackendUnavailable(f"the {name} backend is not available here: {probe.reason}")
@@ -156,11 +165,11 @@ class BackendSet:
         return await self.get(chosen)
 
     def kin_names(self) -> list[str]:
-        """The primary backend's name, then every other installed backend of the session's kind: those
-        that may hold what a pin or an orphan is."""
+        """The primary backend's name, then every other installed backend that runs on the session's kernel:
+        those that may hold what a pin or an orphan is."""
         primary = self.primary.name
         return [primary, *(n for n in self._classes.names()
-                           if n != primary and self._classes.get(n).kernel_kind == self._kind)]
+                           if n != primary and runs_on(self._classes.get(n), self._ctx.kernel))]
 
     async def get_available(self, name: str, unavailable: list[str]) -> Backend[Any] | None:
         """The backend `name`, opened; None (its reason appended to `unavailable`) if it cannot work here."""
@@ -189,11 +198,14 @@ class BackendSet:
     @staticmethod
     def default_kernel(classes: BackendRegistry, name: str, kernel: Any) -> Any:
         """The kernel a session on backend `name` runs on: `kernel` if given; for a backend of kind
-        "mock" without one, a fresh kernel of the backend's own making (its `new_kernel()`)."""
-        if kernel is not None or name == "auto":
+        "mock" without one, a fresh kernel of the backend's own making (its `new_kernel()`); else the real
+        kernel (`LINUX`)."""
+        if kernel is not None:
             return kernel
+        if name == "auto":
+            return LINUX
         cls = classes.get(name)
         new_kernel = getattr(cls, "new_kernel", None)
         if cls.kernel_kind == "mock" and callable(new_kernel):
             return new_kernel()
-        return None
+        return LINUX

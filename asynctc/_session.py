@@ -36,6 +36,7 @@ from ._types import OFFLOAD_MODES, Direction, Hook, HookEntry, Last, Offload, Po
 from ._watcher import Watcher
 from .backend import AttachRequest, Backend, BackendContext
 from .events import AttachmentEvent
+from .lowlevel.kernel import LINUX
 from .lowlevel.netdev import check_dev
 from .lowlevel.netns import NetnsRunner
 from .lowlevel.pins import check_path
@@ -64,7 +65,7 @@ def _session_tag(owner: str) -> str:
 def _claim_key(kernel: object) -> Callable[[str], str]:
     """How pin paths are named in pin claims: as they are for the real kernel (bpffs is one per host); for
     an in-memory kernel, within that kernel (its pins are its own)."""
-    if kernel is None:
+    if kernel is None or kernel is LINUX:
         return str
     prefix = f"{type(kernel).__name__}@{id(kernel):x}:"
     return lambda path: prefix + path
@@ -144,9 +145,10 @@ class Session:
 
     @property
     def kernel(self) -> Any:
-        """The in-memory kernel of a mock session (`asynctc_mock.MockKernel`: the one given as `kernel=`,
-        or the fresh one the session made); None for sessions on the real kernel."""
-        return self._backends.context.kernel
+        """The in-memory kernel of the session (`asynctc_mock.MockKernel`: the one given as `kernel=`, or
+        the fresh one a mock session made); None for sessions on the real kernel."""
+        kernel = self._backends.context.kernel
+        return None if kernel is LINUX else kernel
 
     # -- backends ------------------------------------------------------------------------------------
     async def probe(self) -> dict[str, Probe]:
@@ -429,7 +431,9 @@ async def open_session(
             a third-party backend's name.
         netns: None (the caller's namespace), a name under /run/netns, or a path to a namespace file.
         owner: the tag marking what this session creates (how orphans are recognised later).
-        kernel: for backend="mock" only: an asynctc_mock.MockKernel (a fresh one when omitted).
+        kernel: the kernel to run on: None for the real one (for backend="mock": a fresh
+            asynctc_mock.MockKernel), or an asynctc_mock.MockKernel, under "mock", "bpf_link" or "netlink"
+            alike ("auto" with a kernel means "mock").
         max_workers: how many worker threads the session's blocking kernel calls may use at once.
         cleanup_timeout: bound on cleanup when the session closes.
         plugins: extra plugin objects for this session only (a fresh plugin manager is built for it).
@@ -460,14 +464,14 @@ async def open_session(
         if backend == "auto":
             backend = "mock"
         cls = classes.get(backend)
-        if cls.kernel_kind != "mock":
+        if cls.kernel_type is None and cls.kernel_kind != "mock":
             raise ValueError(
-                f"kernel= is for in-memory kernel backends such as 'mock'; backend {backend!r} drives the real "
-                "kernel: leave kernel= out"
+                f"kernel= is for backends that can run on an in-memory kernel (mock, bpf_link, netlink); backend "
+                f"{backend!r} drives the real kernel only: leave kernel= out"
             )
         if cls.kernel_type is not None and not isinstance(kernel, cls.kernel_type):
-            raise TypeError(f"the {backend} backend needs a {cls.kernel_type.__module__}.{cls.kernel_type.__name__} "
-                            f"as kernel=, got {kernel!r}")
+            raise TypeError(f"the {backend} backend cannot run on {kernel!r} (kernel=): it needs a "
+                            f"{cls.kernel_type.__module__}.{cls.kernel_type.__name__}")
     kernel = BackendSet.default_kernel(classes, backend, kernel)
     runner = NetnsRunner(netns, trio.CapacityLimiter(max_workers))
 
@@ -489,7 +493,7 @@ async def open_session(
                 registry = Registry()
                 fanout = Fanout()
                 lifecycle = Lifecycle(registry, fanout, notify, cleanup_timeout=cleanup_timeout,
-                                      claim_key=_claim_key(kernel))
+                                      claim_key=_claim_key(backends.context.kernel))
                 watcher = Watcher(backends, lifecycle, registry, fanout, runner)
                 session = Session(backends=backends, registry=registry, lifecycle=lifecycle, fanout=fanout,
                                   watcher=watcher, runner=runner, owner=owner)

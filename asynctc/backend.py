@@ -29,6 +29,7 @@ from ._program import Program
 from ._types import AttachmentInfo, Direction, Hook, HookEntry, Offload, Probe, UpdateMethod, UpdateResult
 from ._types import Placement as Placement  # a value type; re-exported where backends always found it
 from .events import EventSource
+from .lowlevel.kernel import LINUX
 from .lowlevel.netns import NetnsRunner
 
 __all__ = [
@@ -53,7 +54,9 @@ class BackendContext:
         owner: the tag that marks what the session creates.
         session_tag: unique to this session in this process (owner, pid, process start time, serial); what
             a backend records in the kernel to prove ownership after a restart.
-        kernel: the MockKernel for the mock backend; None otherwise.
+        kernel: the session's kernel, the only way a backend reaches one: `asynctc.lowlevel.kernel.LINUX`
+            (the real kernel), an `asynctc_mock.MockKernel` (a simulated one, under the same real
+            backends), or a third-party in-memory kernel of the backend's `kernel_type`.
         options: backend-specific options given to `open_session(backend_options=...)`.
         nursery: the session's nursery, for background tasks that must live as long as the session;
             cancelled after the backend's `aclose()`. None only while probing.
@@ -63,7 +66,7 @@ class BackendContext:
     netns: str | None
     owner: str
     session_tag: str
-    kernel: Any = None
+    kernel: Any = LINUX
     options: Mapping[str, object] = field(default_factory=dict)
     nursery: trio.Nursery | None = None
 
@@ -76,7 +79,7 @@ class BackendContext:
         from .lowlevel.events import DEFAULT_EVENT_RCVBUF, check_rcvbuf, open_netlink_event_source
 
         rcvbuf = check_rcvbuf(self.options.get("event_rcvbuf", DEFAULT_EVENT_RCVBUF))
-        return open_netlink_event_source(self.runner, rcvbuf=rcvbuf)
+        return open_netlink_event_source(self.runner, rcvbuf=rcvbuf, kernel=self.kernel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,10 +144,14 @@ class Backend(abc.ABC, Generic[H]):
             checks the values' ranges.
         can_offload: whether it can put programs in hardware (offload="prefer"/"require").
         has_revisions: whether its hooks have a tcx revision (expected_revision works).
-        kernel_kind: "linux" for backends that drive the real kernel, "mock" for in-memory models; a
-            session only combines backends of one kind.
-        kernel_type: for in-memory models, the class of the kernel object `open_session(kernel=...)` must
-            be (TypeError otherwise, before anything opens).
+        kernel_kind: "linux" for backends a session on the real kernel may use ("auto" picks among them),
+            "mock" for backends that run on an in-memory kernel of their own making (`new_kernel()`) unless
+            given one.
+        kernel_type: the class of kernel the backend runs on: `asynctc.lowlevel.kernel.Kernel` for
+            backends that reach the kernel only through `ctx.kernel` (they run on the real kernel and on
+            a MockKernel alike), an in-memory model's own class, or None for the real kernel only. A
+            session uses a backend only if its kernel is of that class (`open_session(kernel=...)` raises
+            TypeError otherwise, before anything opens).
 
     The core runs attach, update, detach, pin, unpin, adopt_pinned and reap_orphans shielded from
     cancellation, so a backend's multi-step operation is never interrupted half-way; it must still leave

@@ -1001,6 +1001,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 async def _cmd_backends(args: argparse.Namespace, out: TextIO) -> int:
     from asynctc import _plugins
+    from asynctc._backends import BackendSet
     from asynctc.backend import BackendContext
     from asynctc.lowlevel.netns import NetnsRunner
 
@@ -1012,7 +1013,8 @@ async def _cmd_backends(args: argparse.Namespace, out: TextIO) -> int:
         for name in registry.names():
             cls = registry.get(name)
             try:
-                probe = await cls.probe(ctx)
+                kernel = BackendSet.default_kernel(registry, name, None)
+                probe = await cls.probe(dataclasses.replace(ctx, kernel=kernel))
             except Exception as exc:
                 probe = asynctc.Probe(False, f"probe raised {exc!r}")
             rows.append((name, cls.__module__, cls.kernel_kind, probe))

@@ -213,6 +213,10 @@ class Syscalls(abc.ABC):
     def fdinfo(self, fd: int) -> str:
         """The text of /proc/self/fdinfo/FD, or "" where there is no such fd."""
 
+    @abc.abstractmethod
+    def dup(self, fd: int) -> int:
+        """dup(2) of an fd this boundary gave out (or a program fd handed to it): a new fd on the same object."""
+
 
 class LinuxSyscalls(Syscalls):
     """The real bpf(2), close(2) and /proc/self/fdinfo."""
@@ -232,6 +236,9 @@ class LinuxSyscalls(Syscalls):
                 return f.read()
         except OSError:
             return ""
+
+    def dup(self, fd: int) -> int:
+        return os.dup(fd)
 
 
 def _attr() -> ctypes.Array[ctypes.c_char]:
@@ -522,6 +529,10 @@ class Bpf:
         """close(2) of a program, map or link fd (closing the last fd of an attached tcx link detaches it and
         can wait for an RCU grace period: call it from a worker thread)."""
         self.syscalls.close(fd)
+
+    def dup(self, fd: int) -> int:
+        """dup(2) of a program, map or link fd (never blocks)."""
+        return self.syscalls.dup(fd)
 
     def prog_load(
         self,

@@ -12,7 +12,6 @@ On a kernel without tcx (before 6.6) the tcx part is empty and the revision is N
 from __future__ import annotations
 
 import errno as _errno
-import os
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -35,10 +34,13 @@ ATTACH_TYPES = {Direction.INGRESS: bpf.BPF_TCX_INGRESS, Direction.EGRESS: bpf.BP
 
 
 class ProgNameCache:
-    """Program id -> (name, tag). A loaded program's name and tag never change, so they are cached; ids
-    the kernel no longer knows are simply looked up again. Thread-safe (filled from worker threads)."""
+    """Program id -> (name, tag), read through one kernel's bpf(2) calls (`calls`: the session kernel's
+    `Bpf`; `tcx_entries` queries hooks through the same). A loaded program's name and tag never change, so
+    they are cached; ids the kernel no longer knows are simply looked up again. Thread-safe (filled from
+    worker threads)."""
 
-    def __init__(self, limit: int = 4096) -> None:
+    def __init__(self, calls: bpf.Bpf = bpf.LINUX, limit: int = 4096) -> None:
+        self.calls = calls
         self._map: dict[int, tuple[str, str]] = {}
         self._lock = threading.Lock()
         self._limit = limit
@@ -49,15 +51,15 @@ class ProgNameCache:
         if hit is not None:
             return hit
         try:
-            fd = bpf.prog_get_fd_by_id(prog_id)
+            fd = self.calls.prog_get_fd_by_id(prog_id)
         except bpf.BpfError:
             return "", ""
         try:
-            info = bpf.prog_info(fd)
+            info = self.calls.prog_info(fd)
         except bpf.BpfError:
             return "", ""
         finally:
-            os.close(fd)
+            self.calls.close(fd)
         value = (info.name, info.tag)
         with self._lock:
             if len(self._map) >= self._limit:
@@ -69,12 +71,13 @@ class ProgNameCache:
 def tcx_entries(
     ifindex: int, direction: Direction, names: ProgNameCache
 ) -> tuple[int | None, list[HookEntry]]:
-    """(revision, tcx entries in run order) of a hook; run in a worker thread inside the namespace.
+    """(revision, tcx entries in run order) of a hook, asked through `names.calls`; run in a worker thread
+    inside the namespace.
 
     A kernel without tcx refuses the tcx attach types with EINVAL: then (None, []).
     """
     try:
-        q = bpf.prog_query(ifindex, ATTACH_TYPES[direction])
+        q = names.calls.prog_query(ifindex, ATTACH_TYPES[direction])
     except bpf.BpfError as exc:
         if exc.errno == _errno.EINVAL:
             return None, []

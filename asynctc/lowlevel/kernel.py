@@ -10,6 +10,8 @@ kernel's own interface, kept as low as the kernel draws it:
 - `pins`: BPF_OBJ_PIN / BPF_OBJ_GET under asynctc's pin-path rules, and removing and renaming pins on bpffs;
 - `open_netlink_socket`: NETLINK_ROUTE sockets (requests, dumps, multicast groups, ENOBUFS), carrying the
   bytes `asynctc.lowlevel.codec` builds and parses;
+- `if_nametoindex` / `if_indextoname`: device names and indexes of the calling thread's namespace (the
+  SIOCGIFINDEX / SIOCGIFNAME ioctls: no rtnl, far cheaper than an RTM_GETLINK);
 - `process_alive`: whether the process an ownership record names still runs (orphans are what dead
   processes left).
 
@@ -20,6 +22,7 @@ as before: the boundary does not change where code runs.
 from __future__ import annotations
 
 import abc
+import os
 import socket
 from collections.abc import Iterable
 from typing import Final, Protocol
@@ -30,6 +33,37 @@ from . import tcpolicy
 from .nlsock import open_netlink_socket
 
 __all__ = ["LINUX", "Kernel", "Linux", "NetlinkSocket"]
+
+
+_classifiers_known: set[str] = set()
+
+
+def _classifier_present(kind: str) -> bool | None:
+    """Whether this machine's kernel has the classifier `kind` ("bpf": cls_bpf; loaded module, or built in:
+    its classify function is a kernel symbol); None when no source can be read. Cached once positive."""
+    if kind in _classifiers_known:
+        return True
+    if os.path.isdir(f"/sys/module/cls_{kind}"):
+        _classifiers_known.add(kind)
+        return True
+    symbol = f" cls_{kind}_classify".encode()
+    try:
+        with open("/proc/kallsyms", "rb") as f:
+            for line in f:
+                if line.endswith(symbol + b"\n") or symbol + b"\t" in line:
+                    _classifiers_known.add(kind)
+                    return True
+    except OSError:
+        return None
+    release = os.uname().release
+    for index in ("modules.dep", "modules.builtin"):
+        try:
+            with open(f"/lib/modules/{release}/{index}", "rb") as f:
+                if f"/cls_{kind}.ko".encode() in f.read():
+                    return True  # loadable on demand (the kernel loads it on the first cls_bpf filter)
+        except OSError:
+            continue
+    return False
 
 
 class NetlinkSocket(Protocol):
@@ -70,6 +104,19 @@ class Kernel(abc.ABC):
         `asynctc.lowlevel.nlsock.open_netlink_socket`)."""
 
     @abc.abstractmethod
+    def if_nametoindex(self, name: str) -> int:
+        """The ifindex of device `name` in the calling thread's namespace; OSError (ENODEV) if none."""
+
+    @abc.abstractmethod
+    def if_indextoname(self, ifindex: int) -> str:
+        """The name of device `ifindex` in the calling thread's namespace; OSError (ENXIO) if none."""
+
+    @abc.abstractmethod
+    def classifier_present(self, kind: str) -> bool | None:
+        """Whether the kernel has the tc classifier `kind` ("bpf" for cls_bpf, "u32"...); None when it
+        cannot be told."""
+
+    @abc.abstractmethod
     def process_alive(self, pid: int, start: str) -> bool:
         """Whether process `pid`, started at `start` (clock ticks since boot, as asynctc's ownership tags
         record it), still runs (see `asynctc.lowlevel.tcpolicy.process_alive`)."""
@@ -90,6 +137,15 @@ class Linux(Kernel):
         self, groups: Iterable[int] = (), rcvbuf: int | None = None, blocking: bool = False
     ) -> socket.socket:
         return open_netlink_socket(groups, rcvbuf, blocking)
+
+    def if_nametoindex(self, name: str) -> int:
+        return socket.if_nametoindex(name)
+
+    def if_indextoname(self, ifindex: int) -> str:
+        return socket.if_indextoname(ifindex)
+
+    def classifier_present(self, kind: str) -> bool | None:
+        return _classifier_present(kind)
 
     def process_alive(self, pid: int, start: str) -> bool:
         return tcpolicy.process_alive(pid, start)

@@ -11,10 +11,10 @@ clearly when the device is not in the session's namespace. Two ways in, one set 
 from __future__ import annotations
 
 import errno as _errno
-import socket
 from typing import TYPE_CHECKING
 
 from .._errors import DeviceNotFound, Op
+from .kernel import LINUX, Kernel
 from .nlsock import NetlinkError
 
 if TYPE_CHECKING:
@@ -58,16 +58,17 @@ def _not_found(dev: str | int, netns: str | None) -> DeviceNotFound:
                           errno=_errno.ENODEV)
 
 
-def resolve_device(dev: str | int, netns: str | None) -> tuple[int, str]:
-    """(ifindex, name) in the calling thread's namespace; DeviceNotFound otherwise (run in a worker).
+def resolve_device(dev: str | int, netns: str | None, kernel: Kernel = LINUX) -> tuple[int, str]:
+    """(ifindex, name) in the calling thread's namespace of `kernel`; DeviceNotFound otherwise (run in a
+    worker).
 
     `netns` only names the namespace in error messages.
     """
     dev = check_dev(dev)
     try:
         if isinstance(dev, int):
-            return dev, socket.if_indextoname(dev)
-        return socket.if_nametoindex(dev), dev
+            return dev, kernel.if_indextoname(dev)
+        return kernel.if_nametoindex(dev), dev
     except OSError:
         raise _not_found(dev, netns) from None
 

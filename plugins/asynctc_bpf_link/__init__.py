@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno as _errno
+import functools
 import logging
-import os
 import socket
 import struct
 from contextlib import AbstractAsyncContextManager
@@ -49,9 +49,10 @@ from asynctc import (
     translated,
 )
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource, Updated
-from asynctc.lowlevel import bpf, pins
+from asynctc.lowlevel import bpf
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel import transport as nllib
+from asynctc.lowlevel.kernel import LINUX, Kernel
 from asynctc.lowlevel.netdev import resolve_device as resolve_device_here
 from asynctc.lowlevel.syscalls import SyscallThreads
 from asynctc.lowlevel.tcpolicy import parse_session_tag
@@ -96,26 +97,26 @@ class LinkAttachment(BackendAttachment):
         return fd
 
 
-def _resolve_device(dev: str | int, netns: str | None) -> tuple[int, str]:
+def _resolve_device(k: Kernel, dev: str | int, netns: str | None) -> tuple[int, str]:
     """(ifindex, own name) of a device of the calling thread's namespace (an alternative name resolves to
     the device's own name); DeviceNotFound otherwise."""
     if isinstance(dev, int) and not isinstance(dev, bool) and dev > 0xFFFFFFFF:
         raise DeviceNotFound(f"no device with ifindex {dev}: an ifindex is a 32-bit number", errno=_errno.ENODEV)
-    ifindex, name = resolve_device_here(dev, netns)
+    ifindex, name = resolve_device_here(dev, netns, k)
     if isinstance(dev, int):
         return ifindex, name
-    return resolve_device_here(ifindex, netns)
+    return resolve_device_here(ifindex, netns, k)
 
 
-def _close_created(created: tuple[int, bpf.LinkInfo]) -> None:
+def _close_created(k: Kernel, created: tuple[int, bpf.LinkInfo]) -> None:
     """Close the fd of a link made for an attach whose caller was cancelled meanwhile (it is unpinned and
     ours alone: closing it detaches it)."""
-    os.close(created[0])
+    k.bpf.close(created[0])
 
 
-def _pin_over(fd: int, path: str) -> None:
+def _pin_over(k: Kernel, fd: int, path: str) -> None:
     """Make the pin at `path` name the link `fd`, atomically: pinned beside it, then renamed over it."""
-    pins.pin_over(fd, path, NEXT_SUFFIX)
+    k.pins.pin_over(fd, path, NEXT_SUFFIX)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -159,28 +160,30 @@ class LinkRecord:
         return parsed[0] if parsed else None
 
 
-def write_record(path: str, value: bytes) -> None:
-    """Pin a one-entry array map holding `value` at `path` (in a worker thread)."""
-    map_fd = bpf.map_create_array(RECORD_SIZE, 1, name="atc_link_pin")
+def write_record(path: str, value: bytes, *, kernel: Kernel = LINUX) -> None:
+    """Pin a one-entry array map holding `value` at `path` on `kernel` (in a worker thread)."""
+    k = kernel
+    map_fd = k.bpf.map_create_array(RECORD_SIZE, 1, name="atc_link_pin")
     try:
-        bpf.map_update(map_fd, 0, value)
-        pins.pin_object(map_fd, path)
+        k.bpf.map_update(map_fd, 0, value)
+        k.pins.pin_object(map_fd, path)
     finally:
-        os.close(map_fd)
+        k.bpf.close(map_fd)
 
 
-def rewrite_record(path: str, record: LinkRecord) -> None:
+def rewrite_record(path: str, record: LinkRecord, *, kernel: Kernel = LINUX) -> None:
     """Rewrite the record map pinned at `path` in place (one map update: atomic)."""
-    map_fd = pins.get_object(path)
+    k = kernel
+    map_fd = k.pins.get_object(path)
     try:
-        bpf.map_update(map_fd, 0, record.encode())
+        k.bpf.map_update(map_fd, 0, record.encode())
     finally:
-        os.close(map_fd)
+        k.bpf.close(map_fd)
 
 
-def read_record(path: str) -> LinkRecord | None:
+def read_record(path: str, *, kernel: Kernel = LINUX) -> LinkRecord | None:
     """The record pinned at `path`, or None if there is none (or something else is pinned there)."""
-    data = pins.read_pinned_value(path, RECORD_SIZE)
+    data = kernel.pins.read_pinned_value(path, RECORD_SIZE)
     return LinkRecord.decode(data) if data is not None else None
 
 
@@ -196,69 +199,69 @@ def _check_owner(path: str, record: LinkRecord | None, owner: str) -> None:
                        f"owner={record.owner!r}, or pass adopt_pinned(path, foreign=True) to take it over")
 
 
-def _stale_record(path: str, owner: str, foreign: bool) -> bool:
+def _stale_record(k: Kernel, path: str, owner: str, foreign: bool) -> bool:
     """Remove this backend's record of `owner` (any, with `foreign`) left at `path + "_record"` without its
     link (a pin interrupted by a crash: the record is written first); True if there was one."""
-    record = read_record(path + RECORD_SUFFIX)
+    record = read_record(path + RECORD_SUFFIX, kernel=k)
     if record is None or not (foreign or record.owner == owner):
         return False
-    pins.unpin(path + RECORD_SUFFIX)
+    k.pins.unpin(path + RECORD_SUFFIX)
     return True
 
 
-def _other_backends_record(path: str) -> bool:
+def _other_backends_record(k: Kernel, path: str) -> bool:
     """Whether another asynctc backend's record stands at `path + "_record"` (asynctc's record maps are
     named "atc_*_pin"): that backend, not this one, answers for the path."""
-    if read_record(path + RECORD_SUFFIX) is not None:
+    if read_record(path + RECORD_SUFFIX, kernel=k) is not None:
         return False
     try:
-        fd = pins.get_object(path + RECORD_SUFFIX)
+        fd = k.pins.get_object(path + RECORD_SUFFIX)
     except (bpf.BpfError, PinError):
         return False
     try:
-        if bpf.fd_object_kind(fd) != "map":
+        if k.bpf.fd_object_kind(fd) != "map":
             return False
-        name = bpf.map_info(fd).name
+        name = k.bpf.map_info(fd).name
     finally:
-        os.close(fd)
+        k.bpf.close(fd)
     return name.startswith("atc_") and name.endswith("_pin")
 
 
-def _revision_or_none(ifindex: int, attach_type: int) -> int | None:
+def _revision_or_none(k: Kernel, ifindex: int, attach_type: int) -> int | None:
     """The hook's revision, or None if the kernel cannot say now (the device is going away...)."""
     try:
-        return bpf.prog_query(ifindex, attach_type).revision
+        return k.bpf.prog_query(ifindex, attach_type).revision
     except bpf.BpfError:
         return None
 
 
-def _finish_interrupted_update(path: str) -> None:
+def _finish_interrupted_update(k: Kernel, path: str) -> None:
     """A make-before-break of the link pinned at `path` that was killed between pinning the new link
     beside the pin and renaming it over: both links are attached. Finish it, atomically (the rename drops
     the last reference to the link it replaces, which the kernel then detaches)."""
     try:
-        fd = pins.get_object(path + NEXT_SUFFIX)
+        fd = k.pins.get_object(path + NEXT_SUFFIX)
     except (bpf.BpfError, PinError):
         return  # nothing was interrupted (or nothing asynctc would touch)
     try:
-        if bpf.fd_object_kind(fd) != "link":
+        if k.bpf.fd_object_kind(fd) != "link":
             return
     finally:
-        os.close(fd)
+        k.bpf.close(fd)
     log.warning("asynctc bpf_link: finishing an interrupted update of the link pinned at %s", path)
-    pins.rename_over(path, NEXT_SUFFIX)
+    k.pins.rename_over(path, NEXT_SUFFIX)
 
 
-def _detach_and_close(fd: int) -> bool:
+def _detach_and_close(k: Kernel, fd: int) -> bool:
     """Detach a link and close its fd; False if the kernel had already severed it (ifindex 0)."""
     try:
-        info = bpf.link_info(fd)
+        info = k.bpf.link_info(fd)
         if info.ifindex == 0:
             return False
-        bpf.link_detach(fd)
+        k.bpf.link_detach(fd)
         return True
     finally:
-        os.close(fd)
+        k.bpf.close(fd)
 
 
 class BpfLinkBackend(Backend[LinkAttachment]):
@@ -267,10 +270,12 @@ class BpfLinkBackend(Backend[LinkAttachment]):
     name: ClassVar[str] = "bpf_link"
     can_offload: ClassVar[bool] = False
     has_revisions: ClassVar[bool] = True
+    kernel_type: ClassVar[type | None] = Kernel
 
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
-        self._names = hooklib.ProgNameCache()
+        self.kernel: Kernel = ctx.kernel
+        self._names = hooklib.ProgNameCache(self.kernel.bpf)
         self._nl: nllib.NetlinkTransport | None = None
         self._sys: SyscallThreads | None = None
 
@@ -282,7 +287,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
             workers = int(self.ctx.runner.limiter.total_tokens)
             self._sys = SyscallThreads(self.ctx.runner, max_threads=max(1, workers), name="bpf_link")
         if self._nl is None:
-            self._nl = await nllib.start_transport(self.ctx.runner)
+            self._nl = await nllib.start_transport(self.ctx.runner, kernel=self.kernel)
 
     async def aclose(self) -> None:
         """Close the transport, then the syscall threads once every call queued has run (idempotent)."""
@@ -298,7 +303,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
     @classmethod
     async def probe(cls, ctx: BackendContext) -> Probe:
         try:
-            ok, reason = await ctx.runner.run(bpf.probe_tcx)
+            ok, reason = await ctx.runner.run(ctx.kernel.bpf.probe_tcx)
         except OSError as exc:
             return Probe(False, f"probing tcx failed: {exc}")
         return Probe(ok, reason)
@@ -316,7 +321,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
         """(ifindex, the device's own name), asked of the kernel in a syscall thread (two SIOCGIF* ioctls
         that take no rtnl: far cheaper than an RTM_GETLINK and decoding its answer)."""
-        return await self._syscalls().run(_resolve_device, dev, self.ctx.netns)
+        return await self._syscalls().run(_resolve_device, self.kernel, dev, self.ctx.netns)
 
     def _err(self, exc: bpf.BpfError, req_dev: str | int | None = None, direction: Direction | None = None,
              program: object | None = None) -> TCError:
@@ -330,18 +335,18 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         attach_type = ATTACH_TYPES[request.direction]
 
         def create() -> tuple[int, bpf.LinkInfo]:
-            fd = bpf.link_create_tcx(
+            fd = self.kernel.bpf.link_create_tcx(
                 prog_fd, request.ifindex, attach_type, flags=flags, relative=relative,
                 expected_revision=request.expected_revision or 0,
             )
             try:
-                return fd, bpf.link_info(fd)
+                return fd, self.kernel.bpf.link_info(fd)
             except BaseException:
-                os.close(fd)
+                self.kernel.bpf.close(fd)
                 raise
 
         try:
-            fd, info = await self._syscalls().run(create, discard=_close_created)
+            fd, info = await self._syscalls().run(create, discard=functools.partial(_close_created, self.kernel))
         except bpf.BpfError as exc:
             p = request.placement
             if exc.errno == _errno.ENOENT and p.where in ("before", "after"):
@@ -392,7 +397,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         if fd is None:
             return False
         try:
-            return await self._syscalls().run(_detach_and_close, fd, must_run=True)
+            return await self._syscalls().run(_detach_and_close, self.kernel, fd, must_run=True)
         except bpf.BpfError as exc:
             if exc.errno == _errno.ENOLINK:
                 return False
@@ -401,14 +406,14 @@ class BpfLinkBackend(Backend[LinkAttachment]):
     async def release(self, att: LinkAttachment) -> None:
         fd = att.take_fd()
         if fd is not None:
-            await self._syscalls().run(os.close, fd, must_run=True)
+            await self._syscalls().run(self.kernel.bpf.close, fd, must_run=True)
 
     async def is_attached(self, att: LinkAttachment) -> bool:
         fd = att.fd
         if fd is None:
             return False
         try:
-            info = await self._syscalls().run(bpf.link_info, fd)
+            info = await self._syscalls().run(self.kernel.bpf.link_info, fd)
         except bpf.BpfError:
             return False
         return info.ifindex != 0
@@ -425,15 +430,15 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         ifindex = att.info.ifindex
 
         def in_place() -> tuple[int, int | None]:
-            bpf.link_update(fd, new_fd, old_prog_fd=old_fd)
+            self.kernel.bpf.link_update(fd, new_fd, old_prog_fd=old_fd)
             # Done: the new program runs. What follows only reads; it must not make the update look failed.
             try:
-                info = bpf.link_info(fd)
+                info = self.kernel.bpf.link_info(fd)
             except bpf.BpfError:
-                return new_prog_id, _revision_or_none(ifindex, attach_type)
+                return new_prog_id, _revision_or_none(self.kernel, ifindex, attach_type)
             if info.ifindex == 0:
                 raise bpf.BpfError(_errno.ENOLINK, "link_update")
-            return info.prog_id, _revision_or_none(ifindex, attach_type)
+            return info.prog_id, _revision_or_none(self.kernel, ifindex, attach_type)
 
         try:
             prog_id, revision = await self._syscalls().run(in_place)
@@ -442,7 +447,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                 return await self._make_before_break(att, program, expected, refused=exc)
             if exc.op == "link_update_cas" and exc.errno == _errno.EPERM and expected is not None:
                 try:
-                    now = f"program {(await self._syscalls().run(bpf.link_info, fd)).prog_id}"
+                    now = f"program {(await self._syscalls().run(self.kernel.bpf.link_info, fd)).prog_id}"
                 except bpf.BpfError:
                     now = "another program"
                 raise Conflict(
@@ -472,7 +477,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         pinned = att.info.pinned
 
         def step() -> tuple[int, bpf.LinkInfo, int | None]:
-            old = bpf.link_info(old_fd)
+            old = self.kernel.bpf.link_info(old_fd)
             if old.ifindex == 0:
                 raise bpf.BpfError(_errno.ENOLINK, "link_update")
             if expected is not None and old.prog_id != expected.id:
@@ -482,48 +487,50 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                     "nothing was changed. query() and retry with the current program",
                     errno=_errno.EPERM,
                 )
-            rev = bpf.prog_query(ifindex, attach_type).revision
-            fd = bpf.link_create_tcx(
+            rev = self.kernel.bpf.prog_query(ifindex, attach_type).revision
+            fd = self.kernel.bpf.link_create_tcx(
                 new_prog_fd, ifindex, attach_type,
                 flags=bpf.BPF_F_BEFORE | bpf.BPF_F_LINK | bpf.BPF_F_ID, relative=old.id, expected_revision=rev,
             )
             moved = False
             record: LinkRecord | None = None
             try:
-                info = bpf.link_info(fd)
+                info = self.kernel.bpf.link_info(fd)
                 if pinned is not None:
                     # The new program runs now (just before the old one). The record vouches for the new link
                     # too, then the pin names it, atomically.
-                    record = read_record(pinned + RECORD_SUFFIX)
+                    record = read_record(pinned + RECORD_SUFFIX, kernel=self.kernel)
                     if record is not None:
                         # The pin names the old link until the rename: the record says so (an earlier update
                         # killed before its last step may have left the record a link behind).
                         rewrite_record(pinned + RECORD_SUFFIX,
-                                       dataclasses.replace(record, link_id=old.id, next_link_id=info.id))
-                    _pin_over(fd, pinned)
+                                       dataclasses.replace(record, link_id=old.id, next_link_id=info.id),
+                                       kernel=self.kernel)
+                    _pin_over(self.kernel, fd, pinned)
                     moved = True
-                bpf.link_detach(old_fd)
+                self.kernel.bpf.link_detach(old_fd)
             except BaseException:
                 # Roll back: the old program keeps running alone, pinned as before.
                 try:
                     if moved:
-                        _pin_over(old_fd, pinned)  # type: ignore[arg-type]
+                        _pin_over(self.kernel, old_fd, pinned)  # type: ignore[arg-type]
                 finally:
-                    _detach_and_close(fd)
+                    _detach_and_close(self.kernel, fd)
                 raise
             # Committed: the new link is the attachment. Nothing from here on may raise (the caller would
             # say "rolled back" and keep a closed fd): the record and the revision are written and read
             # best-effort (a record still naming the new link as the next one vouches for it all the same).
             try:
-                os.close(old_fd)
+                self.kernel.bpf.close(old_fd)
             except OSError:
                 pass
             if pinned is not None and record is not None:  # the record read before the move
                 try:
-                    rewrite_record(pinned + RECORD_SUFFIX, dataclasses.replace(record, link_id=info.id, next_link_id=0))
+                    rewrite_record(pinned + RECORD_SUFFIX, dataclasses.replace(record, link_id=info.id, next_link_id=0),
+                                   kernel=self.kernel)
                 except (OSError, PinError) as exc:
                     log.warning("asynctc bpf_link: updating the record of %s failed: %s", pinned, exc)
-            return fd, info, _revision_or_none(ifindex, attach_type)
+            return fd, info, _revision_or_none(self.kernel, ifindex, attach_type)
 
         for attempt in range(MBB_RETRIES):
             try:
@@ -570,11 +577,11 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                             att.info.link_id or 0)
 
         def pin() -> None:
-            write_record(path + RECORD_SUFFIX, record.encode())
+            write_record(path + RECORD_SUFFIX, record.encode(), kernel=self.kernel)
             try:
-                pins.pin_object(fd, path)
+                self.kernel.pins.pin_object(fd, path)
             except BaseException:
-                pins.unpin(path + RECORD_SUFFIX)
+                self.kernel.pins.unpin(path + RECORD_SUFFIX)
                 raise
 
         try:
@@ -593,8 +600,8 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         `lowlevel.pins`): a crash in between leaves only a record, never a link without one."""
 
         def remove() -> None:
-            pins.unpin(path)
-            pins.unpin(path + RECORD_SUFFIX)
+            self.kernel.pins.unpin(path)
+            self.kernel.pins.unpin(path + RECORD_SUFFIX)
 
         try:
             await self._syscalls().run(remove)
@@ -606,29 +613,29 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         owner = self.ctx.owner
 
         def adopt() -> tuple[int, bpf.LinkInfo, str] | None:
-            ahead = read_record(path + RECORD_SUFFIX)
+            ahead = read_record(path + RECORD_SUFFIX, kernel=self.kernel)
             if foreign or (ahead is not None and ahead.owner == owner):
                 # Only an owner finishes an interrupted update (others are refused below, changing nothing).
-                _finish_interrupted_update(path)
+                _finish_interrupted_update(self.kernel, path)
             try:
-                fd = pins.get_object(path)
+                fd = self.kernel.pins.get_object(path)
             except bpf.BpfError as exc:
-                if exc.errno == _errno.ENOENT and _stale_record(path, owner, foreign):
+                if exc.errno == _errno.ENOENT and _stale_record(self.kernel, path, owner, foreign):
                     raise PinError(f"nothing is pinned at {path}: a pin of asynctc was interrupted there (the "
                                    "link died with its process); its stale record was removed",
                                    errno=_errno.ENOENT) from None
-                if exc.errno == _errno.ENOENT and _other_backends_record(path):
+                if exc.errno == _errno.ENOENT and _other_backends_record(self.kernel, path):
                     return None  # the netlink backend's leftover: it answers for it
                 raise from_errno(exc.errno or 0, op=Op.OBJ_GET, backend=self.name, dev=path) from None
             try:
-                if bpf.fd_object_kind(fd) != "link":
-                    os.close(fd)
+                if self.kernel.bpf.fd_object_kind(fd) != "link":
+                    self.kernel.bpf.close(fd)
                     return None
-                info = bpf.link_info(fd)
+                info = self.kernel.bpf.link_info(fd)
                 if info.type != bpf.BPF_LINK_TYPE_TCX:
-                    os.close(fd)
+                    self.kernel.bpf.close(fd)
                     return None
-                record = read_record(path + RECORD_SUFFIX)
+                record = read_record(path + RECORD_SUFFIX, kernel=self.kernel)
                 if not foreign:
                     _check_owner(path, record, owner)
                     assert record is not None
@@ -638,14 +645,14 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                                        "it there; pass adopt_pinned(path, foreign=True) to take it over")
                 if info.ifindex == 0:
                     # A severed link never runs again: its pin (and record) only say so. Remove them.
-                    pins.unpin(path)
-                    pins.unpin(path + RECORD_SUFFIX)
+                    self.kernel.pins.unpin(path)
+                    self.kernel.pins.unpin(path + RECORD_SUFFIX)
                     raise Severed(f"the tcx link pinned at {path} was severed: its device is gone, and a "
                                   "severed link never runs again; its stale pin was removed",
                                   errno=_errno.ENOLINK)
                 # The ifindex is only meaningful in the link's namespace: prove it is in ours.
                 try:
-                    q = bpf.prog_query(info.ifindex, info.attach_type)
+                    q = self.kernel.bpf.prog_query(info.ifindex, info.attach_type)
                 except bpf.BpfError:
                     q = None
                 if q is None or info.id not in q.link_ids:
@@ -657,7 +664,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                 return fd, info, socket.if_indextoname(info.ifindex)
             except BaseException:
                 try:
-                    os.close(fd)
+                    self.kernel.bpf.close(fd)
                 except OSError:
                     pass
                 raise

@@ -60,6 +60,7 @@ from asynctc.events import (
     QdiscRemoved,
     Resynced,
 )
+from asynctc.lowlevel.kernel import LINUX
 from asynctc.lowlevel.tcpolicy import (
     AUTO_PRIORITY_ATTEMPTS,
     filter_slot_options,
@@ -124,7 +125,7 @@ class MockBackend(Backend[MockAttachment]):
 
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
-        kernel = ctx.kernel if ctx.kernel is not None else MockKernel()
+        kernel = ctx.kernel if ctx.kernel is not LINUX else MockKernel()
         if not isinstance(kernel, MockKernel):
             raise TypeError(f"the mock backend needs an asynctc_mock.MockKernel as kernel=, got {kernel!r}")
         self.kernel: MockKernel = kernel
@@ -142,7 +143,7 @@ class MockBackend(Backend[MockAttachment]):
     async def probe(cls, ctx: BackendContext) -> Probe:
         """Available wherever the session's kernel is a MockKernel (or none: a fresh one is made). A
         session over another in-memory kernel (a third-party backend's) leaves the mock out."""
-        if ctx.kernel is not None and not isinstance(ctx.kernel, MockKernel):
+        if ctx.kernel is not LINUX and not isinstance(ctx.kernel, MockKernel):
             return Probe(False, f"the session's kernel is a {type(ctx.kernel).__name__}, not a MockKernel")
         return Probe(True, "in-memory kernel model; no privileges needed")
 

@@ -81,9 +81,10 @@ from asynctc import (
     translated,
 )
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource, Updated
-from asynctc.lowlevel import bpf, codec, pins
+from asynctc.lowlevel import bpf, codec
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel.devlock import DeviceLocks
+from asynctc.lowlevel.kernel import Kernel
 from asynctc.lowlevel.locks import held
 from asynctc.lowlevel.netdev import resolve_device, resolve_device_nl
 from asynctc.lowlevel.netns import current_netns_inode
@@ -94,7 +95,6 @@ from asynctc.lowlevel.tcpolicy import (
     format_tag,
     parse_tag,
     place_filter,
-    process_alive,
 )
 from asynctc.lowlevel.transport import NetlinkTransport, RequestBuilder, open_transport, start_transport
 
@@ -113,54 +113,24 @@ RECORD_SUFFIX: Final = "_record"  # bpffs refuses names with dots (EPERM)
 NEXT_SUFFIX: Final = "_asynctc_next"  # beside a pin while an update moves it to the new program
 CLSACT_ATTEMPTS: Final = 3  # a clsact deleted under an attach by a foreign tool is made again this often
 
-_cls_bpf_known: list[bool] = []
-
-
-def _cls_bpf_present() -> bool | None:
-    """Whether the kernel has cls_bpf (loaded module, or built in: its classify function is a kernel
-    symbol); None when neither source can be read. The answer is cached once positive."""
-    if _cls_bpf_known:
-        return True
-    if os.path.isdir("/sys/module/cls_bpf"):
-        _cls_bpf_known.append(True)
-        return True
+def _tcx_revision(k: Kernel, ifindex: int, direction: Direction) -> int | None:
     try:
-        with open("/proc/kallsyms", "rb") as f:
-            for line in f:
-                if line.endswith(b" cls_bpf_classify\n") or b" cls_bpf_classify\t" in line:
-                    _cls_bpf_known.append(True)
-                    return True
-    except OSError:
-        return None
-    release = os.uname().release
-    for index in ("modules.dep", "modules.builtin"):
-        try:
-            with open(f"/lib/modules/{release}/{index}", "rb") as f:
-                if b"/cls_bpf.ko" in f.read():
-                    return True  # loadable on demand (the kernel loads it on the first cls_bpf filter)
-        except OSError:
-            continue
-    return False
-
-
-def _tcx_revision(ifindex: int, direction: Direction) -> int | None:
-    try:
-        return bpf.prog_query(ifindex, hooklib.ATTACH_TYPES[direction]).revision
+        return k.bpf.prog_query(ifindex, hooklib.ATTACH_TYPES[direction]).revision
     except bpf.BpfError:
         return None
 
 
-def _move_pin(prog_fd: int, path: str, record: Callable[[], PinRecord]) -> None:
+def _move_pin(k: Kernel, prog_fd: int, path: str, record: Callable[[], PinRecord]) -> None:
     """Make the pin at `path` name `prog_fd`'s program and its record say `record()`, each step atomic:
     the program is pinned beside the old pin and renamed over it, then the record map's value is
     rewritten in place (in a worker inside the namespace)."""
     value = record().encode()
-    pins.pin_over(prog_fd, path, NEXT_SUFFIX)
-    map_fd = pins.get_object(path + RECORD_SUFFIX)
+    k.pins.pin_over(prog_fd, path, NEXT_SUFFIX)
+    map_fd = k.pins.get_object(path + RECORD_SUFFIX)
     try:
-        bpf.map_update(map_fd, 0, value)
+        k.bpf.map_update(map_fd, 0, value)
     finally:
-        os.close(map_fd)
+        k.bpf.close(map_fd)
 
 
 class FilterAttachment(BackendAttachment):
@@ -205,11 +175,13 @@ class NetlinkBackend(Backend[FilterAttachment]):
     attach_options: ClassVar[Mapping[str, type]] = {"priority": int, "handle": int}
     can_offload: ClassVar[bool] = True
     has_revisions: ClassVar[bool] = False
+    kernel_type: ClassVar[type | None] = Kernel
 
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
+        self.kernel: Kernel = ctx.kernel
         self._nl: NetlinkTransport | None = None
-        self._names = hooklib.ProgNameCache()
+        self._names = hooklib.ProgNameCache(self.kernel.bpf)
         self._locks: defaultdict[int, trio.Lock] = defaultdict(trio.Lock)  # per ifindex
         self._devlocks: DeviceLocks | None = None  # shared with every asynctc process (open())
         self._created: set[int] = set()  # ifindexes whose clsact qdisc this instance created
@@ -222,7 +194,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
         delete on ifindex 0 then fails harmlessly with ENODEV), and the kernel must have cls_bpf."""
         refused: TCError | None = None
         try:
-            async with open_transport(ctx.runner) as nl:
+            async with open_transport(ctx.runner, kernel=ctx.kernel) as nl:
                 try:
                     with translated(Op.NETLINK, backend=cls.name):
                         await nl.request(lambda seq: codec.encode_qdisc_del(seq, 0, kind=None))
@@ -236,7 +208,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
             return Probe(False, f"rtnetlink refused a tc change: {refused}")
         if refused is not None:
             return Probe(False, f"rtnetlink is not usable here: {refused}")
-        present = await ctx.runner.run(_cls_bpf_present)
+        present = await ctx.runner.run(ctx.kernel.classifier_present, "bpf")
         if present is False:
             return Probe(False, "the kernel has no cls_bpf classifier (CONFIG_NET_CLS_BPF)")
         note = "" if present else " (cls_bpf's presence could not be checked)"
@@ -251,7 +223,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
             except OSError as exc:
                 raise BackendUnavailable(f"the netlink backend cannot create its device locks: {exc}; they "
                                          "keep asynctc processes from deleting each other's filters") from None
-            self._nl = await start_transport(self.ctx.runner)
+            self._nl = await start_transport(self.ctx.runner, kernel=self.kernel)
 
     async def aclose(self) -> None:
         """Delete the empty clsact qdiscs this instance created that an earlier cleanup could not, then
@@ -454,7 +426,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
         name = format_tag(self.ctx.session_tag, request.program.name)
         # dup/close of a *program* fd never block (only closing an attached tcx link fd waits for RCU):
         # no worker-thread hop for them.
-        dup = os.dup(prog_fd)
+        dup = self.kernel.bpf.dup(prog_fd)
         try:
             async with self._device(request.ifindex, request.dev):
                 for attempt in range(CLSACT_ATTEMPTS):
@@ -475,7 +447,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
                         await self._cleanup_clsact(request.ifindex, request.dev)
                         raise
         except BaseException:
-            os.close(dup)
+            self.kernel.bpf.close(dup)
             raise
         info = AttachmentInfo(
             backend=self.name, netns=self.ctx.netns, dev=request.dev, ifindex=request.ifindex,
@@ -562,7 +534,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
     async def _release_fd(self, att: FilterAttachment) -> None:
         fd = att.take_fd()
         if fd is not None:
-            os.close(fd)  # a program fd: closing it never blocks (see attach)
+            self.kernel.bpf.close(fd)  # a program fd: closing it never blocks (see attach)
         await trio.lowlevel.checkpoint()
 
     async def release(self, att: FilterAttachment) -> None:
@@ -619,20 +591,20 @@ class NetlinkBackend(Backend[FilterAttachment]):
         tag = parse_tag(att.name)
         new_name = format_tag(tag.session_tag if tag else self.ctx.session_tag, program.name,
                               pinned=bool(tag and tag.pinned))
-        new_fd = os.dup(program.fd)
+        new_fd = self.kernel.bpf.dup(program.fd)
         try:
             f = await self._replace(att, program.fd, new_name, program, cur.skip_sw)
         except BaseException:
-            os.close(new_fd)
+            self.kernel.bpf.close(new_fd)
             raise
         old_fd, att.prog_fd = att.prog_fd, new_fd
         if old_fd is not None:
-            os.close(old_fd)
+            self.kernel.bpf.close(old_fd)
         att.name = new_name
         prog_id = f.bpf_id or program.id
         if info.pinned is not None:
             await self._repin(att, info.pinned, prog_id)
-        revision = await self.ctx.runner.run(_tcx_revision, info.ifindex, info.direction)
+        revision = await self.ctx.runner.run(_tcx_revision, self.kernel, info.ifindex, info.direction)
         return Updated("netlink_replace", revision, prog_id, offloaded=f.in_hw)
 
     # -- query ---------------------------------------------------------------------------------------
@@ -656,29 +628,28 @@ class NetlinkBackend(Backend[FilterAttachment]):
 
         return build
 
-    @staticmethod
-    def _write_pin(prog_fd: int, path: str, record: Callable[[], PinRecord]) -> None:
+    def _write_pin(self, prog_fd: int, path: str, record: Callable[[], PinRecord]) -> None:
         """Pin the record map at `path + "_record"`, then the program at `path` (in a worker); nothing is
         left behind on failure. The record goes first: a crash in between leaves a record without a
         program, which adoption recognises as asynctc's and removes; never a pinned program that asynctc
         cannot prove is its own (nor remove)."""
         rec = record().encode()
-        map_fd = bpf.map_create_array(RECORD_SIZE, 1, name="atc_nl_pin")
+        map_fd = self.kernel.bpf.map_create_array(RECORD_SIZE, 1, name="atc_nl_pin")
         try:
-            bpf.map_update(map_fd, 0, rec)
-            pins.pin_object(map_fd, path + RECORD_SUFFIX)
+            self.kernel.bpf.map_update(map_fd, 0, rec)
+            self.kernel.pins.pin_object(map_fd, path + RECORD_SUFFIX)
         finally:
-            os.close(map_fd)
+            self.kernel.bpf.close(map_fd)
         try:
-            pins.pin_object(prog_fd, path)
+            self.kernel.pins.pin_object(prog_fd, path)
         except BaseException:
-            pins.unpin(path + RECORD_SUFFIX)
+            self.kernel.pins.unpin(path + RECORD_SUFFIX)
             raise
 
     async def _remove_pin(self, path: str) -> None:
         def remove() -> None:
-            pins.unpin(path)
-            pins.unpin(path + RECORD_SUFFIX)
+            self.kernel.pins.unpin(path)
+            self.kernel.pins.unpin(path + RECORD_SUFFIX)
 
         try:
             await self.ctx.runner.run(remove)
@@ -725,7 +696,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
         prog_fd = att.prog_fd
         assert prog_fd is not None
         try:
-            await self.ctx.runner.run(_move_pin, prog_fd, path, self._record(att, att.name, prog_id))
+            await self.ctx.runner.run(_move_pin, self.kernel, prog_fd, path, self._record(att, att.name, prog_id))
         except (bpf.BpfError, OSError) as exc:
             # The filter runs the new program and keeps its pinned tag, so the pin still adopts it.
             log.warning("asynctc netlink: re-pinning %s after an update failed (%s); adopt_pinned() repairs "
@@ -751,20 +722,20 @@ class NetlinkBackend(Backend[FilterAttachment]):
     async def adopt_pinned(self, path: str, *, foreign: bool = False) -> FilterAttachment | None:
         def read() -> tuple[int, PinRecord, str] | None:
             try:
-                fd = pins.get_object(path)
+                fd = self.kernel.pins.get_object(path)
             except bpf.BpfError as exc:
-                if exc.errno == _errno.ENOENT and _remove_stale_record(path, self.ctx.owner, foreign):
+                if exc.errno == _errno.ENOENT and _remove_stale_record(self.kernel, path, self.ctx.owner, foreign):
                     raise PinError(f"nothing is pinned at {path}: a pin of asynctc was interrupted there (its "
                                    "filter was never marked pinned); its stale record was removed",
                                    errno=_errno.ENOENT) from None
                 raise from_errno(exc.errno or 0, op=Op.OBJ_GET, backend=self.name, dev=path) from None
             try:
-                if bpf.fd_object_kind(fd) != "prog":
-                    os.close(fd)
+                if self.kernel.bpf.fd_object_kind(fd) != "prog":
+                    self.kernel.bpf.close(fd)
                     return None  # a tcx link (the bpf_link backend's) or a map: not ours
-                rec = _read_record(path + RECORD_SUFFIX)
+                rec = _read_record(self.kernel, path + RECORD_SUFFIX)
                 if rec is None:
-                    os.close(fd)
+                    self.kernel.bpf.close(fd)
                     return None  # a pinned program without our record: not an attachment of ours
                 rec_tag = parse_tag(rec.name)
                 owner = rec_tag.owner if rec_tag else None
@@ -777,17 +748,17 @@ class NetlinkBackend(Backend[FilterAttachment]):
                                   f"{'namespace ' + repr(self.ctx.netns) if self.ctx.netns else 'this one'}; "
                                   "open the session in the namespace of its device")
                 try:
-                    dev = resolve_device(rec.ifindex, self.ctx.netns)[1]
+                    dev = resolve_device(rec.ifindex, self.ctx.netns, self.kernel)[1]
                 except DeviceNotFound:
                     # The filter went with its device: the pin and its record only say so. Remove them.
-                    pins.unpin(path)
-                    pins.unpin(path + RECORD_SUFFIX)
+                    self.kernel.pins.unpin(path)
+                    self.kernel.pins.unpin(path + RECORD_SUFFIX)
                     raise Severed(f"the filter pinned at {path} was severed: its device (ifindex {rec.ifindex}) "
                                   "is gone; its stale pin was removed", errno=_errno.ENODEV) from None
                 return fd, rec, dev
             except BaseException:
                 try:
-                    os.close(fd)
+                    self.kernel.bpf.close(fd)
                 except OSError:
                     pass
                 raise
@@ -810,11 +781,11 @@ class NetlinkBackend(Backend[FilterAttachment]):
             prog_id = cur.bpf_id or rec.prog_id
             if prog_id != rec.prog_id:
                 # An update was interrupted before its pin and record were rewritten: finish that now.
-                new_fd = await self.ctx.runner.run(bpf.prog_get_fd_by_id, prog_id)
-                os.close(fd)
+                new_fd = await self.ctx.runner.run(self.kernel.bpf.prog_get_fd_by_id, prog_id)
+                self.kernel.bpf.close(fd)
                 fd = new_fd
         except BaseException:
-            os.close(fd)
+            self.kernel.bpf.close(fd)
             raise
         info = AttachmentInfo(
             backend=self.name, netns=self.ctx.netns, dev=dev, ifindex=rec.ifindex, direction=rec.direction,
@@ -832,7 +803,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
                 await self._replace(att, fd, format_tag(tag.session_tag, tag.prog_name, pinned=True),
                                     f"program {prog_id}", cur.skip_sw)
         except BaseException:
-            os.close(fd)
+            self.kernel.bpf.close(fd)
             raise
         if prog_id != rec.prog_id:
             await self._repin(att, path, prog_id)
@@ -861,7 +832,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
                     candidates.append((direction, f, link.name or str(link.ifindex), tag.pid, tag.start))
         if not candidates:
             return ()
-        alive = await self.ctx.runner.run(lambda: [process_alive(c[3], c[4]) for c in candidates])
+        alive = await self.ctx.runner.run(lambda: [self.kernel.process_alive(c[3], c[4]) for c in candidates])
         dead = [c for c, live in zip(candidates, alive, strict=True) if not live]
         # Names before the deletes: a deleted filter's program may be freed with it.
         names = await self.ctx.runner.run(lambda: [self._names.get(c[1].bpf_id or 0) for c in dead])
@@ -896,22 +867,22 @@ class NetlinkBackend(Backend[FilterAttachment]):
         return self.ctx.open_netlink_events()
 
 
-def _read_record(path: str) -> PinRecord | None:
+def _read_record(k: Kernel, path: str) -> PinRecord | None:
     """The netlink pin record at `path`, or None if none is there (or something else is)."""
-    data = pins.read_pinned_value(path, RECORD_SIZE)
+    data = k.pins.read_pinned_value(path, RECORD_SIZE)
     return PinRecord.decode(data) if data is not None else None
 
 
-def _remove_stale_record(path: str, owner: str, foreign: bool) -> bool:
+def _remove_stale_record(k: Kernel, path: str, owner: str, foreign: bool) -> bool:
     """Remove a record of this owner (any, with `foreign`) left at `path + "_record"` without its program
     (a pin interrupted by a crash); True if there was one."""
-    rec = _read_record(path + RECORD_SUFFIX)
+    rec = _read_record(k, path + RECORD_SUFFIX)
     if rec is None:
         return False
     tag = parse_tag(rec.name)
     if not foreign and (tag is None or tag.owner != owner):
         return False
-    return pins.unpin(path + RECORD_SUFFIX)
+    return k.pins.unpin(path + RECORD_SUFFIX)
 
 
 def _is_pinned_filter(cur: codec.FilterMsg, rec: PinRecord) -> bool:

@@ -155,7 +155,7 @@ async def test_make_before_break_when_the_kernel_refuses_in_place(
         att = await s.attach("veth0", "ingress", old)
         await s.attach("veth0", "ingress", tail)
         old_link = att.info.link_id
-        monkeypatch.setattr(bpf, "link_update", refuse)
+        monkeypatch.setattr(bpf.LINUX, "link_update", refuse)
         new = programs.counting("pass")
         result = await att.update(new, expected=old)
         assert result.method == "make_before_break"
@@ -185,7 +185,7 @@ async def test_make_before_break_rolls_back_when_a_step_fails(
     async with asynctc.open_session("bpf_link", netns=veth.netns_a) as s:
         old = programs.counting("pass")
         att = await s.attach("veth0", "ingress", old)
-        monkeypatch.setattr(bpf, "link_update", refuse)
+        monkeypatch.setattr(bpf.LINUX, "link_update", refuse)
         calls = []
 
         def failing_detach(fd: int) -> None:
@@ -194,11 +194,11 @@ async def test_make_before_break_rolls_back_when_a_step_fails(
                 raise bpf.BpfError(errno.EBUSY, "link_detach")
             real_detach(fd)
 
-        monkeypatch.setattr(bpf, "link_detach", failing_detach)
+        monkeypatch.setattr(bpf.LINUX, "link_detach", failing_detach)
         with pytest.raises(asynctc.TCError) as exc:
             await att.update(programs.counting("pass"))
         assert "rolled back" in "".join(getattr(exc.value, "__notes__", []))
-        monkeypatch.setattr(bpf, "link_detach", real_detach)
+        monkeypatch.setattr(bpf.LINUX, "link_detach", real_detach)
         hook = await s.query("veth0", "ingress")
         assert ids(hook) == [old.id] and att.info.prog_id == old.id
         await frames(veth, 3)

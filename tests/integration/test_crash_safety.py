@@ -98,7 +98,8 @@ FORKER = textwrap.dedent("""
             setattr(mod, attr, wrapped)
 
         for attr in ("link_create_tcx", "link_update", "link_detach", "obj_pin", "map_update"):
-            wrap(bpf, attr)
+            wrap(bpf, attr)  # the module's functions (what lowlevel.pins calls)
+            wrap(bpf.LINUX, attr)  # the real kernel's calls (what the backends call, through ctx.kernel)
         wrap(os, "rename", lambda a, k: "src_dir_fd" in k)
         wrap(os, "unlink", lambda a, k: "dir_fd" in k)
         orig_request = transport.NetlinkTransport.request
@@ -110,7 +111,7 @@ FORKER = textwrap.dedent("""
         if cfg["op"] == "mbb":
             def refuse(*a, **k):
                 raise bpf.BpfError(22, "link_update")  # EINVAL: a kernel refusing in-place updates
-            bpf.link_update = refuse
+            bpf.link_update = bpf.LINUX.link_update = refuse
 
         async def main():
             async with asynctc.open_session(cfg["backend"], netns=cfg["netns"], owner=cfg["owner"]) as s:

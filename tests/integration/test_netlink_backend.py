@@ -574,7 +574,6 @@ async def test_reaping_never_deletes_a_filter_that_took_an_orphans_slot(
     """Between the dump that finds an orphan and its delete, the orphan may go and someone else's filter
     take its slot (the liveness check runs in a thread meanwhile): reaping reads the slot again and leaves
     that filter alone."""
-    import asynctc_netlink._backend as nlbackend
 
     ns = veth.netns_a
     owner = "atcreap2"
@@ -583,7 +582,9 @@ async def test_reaping_never_deletes_a_filter_that_took_an_orphans_slot(
     foreign = programs.constant("drop")
     foreign_pin = os.path.join(bpffs, "foreign")
     bpf.obj_pin(foreign.fd, foreign_pin)
-    real_alive = nlbackend.process_alive  # type: ignore[attr-defined]
+    from asynctc.lowlevel.kernel import LINUX
+
+    real_alive = LINUX.process_alive
 
     def alive_while_the_slot_changes(pid: int, start: str) -> bool:
         # A foreign tool removes the orphan and puts its own filter in the same slot.
@@ -592,7 +593,7 @@ async def test_reaping_never_deletes_a_filter_that_took_an_orphans_slot(
            hex(orphan.handle), "bpf", "object-pinned", foreign_pin, "da", netns=ns)
         return real_alive(pid, start)
 
-    monkeypatch.setattr(nlbackend, "process_alive", alive_while_the_slot_changes)
+    monkeypatch.setattr(LINUX, "process_alive", alive_while_the_slot_changes)
     async with asynctc.open_session("netlink", netns=ns, owner=owner) as s:
         assert await s.reap_orphans() == ()
     assert [f.bpf_id for f in await filters(ns, "veth0", "ingress")] == [foreign.id]

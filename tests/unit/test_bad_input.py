@@ -174,7 +174,7 @@ async def test_update_rejects_wrong_types(kernel: MockKernel, session: asynctc.S
     ({"cleanup_timeout": -1}, ValueError, r"cleanup_timeout must be > 0"),
     ({"cleanup_timeout": float("nan")}, ValueError, r"cleanup_timeout must be > 0"),
     ({"backend_options": 5}, TypeError, r"backend_options must be a mapping .*int 5"),
-    ({"kernel": "x"}, TypeError, r"MockKernel as kernel=, got 'x'"),
+    ({"kernel": "x"}, TypeError, r"cannot run on 'x' \(kernel=\): it needs a asynctc_mock"),
 ])
 async def test_open_session_rejects(kwargs: dict[str, Any], exc: type[BaseException], culprit: str) -> None:
     async def open_it() -> None:

@@ -142,7 +142,7 @@ class FakeMulticast:
 def fake_events(script: list[bytes | OSError], **kwargs: int) -> MulticastSocket:
     fake = FakeMulticast(script)
     events = MulticastSocket(fake, **kwargs)  # type: ignore[arg-type]
-    events._receiver = fake  # type: ignore[assignment]
+    events._receiver = fake
     return events
 
 

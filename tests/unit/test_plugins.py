@@ -338,7 +338,9 @@ def test_the_public_api_contract_names_exist() -> None:
         assert issubclass(getattr(asynctc, err), asynctc.TCError), err
 
 
-async def test_a_session_never_mixes_kernel_kinds() -> None:
+async def test_a_session_runs_on_one_kernel() -> None:
+    """The real backends run on the session's MockKernel; the mock never joins a real-kernel session."""
+
     class PickMockForAttaches:
         @asynctc.hookimpl
         def asynctc_select_backend(self, request: BackendRequest) -> str | None:
@@ -346,13 +348,14 @@ async def test_a_session_never_mixes_kernel_kinds() -> None:
 
     kernel = MockKernel()
     async with asynctc.open_session("mock", kernel=kernel) as s:
-        with pytest.raises(asynctc.TCError, match="needs the real kernel"):
-            await s.attach("eth0", "ingress", kernel.program(), backend="bpf_link")
-        assert s.attachments == ()
+        att = await s.attach("eth0", "ingress", kernel.program("drop"), backend="bpf_link")
+        assert att.info.backend == "bpf_link" and att.info.link_id is not None
+        assert kernel.send("eth0", "ingress") == "drop"
+    assert kernel.send("eth0", "ingress") == "pass"
     if not (await_probe_real()):
         pytest.skip("needs a real-kernel backend (root) for the other direction")
     async with asynctc.open_session(plugins=[PickMockForAttaches()]) as s:
-        with pytest.raises(asynctc.TCError, match="in-memory"):
+        with pytest.raises(asynctc.TCError, match="runs on a MockKernel, this session on the real kernel"):
             await s.attach("lo", "ingress", kernel.program(), backend="mock")
 
 
