@@ -175,11 +175,12 @@ class Registry:
                 for key in _record_keys(rec.info)}
 
     def mark_owned(self, entries: tuple[HookEntry, ...], ifindex: int, direction: Direction) -> tuple[HookEntry, ...]:
-        """The entries with `owned` set for exactly those this session holds."""
+        """The entries with `owned` set for exactly those this session holds. An entry without a program
+        (u32 and other classifiers) is never the session's: it only attaches programs."""
         keys = self.owned_keys(ifindex, direction)
         out = []
         for e in entries:
-            owned = entry_key(e) in keys
+            owned = e.has_program and entry_key(e) in keys
             out.append(e if owned == e.owned else HookEntry(e.prog_id, e.prog_name, e.prog_tag, e.kind, e.link_id,
                                                             e.handle, e.priority, owned))
         return tuple(out)

@@ -302,7 +302,10 @@ class Session:
 
     async def query(self, dev: str | int, direction: Direction | str) -> Hook:
         """Every entry on the hook in the order the kernel runs them: tcx entries first, then the legacy
-        filters. Entries this session owns (created or adopted) have owned=True; foreign ones owned=False."""
+        filters of whichever qdisc holds the hook (clsact, or a legacy `ingress` qdisc), by priority and
+        within one priority the newest first. Every classifier is listed: a u32 (or other non-BPF) filter
+        is an entry with its tc kind and no program (prog_id 0, prog_name and prog_tag ""). Entries this
+        session owns (created or adopted) have owned=True; foreign ones owned=False."""
         self._check_open()
         check_dev(dev)
         direction = Direction.coerce(direction)

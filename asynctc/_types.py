@@ -100,25 +100,35 @@ class AttachmentInfo:
 
 @dataclass(frozen=True, slots=True)
 class HookEntry:
-    """One program on a hook, as the kernel reports it.
+    """One entry of a hook, as the kernel reports it: a tcx program or a legacy filter.
 
-    `kind` is "tcx" for a tcx program (link or not) and "cls_bpf" for a legacy filter. `owned` is True only
-    for what the querying session created or adopted.
+    `kind` is "tcx" for a tcx program (link or not), "cls_bpf" for a cls_bpf filter, and the classifier's
+    tc kind ("u32", "flower", "matchall", ...) for any other legacy filter. Such a filter runs no BPF
+    program: its `prog_id` is 0 and its `prog_name` and `prog_tag` are "" (as for a cls_bpf filter running
+    a classic BPF program); `has_program` tells. Every legacy filter has its `priority` and `handle`;
+    `link_id` is set only for tcx links. `owned` is True only for what the querying session created or
+    adopted (never for an entry without a program).
     """
 
     prog_id: int
     prog_name: str
     prog_tag: str
-    kind: Literal["tcx", "cls_bpf"]
+    kind: str
     link_id: int | None
     handle: int | None
     priority: int | None
     owned: bool
 
+    @property
+    def has_program(self) -> bool:
+        """Whether the entry runs a BPF program (prog_id is set): False for u32 and other classifiers."""
+        return self.prog_id != 0
+
 
 @dataclass(frozen=True, slots=True)
 class Hook:
-    """The programs on one device and direction, in run order (tcx first, then cls_bpf by priority).
+    """The entries of one device and direction in the order the kernel runs them: tcx programs first (in
+    their array order), then the legacy filters by priority, the newest first within one priority.
 
     `revision` is the tcx revision of the hook (None where the hook has no revision, as legacy tc without
     tcx support).
@@ -129,8 +139,9 @@ class Hook:
 
     @property
     def prog_ids(self) -> tuple[int, ...]:
-        """The program ids in run order."""
-        return tuple(e.prog_id for e in self.entries)
+        """The program ids in run order, of the entries that run one (u32 and other classifiers without a
+        program are left out)."""
+        return tuple(e.prog_id for e in self.entries if e.prog_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -215,8 +215,10 @@ class Backend(abc.ABC, Generic[H]):
 
     @abc.abstractmethod
     async def query(self, ifindex: int, direction: Direction) -> Hook:
-        """Every entry on the hook in the order the kernel runs them (tcx first, then the legacy filters),
-        all with owned=False: the core marks what the session owns."""
+        """Every entry on the hook in the order the kernel runs them (tcx first, then the legacy filters of
+        whichever qdisc holds the hook, by priority and newest first within one priority; every classifier,
+        a non-BPF one with prog_id 0), all with owned=False: the core marks what the session owns.
+        `asynctc.lowlevel.hook.query_hook` does this for a real kernel."""
 
     # -- pinning --------------------------------------------------------------------------------------
     async def pin(self, att: H, path: str) -> None:

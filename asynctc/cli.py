@@ -383,8 +383,9 @@ def _tc_kind(kind: str) -> str:
 
 
 async def _hook_rows(session: Any, nl: Any, ifindex: int, direction: str) -> tuple[int | None, list[Row]]:
-    """The hook in run order: the session's query (tcx first, then filters), merged with a raw dump of the
-    hook's filters for owner tags, parents and classifiers the query does not list."""
+    """The hook in run order, as the session's query lists it (tcx first, then every classifier of
+    whichever qdisc holds the hook, by priority and newest first within one), with each filter's parent
+    as the kernel spells it and its owner tag, read from a dump of the hook's filters."""
     from asynctc.lowlevel import hook as hooklib
     from asynctc.lowlevel.tcpolicy import parse_tag
 
@@ -393,33 +394,17 @@ async def _hook_rows(session: Any, nl: Any, ifindex: int, direction: str) -> tup
         dumped = await hooklib.dump_filters(nl, ifindex, asynctc.Direction(direction))
     by_slot = {(m.priority, m.handle): m for m in dumped}
     rows: list[Row] = []
-    listed: set[tuple[int, int]] = set()
     for e in hook.entries:
         parent: int | None = None
         owner: str | None = None
         pid: int | None = None
         if e.kind != "tcx" and e.priority is not None and e.handle is not None:
-            listed.add((e.priority, e.handle))
             m = by_slot.get((e.priority, e.handle))
             parent = m.parent if m is not None else HOOK_PARENTS[direction]
-            if m is not None and (tag := parse_tag(m.bpf_name)) is not None:
+            if m is not None and m.kind == "bpf" and (tag := parse_tag(m.bpf_name)) is not None:
                 owner, pid = tag.owner, tag.pid
         rows.append(Row(e.kind, e.prog_id or None, e.prog_name, e.prog_tag, e.link_id, e.priority, e.handle, parent,
                         owner=owner, pid=pid))
-    extra = [m for m in dumped if (m.priority, m.handle) not in listed]
-    for m in extra:
-        kind = "cls_bpf" if m.kind == "bpf" else (m.kind or "?")
-        row = Row(kind, m.bpf_id, "", m.bpf_tag or "", None, m.priority, m.handle, m.parent)
-        tag = parse_tag(m.bpf_name) if m.kind == "bpf" else None
-        if tag is not None:
-            row.owner, row.pid = tag.owner, tag.pid
-        # after every entry of a lower or equal priority (filters run by priority; tcx first)
-        at = len(rows)
-        for i, r in enumerate(rows):
-            if r.kind != "tcx" and r.priority is not None and r.priority > m.priority:
-                at = i
-                break
-        rows.insert(at, row)
     return hook.revision, rows
 
 

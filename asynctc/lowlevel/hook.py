@@ -1,12 +1,29 @@
-"""What is on a tc hook, read from the kernel: tcx programs (BPF_PROG_QUERY) then cls_bpf filters.
+"""What is on a tc hook, read from the kernel: tcx programs (BPF_PROG_QUERY), then every legacy filter.
 
-Shared by the real backends so that a query lists both kinds in run order whichever backend a session
+Shared by the real backends so that a query lists the hook in run order whichever backend a session
 uses. Entries come back with owned=False; the session marks what it owns.
 
-Legacy filters that are not cls_bpf (u32, ...) run no BPF program, so they are not listed: a HookEntry
-describes a program. They still occupy priorities, which the netlink backend takes into account when it
-places a filter. Only chain 0 is listed: filters on other chains run only when an action jumps there.
-On a kernel without tcx (before 6.6) the tcx part is empty and the revision is None.
+Run order, as the kernel runs a hook (each fact pinned by a real-kernel test):
+- tcx programs first, in their array order (BPF_PROG_QUERY reports them so);
+- then the legacy filters of the qdisc in the device's ingress slot: a clsact qdisc (its ingress and
+  egress blocks), or a legacy `ingress` qdisc (one block, run on the ingress hook only). They run by
+  priority, and within one priority the NEWEST filter first (cls_bpf inserts a new filter at the head of
+  its priority's list). A filter dump lists them in exactly that order, so the dump's order is kept;
+  nothing is re-sorted.
+
+Every classifier is listed, not only cls_bpf: a non-BPF classifier (u32 here; flower, matchall, ...
+where the kernel has them) shares the priority space and can end classification for the packets it
+matches (a u32 filter with a classid), so the cls_bpf filters behind it never see them. Such an entry has
+its tc kind as `kind` and no program: prog_id 0, prog_name "", prog_tag "", link_id None. Every node the
+kernel dumps is an entry, as `tc filter show` lists them: for u32 that is each hash table (handle 800:,
+node 0) before its keys (800::800, ...). Only the per-priority classifier heads (handle 0, no options)
+are left out. A cls_bpf filter running a classic BPF program (no eBPF program id) is kind "cls_bpf"
+with prog_id 0.
+
+The parent in a dumped filter is the spelling last used for its block (for an `ingress` qdisc any of
+`ffff:`, `ffff:fff1`, `ffff:fff2`, even `ffff:fff3`): filters are therefore taken from the device's
+dump whatever parent they report. Only chain 0 is listed: filters on other chains run only when an
+action jumps there. On a kernel without tcx (before 6.6) the tcx part is empty and the revision is None.
 """
 
 from __future__ import annotations
@@ -26,7 +43,16 @@ from .syscalls import SyscallThreads
 if TYPE_CHECKING:
     from .transport import NetlinkTransport
 
-__all__ = ["CLSACT_PARENTS", "ProgNameCache", "cls_bpf_entries", "dump_filters", "query_hook", "tcx_entries"]
+__all__ = [
+    "CLSACT_PARENTS",
+    "ProgNameCache",
+    "dump_filters",
+    "filter_entries",
+    "filter_entry",
+    "hook_filters",
+    "query_hook",
+    "tcx_entries",
+]
 
 CLSACT_PARENTS = {Direction.INGRESS: codec.INGRESS_PARENT, Direction.EGRESS: codec.EGRESS_PARENT}
 
@@ -96,14 +122,15 @@ def _names_of(names: ProgNameCache, prog_ids: Sequence[int]) -> list[tuple[str, 
     return [names.get(i) for i in prog_ids]
 
 
-async def dump_filters(
-    nl: NetlinkTransport, ifindex: int, direction: Direction, *, dev: str | int | None = None
-) -> list[codec.FilterMsg]:
-    """Every filter of the clsact hook `direction` of a device (any classifier, chain 0), without the
-    per-priority classifier heads (handle 0), sorted by (priority, handle). Empty when the device has no
-    clsact qdisc. DeviceNotFound when the device is gone; other refusals are the kernel's, raw
-    (`NetlinkError`: the caller translates them)."""
-    parent = CLSACT_PARENTS[direction]
+def hook_filters(msgs: Sequence[codec.Message], ifindex: int) -> list[codec.FilterMsg]:
+    """The filters of one hook in a filter dump's messages, in the dump's order (the run order): filter
+    messages of `ifindex` on chain 0, without the per-priority classifier heads (handle 0). The parent
+    each reports is not checked: it is the block's last spelling, not the hook's (module docstring)."""
+    return [m for m in msgs if isinstance(m, codec.FilterMsg) and m.handle != 0 and m.chain == 0
+            and m.ifindex == ifindex]
+
+
+async def _dump_block(nl: NetlinkTransport, ifindex: int, parent: int, dev: str | int | None) -> list[codec.FilterMsg]:
     try:
         msgs = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETTFILTER, ifindex, parent),
                              op=Op.FILTER_DUMP)
@@ -112,26 +139,55 @@ async def dump_filters(
             raise DeviceNotFound(f"no device {dev if dev is not None else ifindex} (it was deleted?)",
                                  errno=exc.errno) from None
         raise
-    out = [m for m in msgs if isinstance(m, codec.FilterMsg) and m.handle != 0 and m.chain == 0
-           and m.ifindex == ifindex and m.parent == parent]
-    out.sort(key=lambda m: (m.priority, m.handle))
+    return hook_filters(msgs, ifindex)
+
+
+async def dump_filters(
+    nl: NetlinkTransport, ifindex: int, direction: Direction, *, dev: str | int | None = None
+) -> list[codec.FilterMsg]:
+    """Every filter of the hook `direction` of a device (any classifier, chain 0), without the
+    per-priority classifier heads (handle 0), in the order the kernel runs them (the dump's order: by
+    priority, newest first within one). The filters of a clsact qdisc's block for the direction, or, for
+    ingress, those of a legacy `ingress` qdisc however their parent was spelled; empty when the slot
+    holds neither (and for egress under an `ingress` qdisc, which has no egress hook). DeviceNotFound
+    when the device is gone; other refusals are the kernel's, raw (`NetlinkError`: the caller translates
+    them).
+
+    How the qdisc is told apart, from the kernel's own lookup rules: a dump at parent ffff:fff2 or
+    ffff:fff3 reaches a clsact's ingress or egress block, and an `ingress` qdisc's only block for either
+    minor (its class lookup accepts any). A dump at ffff:fff1 finds no class on a clsact (empty), but the
+    block of an `ingress` qdisc. So an egress dump that found filters is checked with one more dump at
+    ffff:fff1: filters there mean they were an `ingress` qdisc's, which do not run on egress.
+    """
+    out = await _dump_block(nl, ifindex, CLSACT_PARENTS[direction], dev)
+    if direction is Direction.EGRESS and out and await _dump_block(nl, ifindex, codec.CLSACT_PARENT, dev):
+        return []
     return out
 
 
-async def cls_bpf_entries(
+def filter_entry(f: codec.FilterMsg, prog_name: str = "", prog_tag: str = "") -> HookEntry:
+    """The HookEntry of a dumped filter (owned=False): kind "cls_bpf" with its program for cls_bpf, else
+    the classifier's tc kind ("u32", ...) with no program (prog_id 0, prog_name "", prog_tag "").
+    `prog_name`/`prog_tag` are the cls_bpf program's, as the kernel reports them by id (the dump's own
+    tag wins)."""
+    if f.kind == "bpf":
+        return HookEntry(prog_id=f.bpf_id or 0, prog_name=prog_name if f.bpf_id else "",
+                         prog_tag=(f.bpf_tag or prog_tag) if f.bpf_id else "", kind="cls_bpf", link_id=None,
+                         handle=f.handle, priority=f.priority, owned=False)
+    return HookEntry(prog_id=0, prog_name="", prog_tag="", kind=f.kind or "unknown", link_id=None,
+                     handle=f.handle, priority=f.priority, owned=False)
+
+
+async def filter_entries(
     nl: NetlinkTransport, ifindex: int, direction: Direction, names: ProgNameCache
 ) -> list[HookEntry]:
-    """The cls_bpf filters of a clsact hook in run order (priority, then handle), as HookEntry values with
-    kind "cls_bpf" and owned=False. Other classifiers (u32...) are left out: they run no BPF program."""
-    filters = [f for f in await dump_filters(nl, ifindex, direction) if f.kind == "bpf" and f.bpf_id]
-    ids = [f.bpf_id or 0 for f in filters]
-    prog_names = await nl.runner.run(_names_of, names, ids) if ids else []
-    entries = []
-    for f, (name, tag) in zip(filters, prog_names, strict=True):
-        entries.append(HookEntry(prog_id=f.bpf_id or 0, prog_name=name, prog_tag=f.bpf_tag or tag,
-                                 kind="cls_bpf", link_id=None, handle=f.handle, priority=f.priority,
-                                 owned=False))
-    return entries
+    """The legacy filters of a hook in run order (`dump_filters`), as HookEntry values with owned=False:
+    cls_bpf filters with their programs, every other classifier with its tc kind and no program
+    (`filter_entry`)."""
+    filters = await dump_filters(nl, ifindex, direction)
+    ids = [f.bpf_id for f in filters if f.kind == "bpf" and f.bpf_id]
+    found = dict(zip(ids, await nl.runner.run(_names_of, names, ids), strict=True)) if ids else {}
+    return [filter_entry(f, *found.get(f.bpf_id or 0, ("", ""))) for f in filters]
 
 
 FilterLister = Callable[[int, Direction], Awaitable[Sequence[HookEntry]]]
@@ -146,7 +202,7 @@ async def query_hook(
     backend: str,
     filters: FilterLister | None = None,
 ) -> Hook:
-    """The hook's tcx entries (in run order) followed by its cls_bpf filters (by priority).
+    """The hook's tcx entries (in run order) followed by its legacy filters (in run order: `filter_entries`).
 
     `filters` lists the legacy filters of the hook (from a netlink dump); without it only tcx is read.
     `runner` runs the BPF_PROG_QUERY in the hook's namespace: the session's runner or its syscall threads.

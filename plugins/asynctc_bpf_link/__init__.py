@@ -280,7 +280,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         self._sys: SyscallThreads | None = None
 
     async def open(self) -> None:
-        """Open the rtnetlink transport that lists legacy cls_bpf filters in `query` (tcx itself needs
+        """Open the rtnetlink transport that lists legacy filters in `query` (tcx itself needs
         none), and the syscall threads that make every bpf(2) call, close() of a link fd and device lookup
         in the session's namespace (started as calls need them; at most the session's max_workers)."""
         if self._sys is None:
@@ -552,12 +552,12 @@ class BpfLinkBackend(Backend[LinkAttachment]):
 
     # -- query ---------------------------------------------------------------------------------------
     async def query(self, ifindex: int, direction: Direction) -> Hook:
-        """tcx entries in run order, then the hook's cls_bpf filters (another session's or process's
-        netlink attachments run after every tcx program)."""
+        """tcx entries in run order, then every legacy filter of the hook in run order (another session's
+        or process's netlink attachments, u32 and other classifiers: they run after every tcx program)."""
         nl = self._transport()
 
         async def filters(i: int, d: Direction) -> list[asynctc.HookEntry]:
-            return await hooklib.cls_bpf_entries(nl, i, d, self._names)
+            return await hooklib.filter_entries(nl, i, d, self._names)
 
         with translated(backend=self.name, dev=ifindex, direction=direction):  # the raw error names its op
             return await hooklib.query_hook(self._syscalls(), ifindex, direction, names=self._names,

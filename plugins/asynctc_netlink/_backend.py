@@ -609,7 +609,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
 
     # -- query ---------------------------------------------------------------------------------------
     async def _filters(self, ifindex: int, direction: Direction) -> list[HookEntry]:
-        return await hooklib.cls_bpf_entries(self._transport(), ifindex, direction, self._names)
+        return await hooklib.filter_entries(self._transport(), ifindex, direction, self._names)
 
     async def query(self, ifindex: int, direction: Direction) -> Hook:
         with translated(backend=self.name, dev=ifindex, direction=direction):  # the raw error names its op

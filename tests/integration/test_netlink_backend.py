@@ -174,12 +174,15 @@ async def test_positions_become_priorities_around_foreign_filters(veth: VethPair
             await s.attach("veth0", "ingress", programs.constant("pass"), position=After(programs.constant("pass")))
 
         hook = await s.query("veth0", "ingress")
-        assert [(e.priority, e.owned) for e in hook.entries] == [
-            (1, True), (3, True), (13, True), (20, False), (148, True), (276, True), (500, True)]
-        assert hook.entries[3].prog_id == foreign.id and hook.entries[3].kind == "cls_bpf"
-        # run order is priority order: the u32 filter at 7 runs no program (not listed; a match without
-        # actions goes on to the next filter), the foreign program says "next", ours at 148 drops, so the
-        # filters after it see nothing
+        assert [(e.priority, e.kind, e.owned) for e in hook.entries] == [
+            (1, "cls_bpf", True), (3, "cls_bpf", True), (7, "u32", False), (7, "u32", False),
+            (13, "cls_bpf", True), (20, "cls_bpf", False), (148, "cls_bpf", True), (276, "cls_bpf", True),
+            (500, "cls_bpf", True)]
+        assert hook.entries[5].prog_id == foreign.id
+        assert [e.prog_id for e in hook.entries if e.kind == "u32"] == [0, 0]
+        # run order is priority order: the u32 filter at 7 (its hash table, then its key: listed, with no
+        # program) matches without a classid and so goes on to the next filter, the foreign program says
+        # "next", ours at 148 drops, so the filters after it see nothing
         await frames(veth, 4)
         assert [p[k].count() for k in ("head", "first", "before_f", "after_f", "last", "prio")] == [4, 4, 4, 4, 0, 0]
         assert foreign.count() == 4
@@ -541,8 +544,11 @@ async def test_a_killed_process_filters_are_reaped(veth: VethPair, bpffs: str) -
             assert all(e.kind == "cls_bpf" and not e.owned and e.prog_name == "orphan" for e in removed)
             assert await s.reap_orphans() == ()
         hook = await live.query("veth0", "ingress")
-        # kept: the live session's own filter, the pinned one, the other owner's (and the u32, unlisted)
-        assert sorted(ids(hook)) == sorted([mine.info.prog_id, *pinned, *other_owner])
+        # kept: the live session's own filter, the pinned one, the other owner's, and the u32 (its hash table
+        # and its key, listed without a program)
+        assert sorted(hook.prog_ids) == sorted([mine.info.prog_id, *pinned, *other_owner])
+        assert [(e.kind, e.priority, e.prog_id, e.owned) for e in hook.entries if e.kind == "u32"] == [
+            ("u32", 7, 0, False), ("u32", 7, 0, False)]
         assert [f.bpf_id for f in await filters(ns, "veth0", "egress")] == []
         assert mine.state is asynctc.State.ATTACHED
         # the pinned orphan can still be adopted
