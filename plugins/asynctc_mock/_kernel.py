@@ -56,6 +56,7 @@ from ._rtnl import (
     MockNetlinkSocket,
     RequestError,
     RtnlHandler,
+    encode_chain_msg,
     encode_done,
     encode_filter_msg,
     encode_link_msg,
@@ -1098,17 +1099,23 @@ class MockKernel:
                         raise KernelError(_errno.EEXIST, op, extack="NLM_F_REPLACE needed to override")
                     if handle & 0xFFFF:
                         raise KernelError(_errno.EINVAL, op, extack="Invalid minor handle")
-                    create = True  # no other qdisc has handle `handle`: q is None here
+                    create = True  # no other qdisc has handle `handle`: a new one replaces q, if any
                 elif q is None:
                     create = True
-                elif (flags & codec.NLM_F_CREATE and flags & codec.NLM_F_REPLACE
-                      and (flags & codec.NLM_F_EXCL or (kind is not None and kind != q.kind))):
-                    raise KernelError(_errno.EOPNOTSUPP, op, "replacing a clsact/ingress qdisc by another "
-                                      "is not modelled by MockKernel")
+                elif kind is not None and kind != q.kind:
+                    # Measured on Linux 6.18: a different kind replaces the qdisc (grafts a new one) when
+                    # no flag is set, or with CREATE and EXCL or REPLACE; otherwise the change path refuses.
+                    cxr = flags & (codec.NLM_F_CREATE | codec.NLM_F_EXCL | codec.NLM_F_REPLACE)
+                    if not cxr:
+                        return self._graft_qdisc(d, parent, kind, req)
+                    if flags & codec.NLM_F_CREATE and flags & (codec.NLM_F_EXCL | codec.NLM_F_REPLACE):
+                        create = True
             found = q
         elif parent == TC_H_ROOT or parent & 0xFFFF0000 == CLSACT_HANDLE:
-            if parent != TC_H_ROOT and q is None:
-                raise KernelError(_errno.ENOENT, op, extack="Failed to find specified qdisc")
+            if parent != TC_H_ROOT:
+                if q is None:
+                    raise KernelError(_errno.ENOENT, op, extack="Failed to find specified qdisc")
+                raise KernelError(_errno.EOPNOTSUPP, op, extack="Cannot add children to ingress/clsact qdisc")
             if handle:
                 if handle & 0xFFFF:
                     raise KernelError(_errno.EINVAL, op, extack="Invalid minor handle")
@@ -1129,14 +1136,7 @@ class MockKernel:
                                   extack="Qdisc not found. To create specify NLM_F_CREATE flag")
             if kind not in ("clsact", "ingress"):
                 raise self._unmodelled_qdisc(op, kind)
-            new = _Qdisc(kind, None)
-            if kind == "clsact":
-                new.blocks = {dr: _Block(dr, HOOK_PARENTS[dr]) for dr in Direction}
-            else:
-                new.blocks = {Direction.INGRESS: _Block(Direction.INGRESS, TC_H_CLSACT)}
-            d.qdisc = new
-            self._qdisc_changed(d, codec.RTM_NEWQDISC, parent, new.kind, req)
-            return new
+            return self._graft_qdisc(d, parent, kind, req)
         if found is None:
             raise KernelError(_errno.ENOENT, op, extack="Specified qdisc not found")
         if flags & codec.NLM_F_EXCL:
@@ -1148,6 +1148,30 @@ class MockKernel:
             raise KernelError(_errno.EINVAL, op, extack="Change operation not supported by specified qdisc")
         self._qdisc_changed(d, codec.RTM_NEWQDISC, parent, found.kind, req, emit=False)
         return found
+
+    def _graft_qdisc(self, d: _Device, parent: int, kind: str, req: _NlReq | None) -> _Qdisc:
+        """Put a new clsact/ingress qdisc on the device's ingress queue, replacing (and destroying, with
+        its filters) the one there: one notification with the old one's RTM_DELQDISC and the new one's
+        RTM_NEWQDISC, then the old one's chains are announced gone."""
+        new = _Qdisc(kind, None)
+        if kind == "clsact":
+            new.blocks = {dr: _Block(dr, HOOK_PARENTS[dr]) for dr in Direction}
+        else:
+            new.blocks = {Direction.INGRESS: _Block(Direction.INGRESS, TC_H_CLSACT)}
+        old, d.qdisc = d.qdisc, new
+        if old is None:
+            self._qdisc_changed(d, codec.RTM_NEWQDISC, parent, kind, req)
+            return new
+        self._emit(QdiscRemoved(d.ifindex, old.kind, CLSACT_HANDLE, TC_H_CLSACT))
+        self._emit(QdiscAdded(d.ifindex, kind, CLSACT_HANDLE, TC_H_CLSACT))
+        flags = req.flags & codec.NLM_F_ECHO if req is not None else 0
+        self._nl_notify(codec.RTNLGRP_TC, req, lambda seq, portid: encode_qdisc_msg(
+            codec.RTM_DELQDISC, flags, seq, portid, d.ifindex, parent, CLSACT_HANDLE, old.kind)
+            + encode_qdisc_msg(codec.RTM_NEWQDISC, flags, seq, portid, d.ifindex, parent, CLSACT_HANDLE, kind))
+        for block in old.blocks.values():
+            for chain in list(block.chains):
+                self._chain_changed(d, codec.RTM_DELCHAIN, chain)
+        return new
 
     @staticmethod
     def _unmodelled_qdisc(op: str, kind: str | None) -> KernelError:
@@ -1187,11 +1211,14 @@ class MockKernel:
         if target is None:
             raise KernelError(_errno.ENOENT, op, f"{d.name} has no clsact/ingress qdisc",
                               extack="Cannot delete qdisc with handle of zero")
-        d.qdisc = None  # its blocks and every filter on them go with it, without notifications
+        d.qdisc = None  # its blocks and every filter on them go with it, without filter notifications
         for hook in d.hooks.values():
             if not hook.entries:
                 hook.revision = 1
         self._qdisc_changed(d, codec.RTM_DELQDISC, parent, target.kind, req)
+        for block in target.blocks.values():  # then each chain of its blocks is put, and announced gone
+            for chain in list(block.chains):
+                self._chain_changed(d, codec.RTM_DELCHAIN, chain)
 
     def _qdisc_changed(self, d: _Device, mtype: int, parent: int, kind: str, req: _NlReq | None, *,
                        emit: bool = True) -> None:
@@ -1237,10 +1264,33 @@ class MockKernel:
         return len(tps), None
 
     @staticmethod
-    def _tp_get(tp: _Tp, handle: int) -> _Filter | Literal["ht"] | None:
-        if tp.kind == "u32" and handle and handle == tp.ht:
-            return "ht"
-        return next((f for f in tp.filters if f.handle == handle), None) if handle else None
+    def _tp_get(block: _Block, tp: _Tp, handle: int) -> tuple[_Filter | Literal["ht"] | None, _Tp]:
+        """The classifier's `get`: (the filter or None, the classifier holding it). cls_u32 looks a handle
+        up among the hash tables of every u32 classifier of the block, whatever the priority asked."""
+        if not handle:
+            return None, tp
+        if tp.kind != "u32":
+            return next((f for f in tp.filters if f.handle == handle), None), tp
+        for tps in block.chains.values():
+            for t in tps:
+                if t.kind != "u32":
+                    continue
+                if handle == t.ht:
+                    return "ht", t
+                for f in t.filters:
+                    if f.handle == handle:
+                        return f, t
+        return None, tp
+
+    def _chain_changed(self, d: _Device, mtype: int, chain: int) -> None:
+        self._nl_notify(codec.RTNLGRP_TC, None, lambda seq, portid: encode_chain_msg(
+            mtype, codec.NLM_F_CREATE | codec.NLM_F_EXCL if mtype == codec.RTM_NEWCHAIN else 0, seq, portid,
+            d.ifindex, CLSACT_HANDLE, chain))
+
+    def _chain_check(self, d: _Device, block: _Block, chain: int) -> None:
+        """After a request: a chain whose last classifier went is gone, and the kernel says so."""
+        if chain not in block.chains:
+            self._chain_changed(d, codec.RTM_DELCHAIN, chain)
 
     def _tp_remove(self, block: _Block, tp: _Tp) -> None:
         tps = block.chains.get(tp.chain, [])
@@ -1296,6 +1346,33 @@ class MockKernel:
         block.classid = parent
         if chain > 0x0FFFFFFF:
             raise KernelError(_errno.EINVAL, op, extack="Specified chain index exceeds upper limit")
+        chain_created = chain not in block.chains
+        if chain_created:  # tcf_chain_get(create): the chain's first reference announces it
+            self._chain_changed(d, codec.RTM_NEWCHAIN, chain)
+        try:
+            return self._tc_new_filter_in_chain(op, d, block, parent, prio, allocate, protocol, handle, flags,
+                                                kind, chain, change, req)
+        except KernelError:
+            if chain_created:
+                self._chain_check(d, block, chain)
+            raise
+
+    def _tc_new_filter_in_chain(
+        self,
+        op: str,
+        d: _Device,
+        block: _Block,
+        parent: int,
+        prio: int,
+        allocate: bool,
+        protocol: int,
+        handle: int,
+        flags: int,
+        kind: str | None,
+        chain: int,
+        change: Callable[[_Block, _Tp, _Filter | None, int], _Filter],
+        req: _NlReq | None,
+    ) -> tuple[_Block, _Tp, _Filter]:
         tps = block.chains.get(chain, [])
         idx, tp = self._tp_find(op, tps, protocol, prio, allocate)
         created = False
@@ -1318,7 +1395,7 @@ class MockKernel:
             if kind is not None and kind != tp.kind:
                 raise KernelError(_errno.EINVAL, op, f"priority {tp.priority} holds a {tp.kind} classifier",
                                   extack="Specified filter kind does not match existing one")
-            old = self._tp_get(tp, handle)
+            old, _owner = self._tp_get(block, tp, handle)
             if old is None and not flags & codec.NLM_F_CREATE:
                 raise KernelError(_errno.ENOENT, op, f"no filter prio {prio} handle {handle:#x}",
                                   extack="Need both RTM_NEWTFILTER and NLM_F_CREATE to create a new filter")
@@ -1442,6 +1519,7 @@ class MockKernel:
             for each in list(tps):
                 self._filter_changed(d, codec.RTM_DELTFILTER, parent, each, None, req)
                 self._tp_remove(block, each)
+            self._chain_check(d, block, chain)
             return
         _idx, tp = self._tp_find(op, tps, protocol, prio, False)
         if tp is None:
@@ -1452,15 +1530,18 @@ class MockKernel:
         if handle == 0:
             self._tp_remove(block, tp)
             self._filter_changed(d, codec.RTM_DELTFILTER, parent, tp, None, req)
+            self._chain_check(d, block, chain)
             return
-        fh = self._tp_get(tp, handle)
+        fh, owner = self._tp_get(block, tp, handle)
         if fh is None:
             raise KernelError(_errno.ENOENT, op, f"no filter prio {prio} handle {handle:#x}",
                               extack="Specified filter handle not found")
         if fh == "ht":
-            raise KernelError(_errno.EINVAL, op, extack="cls_u32: Not allowed to delete root node")
+            if owner is tp:
+                raise KernelError(_errno.EINVAL, op, extack="cls_u32: Not allowed to delete root node")
+            raise KernelError(_errno.EBUSY, op, extack="Can not delete in-use filter")
         self._filter_changed(d, codec.RTM_DELTFILTER, parent, tp, fh, req)
-        tp.filters.remove(fh)
+        owner.filters.remove(fh)
         if tp.kind == "u32" and block.u32 is not None:
             block.u32.knodes -= 1
             last = block.u32.refcnt == 1 and block.u32.knodes == 0
@@ -1468,6 +1549,7 @@ class MockKernel:
             last = not tp.filters
         if last:
             self._tp_remove(block, tp)
+            self._chain_check(d, block, chain)
 
     def _tc_get_filter(self, op: str, d: _Device, parent: int, prio: int, protocol: int, handle: int,
                        kind: str | None, chain: int) -> tuple[_Tp, _Filter | Literal["ht"]]:
@@ -1483,7 +1565,7 @@ class MockKernel:
             raise KernelError(_errno.ENOENT, op, extack="Filter with specified priority/protocol not found")
         if kind is not None and kind != tp.kind:
             raise KernelError(_errno.EINVAL, op, extack="Specified filter kind does not match existing one")
-        fh = self._tp_get(tp, handle)
+        fh, _owner = self._tp_get(block, tp, handle)
         if fh is None:
             raise KernelError(_errno.ENOENT, op, extack="Specified filter handle not found")
         return tp, fh
@@ -1719,6 +1801,7 @@ class MockKernel:
         name: str = "",
         verdict: Verdict = "next",
         classid: int | None = None,
+        create_qdisc: bool = True,
     ) -> FilterInfo:
         """Add a filter as another tool would (`tc filter add ...`): a cls_bpf filter running `program`
         (handle 1 unless given), or, without a program, a u32 filter (`kind` "u32", the only other
@@ -1727,11 +1810,11 @@ class MockKernel:
         handle (800::800, 800::801, ...) unless `handle` is given. A u32 filter with a `classid` ends
         classification for the packets it matches (they pass, and no classifier behind it sees them);
         without one a match means `verdict`. Creates the clsact qdisc (creator "foreign") when the
-        device has none."""
+        device has none, unless `create_qdisc=False` (then ENOENT, as `tc filter add` fails)."""
         direction = Direction.coerce(direction)
         with self._lock:
             d = self._dev(dev, "filter_add")
-            if d.qdisc is None:
+            if d.qdisc is None and create_qdisc:
                 self.qdisc_add(d.ifindex, creator="foreign")
             if program is not None:
                 pid = self.register_program(program)

@@ -55,6 +55,7 @@ __all__ = [
     "NlAttrs",
     "RtnlHandler",
     "TcRequest",
+    "encode_chain_msg",
     "encode_filter_msg",
     "encode_link_msg",
     "encode_qdisc_msg",
@@ -175,6 +176,13 @@ def encode_qdisc_msg(mtype: int, flags: int, seq: int, portid: int, ifindex: int
                      kind: str) -> bytes:
     """RTM_NEWQDISC / RTM_DELQDISC of a clsact or ingress qdisc (tcm_info: its reference count, 1)."""
     payload = _TCMSG.pack(socket.AF_UNSPEC, ifindex, handle, parent, 1) + _str_attr(TCA_KIND, kind)
+    return _message(mtype, flags, seq, portid, payload)
+
+
+def encode_chain_msg(mtype: int, flags: int, seq: int, portid: int, ifindex: int, parent: int, chain: int) -> bytes:
+    """RTM_NEWCHAIN / RTM_DELCHAIN as tc_chain_fill_node builds it: the block's qdisc handle as parent,
+    TCA_CHAIN."""
+    payload = _TCMSG.pack(socket.AF_UNSPEC, ifindex, 0, parent, 0) + _u32_attr(TCA_CHAIN, chain)
     return _message(mtype, flags, seq, portid, payload)
 
 
