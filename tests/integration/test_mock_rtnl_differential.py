@@ -19,7 +19,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
@@ -110,11 +110,14 @@ async def sides(diff_netns: str) -> AsyncIterator[tuple[Side, Side, MockKernel, 
     links = _links(diff_netns)
     assert [i for i, _n in links] == list(range(1, len(links) + 1)), links
     mock = MockKernel(devices=[n for _i, n in links])
+    # MockKernel answers Kernel's netlink calls; it becomes a Kernel subclass with the bpf side's change.
+    mock_kernel = cast(Kernel, mock)
     real_runner = NetnsRunner(diff_netns, trio.CapacityLimiter(4))
     mock_runner = NetnsRunner(None, trio.CapacityLimiter(4))
-    kernels: list[tuple[str, NetnsRunner, Kernel]] = [("kernel", real_runner, LINUX), ("mock", mock_runner, mock)]
+    kernels: list[tuple[str, NetnsRunner, Kernel]] = [
+        ("kernel", real_runner, LINUX), ("mock", mock_runner, mock_kernel)]
     try:
-        async with open_transport(real_runner) as real_nl, open_transport(mock_runner, kernel=mock) as mock_nl:
+        async with open_transport(real_runner) as real_nl, open_transport(mock_runner, kernel=mock_kernel) as mock_nl:
             socks = [await r.run(k.open_netlink_socket, (c.RTNLGRP_TC,), 4 << 20) for _n, r, k in kernels]
             try:
                 yield (Side("kernel", real_nl, socks[0]), Side("mock", mock_nl, socks[1]), mock, diff_netns)
@@ -159,23 +162,9 @@ async def test_mock_rtnl_matches_the_kernel(sides: tuple[Side, Side, MockKernel,
                 except KernelError:
                     got_mock = False
             elif kind_of_op in ("fdump", "qdump", "ldump"):
-                if kind_of_op == "fdump":
-                    parent = rng.choice(PARENTS)
-                    what = f"filter dump dev {dev} parent {parent:#x}"
-
-                    def build(seq: int, i: int = ifindex, p: int = parent) -> bytes:
-                        return c.encode_dump_request(seq, c.RTM_GETTFILTER, i, p)
-                elif kind_of_op == "qdump":
-                    what = "qdisc dump"
-
-                    def build(seq: int) -> bytes:
-                        return c.encode_dump_request(seq, c.RTM_GETQDISC)
-                else:
-                    what = "link dump"
-
-                    def build(seq: int) -> bytes:
-                        return c.encode_dump_request(seq, c.RTM_GETLINK)
-                got_real, got_mock = await _dump(real.nl, build), await _dump(mock_side.nl, build)
+                parent = rng.choice(PARENTS)
+                what, dump_build = _dump_request(kind_of_op, dev, ifindex, parent)
+                got_real, got_mock = await _dump(real.nl, dump_build), await _dump(mock_side.nl, dump_build)
                 if kind_of_op == "ldump":  # the mock knows a device's name and index, not all its state
                     got_real = [(m.ifindex, m.name, m.flags) for m in got_real[1]]
                     got_mock = [(m.ifindex, m.name, m.flags) for m in got_mock[1]]
@@ -200,6 +189,15 @@ async def test_mock_rtnl_matches_the_kernel(sides: tuple[Side, Side, MockKernel,
     finally:
         for p in progs:
             p.close()
+
+
+def _dump_request(op: str, dev: str, ifindex: int, parent: int) -> tuple[str, Callable[[int], bytes]]:
+    if op == "fdump":
+        return (f"filter dump dev {dev} parent {parent:#x}",
+                lambda seq: c.encode_dump_request(seq, c.RTM_GETTFILTER, ifindex, parent))
+    if op == "qdump":
+        return "qdisc dump", lambda seq: c.encode_dump_request(seq, c.RTM_GETQDISC)
+    return "link dump", lambda seq: c.encode_dump_request(seq, c.RTM_GETLINK)
 
 
 def _random_request(rng: random.Random, op: str, ifindex: int, fds: list[int]) -> Callable[[int], bytes]:
