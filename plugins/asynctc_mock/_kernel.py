@@ -1536,10 +1536,8 @@ class MockKernel:
         if fh is None:
             raise KernelError(_errno.ENOENT, op, f"no filter prio {prio} handle {handle:#x}",
                               extack="Specified filter handle not found")
-        if fh == "ht":
-            if owner is tp:
-                raise KernelError(_errno.EINVAL, op, extack="cls_u32: Not allowed to delete root node")
-            raise KernelError(_errno.EBUSY, op, extack="Can not delete in-use filter")
+        if fh == "ht":  # every hash table modelled is some u32 classifier's root
+            raise KernelError(_errno.EINVAL, op, extack="cls_u32: Not allowed to delete root node")
         self._filter_changed(d, codec.RTM_DELTFILTER, parent, tp, fh, req)
         owner.filters.remove(fh)
         if tp.kind == "u32" and block.u32 is not None:
@@ -1552,7 +1550,7 @@ class MockKernel:
             self._chain_check(d, block, chain)
 
     def _tc_get_filter(self, op: str, d: _Device, parent: int, prio: int, protocol: int, handle: int,
-                       kind: str | None, chain: int) -> tuple[_Tp, _Filter | Literal["ht"]]:
+                       kind: str | None, chain: int) -> tuple[_Tp, _Filter | Literal["ht"], _Tp]:
         """tc_get_tfilter: the filter a non-dump RTM_GETTFILTER names."""
         if prio == 0:
             raise KernelError(_errno.ENOENT, op, extack="Invalid filter command with priority of zero")
@@ -1565,10 +1563,10 @@ class MockKernel:
             raise KernelError(_errno.ENOENT, op, extack="Filter with specified priority/protocol not found")
         if kind is not None and kind != tp.kind:
             raise KernelError(_errno.EINVAL, op, extack="Specified filter kind does not match existing one")
-        fh, _owner = self._tp_get(block, tp, handle)
+        fh, owner = self._tp_get(block, tp, handle)
         if fh is None:
             raise KernelError(_errno.ENOENT, op, extack="Specified filter handle not found")
-        return tp, fh
+        return tp, fh, owner
 
     def _tc_dump_filters(self, ifindex: int, parent: int) -> list[FilterWire]:
         """tc_dump_tfilter: every chain, classifier (its head first) and filter of the block `parent`
@@ -1590,12 +1588,15 @@ class MockKernel:
                 out.extend(self._filter_wire(d, block.classid, tp, f) for f in tp.filters)
         return out
 
-    def _filter_wire(self, d: _Device, parent: int, tp: _Tp, f: _Filter | Literal["ht"] | None) -> FilterWire:
+    def _filter_wire(self, d: _Device, parent: int, tp: _Tp, f: _Filter | Literal["ht"] | None,
+                     owner: _Tp | None = None) -> FilterWire:
+        """A filter message's content: the classifier `tp` the request named (its priority), and the
+        filter `f` (a u32 hash table: `owner`'s, which may be another u32 classifier's of the block)."""
         base = FilterWire(d.ifindex, parent, tp.priority, tp.protocol, tp.chain, tp.kind)
         if f is None:
             return base
         if f == "ht":
-            return FilterWire(d.ifindex, parent, tp.priority, tp.protocol, tp.chain, tp.kind, tp.ht)
+            return FilterWire(d.ifindex, parent, tp.priority, tp.protocol, tp.chain, tp.kind, (owner or tp).ht)
         if f.kind != "bpf":
             return FilterWire(d.ifindex, parent, tp.priority, tp.protocol, tp.chain, tp.kind, f.handle,
                               classid=f.classid)
@@ -2130,9 +2131,9 @@ class MockKernel:
             if r.priority == 0:
                 raise KernelError(_errno.ENOENT, op, extack="Invalid filter command with priority of zero")
             d = self._tc_dev(r.ifindex, op)
-            tp, fh = self._tc_get_filter(op, d, r.parent, r.priority, r.protocol, r.handle, r.kind, chain)
+            tp, fh, owner = self._tc_get_filter(op, d, r.parent, r.priority, r.protocol, r.handle, r.kind, chain)
             sock.deliver(encode_filter_msg(codec.RTM_NEWTFILTER, r.flags, r.seq, sock.portid,
-                                           self._filter_wire(d, r.parent, tp, fh)))
+                                           self._filter_wire(d, r.parent, tp, fh, owner)))
 
     # ====================================================================================================
     # inspection for tests
