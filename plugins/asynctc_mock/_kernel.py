@@ -28,6 +28,7 @@ import errno as _errno
 import hashlib
 import itertools
 import os
+import struct
 import threading
 import time
 from collections import Counter, deque
@@ -46,8 +47,23 @@ from asynctc.events import (
     QdiscAdded,
     QdiscRemoved,
 )
-from asynctc.lowlevel import bpf
+from asynctc.lowlevel import bpf, codec
 from asynctc.lowlevel.tcpolicy import parse_session_tag, parse_tag, process_alive
+
+from ._rtnl import (
+    NLMSG_GOODSIZE,
+    FilterWire,
+    MockNetlinkSocket,
+    RequestError,
+    RtnlHandler,
+    encode_chain_msg,
+    encode_done,
+    encode_filter_msg,
+    encode_link_msg,
+    encode_qdisc_msg,
+    parse_link,
+    parse_tc,
+)
 
 __all__ = [
     "MAX_TCX_PROGS",
@@ -68,12 +84,33 @@ MAX_TCX_PROGS = 63
 
 TC_H_CLSACT = 0xFFFFFFF1
 """Parent of the clsact (and ingress) qdisc."""
+TC_H_ROOT = 0xFFFFFFFF
 CLSACT_HANDLE = 0xFFFF0000
 AUTO_PRIO_FIRST = 0xC000
 """The priority the kernel gives the first filter added with priority 0."""
+AUTO_PRIO_LOWEST = 0x8000
+"""Priority 0 asks the kernel for one below the lowest priority from here up (ENOSPC if this one is taken)."""
+TCA_BPF_FLAG_ACT_DIRECT = 1
+HOOK_PARENTS = {Direction.INGRESS: codec.INGRESS_PARENT, Direction.EGRESS: codec.EGRESS_PARENT}
+NETLINK_PROG_FD_BASE = 1 << 24
+"""Stand-in TCA_BPF_FD numbers for simulated programs start here (see `MockKernel.netlink_prog_fd`)."""
 
 SIM_PROG_ID_BASE = 1 << 30
 """Simulated program ids start here, far above the ids of real programs."""
+
+_TCA_BPF_CLASSID, _TCA_BPF_OPS_LEN, _TCA_BPF_OPS, _TCA_BPF_FD, _TCA_BPF_NAME = 3, 4, 5, 6, 7
+_TCA_BPF_FLAGS, _TCA_BPF_FLAGS_GEN = 8, 9
+
+
+def _opt_u32(opts: dict[int, bytes], atype: int) -> int | None:
+    raw = opts.get(atype)
+    return None if raw is None or len(raw) < 4 else int(struct.unpack_from("=I", raw)[0])
+
+
+def _opt_str(opts: dict[int, bytes], atype: int) -> str | None:
+    raw = opts.get(atype)
+    return None if raw is None else raw.split(b"\0", 1)[0].decode(errors="replace")
+
 
 Verdict: TypeAlias = Literal["pass", "drop", "next"]
 _VERDICT_CODES: dict[int, Verdict] = {0: "pass", 2: "drop", -1: "next"}
@@ -82,12 +119,17 @@ DevRef: TypeAlias = "str | int"
 
 
 class KernelError(OSError):
-    """A refused MockKernel operation: `errno` is what the real kernel answers, `op` what was attempted."""
+    """A refused MockKernel operation: `errno` is what the real kernel answers, `op` what was attempted.
 
-    def __init__(self, err: int, op: str, detail: str = "") -> None:
+    `extack` is the extended-ACK text the real kernel gives with this refusal over netlink (None where it
+    gives none); `detail` says more for people reading the error."""
+
+    def __init__(self, err: int, op: str, detail: str = "", *, extack: str | None = None) -> None:
+        detail = detail or (extack or "")
         super().__init__(err, f"{op}: {os.strerror(err)}" + (f" ({detail})" if detail else ""))
         self.op = op
         self.detail = detail
+        self.extack = extack
 
 
 # -- value types returned by the kernel ------------------------------------------------------------------
@@ -202,14 +244,10 @@ class _Hook:
     revision: int = 1
 
 
-@dataclass(slots=True)
-class _Qdisc:
-    kind: str
-    creator: str | None
-
-
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Filter:
+    """One filter: a cls_bpf program or a u32 key node (kind "u32")."""
+
     direction: Direction
     priority: int
     handle: int
@@ -219,7 +257,61 @@ class _Filter:
     skip_sw: bool
     skip_hw: bool
     in_hw: bool
-    verdict: Verdict  # for non-bpf classifiers: what a match means
+    verdict: Verdict  # for non-bpf classifiers: what a match means ("pass": it ends classification)
+    named: bool = True  # cls_bpf: TCA_BPF_NAME was given
+    bpf_flags: int = TCA_BPF_FLAG_ACT_DIRECT  # cls_bpf: TCA_BPF_FLAGS as given (0: not direct action)
+    classid: int = 0
+
+    @property
+    def gen_flags(self) -> int:
+        """TCA_BPF_FLAGS_GEN as a dump shows it (the kernel adds not_in_hw to every software filter)."""
+        flags = (codec.TCA_CLS_FLAGS_SKIP_HW if self.skip_hw else 0) | (
+            codec.TCA_CLS_FLAGS_SKIP_SW if self.skip_sw else 0)
+        return flags | (codec.TCA_CLS_FLAGS_IN_HW if self.in_hw else codec.TCA_CLS_FLAGS_NOT_IN_HW)
+
+
+@dataclass(slots=True, eq=False)
+class _Tp:
+    """A classifier instance (struct tcf_proto): one priority of one chain, of one kind, holding its
+    filters in run (and dump) order. cls_bpf puts a new filter at the head; u32 keeps its key nodes sorted
+    by handle behind its root hash table `ht`."""
+
+    priority: int
+    protocol: int
+    kind: str
+    chain: int
+    filters: list[_Filter] = field(default_factory=list)
+    ht: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _U32Common:
+    """cls_u32's state shared by every u32 classifier of a block (tc_u_common): hash table ids are handed
+    out cyclically, and the last key node of the last u32 classifier takes the classifier with it."""
+
+    refcnt: int = 0
+    knodes: int = 0
+    next_id: int = 1
+    ids: set[int] = field(default_factory=set)
+
+
+@dataclass(slots=True, eq=False)
+class _Block:
+    """A filter block (struct tcf_block): chains (by index, in creation order) of classifiers in chain
+    order. `classid` is the parent the last RTM_NEWTFILTER spelled: dumps report it as every filter's
+    parent (an ingress qdisc's one block answers to ffff:, ffff:fff1, ffff:fff2 and ffff:fff3)."""
+
+    direction: Direction
+    classid: int
+    chains: dict[int, list[_Tp]] = field(default_factory=dict)
+    u32: _U32Common | None = None
+
+
+@dataclass(slots=True)
+class _Qdisc:
+    kind: str
+    creator: str | None
+    blocks: dict[Direction, _Block] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -229,7 +321,29 @@ class _Device:
     offload: bool
     hooks: dict[Direction, _Hook] = field(default_factory=lambda: {d: _Hook() for d in Direction})
     qdisc: _Qdisc | None = None
-    filters: dict[tuple[Direction, int, int], _Filter] = field(default_factory=dict)
+    ingress_queue: bool = False  # created with the first clsact/ingress qdisc, kept after it is deleted
+
+    @property
+    def loopback(self) -> bool:
+        return self.name == "lo"
+
+    @property
+    def ifflags(self) -> int:
+        """IFF_* of a device that is down: IFF_LOOPBACK for lo, IFF_BROADCAST|IFF_MULTICAST otherwise."""
+        return 0x8 if self.loopback else 0x1002
+
+    @property
+    def filters(self) -> dict[tuple[Direction, int, int], _Filter]:
+        """Every filter of the device's hook qdisc by (direction, priority, handle) (read only; chain 0
+        wins over other chains)."""
+        out: dict[tuple[Direction, int, int], _Filter] = {}
+        if self.qdisc is not None:
+            for block in self.qdisc.blocks.values():
+                for index in sorted(block.chains, reverse=True):
+                    for tp in block.chains[index]:
+                        for f in tp.filters:
+                            out[(f.direction, f.priority, f.handle)] = f
+        return out
 
 
 @dataclass(slots=True)
@@ -248,6 +362,31 @@ class _Pin:
     direction: Direction = Direction.INGRESS
     priority: int = 0
     handle: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _BpfParams:
+    """cls_bpf's options of one request: from netlink (TCA_BPF_*) or from a helper method (`prog_id`)."""
+
+    prog_id: int | None = None
+    fd: int | None = None
+    name: str | None = None
+    bpf_flags: int | None = None
+    gen_flags: int | None = None
+    classid: int | None = None
+    classic: bool = False  # TCA_BPF_OPS (classic BPF) was given
+    has_options: bool = True
+    refused_errno: int = _errno.EINVAL  # a hardware refusal (netlink: EOPNOTSUPP, as cls_bpf answers)
+
+
+@dataclass(frozen=True, slots=True)
+class _NlReq:
+    """The netlink request a change is made for: its notifications carry its portid, seq and flags, go to
+    every listener but its socket, and to its socket too when it asked for NLM_F_ECHO."""
+
+    sock: MockNetlinkSocket
+    seq: int
+    flags: int
 
 
 class Subscription:
@@ -392,6 +531,9 @@ class MockKernel:
         self._latency: dict[str | None, float] = {}
         self._subs: list[Subscription] = []
         self._dead_tags: set[str] = set()
+        self._netlink_prog_fds: dict[int, int] = {}
+        self.rtnl = RtnlHandler(self)
+        """The rtnetlink side: the simulated sockets and their request handler (see `_rtnl`)."""
         self.calls: Counter[str] = Counter()
         for name in devices:
             self.add_device(name)
@@ -466,8 +608,9 @@ class MockKernel:
             if any(d.name == name for d in self._devices.values()):
                 raise KernelError(_errno.EEXIST, "dev_add", f"device {name} exists")
             ifindex = next(self._ifindexes)
-            self._devices[ifindex] = _Device(ifindex, name, offload)
+            d = self._devices[ifindex] = _Device(ifindex, name, offload)
             self._emit(DeviceAdded(ifindex, name))
+            self._link_changed(d, codec.RTM_NEWLINK)
             return ifindex
 
     def remove_device(self, dev: DevRef) -> None:
@@ -482,7 +625,12 @@ class MockKernel:
                         self._links[e.link_id].ifindex = 0
             del self._devices[d.ifindex]
             self._emit(DeviceRemoved(d.ifindex, d.name))
+            self._link_changed(d, codec.RTM_DELLINK)  # its qdiscs and filters go without messages
             self._gc_progs()
+
+    def _link_changed(self, d: _Device, mtype: int) -> None:
+        self._nl_notify(codec.RTNLGRP_LINK, None, lambda seq, portid: encode_link_msg(
+            mtype, 0, seq, portid, d.ifindex, d.name, d.ifflags, d.loopback))
 
     def devices(self) -> dict[str, int]:
         """{name: ifindex} of the present devices."""
@@ -921,7 +1069,566 @@ class MockKernel:
 
     # ====================================================================================================
     # legacy tc: qdiscs and filters
+    #
+    # The `_tc_*` methods are the kernel's rules (tc_modify_qdisc, tc_get_qdisc, tc_new_tfilter,
+    # tc_del_tfilter, tc_get_tfilter, tc_dump_tfilter and cls_bpf's / cls_u32's parts of them), with the
+    # kernel's errnos and extended-ACK texts; rtnetlink requests and the helper methods below both go
+    # through them. Call them with the kernel lock held.
     # ====================================================================================================
+    def _tc_dev(self, ifindex: int, op: str) -> _Device:
+        d = self._devices.get(ifindex) if ifindex > 0 else None
+        if d is None:
+            raise KernelError(_errno.ENODEV, op, f"no device with ifindex {ifindex}")
+        return d
+
+    def _tc_new_qdisc(self, op: str, d: _Device, parent: int, handle: int, flags: int, kind: str | None,
+                      has_options: bool, req: _NlReq | None) -> _Qdisc:
+        """tc_modify_qdisc for what the mock models: clsact and ingress qdiscs (at TC_H_INGRESS)."""
+        q = d.qdisc
+        found: _Qdisc | None = None
+        create = False
+        if parent == 0:
+            if not handle:
+                raise KernelError(_errno.EINVAL, op, extack="Handle cannot be zero")
+            found = q if handle == CLSACT_HANDLE else None
+        elif parent == TC_H_CLSACT:
+            d.ingress_queue = True
+            if q is None or not handle or handle != CLSACT_HANDLE:
+                if handle:
+                    if q is not None and not flags & codec.NLM_F_REPLACE:
+                        raise KernelError(_errno.EEXIST, op, extack="NLM_F_REPLACE needed to override")
+                    if handle & 0xFFFF:
+                        raise KernelError(_errno.EINVAL, op, extack="Invalid minor handle")
+                    create = True  # no other qdisc has handle `handle`: a new one replaces q, if any
+                elif q is None:
+                    create = True
+                elif kind is not None and kind != q.kind:
+                    # Measured on Linux 6.18: a different kind replaces the qdisc (grafts a new one) when
+                    # no flag is set, or with CREATE and EXCL or REPLACE; otherwise the change path refuses.
+                    cxr = flags & (codec.NLM_F_CREATE | codec.NLM_F_EXCL | codec.NLM_F_REPLACE)
+                    if not cxr:
+                        return self._graft_qdisc(d, parent, kind, req)
+                    if flags & codec.NLM_F_CREATE and flags & (codec.NLM_F_EXCL | codec.NLM_F_REPLACE):
+                        create = True
+            found = q
+        elif parent == TC_H_ROOT or parent & 0xFFFF0000 == CLSACT_HANDLE:
+            if parent != TC_H_ROOT:
+                if q is None:
+                    raise KernelError(_errno.ENOENT, op, extack="Failed to find specified qdisc")
+                raise KernelError(_errno.EOPNOTSUPP, op, extack="Cannot add children to ingress/clsact qdisc")
+            if handle:
+                if handle & 0xFFFF:
+                    raise KernelError(_errno.EINVAL, op, extack="Invalid minor handle")
+                if q is not None and handle == CLSACT_HANDLE:
+                    raise KernelError(_errno.EINVAL, op,
+                                      extack="Cannot move an existing qdisc to a different parent")
+            if not flags & codec.NLM_F_CREATE:
+                raise KernelError(_errno.ENOENT, op,
+                                  extack="Qdisc not found. To create specify NLM_F_CREATE flag")
+            if kind in ("clsact", "ingress"):
+                raise KernelError(_errno.EOPNOTSUPP, op, f"{kind} lives at parent ffff:fff1 only")
+            raise self._unmodelled_qdisc(op, kind)
+        else:
+            raise KernelError(_errno.ENOENT, op, extack="Failed to find specified qdisc")
+        if create:
+            if not flags & codec.NLM_F_CREATE:
+                raise KernelError(_errno.ENOENT, op,
+                                  extack="Qdisc not found. To create specify NLM_F_CREATE flag")
+            if kind not in ("clsact", "ingress"):
+                raise self._unmodelled_qdisc(op, kind)
+            return self._graft_qdisc(d, parent, kind, req)
+        if found is None:
+            raise KernelError(_errno.ENOENT, op, extack="Specified qdisc not found")
+        if flags & codec.NLM_F_EXCL:
+            raise KernelError(_errno.EEXIST, op, f"{d.name} has a {found.kind} qdisc already",
+                              extack="Exclusivity flag on, cannot modify")
+        if kind is not None and kind != found.kind:
+            raise KernelError(_errno.EINVAL, op, extack="Invalid qdisc name: must match existing qdisc")
+        if has_options:
+            raise KernelError(_errno.EINVAL, op, extack="Change operation not supported by specified qdisc")
+        self._qdisc_changed(d, codec.RTM_NEWQDISC, parent, found.kind, req, emit=False)
+        return found
+
+    def _graft_qdisc(self, d: _Device, parent: int, kind: str, req: _NlReq | None) -> _Qdisc:
+        """Put a new clsact/ingress qdisc on the device's ingress queue, replacing (and destroying, with
+        its filters) the one there: one notification with the old one's RTM_DELQDISC and the new one's
+        RTM_NEWQDISC, then the old one's chains are announced gone."""
+        new = _Qdisc(kind, None)
+        if kind == "clsact":
+            new.blocks = {dr: _Block(dr, HOOK_PARENTS[dr]) for dr in Direction}
+        else:
+            new.blocks = {Direction.INGRESS: _Block(Direction.INGRESS, TC_H_CLSACT)}
+        old, d.qdisc = d.qdisc, new
+        if old is None:
+            self._qdisc_changed(d, codec.RTM_NEWQDISC, parent, kind, req)
+            return new
+        self._emit(QdiscRemoved(d.ifindex, old.kind, CLSACT_HANDLE, TC_H_CLSACT))
+        self._emit(QdiscAdded(d.ifindex, kind, CLSACT_HANDLE, TC_H_CLSACT))
+        flags = req.flags & codec.NLM_F_ECHO if req is not None else 0
+        self._nl_notify(codec.RTNLGRP_TC, req, lambda seq, portid: encode_qdisc_msg(
+            codec.RTM_DELQDISC, flags, seq, portid, d.ifindex, parent, CLSACT_HANDLE, old.kind)
+            + encode_qdisc_msg(codec.RTM_NEWQDISC, flags, seq, portid, d.ifindex, parent, CLSACT_HANDLE, kind))
+        for block in old.blocks.values():
+            for chain in list(block.chains):
+                self._chain_changed(d, codec.RTM_DELCHAIN, chain)
+        return new
+
+    @staticmethod
+    def _unmodelled_qdisc(op: str, kind: str | None) -> KernelError:
+        if kind is None:
+            return KernelError(_errno.ENOENT, op, extack="Specified qdisc kind is unknown")
+        return KernelError(_errno.EOPNOTSUPP, op, f"MockKernel models clsact and ingress qdiscs only, not "
+                           f"{kind!r}")
+
+    def _tc_qdisc_lookup(self, op: str, d: _Device, parent: int, handle: int, kind: str | None) -> _Qdisc | None:
+        """tc_get_qdisc's lookup (for RTM_DELQDISC and RTM_GETQDISC): the hook qdisc, or None for the
+        builtin noop qdisc (handle 0) that stands in when there is none."""
+        q = d.qdisc
+        if parent == 0:
+            if not (q is not None and handle == CLSACT_HANDLE):
+                raise KernelError(_errno.ENOENT, op, extack="Failed to find qdisc with specified handle")
+            target: _Qdisc | None = q
+        elif parent == TC_H_ROOT:
+            target = None
+        elif parent & 0xFFFF0000 == CLSACT_HANDLE:
+            if not d.ingress_queue:
+                raise KernelError(_errno.ENOENT, op, f"{d.name} has no clsact/ingress qdisc",
+                                  extack="Cannot find specified qdisc on specified device")
+            target = q
+        else:
+            raise KernelError(_errno.ENOENT, op, extack="Failed to find qdisc with specified classid")
+        if handle and (CLSACT_HANDLE if target is not None else 0) != handle:
+            raise KernelError(_errno.EINVAL, op, extack="Invalid handle")
+        if kind is not None and kind != (target.kind if target is not None else "noop"):
+            raise KernelError(_errno.EINVAL, op, extack="Invalid qdisc name: must match existing qdisc")
+        return target
+
+    def _tc_del_qdisc(self, op: str, d: _Device, parent: int, handle: int, kind: str | None,
+                      req: _NlReq | None) -> None:
+        target = self._tc_qdisc_lookup(op, d, parent, handle, kind)
+        if parent == 0:
+            raise KernelError(_errno.EINVAL, op, extack="Classid cannot be zero")
+        if target is None:
+            raise KernelError(_errno.ENOENT, op, f"{d.name} has no clsact/ingress qdisc",
+                              extack="Cannot delete qdisc with handle of zero")
+        d.qdisc = None  # its blocks and every filter on them go with it, without filter notifications
+        for hook in d.hooks.values():
+            if not hook.entries:
+                hook.revision = 1
+        self._qdisc_changed(d, codec.RTM_DELQDISC, parent, target.kind, req)
+        for block in target.blocks.values():  # then each chain of its blocks is put, and announced gone
+            for chain in list(block.chains):
+                self._chain_changed(d, codec.RTM_DELCHAIN, chain)
+
+    def _qdisc_changed(self, d: _Device, mtype: int, parent: int, kind: str, req: _NlReq | None, *,
+                       emit: bool = True) -> None:
+        if emit:
+            ev = QdiscAdded if mtype == codec.RTM_NEWQDISC else QdiscRemoved
+            self._emit(ev(d.ifindex, kind, CLSACT_HANDLE, TC_H_CLSACT))
+        flags = req.flags & codec.NLM_F_ECHO if req is not None else 0
+        self._nl_notify(codec.RTNLGRP_TC, req, lambda seq, portid: encode_qdisc_msg(
+            mtype, flags, seq, portid, d.ifindex, parent, CLSACT_HANDLE, kind))
+
+    # -- filters -------------------------------------------------------------------------------------
+    def _tc_block(self, op: str, d: _Device, parent: int) -> _Block:
+        """__tcf_qdisc_find + __tcf_qdisc_cl_find + __tcf_block_find for a filter request's parent."""
+        q = d.qdisc
+        if parent == 0:
+            raise KernelError(_errno.EINVAL, op, extack="Qdisc not classful")
+        if q is None or parent & 0xFFFF0000 != CLSACT_HANDLE:
+            raise KernelError(_errno.EINVAL, op, f"{d.name} has no qdisc at {parent:#x}",
+                              extack="Parent Qdisc doesn't exists")
+        if q.kind == "ingress":
+            return q.blocks[Direction.INGRESS]  # ingress_find: any minor is its class; one block
+        minor = parent & 0xFFFF
+        if minor == 0:
+            raise KernelError(_errno.EINVAL, op, "clsact has no block at minor 0")
+        for direction, hook_parent in HOOK_PARENTS.items():
+            if parent == hook_parent:
+                return q.blocks[direction]
+        raise KernelError(_errno.ENOENT, op, extack="Specified class doesn't exist")
+
+    @staticmethod
+    def _tp_find(op: str, tps: list[_Tp], protocol: int, prio: int, allocate: bool) -> tuple[int, _Tp | None]:
+        """tcf_chain_tp_find: (insertion index, the classifier of `prio` or None)."""
+        for i, tp in enumerate(tps):
+            if tp.priority >= prio:
+                if tp.priority != prio:
+                    return i, None
+                if allocate:
+                    raise KernelError(_errno.ENOSPC, op, extack="Lowest ID from auto-alloc range already in use")
+                if protocol and tp.protocol != protocol:
+                    raise KernelError(_errno.EINVAL, op,
+                                      extack="Filter with specified priority/protocol not found")
+                return i, tp
+        return len(tps), None
+
+    @staticmethod
+    def _tp_get(block: _Block, tp: _Tp, handle: int) -> tuple[_Filter | Literal["ht"] | None, _Tp]:
+        """The classifier's `get`: (the filter or None, the classifier holding it). cls_u32 looks a handle
+        up among the hash tables of every u32 classifier of the block, whatever the priority asked."""
+        if not handle:
+            return None, tp
+        if tp.kind != "u32":
+            return next((f for f in tp.filters if f.handle == handle), None), tp
+        for tps in block.chains.values():
+            for t in tps:
+                if t.kind != "u32":
+                    continue
+                if handle == t.ht:
+                    return "ht", t
+                for f in t.filters:
+                    if f.handle == handle:
+                        return f, t
+        return None, tp
+
+    def _chain_changed(self, d: _Device, mtype: int, chain: int) -> None:
+        self._nl_notify(codec.RTNLGRP_TC, None, lambda seq, portid: encode_chain_msg(
+            mtype, codec.NLM_F_CREATE | codec.NLM_F_EXCL if mtype == codec.RTM_NEWCHAIN else 0, seq, portid,
+            d.ifindex, CLSACT_HANDLE, chain))
+
+    def _chain_check(self, d: _Device, block: _Block, chain: int) -> None:
+        """After a request: a chain whose last classifier went is gone, and the kernel says so."""
+        if chain not in block.chains:
+            self._chain_changed(d, codec.RTM_DELCHAIN, chain)
+
+    def _tp_remove(self, block: _Block, tp: _Tp) -> None:
+        tps = block.chains.get(tp.chain, [])
+        if tp in tps:
+            tps.remove(tp)
+        if not tps:
+            block.chains.pop(tp.chain, None)  # a chain lives while classifiers hold it
+        if tp.kind == "u32" and block.u32 is not None:
+            u = block.u32
+            u.refcnt -= 1
+            u.knodes -= len(tp.filters)
+            u.ids.discard((tp.ht >> 20) & 0x7FF)
+            if u.refcnt <= 0:
+                block.u32 = None
+
+    def _u32_attach(self, block: _Block) -> int:
+        """u32_init: the new classifier's root hash table handle (800: for the block's first one, then ids
+        handed out cyclically, as idr_alloc_cyclic does)."""
+        if block.u32 is None:
+            block.u32 = _U32Common(refcnt=1)
+            return 0x80000000
+        u = block.u32
+        u.refcnt += 1
+        for n in range(0x7FE):
+            cand = (u.next_id - 1 + n) % 0x7FE + 1
+            if cand not in u.ids:
+                u.ids.add(cand)
+                u.next_id = cand % 0x7FE + 1
+                return (cand | 0x800) << 20
+        raise KernelError(_errno.ENOSPC, "filter_add", "no u32 hash table id left")
+
+    def _tc_new_filter(
+        self,
+        op: str,
+        d: _Device,
+        parent: int,
+        prio: int,
+        protocol: int,
+        handle: int,
+        flags: int,
+        kind: str | None,
+        chain: int,
+        change: Callable[[_Block, _Tp, _Filter | None, int], _Filter],
+        req: _NlReq | None,
+    ) -> tuple[_Block, _Tp, _Filter]:
+        """tc_new_tfilter: find or create the classifier, then let `change` add or replace the filter."""
+        allocate = False
+        if prio == 0:
+            if not flags & codec.NLM_F_CREATE:
+                raise KernelError(_errno.ENOENT, op, extack="Invalid filter command with priority of zero")
+            prio, allocate = AUTO_PRIO_LOWEST, True
+        block = self._tc_block(op, d, parent)
+        block.classid = parent
+        if chain > 0x0FFFFFFF:
+            raise KernelError(_errno.EINVAL, op, extack="Specified chain index exceeds upper limit")
+        chain_created = chain not in block.chains
+        if chain_created:  # tcf_chain_get(create): the chain's first reference announces it
+            self._chain_changed(d, codec.RTM_NEWCHAIN, chain)
+        try:
+            return self._tc_new_filter_in_chain(op, d, block, parent, prio, allocate, protocol, handle, flags,
+                                                kind, chain, change, req)
+        except KernelError:
+            if chain_created:
+                self._chain_check(d, block, chain)
+            raise
+
+    def _tc_new_filter_in_chain(
+        self,
+        op: str,
+        d: _Device,
+        block: _Block,
+        parent: int,
+        prio: int,
+        allocate: bool,
+        protocol: int,
+        handle: int,
+        flags: int,
+        kind: str | None,
+        chain: int,
+        change: Callable[[_Block, _Tp, _Filter | None, int], _Filter],
+        req: _NlReq | None,
+    ) -> tuple[_Block, _Tp, _Filter]:
+        tps = block.chains.get(chain, [])
+        idx, tp = self._tp_find(op, tps, protocol, prio, allocate)
+        created = False
+        if tp is None:
+            if kind is None or not protocol:
+                raise KernelError(_errno.EINVAL, op, extack="Filter kind and protocol must be specified")
+            if kind not in ("bpf", "u32"):
+                raise KernelError(_errno.ENOENT, op, f"MockKernel has cls_bpf and u32 only, not {kind!r}",
+                                  extack="TC classifier not found")
+            if allocate:
+                prio = tps[idx].priority - 1 if idx < len(tps) else AUTO_PRIO_FIRST
+                idx, tp = self._tp_find(op, tps, protocol, prio, False)
+            if tp is None:
+                tp = _Tp(prio, protocol, kind, chain)
+                if kind == "u32":
+                    tp.ht = self._u32_attach(block)
+                block.chains.setdefault(chain, tps).insert(idx, tp)
+                created = True
+        try:
+            if kind is not None and kind != tp.kind:
+                raise KernelError(_errno.EINVAL, op, f"priority {tp.priority} holds a {tp.kind} classifier",
+                                  extack="Specified filter kind does not match existing one")
+            old, _owner = self._tp_get(block, tp, handle)
+            if old is None and not flags & codec.NLM_F_CREATE:
+                raise KernelError(_errno.ENOENT, op, f"no filter prio {prio} handle {handle:#x}",
+                                  extack="Need both RTM_NEWTFILTER and NLM_F_CREATE to create a new filter")
+            if old is not None and flags & codec.NLM_F_EXCL:
+                raise KernelError(_errno.EEXIST, op, f"filter prio {prio} handle {handle:#x} exists",
+                                  extack="Filter already exists")
+            if old == "ht":
+                raise KernelError(_errno.EOPNOTSUPP, op, "changing a u32 hash table is not modelled by MockKernel")
+            f = change(block, tp, old, handle)
+        except KernelError:
+            if created:
+                self._tp_remove(block, tp)
+            raise
+        self._filter_changed(d, codec.RTM_NEWTFILTER, parent, tp, f, req)
+        return block, tp, f
+
+    def _cls_bpf_change(self, op: str, d: _Device, p: _BpfParams, block: _Block, tp: _Tp, old: _Filter | None,
+                        handle: int) -> _Filter:
+        """cls_bpf_change: check the options in the kernel's order, take the program, offload when asked,
+        and put the filter at the head of its priority (a replacement keeps its place)."""
+        if not p.has_options:
+            raise KernelError(_errno.EINVAL, op, "cls_bpf needs TCA_OPTIONS")
+        if handle == 0:
+            taken = {f.handle for f in tp.filters}
+            handle = next((h for h in range(1, 0x80000000) if h not in taken), 0)
+            if not handle:
+                raise KernelError(_errno.ENOSPC, op, "no cls_bpf handle left")
+        is_ebpf = p.fd is not None or p.prog_id is not None
+        if is_ebpf == p.classic:
+            raise KernelError(_errno.EINVAL, op, "cls_bpf needs exactly one of TCA_BPF_FD and TCA_BPF_OPS")
+        if p.bpf_flags is not None and p.bpf_flags & ~TCA_BPF_FLAG_ACT_DIRECT:
+            raise KernelError(_errno.EINVAL, op, f"unknown TCA_BPF_FLAGS {p.bpf_flags:#x}")
+        gen = p.gen_flags or 0
+        skip = codec.TCA_CLS_FLAGS_SKIP_HW | codec.TCA_CLS_FLAGS_SKIP_SW
+        if gen & ~skip or gen & skip == skip:
+            raise KernelError(_errno.EINVAL, op, f"invalid TCA_BPF_FLAGS_GEN {gen:#x}")
+        if p.classic:
+            raise KernelError(_errno.EOPNOTSUPP, op, "classic BPF (TCA_BPF_OPS) is not modelled by MockKernel")
+        prog = self._tc_prog(op, p)
+        skip_sw, skip_hw = bool(gen & codec.TCA_CLS_FLAGS_SKIP_SW), bool(gen & codec.TCA_CLS_FLAGS_SKIP_HW)
+        if old is not None and (old.skip_sw, old.skip_hw) != (skip_sw, skip_hw):
+            raise KernelError(_errno.EINVAL, op, "a replacement cannot change skip_sw/skip_hw")
+        in_hw = False
+        if not skip_hw and (skip_sw or d.offload):
+            try:
+                self._hw_step(d, prog, "filter_replace_hw" if old is not None else "filter_add_hw",
+                              p.refused_errno)
+                in_hw = True
+            except KernelError:
+                if skip_sw:
+                    raise
+        f = _Filter(block.direction, tp.priority, handle, "bpf", prog.id, p.name or "", skip_sw, skip_hw, in_hw,
+                    "next", named=p.name is not None, bpf_flags=p.bpf_flags or 0, classid=p.classid or 0)
+        if old is not None:
+            tp.filters[tp.filters.index(old)] = f
+        else:
+            tp.filters.insert(0, f)  # list_add_rcu: the newest filter of a priority runs first
+        return f
+
+    def _tc_prog(self, op: str, p: _BpfParams) -> _Prog:
+        prog_id = p.prog_id if p.prog_id is not None else self.lookup_prog_fd(p.fd or 0)
+        rec = self._progs.get(prog_id)
+        if rec is None:
+            raise KernelError(_errno.EBADF, op, f"no program with id {prog_id}")
+        if rec.type != bpf.BPF_PROG_TYPE_SCHED_CLS:
+            raise KernelError(_errno.EINVAL, op, f"program {prog_id} is not SCHED_CLS")
+        return rec
+
+    def lookup_prog_fd(self, fd: int) -> int:
+        """The program id TCA_BPF_FD names. For now: a stand-in number from `netlink_prog_fd` (simulated
+        programs), else a real BPF program fd of this process, which the kernel then holds (as
+        `register_program` does). EBADF for an fd that is not open, EINVAL for one that is not a program.
+        This is the one place to switch over to the simulated fd table."""
+        with self._lock:
+            prog_id = self._netlink_prog_fds.get(fd)
+            if prog_id is not None:
+                return prog_id
+            try:
+                os.fstat(fd)
+            except OSError:
+                raise KernelError(_errno.EBADF, "prog_get", f"fd {fd} is not open") from None
+            try:
+                info = bpf.prog_info(fd)
+            except OSError:
+                raise KernelError(_errno.EINVAL, "prog_get", f"fd {fd} is not a BPF program") from None
+            rec = self._progs.get(info.id)
+            if rec is not None and rec.real_fd is not None:
+                return info.id
+            program = Program.from_fd(fd)
+            try:
+                return self.register_program(program)
+            finally:
+                program.close()
+
+    def netlink_prog_fd(self, program: Program) -> int:
+        """A number that names `program` in TCA_BPF_FD of a netlink request to this kernel (the program
+        is registered, as `register_program` does). Simulated programs have no real fd; until the kernel
+        simulates its own fd table, this stands in for one."""
+        with self._lock:
+            prog_id = self.register_program(program)
+            for fd, pid in self._netlink_prog_fds.items():
+                if pid == prog_id:
+                    return fd
+            fd = NETLINK_PROG_FD_BASE + len(self._netlink_prog_fds)
+            self._netlink_prog_fds[fd] = prog_id
+            return fd
+
+    def _tc_del_filter(self, op: str, d: _Device, parent: int, prio: int, protocol: int, handle: int,
+                       kind: str | None, chain: int, req: _NlReq | None) -> None:
+        """tc_del_tfilter: one filter, a whole priority (handle 0) or a whole chain (priority 0)."""
+        if prio == 0 and (protocol or handle or kind is not None):
+            raise KernelError(_errno.ENOENT, op, extack="Cannot flush filters with protocol, handle or kind set")
+        block = self._tc_block(op, d, parent)
+        tps = block.chains.get(chain)
+        if not tps:
+            if prio == 0:
+                return
+            raise KernelError(_errno.ENOENT, op, f"no filter prio {prio} handle {handle:#x}",
+                              extack="Cannot find specified filter chain")
+        if prio == 0:
+            for each in list(tps):
+                self._filter_changed(d, codec.RTM_DELTFILTER, parent, each, None, req)
+                self._tp_remove(block, each)
+            self._chain_check(d, block, chain)
+            return
+        _idx, tp = self._tp_find(op, tps, protocol, prio, False)
+        if tp is None:
+            raise KernelError(_errno.ENOENT, op, f"no filter prio {prio}",
+                              extack="Filter with specified priority/protocol not found")
+        if kind is not None and kind != tp.kind:
+            raise KernelError(_errno.EINVAL, op, extack="Specified filter kind does not match existing one")
+        if handle == 0:
+            self._tp_remove(block, tp)
+            self._filter_changed(d, codec.RTM_DELTFILTER, parent, tp, None, req)
+            self._chain_check(d, block, chain)
+            return
+        fh, owner = self._tp_get(block, tp, handle)
+        if fh is None:
+            raise KernelError(_errno.ENOENT, op, f"no filter prio {prio} handle {handle:#x}",
+                              extack="Specified filter handle not found")
+        if fh == "ht":  # every hash table modelled is some u32 classifier's root
+            raise KernelError(_errno.EINVAL, op, extack="cls_u32: Not allowed to delete root node")
+        self._filter_changed(d, codec.RTM_DELTFILTER, parent, tp, fh, req)
+        owner.filters.remove(fh)
+        if tp.kind == "u32" and block.u32 is not None:
+            block.u32.knodes -= 1
+            last = block.u32.refcnt == 1 and block.u32.knodes == 0
+        else:
+            last = not tp.filters
+        if last:
+            self._tp_remove(block, tp)
+            self._chain_check(d, block, chain)
+
+    def _tc_get_filter(self, op: str, d: _Device, parent: int, prio: int, protocol: int, handle: int,
+                       kind: str | None, chain: int) -> tuple[_Tp, _Filter | Literal["ht"], _Tp]:
+        """tc_get_tfilter: the filter a non-dump RTM_GETTFILTER names."""
+        if prio == 0:
+            raise KernelError(_errno.ENOENT, op, extack="Invalid filter command with priority of zero")
+        block = self._tc_block(op, d, parent)
+        tps = block.chains.get(chain)
+        if not tps:
+            raise KernelError(_errno.EINVAL, op, extack="Cannot find specified filter chain")
+        _idx, tp = self._tp_find(op, tps, protocol, prio, False)
+        if tp is None:
+            raise KernelError(_errno.ENOENT, op, extack="Filter with specified priority/protocol not found")
+        if kind is not None and kind != tp.kind:
+            raise KernelError(_errno.EINVAL, op, extack="Specified filter kind does not match existing one")
+        fh, owner = self._tp_get(block, tp, handle)
+        if fh is None:
+            raise KernelError(_errno.ENOENT, op, extack="Specified filter handle not found")
+        return tp, fh, owner
+
+    def _tc_dump_filters(self, ifindex: int, parent: int) -> list[FilterWire]:
+        """tc_dump_tfilter: every chain, classifier (its head first) and filter of the block `parent`
+        names, in the kernel's order, each with the block's classid as parent; nothing where the device or
+        the block does not exist."""
+        d = self._devices.get(ifindex)
+        if d is None:
+            return []
+        try:
+            block = self._tc_block("filter_dump", d, parent)
+        except KernelError:
+            return []
+        out: list[FilterWire] = []
+        for tps in block.chains.values():
+            for tp in tps:
+                out.append(self._filter_wire(d, block.classid, tp, None))
+                if tp.kind == "u32":
+                    out.append(self._filter_wire(d, block.classid, tp, "ht"))
+                out.extend(self._filter_wire(d, block.classid, tp, f) for f in tp.filters)
+        return out
+
+    def _filter_wire(self, d: _Device, parent: int, tp: _Tp, f: _Filter | Literal["ht"] | None,
+                     owner: _Tp | None = None) -> FilterWire:
+        """A filter message's content: the classifier `tp` the request named (its priority), and the
+        filter `f` (a u32 hash table: `owner`'s, which may be another u32 classifier's of the block)."""
+        base = FilterWire(d.ifindex, parent, tp.priority, tp.protocol, tp.chain, tp.kind)
+        if f is None:
+            return base
+        if f == "ht":
+            return FilterWire(d.ifindex, parent, tp.priority, tp.protocol, tp.chain, tp.kind, (owner or tp).ht)
+        if f.kind != "bpf":
+            return FilterWire(d.ifindex, parent, tp.priority, tp.protocol, tp.chain, tp.kind, f.handle,
+                              classid=f.classid)
+        rec = self._progs.get(f.prog_id or 0)
+        return FilterWire(d.ifindex, parent, tp.priority, tp.protocol, tp.chain, tp.kind, f.handle,
+                          bpf_name=f.name if f.named else None, bpf_id=f.prog_id,
+                          bpf_tag=rec.tag if rec is not None else None, bpf_flags=f.bpf_flags,
+                          gen_flags=f.gen_flags, classid=f.classid)
+
+    def _filter_changed(self, d: _Device, mtype: int, parent: int, tp: _Tp, f: _Filter | None,
+                        req: _NlReq | None) -> None:
+        """Tell the old subscribers and the RTNLGRP_TC sockets (and an NLM_F_ECHO requester) of a filter
+        added, replaced or deleted (`f` None: a whole classifier)."""
+        if tp.chain == 0:
+            direction = self._block_direction(d, parent)
+            targets = [f] if f is not None else list(tp.filters)
+            for t in targets:
+                if mtype == codec.RTM_NEWTFILTER:
+                    self._emit(FilterAdded(d.ifindex, direction, t.priority, t.handle, t.kind, t.prog_id, False))
+                else:
+                    self._emit(FilterRemoved(d.ifindex, direction, t.priority, t.handle, t.kind, t.prog_id, False))
+        wire = self._filter_wire(d, parent, tp, f)
+        flags = req.flags if req is not None else 0
+        self._nl_notify(codec.RTNLGRP_TC, req, lambda seq, portid: encode_filter_msg(mtype, flags, seq, portid, wire))
+
+    @staticmethod
+    def _block_direction(d: _Device, parent: int) -> Direction:
+        if d.qdisc is not None and d.qdisc.kind == "ingress":
+            return Direction.INGRESS
+        return Direction.EGRESS if parent == codec.EGRESS_PARENT else Direction.INGRESS
+
+    # -- the helpers' API ------------------------------------------------------------------------------
     def qdisc_add(self, dev: DevRef, kind: str = "clsact", *, creator: str | None = None) -> None:
         """Create the device's clsact (or ingress) qdisc, recording `creator` (a session tag). EEXIST if
         one is there already (an ingress qdisc blocks clsact, and the other way round)."""
@@ -931,10 +1638,9 @@ class MockKernel:
         with self._lock:
             self._enter(op)
             d = self._dev(dev, op)
-            if d.qdisc is not None:
-                raise KernelError(_errno.EEXIST, op, f"{d.name} has a {d.qdisc.kind} qdisc already")
-            d.qdisc = _Qdisc(kind, creator)
-            self._emit(QdiscAdded(d.ifindex, kind, CLSACT_HANDLE, TC_H_CLSACT))
+            q = self._tc_new_qdisc(op, d, TC_H_CLSACT, CLSACT_HANDLE,
+                                   codec.NLM_F_CREATE | codec.NLM_F_EXCL, kind, False, None)
+            q.creator = creator
 
     def qdisc_get(self, dev: DevRef) -> QdiscInfo | None:
         """The device's clsact/ingress qdisc, or None."""
@@ -952,27 +1658,22 @@ class MockKernel:
         with self._lock:
             self._enter(op)
             d = self._dev(dev, op)
-            if d.qdisc is None:
-                raise KernelError(_errno.ENOENT, op, f"{d.name} has no clsact/ingress qdisc")
-            kind, d.qdisc = d.qdisc.kind, None
-            d.filters.clear()
-            for hook in d.hooks.values():
-                if not hook.entries:
-                    hook.revision = 1
-            self._emit(QdiscRemoved(d.ifindex, kind, CLSACT_HANDLE, TC_H_CLSACT))
+            self._tc_del_qdisc(op, d, TC_H_CLSACT, 0, None, None)
             self._gc_progs()
 
     def _check_parent(self, d: _Device, direction: Direction, op: str) -> None:
         if d.qdisc is None or (d.qdisc.kind == "ingress" and direction is Direction.EGRESS):
             raise KernelError(_errno.ENOENT, op, f"{d.name} has no qdisc for {direction.value} filters")
 
-    def _hw_step(self, d: _Device, prog: _Prog | None, op: str) -> None:
-        """The hardware step of a skip_sw add or an in_hw replace: the device and the program must allow it."""
+    def _hw_step(self, d: _Device, prog: _Prog | None, op: str, refused: int = _errno.EINVAL) -> None:
+        """The hardware step of a skip_sw add or an in_hw replace: the device and the program must allow
+        it (`refused`: the errno of a refusal; the kernel's cls_bpf gives EOPNOTSUPP on a device without
+        offload)."""
         self._enter(op)
         if not d.offload:
-            raise KernelError(_errno.EINVAL, op, f"{d.name} cannot offload (skip_sw refused)")
+            raise KernelError(refused, op, f"{d.name} cannot offload (skip_sw refused)")
         if prog is not None and not prog.offloadable:
-            raise KernelError(_errno.EINVAL, op, f"the hardware of {d.name} refused program {prog.id}")
+            raise KernelError(refused, op, f"the hardware of {d.name} refused program {prog.id}")
 
     def filter_add(
         self,
@@ -988,49 +1689,30 @@ class MockKernel:
         excl: bool = True,
     ) -> FilterInfo:
         """RTM_NEWTFILTER of a cls_bpf filter (direct action) with CREATE (and EXCL unless `excl=False`,
-        which makes it CREATE|REPLACE). Returns the filter as the kernel recorded it.
+        which makes it CREATE|REPLACE). Returns the filter as the kernel recorded it; within a priority the
+        newest filter runs first.
 
-        priority 0: the kernel picks one (0xC000 on an empty hook, else one below the lowest); handle 0: the
-        lowest free handle. Errors: ENODEV; ENOENT when no qdisc holds that direction; EEXIST when the
-        (priority, handle) slot is taken and `excl`; EINVAL for a non-SCHED_CLS program, a priority used by
-        another classifier kind, skip_sw with skip_hw, or (raised by the "filter_add_hw" step) skip_sw on a
-        device or with a program the hardware refuses.
+        priority 0: the kernel picks one (0xC000 when nothing is at 0x8000 or above, else one below the
+        lowest priority from 0x8000 up); handle 0: the lowest free handle. Errors: ENODEV; ENOENT when no
+        qdisc holds that direction; EEXIST when the (priority, handle) slot is taken and `excl`; EINVAL
+        for a non-SCHED_CLS program, a priority used by another classifier kind, skip_sw with skip_hw, or
+        (raised by the "filter_add_hw" step) skip_sw on a device or with a program the hardware refuses.
         """
         direction = Direction.coerce(direction)
         op = "filter_add"
         with self._lock, self._gc_on_error():
             self._enter(op)
             d = self._dev(dev, op)
-            prog = self._check_tcx_prog(prog_id, op)
+            self._check_tcx_prog(prog_id, op)
             self._check_parent(d, direction, op)
             if not 0 <= priority <= 0xFFFF or not 0 <= handle <= 0xFFFFFFFF:
                 raise KernelError(_errno.EINVAL, op, "priority or handle out of range")
-            if skip_sw and skip_hw:
-                raise KernelError(_errno.EINVAL, op, "skip_sw and skip_hw together")
-            if priority == 0:
-                prios = [p for (dr, p, _h) in d.filters if dr is direction]
-                priority = min(prios) - 1 if prios else AUTO_PRIO_FIRST
-                if priority < 1:
-                    raise KernelError(_errno.ENOSPC, op, "no priority left below the lowest one")
-            same_prio = [f for (dr, p, _h), f in d.filters.items() if dr is direction and p == priority]
-            if any(f.kind != "bpf" for f in same_prio):
-                raise KernelError(_errno.EINVAL, op, f"priority {priority} holds another classifier kind")
-            if handle == 0:
-                taken = {f.handle for f in same_prio}
-                handle = next(h for h in itertools.count(1) if h not in taken)
-            key = (direction, priority, handle)
-            existing = d.filters.get(key)
-            if existing is not None and excl:
-                raise KernelError(_errno.EEXIST, op, f"filter prio {priority} handle {handle:#x} exists")
-            in_hw = False
-            if skip_sw:
-                self._hw_step(d, prog, "filter_add_hw")
-                in_hw = True
-            elif not skip_hw and d.offload and prog.offloadable:
-                in_hw = True
-            f = _Filter(direction, priority, handle, "bpf", prog_id, name, skip_sw, skip_hw, in_hw, "next")
-            d.filters[key] = f
-            self._emit(FilterAdded(d.ifindex, direction, priority, handle, "bpf", prog_id, False))
+            gen = (codec.TCA_CLS_FLAGS_SKIP_SW if skip_sw else 0) | (codec.TCA_CLS_FLAGS_SKIP_HW if skip_hw else 0)
+            params = _BpfParams(prog_id=prog_id, name=name, bpf_flags=TCA_BPF_FLAG_ACT_DIRECT, gen_flags=gen)
+            flags = codec.NLM_F_CREATE | (codec.NLM_F_EXCL if excl else codec.NLM_F_REPLACE)
+            _block, _tp, f = self._tc_new_filter(
+                op, d, HOOK_PARENTS[direction], priority, codec.ETH_P_ALL, handle, flags, "bpf", 0,
+                lambda b, t, old, h: self._cls_bpf_change(op, d, params, b, t, old, h), None)
             self._gc_progs()
             return self._filter_info(d, f)
 
@@ -1045,33 +1727,29 @@ class MockKernel:
         name: str | None = None,
     ) -> FilterInfo:
         """RTM_NEWTFILTER with REPLACE (no CREATE): swap the program of an existing cls_bpf filter
-        atomically, keeping its flags (and its name unless `name` is given). ENOENT if the filter is gone,
-        EINVAL for a non-SCHED_CLS program or another classifier kind; for a filter in hardware, the
-        "filter_replace_hw" step may refuse (EINVAL) and then nothing changes."""
+        atomically, keeping its flags, its place in the run order (and its name unless `name` is given).
+        ENOENT if the filter is gone, EINVAL for a non-SCHED_CLS program or another classifier kind; for a
+        filter in hardware, the "filter_replace_hw" step may refuse (EINVAL) and then nothing changes."""
         direction = Direction.coerce(direction)
         op = "filter_replace"
         with self._lock, self._gc_on_error():
             self._enter(op)
             d = self._dev(dev, op)
-            prog = self._check_tcx_prog(prog_id, op)
+            self._check_tcx_prog(prog_id, op)
             self._check_parent(d, direction, op)
-            f = d.filters.get((direction, priority, handle))
-            if f is None:
+            cur = d.filters.get((direction, priority, handle))
+            if cur is None:
                 raise KernelError(_errno.ENOENT, op, f"no filter prio {priority} handle {handle:#x}")
-            if f.kind != "bpf":
-                raise KernelError(_errno.EINVAL, op, f"the filter is a {f.kind} filter, not bpf")
-            if f.in_hw:
-                try:
-                    self._hw_step(d, prog, "filter_replace_hw")
-                except KernelError:
-                    if f.skip_sw:
-                        raise
-                    # A filter also running in software loses its hardware copy, as not_in_hw says.
-                    f.in_hw = False
-            f.prog_id = prog_id
-            if name is not None:
-                f.name = name
-            self._emit(FilterAdded(d.ifindex, direction, priority, handle, "bpf", prog_id, False))
+            if cur.kind != "bpf":
+                raise KernelError(_errno.EINVAL, op, f"the filter is a {cur.kind} filter, not bpf")
+            gen = (codec.TCA_CLS_FLAGS_SKIP_SW if cur.skip_sw else 0) | (
+                codec.TCA_CLS_FLAGS_SKIP_HW if cur.skip_hw else 0)
+            keep = cur.name if name is None else name
+            params = _BpfParams(prog_id=prog_id, name=keep if (name is not None or cur.named) else None,
+                                bpf_flags=cur.bpf_flags, gen_flags=gen)
+            _block, _tp, f = self._tc_new_filter(
+                op, d, HOOK_PARENTS[direction], priority, codec.ETH_P_ALL, handle, codec.NLM_F_REPLACE, "bpf",
+                0, lambda b, t, old, h: self._cls_bpf_change(op, d, params, b, t, old, h), None)
             self._gc_progs()
             return self._filter_info(d, f)
 
@@ -1082,14 +1760,13 @@ class MockKernel:
         with self._lock:
             self._enter(op)
             d = self._dev(dev, op)
-            f = d.filters.pop((direction, priority, handle), None)
-            if f is None:
+            if (direction, priority, handle) not in d.filters:
                 raise KernelError(_errno.ENOENT, op, f"no filter prio {priority} handle {handle:#x}")
-            self._emit(FilterRemoved(d.ifindex, direction, priority, handle, f.kind, f.prog_id, False))
+            self._tc_del_filter(op, d, HOOK_PARENTS[direction], priority, codec.ETH_P_ALL, handle, None, 0, None)
             self._gc_progs()
 
     def filter_dump(self, dev: DevRef, direction: Direction | str) -> tuple[FilterInfo, ...]:
-        """Every filter of one direction in run order (priority, then handle)."""
+        """Every filter of one direction in run order (priority, then newest first within a priority)."""
         direction = Direction.coerce(direction)
         with self._lock:
             self._enter("filter_dump")
@@ -1097,8 +1774,13 @@ class MockKernel:
             return tuple(self._filter_info(d, f) for f in self._ordered_filters(d, direction))
 
     def _ordered_filters(self, d: _Device, direction: Direction) -> list[_Filter]:
-        return sorted((f for f in d.filters.values() if f.direction is direction),
-                      key=lambda f: (f.priority, f.handle))
+        """The filters of chain 0 of a hook, in the order the kernel runs them."""
+        if d.qdisc is None:
+            return []
+        block = d.qdisc.blocks.get(direction)
+        if block is None:
+            return []
+        return [f for tp in block.chains.get(0, []) for f in tp.filters]
 
     @staticmethod
     def _filter_info(d: _Device, f: _Filter) -> FilterInfo:
@@ -1115,31 +1797,60 @@ class MockKernel:
         program: Program | None = None,
         *,
         priority: int,
-        handle: int = 1,
+        handle: int | None = None,
         kind: str | None = None,
         name: str = "",
         verdict: Verdict = "next",
+        classid: int | None = None,
+        create_qdisc: bool = True,
     ) -> FilterInfo:
-        """Add a filter as another tool would (`tc filter add ...`): a cls_bpf filter running `program`,
-        or, without a program, a classifier of `kind` (default "u32") whose match means `verdict`.
-        Creates the clsact qdisc (creator "foreign") when the device has none."""
+        """Add a filter as another tool would (`tc filter add ...`): a cls_bpf filter running `program`
+        (handle 1 unless given), or, without a program, a u32 filter (`kind` "u32", the only other
+        classifier modelled) as `tc filter add dev D ingress prio N u32 match u32 0 0 [classid X]` makes
+        it: in the priority's u32 classifier (created with its root hash table), with the next free key
+        handle (800::800, 800::801, ...) unless `handle` is given. A u32 filter with a `classid` ends
+        classification for the packets it matches (they pass, and no classifier behind it sees them);
+        without one a match means `verdict`. Creates the clsact qdisc (creator "foreign") when the
+        device has none, unless `create_qdisc=False` (then ENOENT, as `tc filter add` fails)."""
         direction = Direction.coerce(direction)
         with self._lock:
             d = self._dev(dev, "filter_add")
-            if d.qdisc is None:
+            if d.qdisc is None and create_qdisc:
                 self.qdisc_add(d.ifindex, creator="foreign")
             if program is not None:
                 pid = self.register_program(program)
-                return self.filter_add(d.ifindex, direction, pid, priority=priority, handle=handle, name=name)
+                return self.filter_add(d.ifindex, direction, pid, priority=priority,
+                                       handle=1 if handle is None else handle, name=name)
             fkind = kind or "u32"
-            self._enter("filter_add")
-            self._check_parent(d, direction, "filter_add")
-            key = (direction, priority, handle)
-            if key in d.filters:
-                raise KernelError(_errno.EEXIST, "filter_add", "slot taken")
-            f = _Filter(direction, priority, handle, fkind, None, name, False, False, False, verdict)
-            d.filters[key] = f
-            self._emit(FilterAdded(d.ifindex, direction, priority, handle, fkind, None, False))
+            if fkind != "u32":
+                raise ValueError(f"MockKernel models cls_bpf and u32 classifiers only, got {kind!r}")
+            op = "filter_add"
+            self._enter(op)
+            self._check_parent(d, direction, op)
+            match_verdict: Verdict = "pass" if classid else verdict
+
+            def add_knode(block: _Block, tp: _Tp, old: _Filter | None, _h: int) -> _Filter:
+                if old is not None:
+                    raise KernelError(_errno.EEXIST, op, "slot taken", extack="Filter already exists")
+                if handle:
+                    knode = handle
+                else:
+                    taken = {f.handle & 0xFFF for f in tp.filters}
+                    node = next((n for n in range(0x800, 0x1000) if n not in taken), 0)
+                    if not node:
+                        raise KernelError(_errno.ENOMEM, op, "no u32 key handle left")
+                    knode = tp.ht | node
+                f = _Filter(block.direction, tp.priority, knode, "u32", None, name, False, False, False,
+                            match_verdict, named=False, bpf_flags=0, classid=classid or 0)
+                tp.filters.append(f)
+                tp.filters.sort(key=lambda x: x.handle & 0xFFF)
+                if block.u32 is not None:
+                    block.u32.knodes += 1
+                return f
+
+            _block, _tp, f = self._tc_new_filter(
+                op, d, HOOK_PARENTS[direction], priority, codec.ETH_P_ALL, handle or 0,
+                codec.NLM_F_CREATE | codec.NLM_F_EXCL, "u32", 0, add_knode, None)
             return self._filter_info(d, f)
 
     def attach_foreign_tcx(
@@ -1283,6 +1994,146 @@ class MockKernel:
             if before is not None:
                 before()
             return self._snapshot_locked()
+
+    # ====================================================================================================
+    # rtnetlink: sockets, requests, notifications
+    # ====================================================================================================
+    def open_netlink_socket(
+        self, groups: Iterable[int] = (), rcvbuf: int | None = None, blocking: bool = False
+    ) -> MockNetlinkSocket:
+        """A NETLINK_ROUTE socket of this kernel (`asynctc.lowlevel.kernel.Kernel.open_netlink_socket`):
+        requests and dumps in the kernel's bytes, the multicast `groups` joined (RTNLGRP_LINK = 1,
+        RTNLGRP_TC = 4), a receive buffer of 2 * `rcvbuf` bytes (the kernel's default when None), ENOBUFS
+        when it overflows. Extended and capped ACKs are on, as on asynctc's real sockets."""
+        return self.rtnl.open(groups, rcvbuf, blocking)
+
+    def _nl_notify(self, group: int, req: _NlReq | None, build: Callable[[int, int], bytes]) -> None:
+        """Multicast a notification built by `build(seq, portid)` (the request's, or 0 and 0 for a change
+        no request made) to `group`, and echo it to the requester when it asked for NLM_F_ECHO."""
+        seq, portid = (req.seq, req.sock.portid) if req is not None else (0, 0)
+        message = build(seq, portid)
+        self.rtnl.notify(group, message, exclude=portid)
+        if req is not None and req.flags & codec.NLM_F_ECHO:
+            req.sock.deliver(message, NLMSG_GOODSIZE)
+
+    def rtnl_request(self, sock: MockNetlinkSocket, mtype: int, flags: int, msg: bytes) -> None:
+        """Handle one rtnetlink request from `sock` (called by its `send`): answers and notifications are
+        queued before this returns; a refusal raises `RequestError` (answered with NLMSG_ERROR). Fault and
+        latency injection apply, by operation name: "link_get", "link_dump", "qdisc_add",
+        "qdisc_delete", "qdisc_get", "qdisc_dump", "filter_add", "filter_replace" (RTM_NEWTFILTER with
+        NLM_F_REPLACE and without NLM_F_EXCL), "filter_delete", "filter_get", "filter_dump"."""
+        dump = bool(flags & codec.NLM_F_DUMP)
+        _length, _t, _f, seq, _pid = struct.unpack_from("=IHHII", msg, 0)
+        req = _NlReq(sock, seq, flags)
+        with self._lock:
+            try:
+                if mtype == codec.RTM_GETLINK:
+                    self._rtnl_link(sock, msg, seq, dump)
+                elif mtype in (codec.RTM_NEWQDISC, codec.RTM_DELQDISC, codec.RTM_GETQDISC):
+                    self._rtnl_qdisc(sock, mtype, msg, req, dump)
+                elif mtype in (codec.RTM_NEWTFILTER, codec.RTM_DELTFILTER, codec.RTM_GETTFILTER):
+                    self._rtnl_filter(sock, mtype, msg, req, dump)
+                else:
+                    raise RequestError(_errno.EOPNOTSUPP)
+            except KernelError as exc:
+                raise RequestError(exc.errno or _errno.EINVAL,
+                                   exc.extack if exc.detail != "injected fault" else "injected fault") from None
+            finally:
+                self._gc_progs()
+
+    def _rtnl_link(self, sock: MockNetlinkSocket, msg: bytes, seq: int, dump: bool) -> None:
+        if dump:
+            self._enter("link_dump")
+            sock.start_dump([encode_link_msg(codec.RTM_NEWLINK, codec.NLM_F_MULTI, seq, sock.portid, d.ifindex,
+                                             d.name, d.ifflags, d.loopback)
+                             for d in sorted(self._devices.values(), key=lambda x: x.ifindex)],
+                            encode_done(seq, sock.portid))
+            return
+        self._enter("link_get")
+        ifindex, name = parse_link(msg)
+        if ifindex > 0:
+            d = self._devices.get(ifindex)
+        elif name is not None:
+            d = next((x for x in self._devices.values() if x.name == name), None)
+        else:
+            raise RequestError(_errno.EINVAL)
+        if d is None:
+            raise RequestError(_errno.ENODEV)
+        sock.deliver(encode_link_msg(codec.RTM_NEWLINK, 0, seq, sock.portid, d.ifindex, d.name, d.ifflags,
+                                     d.loopback))
+
+    def _rtnl_qdisc(self, sock: MockNetlinkSocket, mtype: int, msg: bytes, req: _NlReq, dump: bool) -> None:
+        r = parse_tc(msg)
+        if mtype == codec.RTM_GETQDISC and dump:
+            self._enter("qdisc_dump")
+            sock.start_dump([encode_qdisc_msg(codec.RTM_NEWQDISC, codec.NLM_F_MULTI, r.seq, sock.portid,
+                                              d.ifindex, TC_H_CLSACT, CLSACT_HANDLE, d.qdisc.kind)
+                             for d in sorted(self._devices.values(), key=lambda x: x.ifindex)
+                             if d.qdisc is not None],
+                            encode_done(r.seq, sock.portid))
+            return
+        op = {codec.RTM_NEWQDISC: "qdisc_add", codec.RTM_DELQDISC: "qdisc_delete"}.get(mtype, "qdisc_get")
+        self._enter(op)
+        d = self._tc_dev(r.ifindex, op)
+        if mtype == codec.RTM_NEWQDISC:
+            self._tc_new_qdisc(op, d, r.parent, r.handle, r.flags, r.kind, r.raw_options, req)
+        elif mtype == codec.RTM_DELQDISC:
+            self._tc_del_qdisc(op, d, r.parent, r.handle, r.kind, req)
+        else:
+            q = self._tc_qdisc_lookup(op, d, r.parent, r.handle, r.kind)
+            if q is not None:
+                sock.deliver(encode_qdisc_msg(codec.RTM_NEWQDISC, 0, r.seq, sock.portid, d.ifindex, TC_H_CLSACT,
+                                              CLSACT_HANDLE, q.kind))
+
+    def _rtnl_filter(self, sock: MockNetlinkSocket, mtype: int, msg: bytes, req: _NlReq, dump: bool) -> None:
+        r = parse_tc(msg)
+        if mtype == codec.RTM_GETTFILTER and dump:
+            self._enter("filter_dump")
+            sock.start_dump([encode_filter_msg(codec.RTM_NEWTFILTER, codec.NLM_F_MULTI, r.seq, sock.portid, w)
+                             for w in self._tc_dump_filters(r.ifindex, r.parent)
+                             if not r.priority or w.priority == r.priority],
+                            encode_done(r.seq, sock.portid))
+            return
+        chain = r.chain or 0
+        if mtype == codec.RTM_NEWTFILTER:
+            replace = r.flags & codec.NLM_F_REPLACE and not r.flags & codec.NLM_F_EXCL
+            op = "filter_replace" if replace else "filter_add"
+            self._enter(op)
+            if r.priority == 0 and not r.flags & codec.NLM_F_CREATE:
+                raise KernelError(_errno.ENOENT, op, extack="Invalid filter command with priority of zero")
+            d = self._tc_dev(r.ifindex, op)
+            opts = r.options or {}
+            params = _BpfParams(
+                fd=_opt_u32(opts, _TCA_BPF_FD), name=_opt_str(opts, _TCA_BPF_NAME),
+                bpf_flags=_opt_u32(opts, _TCA_BPF_FLAGS), gen_flags=_opt_u32(opts, _TCA_BPF_FLAGS_GEN),
+                classid=_opt_u32(opts, _TCA_BPF_CLASSID),
+                classic=_TCA_BPF_OPS in opts and _TCA_BPF_OPS_LEN in opts,
+                has_options=r.raw_options, refused_errno=_errno.EOPNOTSUPP)
+
+            def change(block: _Block, tp: _Tp, old: _Filter | None, handle: int) -> _Filter:
+                if tp.kind != "bpf":
+                    raise KernelError(_errno.EOPNOTSUPP, op, f"changing {tp.kind} filters over netlink is not "
+                                      "modelled by MockKernel (add them with add_foreign_filter)")
+                return self._cls_bpf_change(op, d, params, block, tp, old, handle)
+
+            self._tc_new_filter(op, d, r.parent, r.priority, r.protocol, r.handle, r.flags, r.kind, chain,
+                                change, req)
+        elif mtype == codec.RTM_DELTFILTER:
+            op = "filter_delete"
+            self._enter(op)
+            if r.priority == 0 and (r.protocol or r.handle or r.kind is not None):
+                raise KernelError(_errno.ENOENT, op, extack="Cannot flush filters with protocol, handle or kind set")
+            d = self._tc_dev(r.ifindex, op)
+            self._tc_del_filter(op, d, r.parent, r.priority, r.protocol, r.handle, r.kind, chain, req)
+        else:
+            op = "filter_get"
+            self._enter(op)
+            if r.priority == 0:
+                raise KernelError(_errno.ENOENT, op, extack="Invalid filter command with priority of zero")
+            d = self._tc_dev(r.ifindex, op)
+            tp, fh, owner = self._tc_get_filter(op, d, r.parent, r.priority, r.protocol, r.handle, r.kind, chain)
+            sock.deliver(encode_filter_msg(codec.RTM_NEWTFILTER, r.flags, r.seq, sock.portid,
+                                           self._filter_wire(d, r.parent, tp, fh, owner)))
 
     # ====================================================================================================
     # inspection for tests

@@ -160,8 +160,11 @@ def test_filters_excl_replace_delete(kernel: MockKernel) -> None:
     assert kernel.filters("eth0", IN)[0].prog_id == b.id
     kernel.filter_replace("eth0", IN, 3, 1, a.id)
     assert kernel.filters("eth0", IN)[0].prog_id == a.id
+    # Priority 0: the kernel picks one below the lowest priority from 0x8000 up, 0xC000 when none is
+    # there (priority 3 does not count).
     auto = kernel.filter_add("eth0", IN, b.id)
-    assert auto.priority == 2  # one below the lowest
+    assert auto.priority == 0xC000
+    assert kernel.filter_add("eth0", IN, b.id).priority == 0xBFFF
     kernel.filter_delete("eth0", IN, 3, 1)
     with pytest.raises(KernelError) as e:
         kernel.filter_delete("eth0", IN, 3, 1)
