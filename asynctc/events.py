@@ -71,7 +71,10 @@ class QdiscRemoved:
 
 @dataclass(frozen=True, slots=True)
 class FilterAdded:
-    """A tc filter was added (or replaced). `direction` is None for filters outside clsact's hooks.
+    """A tc filter was added (or replaced). `direction` is the hook it runs on: ffff:fff2/ffff:fff3 on a
+    clsact qdisc, and INGRESS for every filter of a legacy `ingress` qdisc whatever parent spelling the
+    kernel reports; None for filters outside the hooks (on other qdiscs). A u32 filter is reported by its
+    key (800::800), never by its hash table.
 
     `prog_id` is the BPF program of a cls_bpf filter (None for other classifiers); `owned` says whether
     the monitoring session owns it.

@@ -10,6 +10,20 @@ The socket is opened before the baseline dump, so nothing can happen unseen betw
 on the trio thread (it only copies queued messages); dumps run in the transport's I/O thread
 (lowlevel.transport).
 
+Filters are told apart by the hook they are on, never by the parent a message reports. The kernel reports
+the parent as it was spelled, by the request (events) or last on the block (dumps): on a legacy `ingress`
+qdisc that is any of `ffff:`, `ffff:fff1`, `ffff:fff2`, even `ffff:fff3` (its one block answers every
+minor), and a dump at ffff:fff3 returns the `ingress` qdisc's filters. So the source keeps the qdisc in
+each device's ingress slot (from its baseline and RTM_NEWQDISC/RTM_DELQDISC): under an `ingress` qdisc
+every filter is an ingress filter whatever parent it reports, under clsact ffff:fff2 is ingress and
+ffff:fff3 egress. Filters are keyed by (ifindex, direction, chain, priority, handle), so one filter has one
+key whatever spelling adds, deletes or dumps it, and a resync reports no spurious removal and addition.
+A filter outside the hooks (on another qdisc) is reported with direction None and not kept.
+
+u32 hash tables (handle node id 0: `800:`) are not filters here, as they are not entries of a query
+(`lowlevel.hook`): the kernel announces a u32 filter by its key (`800::800`) only, and dumps list the
+table too, which would otherwise come back from a resync as a filter nobody added.
+
 tcx links produce no netlink events of their own: the session learns of severed links from DeviceRemoved
 and confirms each with the link's info (ifindex 0).
 """
@@ -38,6 +52,7 @@ from ..events import (
 )
 from ..events import EventSource as EventSource
 from . import codec
+from .hook import is_u32_table
 from .kernel import LINUX, Kernel
 from .multicast import EventsLost, MulticastSocket, open_multicast_socket
 from .netns import NetnsRunner
@@ -59,11 +74,24 @@ DEFAULT_EVENT_RCVBUF = 8 << 20
 RESYNC_ATTEMPTS = 12  # with the pauses, about 3.5 s of a storm interrupting every dump
 
 PARENT_DIRECTION = {codec.INGRESS_PARENT: Direction.INGRESS, codec.EGRESS_PARENT: Direction.EGRESS}
+DIRECTION_PARENT = {d: p for p, d in PARENT_DIRECTION.items()}
 HOOK_QDISCS = ("clsact", "ingress")
+HOOK_SLOT = (codec.CLSACT_PARENT, codec.CLSACT_HANDLE)  # the ingress slot: clsact or `ingress`, ffff: at ffff:fff1
+QDISC_MAJOR_MASK = 0xFFFF0000
 
 QdiscKey = tuple[int, int, int]  # ifindex, parent, handle
-FilterKey = tuple[int, int, int, int, int]  # ifindex, parent, chain, priority, handle
+FilterKey = tuple[int, Direction, int, int, int]  # ifindex, direction (the hook), chain, priority, handle
 FilterVal = tuple[str, int | None]  # kind, bpf program id
+
+
+def hook_direction(slot_kind: str | None, parent: int) -> Direction | None:
+    """The hook a filter reported at `parent` is on, given the kind of the qdisc in its device's ingress
+    slot (None: none known). Under an `ingress` qdisc every parent of its handle's major (`ffff:`,
+    `ffff:fff1`, `ffff:fff2`, `ffff:fff3`) names its one block, the ingress hook; under clsact (or with no
+    slot known) ffff:fff2 is ingress and ffff:fff3 egress; anything else is no hook (None)."""
+    if slot_kind == "ingress":
+        return Direction.INGRESS if parent & QDISC_MAJOR_MASK == codec.CLSACT_HANDLE else None
+    return PARENT_DIRECTION.get(parent)
 
 
 def _filter_dump(seq: int, *, ifindex: int, parent: int) -> bytes:
@@ -96,6 +124,15 @@ class NetlinkEventSource(EventSource):
             if out:
                 return out
 
+    def slot_kind(self, ifindex: int) -> str | None:
+        """The kind of the qdisc in the device's ingress slot as last reported ("clsact", "ingress", ...),
+        None when the slot is empty."""
+        return self.qdiscs.get((ifindex, *HOOK_SLOT))
+
+    def direction_of(self, ifindex: int, parent: int) -> Direction | None:
+        """The hook of a filter of `ifindex` reported at `parent` (`hook_direction`), None for no hook."""
+        return hook_direction(self.slot_kind(ifindex), parent)
+
     def _apply(self, m: codec.Message) -> list[KernelEvent]:
         if isinstance(m, codec.LinkMsg):
             return self._apply_link(m)
@@ -104,7 +141,13 @@ class NetlinkEventSource(EventSource):
         if isinstance(m, codec.FilterMsg):
             return self._apply_filter(m)
         if isinstance(m, codec.ChainMsg) and not m.is_new:
-            gone = [k for k in self.filters if k[0] == m.ifindex and k[1] == m.parent and k[2] == m.chain]
+            # A chain message names the qdisc (ffff:), not the block: under clsact it cannot say which
+            # hook's chain went, and the kernel reports the filters a chain deletion flushes one by one
+            # anyway. Under an `ingress` qdisc (one block) the chain's filters are gone.
+            if self.slot_kind(m.ifindex) != "ingress" or m.parent & QDISC_MAJOR_MASK != codec.CLSACT_HANDLE:
+                return []
+            gone = [k for k in self.filters
+                    if k[0] == m.ifindex and k[1] is Direction.INGRESS and k[2] == m.chain]
             return [self._filter_removed(k) for k in gone]
         return []
 
@@ -133,8 +176,8 @@ class NetlinkEventSource(EventSource):
             known = key in self.qdiscs
             self.qdiscs[key] = kind
             return [] if known else [QdiscAdded(m.ifindex, kind, m.handle, m.parent)]
-        if key not in self.qdiscs:
-            return []
+        if key not in self.qdiscs or (kind and self.qdiscs[key] and self.qdiscs[key] != kind):
+            return []  # unknown, or a stale message of a qdisc another one has replaced in that slot
         kind = self.qdiscs.pop(key) or kind
         out: list[KernelEvent] = []
         if kind in HOOK_QDISCS:
@@ -144,33 +187,35 @@ class NetlinkEventSource(EventSource):
         return out
 
     def _apply_filter(self, m: codec.FilterMsg) -> list[KernelEvent]:
-        direction = PARENT_DIRECTION.get(m.parent)
+        if m.handle != 0 and is_u32_table(m):
+            return []  # a u32 hash table: not a filter of its own (module docstring)
+        direction = self.direction_of(m.ifindex, m.parent)
         if m.is_new:
             if m.handle == 0:
                 return []  # the classifier instance of a priority, not a filter
-            key = (m.ifindex, m.parent, m.chain, m.priority, m.handle)
             val = (m.kind or "", m.bpf_id)
             if direction is not None:
+                key = (m.ifindex, direction, m.chain, m.priority, m.handle)
                 if self.filters.get(key) == val:
                     return []
                 self.filters[key] = val
             return [FilterAdded(m.ifindex, direction, m.priority, m.handle, val[0], val[1], False)]
+        if direction is None:
+            if m.handle:
+                return [FilterRemoved(m.ifindex, None, m.priority, m.handle, m.kind or "", m.bpf_id, False)]
+            return []
         # A deletion names one filter, or (handle 0) every filter of a priority, or (priority 0) the chain.
         gone = [
             k for k in self.filters
-            if k[0] == m.ifindex and k[1] == m.parent and k[2] == m.chain
+            if k[0] == m.ifindex and k[1] is direction and k[2] == m.chain
             and (m.priority == 0 or k[3] == m.priority) and (m.handle == 0 or k[4] == m.handle)
         ]
-        if gone:
-            return [self._filter_removed(k) for k in gone]
-        if direction is None and m.handle:
-            return [FilterRemoved(m.ifindex, None, m.priority, m.handle, m.kind or "", m.bpf_id, False)]
-        return []
+        return [self._filter_removed(k) for k in gone]
 
     def _filter_removed(self, key: FilterKey) -> FilterRemoved:
         kind, prog_id = self.filters.pop(key)
-        ifindex, parent, _chain, prio, handle = key
-        return FilterRemoved(ifindex, PARENT_DIRECTION.get(parent), prio, handle, kind, prog_id, False)
+        ifindex, direction, _chain, prio, handle = key
+        return FilterRemoved(ifindex, direction, prio, handle, kind, prog_id, False)
 
     # -- dumps -----------------------------------------------------------------------------------------
     async def _dump_state(self) -> tuple[dict[int, str], dict[QdiscKey, str], dict[FilterKey, FilterVal]]:
@@ -185,9 +230,13 @@ class NetlinkEventSource(EventSource):
             if isinstance(m, codec.QdiscMsg) and m.ifindex in links:
                 qdiscs[(m.ifindex, m.parent, m.handle)] = m.kind or ""
         filters: dict[FilterKey, FilterVal] = {}
-        hooked = sorted({k[0] for k, kind in qdiscs.items() if kind in HOOK_QDISCS})
-        for ifindex in hooked:
-            for parent in PARENT_DIRECTION:
+        for (ifindex, *slot), kind in sorted(qdiscs.items()):
+            if tuple(slot) != HOOK_SLOT or kind not in HOOK_QDISCS:
+                continue
+            # An `ingress` qdisc has one block (the ingress hook): dumped once, every filter in it is an
+            # ingress filter whatever parent it reports; clsact's two blocks are dumped one by one.
+            for direction in (Direction.INGRESS,) if kind == "ingress" else (Direction.INGRESS, Direction.EGRESS):
+                parent = DIRECTION_PARENT[direction]
                 try:
                     msgs = await self._nl.dump(
                         functools.partial(_filter_dump, ifindex=ifindex, parent=parent), op=Op.FILTER_DUMP)
@@ -195,8 +244,9 @@ class NetlinkEventSource(EventSource):
                     log.debug("asynctc: filter dump of ifindex %d failed during resync: %r", ifindex, exc)
                     continue
                 for m in msgs:
-                    if isinstance(m, codec.FilterMsg) and m.handle != 0:
-                        filters[(m.ifindex, m.parent, m.chain, m.priority, m.handle)] = (m.kind or "", m.bpf_id)
+                    if (isinstance(m, codec.FilterMsg) and m.handle != 0 and m.ifindex == ifindex
+                            and not is_u32_table(m)):
+                        filters[(ifindex, direction, m.chain, m.priority, m.handle)] = (m.kind or "", m.bpf_id)
         return links, qdiscs, filters
 
     async def baseline(self) -> None:
@@ -242,7 +292,7 @@ class NetlinkEventSource(EventSource):
                 out.append(QdiscAdded(qk[0], kind, qk[2], qk[1]))
         for fk, (kind, prog_id) in filters.items():
             if fk not in self.filters:
-                out.append(FilterAdded(fk[0], PARENT_DIRECTION.get(fk[1]), fk[3], fk[4], kind, prog_id, False))
+                out.append(FilterAdded(fk[0], fk[1], fk[3], fk[4], kind, prog_id, False))
         self.links, self.qdiscs, self.filters = links, qdiscs, filters
         out.append(Resynced(reason))
         return out

@@ -14,11 +14,14 @@ Run order, as the kernel runs a hook (each fact pinned by a real-kernel test):
 Every classifier is listed, not only cls_bpf: a non-BPF classifier (u32 here; flower, matchall, ...
 where the kernel has them) shares the priority space and can end classification for the packets it
 matches (a u32 filter with a classid), so the cls_bpf filters behind it never see them. Such an entry has
-its tc kind as `kind` and no program: prog_id 0, prog_name "", prog_tag "", link_id None. Every node the
-kernel dumps is an entry, as `tc filter show` lists them: for u32 that is each hash table (handle 800:,
-node 0) before its keys (800::800, ...). Only the per-priority classifier heads (handle 0, no options)
-are left out. A cls_bpf filter running a classic BPF program (no eBPF program id) is kind "cls_bpf"
-with prog_id 0.
+its tc kind as `kind` and no program: prog_id 0, prog_name "", prog_tag "", link_id None. One entry per
+filter added: a u32 filter is its key (handle 800::800, ...); the hash tables u32 dumps as nodes of their
+own (handle 800:, node id 0: the one `tc filter add ... u32 match ...` creates with its first key, and
+any made with `divisor`) classify nothing themselves and are left out, as are the per-priority
+classifier heads (handle 0, no options). Placement still needs them: a priority holding only a u32 hash
+table (`tc filter add ... prio P handle 1: u32 divisor 1`) is taken (another classifier kind there is
+refused with EINVAL), so `dump_filters(..., tables=True)` keeps them for priority choice. A cls_bpf
+filter running a classic BPF program (no eBPF program id) is kind "cls_bpf" with prog_id 0.
 
 The parent in a dumped filter is the spelling last used for its block (for an `ingress` qdisc any of
 `ffff:`, `ffff:fff1`, `ffff:fff2`, even `ffff:fff3`): filters are therefore taken from the device's
@@ -50,6 +53,7 @@ __all__ = [
     "filter_entries",
     "filter_entry",
     "hook_filters",
+    "is_u32_table",
     "query_hook",
     "tcx_entries",
 ]
@@ -122,15 +126,27 @@ def _names_of(names: ProgNameCache, prog_ids: Sequence[int]) -> list[tuple[str, 
     return [names.get(i) for i in prog_ids]
 
 
-def hook_filters(msgs: Sequence[codec.Message], ifindex: int) -> list[codec.FilterMsg]:
+U32_NODE_MASK = 0xFFF
+"""The node-id bits of a u32 handle (htid:hash:node); node id 0 names a hash table, not a key."""
+
+
+def is_u32_table(f: codec.FilterMsg) -> bool:
+    """Whether a dumped filter is a u32 hash table (node id 0: `800:`, `1:`, ...), not a u32 key."""
+    return f.kind == "u32" and f.handle & U32_NODE_MASK == 0
+
+
+def hook_filters(msgs: Sequence[codec.Message], ifindex: int, *, tables: bool = False) -> list[codec.FilterMsg]:
     """The filters of one hook in a filter dump's messages, in the dump's order (the run order): filter
-    messages of `ifindex` on chain 0, without the per-priority classifier heads (handle 0). The parent
+    messages of `ifindex` on chain 0, without the per-priority classifier heads (handle 0) and, unless
+    `tables`, without u32 hash tables (`is_u32_table`: one entry per filter added, its key). The parent
     each reports is not checked: it is the block's last spelling, not the hook's (module docstring)."""
     return [m for m in msgs if isinstance(m, codec.FilterMsg) and m.handle != 0 and m.chain == 0
-            and m.ifindex == ifindex]
+            and m.ifindex == ifindex and (tables or not is_u32_table(m))]
 
 
-async def _dump_block(nl: NetlinkTransport, ifindex: int, parent: int, dev: str | int | None) -> list[codec.FilterMsg]:
+async def _dump_block(
+    nl: NetlinkTransport, ifindex: int, parent: int, dev: str | int | None, tables: bool = False
+) -> list[codec.FilterMsg]:
     try:
         msgs = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETTFILTER, ifindex, parent),
                              op=Op.FILTER_DUMP)
@@ -139,14 +155,17 @@ async def _dump_block(nl: NetlinkTransport, ifindex: int, parent: int, dev: str 
             raise DeviceNotFound(f"no device {dev if dev is not None else ifindex} (it was deleted?)",
                                  errno=exc.errno) from None
         raise
-    return hook_filters(msgs, ifindex)
+    return hook_filters(msgs, ifindex, tables=tables)
 
 
 async def dump_filters(
-    nl: NetlinkTransport, ifindex: int, direction: Direction, *, dev: str | int | None = None
+    nl: NetlinkTransport, ifindex: int, direction: Direction, *, dev: str | int | None = None,
+    tables: bool = False,
 ) -> list[codec.FilterMsg]:
     """Every filter of the hook `direction` of a device (any classifier, chain 0), without the
-    per-priority classifier heads (handle 0), in the order the kernel runs them (the dump's order: by
+    per-priority classifier heads (handle 0) and, unless `tables` (for priority choice: a priority that
+    holds only a u32 hash table is taken), without u32 hash tables (`hook_filters`), in the order the
+    kernel runs them (the dump's order: by
     priority, newest first within one). The filters of a clsact qdisc's block for the direction, or, for
     ingress, those of a legacy `ingress` qdisc however their parent was spelled; empty when the slot
     holds neither (and for egress under an `ingress` qdisc, which has no egress hook). DeviceNotFound
@@ -159,8 +178,8 @@ async def dump_filters(
     block of an `ingress` qdisc. So an egress dump that found filters is checked with one more dump at
     ffff:fff1: filters there mean they were an `ingress` qdisc's, which do not run on egress.
     """
-    out = await _dump_block(nl, ifindex, CLSACT_PARENTS[direction], dev)
-    if direction is Direction.EGRESS and out and await _dump_block(nl, ifindex, codec.CLSACT_PARENT, dev):
+    out = await _dump_block(nl, ifindex, CLSACT_PARENTS[direction], dev, tables)
+    if direction is Direction.EGRESS and out and await _dump_block(nl, ifindex, codec.CLSACT_PARENT, dev, True):
         return []
     return out
 

@@ -363,12 +363,13 @@ class NetlinkBackend(Backend[FilterAttachment]):
     # -- attach --------------------------------------------------------------------------------------
     async def _choose(self, request: AttachRequest, hook_empty: bool) -> int:
         """A free priority for the request's position among the filters on the hook now (`hook_empty`:
-        known without asking, the clsact qdisc was created just now under the device's lock)."""
+        known without asking, the clsact qdisc was created just now under the device's lock). u32 hash
+        tables count: a priority holding only a table is taken."""
         filters: list[codec.FilterMsg] = []
         if not hook_empty:
             with translated(Op.FILTER_DUMP, backend=self.name, dev=request.dev, direction=request.direction):
                 filters = await hooklib.dump_filters(self._transport(), request.ifindex, request.direction,
-                                                     dev=request.dev)
+                                                     dev=request.dev, tables=True)
         return place_filter(request.placement, [(f.priority, f.handle, f.kind, f.bpf_id) for f in filters],
                             dev=request.dev, direction=request.direction, backend=self.name)
 

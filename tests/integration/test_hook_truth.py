@@ -126,8 +126,7 @@ async def test_ingress_qdisc_filters_are_listed_however_their_parent_was_spelled
         hook = await s.query("veth0", "ingress")
         assert rows(hook) == [
             ("cls_bpf", first.id, 10, 1, False),
-            ("u32", 0, 15, 0x80000000, False),  # the u32 hash table 800:, then its key 800::800
-            ("u32", 0, 15, 0x80000800, False),
+            ("u32", 0, 15, 0x80000800, False),  # one entry for the u32 filter: its key 800::800, not its table
             ("cls_bpf", last.id, 20, 1, False),
         ]
         assert hook.prog_ids == (first.id, last.id)
@@ -170,9 +169,9 @@ async def test_u32_filters_are_listed_and_a_classid_stops_the_filters_behind_it(
         hook = await s.query("veth0", "ingress")
         assert rows(hook) == [
             ("cls_bpf", a.id, 5, 1, True),
-            ("u32", 0, 7, 0x80000000, False), ("u32", 0, 7, 0x80000800, False),
+            ("u32", 0, 7, 0x80000800, False),  # each u32 filter once, by its key (800::800, 801::800)
             ("cls_bpf", b.id, 9, 1, True),
-            ("u32", 0, 11, 0x80100000, False), ("u32", 0, 11, 0x80100800, False),
+            ("u32", 0, 11, 0x80100800, False),
             ("cls_bpf", c.id, 13, 1, True),
         ]
         for e in hook.entries:
@@ -195,4 +194,28 @@ async def test_u32_filters_are_listed_and_a_classid_stops_the_filters_behind_it(
         assert after_b.info.priority == 10  # between b (9) and the u32 at 11
         assert await s.reap_orphans() == ()
         kinds = [(e.kind, e.priority) for e in (await s.query("veth0", "ingress")).entries]
-        assert kinds.count(("u32", 7)) == 2 and kinds.count(("u32", 11)) == 2
+        assert kinds.count(("u32", 7)) == 1 and kinds.count(("u32", 11)) == 1
+
+
+async def test_a_u32_hash_table_is_no_entry_but_its_priority_is_taken(veth: VethPair) -> None:
+    """`tc filter add ... prio 7 handle 1: u32 divisor 1` makes a u32 instance holding only hash tables (1:
+    and the root 800:), no key: nothing to list, but the priority is taken (a cls_bpf filter there is
+    refused with EINVAL, the kind does not match), so placement between 5 and 9 must not pick 7."""
+    ns = veth.netns_a
+    async with asynctc.open_session("netlink", netns=ns) as s:
+        a, c = programs.constant("pass"), programs.constant("pass")
+        await s.attach("veth0", "ingress", a, priority=5)
+        await s.attach("veth0", "ingress", c, priority=9)
+        tc("filter", "add", "dev", "veth0", "ingress", "prio", "7", "handle", "1:", "u32", "divisor", "1", netns=ns)
+        ifx = ifindex_of(ns, "veth0")
+        async with raw_netlink(ns) as nl:
+            msgs = await nl.dump(lambda seq: codec.encode_dump_request(seq, codec.RTM_GETTFILTER, ifx,
+                                                                       codec.INGRESS_PARENT))
+        assert sorted(m.handle for m in msgs if isinstance(m, codec.FilterMsg) and m.priority == 7 and m.handle) == [
+            0x00100000, 0x80000000]  # the tables are there
+        assert rows(await s.query("veth0", "ingress")) == [("cls_bpf", a.id, 5, 1, True), ("cls_bpf", c.id, 9, 1, True)]
+        b = programs.constant("pass")
+        att = await s.attach("veth0", "ingress", b, position=asynctc.After(a))
+        assert att.info.priority == 6  # between a (5) and the table's priority 7, not their midpoint with 9
+        assert rows(await s.query("veth0", "ingress")) == [
+            ("cls_bpf", a.id, 5, 1, True), ("cls_bpf", b.id, 6, 1, True), ("cls_bpf", c.id, 9, 1, True)]

@@ -175,13 +175,14 @@ async def test_positions_become_priorities_around_foreign_filters(veth: VethPair
 
         hook = await s.query("veth0", "ingress")
         assert [(e.priority, e.kind, e.owned) for e in hook.entries] == [
-            (1, "cls_bpf", True), (3, "cls_bpf", True), (7, "u32", False), (7, "u32", False),
+            (1, "cls_bpf", True), (3, "cls_bpf", True), (7, "u32", False),
             (13, "cls_bpf", True), (20, "cls_bpf", False), (148, "cls_bpf", True), (276, "cls_bpf", True),
             (500, "cls_bpf", True)]
-        assert hook.entries[5].prog_id == foreign.id
-        assert [e.prog_id for e in hook.entries if e.kind == "u32"] == [0, 0]
-        # run order is priority order: the u32 filter at 7 (its hash table, then its key: listed, with no
-        # program) matches without a classid and so goes on to the next filter, the foreign program says
+        assert hook.entries[4].prog_id == foreign.id
+        assert [(e.prog_id, e.handle) for e in hook.entries if e.kind == "u32"] == [(0, 0x80000800)]
+        # run order is priority order: the u32 filter at 7 (one entry, its key 800::800, with no program;
+        # its hash table 800: is no entry) matches without a classid and so goes on to the next filter, the
+        # foreign program says
         # "next", ours at 148 drops, so the filters after it see nothing
         await frames(veth, 4)
         assert [p[k].count() for k in ("head", "first", "before_f", "after_f", "last", "prio")] == [4, 4, 4, 4, 0, 0]
@@ -208,7 +209,7 @@ async def test_clsact_is_created_and_removed_only_when_ours(veth: VethPair) -> N
         tc("filter", "add", "dev", "veth0", "egress", "prio", "7", "u32", "match", "u32", "0", "0", netns=ns)
         await a.detach()
         assert qdisc_kinds(ns) == ["clsact"]
-        assert [f.kind for f in await filters(ns, "veth0", "egress")] == ["u32", "u32"]  # hash table + filter
+        assert [f.kind for f in await filters(ns, "veth0", "egress")] == ["u32", "u32"]  # raw dump: table + key
         tc("filter", "del", "dev", "veth0", "egress", "prio", "7", netns=ns)
 
         assert qdisc_kinds(ns) == ["clsact"]
@@ -544,11 +545,11 @@ async def test_a_killed_process_filters_are_reaped(veth: VethPair, bpffs: str) -
             assert all(e.kind == "cls_bpf" and not e.owned and e.prog_name == "orphan" for e in removed)
             assert await s.reap_orphans() == ()
         hook = await live.query("veth0", "ingress")
-        # kept: the live session's own filter, the pinned one, the other owner's, and the u32 (its hash table
-        # and its key, listed without a program)
+        # kept: the live session's own filter, the pinned one, the other owner's, and the u32 (one entry,
+        # its key, listed without a program)
         assert sorted(hook.prog_ids) == sorted([mine.info.prog_id, *pinned, *other_owner])
-        assert [(e.kind, e.priority, e.prog_id, e.owned) for e in hook.entries if e.kind == "u32"] == [
-            ("u32", 7, 0, False), ("u32", 7, 0, False)]
+        assert [(e.kind, e.priority, e.handle, e.prog_id, e.owned) for e in hook.entries if e.kind == "u32"] == [
+            ("u32", 7, 0x80000800, 0, False)]
         assert [f.bpf_id for f in await filters(ns, "veth0", "egress")] == []
         assert mine.state is asynctc.State.ATTACHED
         # the pinned orphan can still be adopted

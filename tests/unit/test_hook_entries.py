@@ -86,25 +86,30 @@ class Names(hooklib.ProgNameCache):
 # -- the dump's messages ---------------------------------------------------------------------------------
 
 
-def test_a_recorded_dump_lists_cls_bpf_then_the_u32_table_and_key() -> None:
+def test_a_recorded_dump_lists_cls_bpf_then_the_u32_key_only() -> None:
     """tests/fixtures/netlink/dump_filters_ingress.bin, recorded on the real kernel: a cls_bpf filter at
-    priority 1, then `tc filter add ... prio 7 u32 match u32 0 0` (its hash table and its key)."""
+    priority 1, then `tc filter add ... prio 7 u32 match u32 0 0`, which the kernel dumps as its hash
+    table (800:) and its key (800::800). One filter added, one entry: the key."""
     msgs = c.decode_messages((FIXTURES / "dump_filters_ingress.bin").read_bytes())
     manifest = json.loads((FIXTURES / "manifest.json").read_text())
+    dumped = [(m.priority, m.handle) for m in msgs if isinstance(m, c.FilterMsg) and m.handle]
+    assert dumped == [(1, 1), (7, 0x80000000), (7, 0x80000800)]  # the recording does hold the table
     filters = hooklib.hook_filters(msgs, manifest["ifindex"])
     entries = [hooklib.filter_entry(f, "x", "") for f in filters]
     assert entries == [
         HookEntry(manifest["prog_id"], "x", manifest["prog_tag"], "cls_bpf", None, 1, 1, False),
-        HookEntry(0, "", "", "u32", None, 0x80000000, 7, False),
         HookEntry(0, "", "", "u32", None, 0x80000800, 7, False),
     ]
-    assert [e.has_program for e in entries] == [True, False, False]
+    assert [e.has_program for e in entries] == [True, False]
+    # for priority choice the table is kept: a priority holding only a table is taken
+    assert [(f.priority, f.handle) for f in hooklib.hook_filters(msgs, manifest["ifindex"], tables=True)] == [
+        (1, 1), (7, 0x80000000), (7, 0x80000800)]
 
 
 def test_hook_filters_keep_the_dump_order_and_any_parent_spelling() -> None:
     """The kernel dumps a priority's filters newest first, as it runs them: no re-sorting by handle. The
     parent a filter reports is the block's last spelling, so it selects nothing; heads (handle 0), other
-    devices and other chains are left out."""
+    devices, other chains and u32 hash tables are left out."""
     msgs: list[c.Message] = [
         fmsg(5, 0),  # the head of priority 5
         fmsg(5, 2, prog=12, parent=0xFFFF0000),
@@ -115,10 +120,19 @@ def test_hook_filters_keep_the_dump_order_and_any_parent_spelling() -> None:
         fmsg(7, 0, "u32"),
         fmsg(7, 0x80000000, "u32"),
         fmsg(7, 0x80000800, "u32"),
+        fmsg(8, 0x00100000, "u32"),  # a table made with `handle 1: u32 divisor 1`, no key: nothing to list
         c.NlDone(seq=1),
     ]
     got = [(f.priority, f.handle) for f in hooklib.hook_filters(msgs, IFX)]
-    assert got == [(5, 2), (5, 1), (5, 3), (7, 0x80000000), (7, 0x80000800)]
+    assert got == [(5, 2), (5, 1), (5, 3), (7, 0x80000800)]
+    with_tables = [(f.priority, f.handle) for f in hooklib.hook_filters(msgs, IFX, tables=True)]
+    assert with_tables == [(5, 2), (5, 1), (5, 3), (7, 0x80000000), (7, 0x80000800), (8, 0x00100000)]
+
+
+def test_u32_tables_are_the_u32_nodes_with_node_id_0() -> None:
+    assert [hooklib.is_u32_table(fmsg(7, h, "u32")) for h in (0x80000000, 0x00100000, 0x80100000)] == [True] * 3
+    assert [hooklib.is_u32_table(fmsg(7, h, "u32")) for h in (0x80000800, 0x80000801, 0x80001800)] == [False] * 3
+    assert not hooklib.is_u32_table(fmsg(7, 0x80000000, "bpf", prog=1))  # only u32 has tables
 
 
 def test_filter_entry_of_each_kind() -> None:
@@ -142,6 +156,13 @@ async def test_ingress_is_one_dump_of_the_ingress_block() -> None:
     got = await hooklib.dump_filters(nl(fake), IFX, Direction.INGRESS)
     assert [f.handle for f in got] == [2, 1]
     assert fake.asked == [c.INGRESS_PARENT]
+
+
+async def test_dump_filters_keep_u32_tables_only_for_priority_choice() -> None:
+    block: list[c.Message] = [fmsg(7, 0x80000000, "u32"), fmsg(7, 0x80000800, "u32"), fmsg(9, 0x00100000, "u32")]
+    fake = FakeDumps({c.INGRESS_PARENT: block})
+    assert [f.handle for f in await hooklib.dump_filters(nl(fake), IFX, Direction.INGRESS)] == [0x80000800]
+    assert await hooklib.dump_filters(nl(fake), IFX, Direction.INGRESS, tables=True) == block
 
 
 async def test_egress_of_clsact_is_checked_against_an_ingress_qdisc() -> None:
@@ -185,7 +206,7 @@ async def test_filter_entries_name_only_the_programs() -> None:
     entries = await hooklib.filter_entries(nl(fake), IFX, Direction.INGRESS, names)
     assert [(e.kind, e.prog_id, e.prog_name, e.priority, e.handle) for e in entries] == [
         ("cls_bpf", 22, "prog22", 2, 2), ("cls_bpf", 21, "prog21", 2, 1),
-        ("u32", 0, "", 7, 0x80000000), ("u32", 0, "", 7, 0x80000800), ("cls_bpf", 22, "prog22", 9, 1)]
+        ("u32", 0, "", 7, 0x80000800), ("cls_bpf", 22, "prog22", 9, 1)]
     assert sorted(set(names.looked_up)) == [21, 22]
     assert 0 not in names.looked_up
 
