@@ -479,12 +479,15 @@ async def test_simulated_program_handle() -> None:
     prog = kernel.program("next", name="x" * 20)
     assert isinstance(prog, SimulatedProgram) and prog.simulated and prog.type == bpf.BPF_PROG_TYPE_SCHED_CLS
     assert prog.name == "x" * 15 and len(prog.tag) == 16 and prog.kernel is kernel
-    with pytest.raises(asynctc.ProgramError, match="simulated"):
-        _ = prog.fd
+    # its fd is one of its kernel's: a program fd there, nothing the real kernel knows
+    assert kernel.bpf.fd_object_kind(prog.fd) == "prog" and kernel.bpf.prog_info(prog.fd).id == prog.id
     with pytest.raises(ValueError, match="verdict"):
         kernel.program("maybe")  # type: ignore[arg-type]
+    fd = prog.fd
     prog.close()
-    assert prog.closed
+    assert prog.closed and fd not in kernel.fds()
+    with pytest.raises(asynctc.ProgramError, match="closed"):
+        _ = prog.fd
     await trio.lowlevel.checkpoint()
 
 
