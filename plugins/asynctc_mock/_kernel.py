@@ -19,7 +19,12 @@ Process model (for orphans): objects record the session tag ("owner:pid.start.se
 created them (a filter inside its owner tag, the name `asynctc.lowlevel.tcpolicy.format_tag` gives). A tag's
 process is alive while a process with that pid and start time exists (read from /proc) and nobody called
 `kill_process(tag)`; `kill_process` also destroys the tag's unpinned links, as the real kernel does when the
-last fd of a link is closed by SIGKILL. Legacy filters survive.
+last fd of a link is closed by SIGKILL. Legacy filters survive. Through the bpf(2) boundary, the fds opened
+inside `with kernel.process(tag):` are that process's: killing it closes them (their numbers answer EBADF
+until closed), so the links only they held are detached.
+
+The bpf(2) boundary (`kernel.bpf`, `kernel.pins`, see `_syscalls`) and the high-level API share one state:
+a link made through either shows in the other's queries.
 """
 
 from __future__ import annotations
@@ -521,8 +526,18 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         """Make the `nth` next call of operation `op` (counting from now) fail with `errno`, and the
         `times - 1` calls after it too. A failing call changes nothing.
 
-        Operation names: "link_create", "link_update", "link_detach", "link_info", "prog_query",
-        "prog_attach", "prog_detach", "qdisc_add", "qdisc_delete", "qdisc_get", "filter_add",
+        The bpf(2) boundary (`kernel.bpf`) is faulted under the operation name `asynctc.lowlevel.bpf.Bpf`
+        passes with each call: "prog_load", "map_create", "map_info", "map_lookup", "map_update",
+        "map_delete", "map_get_next_key", "map_get_fd_by_id", "obj_pin" (also the pin step of
+        `pins.pin_object` and `pins.pin_over`), "obj_get" (`pins.get_object` too), "prog_info" (also
+        `prog_run_stats`), "prog_get_fd_by_id", "prog_test_run", "prog_query", "link_create", "link_update",
+        "link_update_cas" (a link update with an expected old program), "link_detach", "link_info",
+        "link_get_fd_by_id", "link_get_next_id", "enable_stats"; and "obj_unpin" (`pins.unpin`). A call
+        that fails so raises `BpfError(errno, op)` and changes nothing. close() is never faulted (latency
+        under "close" applies).
+
+        The high-level API's operation names: "link_create", "link_update", "link_detach", "link_info",
+        "prog_query", "prog_attach", "prog_detach", "qdisc_add", "qdisc_delete", "qdisc_get", "filter_add",
         "filter_add_hw" (the hardware step of a skip_sw add), "filter_replace", "filter_replace_hw",
         "filter_delete", "filter_dump", "obj_pin", "obj_get", "obj_unpin", "dev_get".
         """
