@@ -321,7 +321,9 @@ class BpfSyscallsMixin:
             if d is None or not d.offload:
                 raise refuse(f"device {prog_ifindex} cannot run device-bound (offloaded) programs")
         pid = next(self._sim_ids)
-        tag = hashlib.sha1(insns).hexdigest()[:16]
+        # the kernel's tag: the first 8 bytes of the instructions' SHA-256 (Linux 6.18; older kernels used
+        # SHA-1); this program has no map fds to blank out
+        tag = hashlib.sha256(insns).hexdigest()[:16]
         self._progs[pid] = _Prog(pid, name, tag, ptype, cast("Verdict", verdict), None, offloadable)
         return self._new_fd("prog", pid)
 
