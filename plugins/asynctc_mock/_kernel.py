@@ -34,6 +34,7 @@ import errno as _errno
 import hashlib
 import itertools
 import os
+import stat
 import threading
 import time
 import weakref
@@ -430,10 +431,13 @@ _PROCESS: contextvars.ContextVar[str | None] = contextvars.ContextVar("asynctc_m
 
 
 def _close_fds(fds: dict[int, int]) -> None:
-    """Close the fds a collected MockKernel still had open (its files)."""
-    for fd in list(fds):
+    """Close the fds a collected MockKernel still had open (its memfds). An fd number that no longer names
+    the memfd recorded for it (closed behind the kernel's back, then reused) is left alone."""
+    for fd, ino in list(fds.items()):
         try:
-            os.close(fd)
+            st = os.fstat(fd)
+            if st.st_ino == ino and st.st_nlink == 0 and stat.S_ISREG(st.st_mode):
+                os.close(fd)
         except OSError:
             pass
     fds.clear()
