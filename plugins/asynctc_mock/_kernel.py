@@ -889,8 +889,11 @@ class MockKernel(Kernel, BpfSyscallsMixin):
 
     def _gc_progs(self) -> None:
         """Drop the kernel's reference on real programs nothing uses any more."""
+        held = [rec for rec in self._progs.values() if rec.real_fd is not None]
+        if not held:
+            return
         used = self._referenced_progs()
-        for rec in self._progs.values():
+        for rec in held:
             if rec.real_fd is not None and rec.id not in used:
                 fd, rec.real_fd = rec.real_fd, None
                 os.close(fd)
