@@ -371,6 +371,8 @@ class BpfSyscallsMixin:
         from ._kernel import _Pin
 
         path_addr, fd, file_flags = struct.unpack_from("=QII", attr, 0)
+        if file_flags:
+            raise _err(_errno.EINVAL, op)  # (BPF_F_PATH_FD, a directory fd, is not modelled)
         path = _read_path(path_addr, op)
         f = self._file_or_ebadf(fd, op)
         if f is None:
@@ -379,8 +381,6 @@ class BpfSyscallsMixin:
             raise _err(_errno.EINVAL, op)
         else:
             kind, obj_id = f.kind, f.obj_id
-        if file_flags:
-            raise _err(_errno.EINVAL, op)
         self._bpffs_check_new(path, op)
         self._pins[path] = _Pin(cast("Literal['link', 'prog', 'map']", kind), link_id=obj_id)
         if kind == "link":
@@ -392,8 +392,8 @@ class BpfSyscallsMixin:
         return 0
 
     def _sys_obj_get(self, attr: Attr, op: str) -> int:
-        path_addr, _fd, file_flags = struct.unpack_from("=QII", attr, 0)
-        if file_flags & ~(BPF_F_RDONLY | BPF_F_WRONLY) or file_flags == BPF_F_RDONLY | BPF_F_WRONLY:
+        path_addr, fd, file_flags = struct.unpack_from("=QII", attr, 0)
+        if fd or file_flags & ~(BPF_F_RDONLY | BPF_F_WRONLY) or file_flags == BPF_F_RDONLY | BPF_F_WRONLY:
             raise _err(_errno.EINVAL, op)
         path = _read_path(path_addr, op)
         pin = self._bpffs_lookup(path, op)
