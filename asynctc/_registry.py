@@ -135,6 +135,11 @@ class Registry:
         while self._attaching.get(ifindex):
             await self._attach_done.wait()
 
+    async def all_settled(self) -> None:
+        """Wait until no attach is in flight on any device (callers bound the wait)."""
+        while self._attaching:
+            await self._attach_done.wait()
+
     def remove(self, record: AttachmentRecord) -> None:
         for key in _record_keys(record.info):
             self._departed[(record.info.ifindex, *key)] = record.info.direction

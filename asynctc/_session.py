@@ -402,6 +402,9 @@ class Session:
                 await self._watcher.let_go.wait()
         errors = await self._lifecycle.close()
         with trio.move_on_after(self.cleanup_timeout, shield=True):
+            # An attach still in the kernel (started outside the session's block) sees the session closed
+            # when it returns and detaches what it made: through a backend that must still be open.
+            await self._registry.all_settled()
             errors.extend(await self._backends.aclose())
         self._fanout.close()
         self._runner.close()

@@ -12,8 +12,8 @@ kernel's own interface, kept as low as the kernel draws it:
   bytes `asynctc.lowlevel.codec` builds and parses;
 - `if_nametoindex` / `if_indextoname`: device names and indexes of the calling thread's namespace (the
   SIOCGIFINDEX / SIOCGIFNAME ioctls: no rtnl, far cheaper than an RTM_GETLINK);
-- `process_alive`: whether the process an ownership record names still runs (orphans are what dead
-  processes left).
+- `session_alive`: whether the session (process) an ownership record names still runs (orphans are what
+  dead processes left).
 
 Calls that can block (every bpf(2) call, close() of a link fd, netlink sends) are made from worker threads,
 as before: the boundary does not change where code runs.
@@ -117,9 +117,11 @@ class Kernel(abc.ABC):
         cannot be told."""
 
     @abc.abstractmethod
-    def process_alive(self, pid: int, start: str) -> bool:
-        """Whether process `pid`, started at `start` (clock ticks since boot, as asynctc's ownership tags
-        record it), still runs (see `asynctc.lowlevel.tcpolicy.process_alive`)."""
+    def session_alive(self, session_tag: str) -> bool:
+        """Whether the session that wrote an ownership record with `session_tag` ("owner:pid.start.serial",
+        `asynctc.lowlevel.tcpolicy.format_session_tag`) still runs: on the real kernel, whether its process
+        does (`asynctc.lowlevel.tcpolicy.process_alive`). A tag that cannot be parsed counts as alive: when
+        in doubt, nothing is an orphan."""
 
 
 class Linux(Kernel):
@@ -147,8 +149,9 @@ class Linux(Kernel):
     def classifier_present(self, kind: str) -> bool | None:
         return _classifier_present(kind)
 
-    def process_alive(self, pid: int, start: str) -> bool:
-        return tcpolicy.process_alive(pid, start)
+    def session_alive(self, session_tag: str) -> bool:
+        parsed = tcpolicy.parse_session_tag(session_tag)
+        return True if parsed is None else tcpolicy.process_alive(parsed[1], parsed[2])
 
     def __repr__(self) -> str:
         return "<asynctc Linux kernel>"

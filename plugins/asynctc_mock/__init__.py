@@ -19,7 +19,6 @@ import asynctc
 
 from ._backend import MockAttachment as MockAttachment
 from ._backend import MockBackend as MockBackend
-from ._backend import MockEventSource as MockEventSource
 from ._kernel import MAX_TCX_PROGS as MAX_TCX_PROGS
 from ._kernel import FilterInfo as FilterInfo
 from ._kernel import KernelError as KernelError
@@ -39,7 +38,6 @@ __all__ = [
     "LinkInfo",
     "MockAttachment",
     "MockBackend",
-    "MockEventSource",
     "MockKernel",
     "QdiscInfo",
     "SimulatedProgram",

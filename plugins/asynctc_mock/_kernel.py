@@ -19,23 +19,31 @@ Process model (for orphans): objects record the session tag ("owner:pid.start.se
 created them (a filter inside its owner tag, the name `asynctc.lowlevel.tcpolicy.format_tag` gives). A tag's
 process is alive while a process with that pid and start time exists (read from /proc) and nobody called
 `kill_process(tag)`; `kill_process` also destroys the tag's unpinned links, as the real kernel does when the
-last fd of a link is closed by SIGKILL. Legacy filters survive.
+last fd of a link is closed by SIGKILL. Legacy filters survive. Through the bpf(2) boundary, the fds opened
+inside `with kernel.process(tag):` are that process's: killing it closes them (their numbers answer EBADF
+until closed), so the links only they held are detached.
+
+The bpf(2) boundary (`kernel.bpf`, `kernel.pins`, see `_syscalls`) and the high-level API share one state:
+a link made through either shows in the other's queries.
 """
 
 from __future__ import annotations
 
+import contextvars
 import errno as _errno
 import hashlib
 import itertools
 import os
+import stat
 import struct
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import Literal, NoReturn, TypeAlias
 
 from asynctc import Direction, Program, ProgramError
 from asynctc.events import (
@@ -48,6 +56,7 @@ from asynctc.events import (
     QdiscRemoved,
 )
 from asynctc.lowlevel import bpf, codec
+from asynctc.lowlevel.kernel import Kernel
 from asynctc.lowlevel.tcpolicy import parse_session_tag, parse_tag, process_alive
 
 from ._rtnl import (
@@ -64,6 +73,7 @@ from ._rtnl import (
     parse_link,
     parse_tc,
 )
+from ._syscalls import BpfSyscallsMixin, MockPins, MockSyscalls
 
 __all__ = [
     "MAX_TCX_PROGS",
@@ -92,8 +102,6 @@ AUTO_PRIO_LOWEST = 0x8000
 """Priority 0 asks the kernel for one below the lowest priority from here up (ENOSPC if this one is taken)."""
 TCA_BPF_FLAG_ACT_DIRECT = 1
 HOOK_PARENTS = {Direction.INGRESS: codec.INGRESS_PARENT, Direction.EGRESS: codec.EGRESS_PARENT}
-NETLINK_PROG_FD_BASE = 1 << 24
-"""Stand-in TCA_BPF_FD numbers for simulated programs start here (see `MockKernel.netlink_prog_fd`)."""
 
 SIM_PROG_ID_BASE = 1 << 30
 """Simulated program ids start here, far above the ids of real programs."""
@@ -116,6 +124,11 @@ Verdict: TypeAlias = Literal["pass", "drop", "next"]
 _VERDICT_CODES: dict[int, Verdict] = {0: "pass", 2: "drop", -1: "next"}
 
 DevRef: TypeAlias = "str | int"
+
+
+_FAULT_FAMILIES = {"link_update_cas": "link_update"}
+"""An operation that a fault injected under a broader name fails too (every BPF_LINK_UPDATE is a
+"link_update")."""
 
 
 class KernelError(OSError):
@@ -219,6 +232,7 @@ class _Prog:
     real_fd: int | None  # the kernel's own reference on a real program (a dup of its fd)
     offloadable: bool
     count: int = 0
+    pins: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -228,8 +242,45 @@ class _Link:
     ifindex: int  # 0 once detached or severed
     direction: Direction
     creator: str | None
-    holders: int = 1  # open fds
+    holders: int = 1  # holders without an fd: the high-level `link_create` and `obj_get` give one each
     pins: set[str] = field(default_factory=set)
+    files: int = 0  # open files (fds) on it
+
+    @property
+    def attach_type(self) -> int:
+        return bpf.BPF_TCX_INGRESS if self.direction is Direction.INGRESS else bpf.BPF_TCX_EGRESS
+
+
+@dataclass(slots=True)
+class _Map:
+    """An array map (the only type the mock creates): `data` holds max_entries values back to back."""
+
+    id: int
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    name: str
+    data: bytearray
+    refs: int = 0  # open files on it
+    pins: set[str] = field(default_factory=set)
+
+
+FileKind: TypeAlias = Literal["prog", "map", "link", "stats"]
+
+
+@dataclass(slots=True)
+class _File:
+    """One open file the kernel handed out (what an fd refers to): a memfd of its own, so its inode names
+    it and a dup() of the fd is recognised as the same file. Holds one reference on its object."""
+
+    inode: int
+    kind: FileKind
+    obj_id: int
+    owner: str | None  # the process (session tag) that opened it, see `MockKernel.process`
+    fds: set[int] = field(default_factory=set)
+    dead: bool = False  # its process was killed: the reference is gone, the fd answers EBADF
 
 
 @dataclass(slots=True)
@@ -356,8 +407,8 @@ class _Fault:
 
 @dataclass(frozen=True, slots=True)
 class _Pin:
-    kind: Literal["link", "filter"]
-    link_id: int = 0
+    kind: Literal["link", "filter", "prog", "map"]
+    link_id: int = 0  # "link": the link; "prog" / "map": the program or map id
     ifindex: int = 0
     direction: Direction = Direction.INGRESS
     priority: int = 0
@@ -453,17 +504,20 @@ class Subscription:
 
 
 class SimulatedProgram(Program):
-    """A SCHED_CLS (or other type) program that exists only in one MockKernel: no fd, no privileges.
+    """A SCHED_CLS (or other type) program that exists only in one MockKernel: no privileges needed.
 
+    `fd` is a program fd of its kernel (a real fd number, meaningful only to that kernel's `bpf` calls).
     `count()` says how many packets it saw through `MockKernel.send`; `verdict` is what it returns.
-    `close()` makes the handle unusable for new attachments, as closing a real program's fd does;
-    attachments already made keep running it.
+    `close()` closes the fd, which makes the handle unusable for new attachments, as closing a real
+    program's fd does; attachments already made keep running it.
     """
 
     __slots__ = ("_closed", "_kernel", "_verdict")
 
-    def __init__(self, kernel: MockKernel, *, id: int, name: str, tag: str, type: int, verdict: Verdict) -> None:
-        super().__init__(None, id=id, name=name, tag=tag, type=type)
+    def __init__(
+        self, kernel: MockKernel, *, fd: int, id: int, name: str, tag: str, type: int, verdict: Verdict
+    ) -> None:
+        super().__init__(fd, id=id, name=name, tag=tag, type=type)
         self._kernel = kernel
         self._verdict: Verdict = verdict
         self._closed = False
@@ -487,7 +541,10 @@ class SimulatedProgram(Program):
 
     @property
     def fd(self) -> int:
-        raise ProgramError(f"{self} is simulated: it exists only in a MockKernel, use the mock backend")
+        """The program's fd in its MockKernel; ProgramError once closed."""
+        if self._closed or self._fd is None or self._fd < 0:
+            raise ProgramError(f"{self} is closed; make another with MockKernel.program()")
+        return self._fd
 
     def count(self) -> int:
         """How many packets this program has seen in its kernel."""
@@ -498,16 +555,43 @@ class SimulatedProgram(Program):
         self._kernel.prog_reset(self.id)
 
     def close(self) -> None:
-        """Close the handle (idempotent). Attachments keep running the program."""
+        """Close the handle and its fd (idempotent). Attachments keep running the program."""
+        if self._closed:
+            return
         self._closed = True
+        fd, self._fd = self._fd, -1
+        if fd is not None and fd >= 0:
+            self._kernel.bpf.close(fd)
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
         return f"<SimulatedProgram id={self.id} name={self.name!r} {self.type_name} {self._verdict}{state}>"
 
 
-class MockKernel:
+_PROCESS: contextvars.ContextVar[str | None] = contextvars.ContextVar("asynctc_mock_process", default=None)
+
+
+def _close_fds(fds: dict[int, int]) -> None:
+    """Close the fds a collected MockKernel still had open (its memfds). An fd number that no longer names
+    the memfd recorded for it (closed behind the kernel's back, then reused) is left alone."""
+    for fd, ino in list(fds.items()):
+        try:
+            st = os.fstat(fd)
+            if st.st_ino == ino and st.st_nlink == 0 and stat.S_ISREG(st.st_mode):
+                os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
+class MockKernel(Kernel, BpfSyscallsMixin):
     """An in-memory kernel: devices, tcx hooks and links, clsact qdiscs and cls_bpf filters, pins, events.
+
+    It answers asynctc's kernel boundary (`asynctc.lowlevel.kernel.Kernel`) as Linux does: `bpf` is an
+    `asynctc.lowlevel.bpf.Bpf` over `MockSyscalls` (raw `union bpf_attr` in, the kernel's results and errnos
+    out, fds that are real fd numbers), `pins` an in-memory bpffs (`MockPins`), `session_alive` the real
+    answer unless `kill_process` killed the process. It also keeps a high-level API (`link_create`,
+    `prog_query`, `obj_pin`...) over the same state, for tests that drive the model directly.
 
     Args:
         devices: names of the devices present at the start (ifindex 1, 2, ... in this order); none of
@@ -516,7 +600,11 @@ class MockKernel:
     Attributes:
         calls: how many times each operation kind was called (including failed calls), e.g.
             `kernel.calls["link_create"]`.
+        bpf: the bpf(2) calls of this kernel.
+        pins: its bpffs; calling it (`kernel.pins()`) gives {path: what} of every pin.
     """
+
+    pins: MockPins
 
     def __init__(self, devices: Iterable[str] = ("lo", "eth0", "veth0", "veth1")) -> None:
         self._lock = threading.RLock()
@@ -524,19 +612,72 @@ class MockKernel:
         self._ifindexes = itertools.count(1)
         self._sim_ids = itertools.count(SIM_PROG_ID_BASE)
         self._link_ids = itertools.count(1)
+        self._map_ids = itertools.count(1)
         self._progs: dict[int, _Prog] = {}
         self._links: dict[int, _Link] = {}
+        self._maps: dict[int, _Map] = {}
         self._pins: dict[str, _Pin] = {}
+        self._files: dict[int, _File] = {}  # by inode
+        self._fd_files: dict[int, int] = {}  # fd -> inode of its file
+        self._memfd_dev: int | None = None
         self._faults: list[_Fault] = []
         self._latency: dict[str | None, float] = {}
         self._subs: list[Subscription] = []
         self._dead_tags: set[str] = set()
-        self._netlink_prog_fds: dict[int, int] = {}
         self.rtnl = RtnlHandler(self)
         """The rtnetlink side: the simulated sockets and their request handler (see `_rtnl`)."""
         self.calls: Counter[str] = Counter()
+        self._finalizer = weakref.finalize(self, _close_fds, self._fd_files)
+        self.bpf = bpf.Bpf(MockSyscalls(self))
+        self.pins = MockPins(self)
         for name in devices:
             self.add_device(name)
+
+    # ====================================================================================================
+    # the rest of the kernel boundary
+    # ====================================================================================================
+    def if_nametoindex(self, name: str) -> int:
+        """The ifindex of device `name` (SIOCGIFINDEX); OSError ENODEV if there is none."""
+        with self._lock:
+            self._enter("dev_get")
+            for d in self._devices.values():
+                if d.name == name:
+                    return d.ifindex
+        raise OSError(_errno.ENODEV, f"no device named {name!r}")
+
+    def if_indextoname(self, ifindex: int) -> str:
+        """The name of device `ifindex` (SIOCGIFNAME); OSError ENXIO if there is none."""
+        with self._lock:
+            self._enter("dev_get")
+            d = self._devices.get(ifindex)
+            if d is not None:
+                return d.name
+        raise OSError(_errno.ENXIO, f"no device with ifindex {ifindex}")
+
+    def classifier_present(self, kind: str) -> bool | None:
+        """cls_bpf and u32 are the classifiers this kernel simulates."""
+        return kind in ("bpf", "u32")
+
+    def session_alive(self, session_tag: str) -> bool:
+        """Whether the session with `session_tag` runs: False once `kill_process` killed it (each session
+        counts as a process of its own here, so that one test can crash one of its sessions); else the
+        real answer for its pid and start time. A tag that cannot be parsed counts as alive."""
+        with self._lock:
+            if session_tag in self._dead_tags:
+                return False
+        parsed = parse_session_tag(session_tag)
+        return True if parsed is None else process_alive(parsed[1], parsed[2])
+
+    @contextmanager
+    def process(self, tag: str) -> Iterator[None]:
+        """Make the calls made inside this block (and in the worker threads it starts with trio, which copy
+        the context) those of the process whose session tag is `tag`: the fds they open and the links they
+        create are that process's, and `kill_process(tag)` closes them as SIGKILL would."""
+        token = _PROCESS.set(tag)
+        try:
+            yield
+        finally:
+            _PROCESS.reset(token)
 
     def __repr__(self) -> str:
         with self._lock:
@@ -550,8 +691,19 @@ class MockKernel:
         """Make the `nth` next call of operation `op` (counting from now) fail with `errno`, and the
         `times - 1` calls after it too. A failing call changes nothing.
 
-        Operation names: "link_create", "link_update", "link_detach", "link_info", "prog_query",
-        "prog_attach", "prog_detach", "qdisc_add", "qdisc_delete", "qdisc_get", "filter_add",
+        The bpf(2) boundary (`kernel.bpf`) is faulted under the operation name `asynctc.lowlevel.bpf.Bpf`
+        passes with each call: "prog_load", "map_create", "map_info", "map_lookup", "map_update",
+        "map_delete", "map_get_next_key", "map_get_fd_by_id", "obj_pin" (also the pin step of
+        `pins.pin_object` and `pins.pin_over`), "obj_get" (`pins.get_object` too), "prog_info" (also
+        `prog_run_stats`), "prog_get_fd_by_id", "prog_test_run", "prog_query", "link_create", "link_update",
+        "link_update_cas" (a link update with an expected old program; a "link_update" fault fails it too:
+        that name is every BPF_LINK_UPDATE), "link_detach", "link_info",
+        "link_get_fd_by_id", "link_get_next_id", "enable_stats"; and "obj_unpin" (`pins.unpin`). A call
+        that fails so raises `BpfError(errno, op)` and changes nothing. close() is never faulted (latency
+        under "close" applies).
+
+        The high-level API's operation names: "link_create", "link_update", "link_detach", "link_info",
+        "prog_query", "prog_attach", "prog_detach", "qdisc_add", "qdisc_delete", "qdisc_get", "filter_add",
         "filter_add_hw" (the hardware step of a skip_sw add), "filter_replace", "filter_replace_hw",
         "filter_delete", "filter_dump", "obj_pin", "obj_get", "obj_unpin", "dev_get".
         """
@@ -584,8 +736,9 @@ class MockKernel:
         delay = self._latency.get(op, self._latency.get(None, 0.0))
         if delay:
             time.sleep(delay)
+        family = _FAULT_FAMILIES.get(op)
         for f in self._faults:
-            if f.op != op:
+            if f.op != op and f.op != family:
                 continue
             if f.skip:
                 f.skip -= 1
@@ -594,6 +747,160 @@ class MockKernel:
             if f.remaining <= 0:
                 self._faults.remove(f)
             raise KernelError(f.errno, op, "injected fault")
+
+    # ====================================================================================================
+    # files: what the fds the kernel hands out refer to
+    # ====================================================================================================
+    def _new_fd(self, kind: FileKind, obj_id: int) -> int:
+        """A new file on an object and an fd on it (a memfd: a real fd number nothing else uses). The
+        file holds a reference on the object. Lock held."""
+        fd = os.memfd_create(f"asynctc-mock-{kind}", os.MFD_CLOEXEC)
+        st = os.fstat(fd)
+        self._memfd_dev = st.st_dev
+        stale_fd = self._fd_files.get(fd)
+        if stale_fd is not None:  # the number was closed behind the kernel's back and is reused now
+            self._drop_fd(fd)
+        stale = self._files.get(st.st_ino)
+        if stale is not None:  # a memfd's inode is reused only once every fd on the old one is closed
+            for old in list(stale.fds):
+                self._drop_fd(old)
+            self._files.pop(st.st_ino, None)
+        f = _File(st.st_ino, kind, obj_id, _PROCESS.get(), {fd})
+        self._files[st.st_ino] = f
+        self._fd_files[fd] = st.st_ino
+        if kind == "link":
+            self._links[obj_id].files += 1
+        elif kind == "map":
+            self._maps[obj_id].refs += 1
+        return fd
+
+    def _file(self, fd: int) -> _File | None:
+        """The file behind `fd`: None for an open fd that is not one of this kernel's (a real program's fd,
+        a regular file); KernelError EBADF for an fd that is not open, or whose process was killed. A dup()
+        of a kernel fd is recognised (same memfd inode) and counted as one more fd on its file. Lock held."""
+        ino = self._fd_files.get(fd)
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            if ino is not None:
+                self._drop_fd(fd)
+            raise KernelError(_errno.EBADF, "fd", f"fd {fd} is not open") from None
+        if ino is not None and st.st_ino == ino and st.st_dev == self._memfd_dev:
+            f = self._files[ino]
+        else:
+            if ino is not None:
+                self._drop_fd(fd)
+            f2 = self._files.get(st.st_ino) if st.st_dev == self._memfd_dev else None
+            if f2 is None:
+                return None
+            f = f2
+            f.fds.add(fd)
+            self._fd_files[fd] = f.inode
+        if f.dead:
+            raise KernelError(_errno.EBADF, "fd", f"fd {fd} belonged to a killed process")
+        return f
+
+    def _drop_fd(self, fd: int) -> None:
+        """Forget `fd` (closed); the last fd of a file releases it. Lock held."""
+        ino = self._fd_files.pop(fd, None)
+        if ino is None:
+            return
+        f = self._files.get(ino)
+        if f is None:
+            return
+        f.fds.discard(fd)
+        if not f.fds:
+            del self._files[ino]
+            self._release_file(f)
+
+    def _release_file(self, f: _File) -> None:
+        """Drop the reference a file held on its object (once). Lock held."""
+        if f.dead:
+            return
+        f.dead = True
+        if f.kind == "link":
+            link = self._links.get(f.obj_id)
+            if link is not None:
+                link.files -= 1
+                self._maybe_destroy(link)
+        elif f.kind == "map":
+            m = self._maps.get(f.obj_id)
+            if m is not None:
+                m.refs -= 1
+                self._maybe_destroy_map(m)
+        elif f.kind == "prog":
+            self._gc_progs()
+
+    def _close_fd(self, fd: int) -> None:
+        """close(2) of an fd: a kernel fd is forgotten (the last one of a file drops its reference: the last
+        reference of an unpinned link detaches it); any other fd is closed as it is (OSError EBADF when it
+        is not open). Lock held."""
+        try:
+            self._file(fd)  # a dup of a kernel fd is counted before it goes; a stale number is forgotten
+        except KernelError:
+            pass  # not open (os.close says so) or its process was killed (closing it is fine)
+        os.close(fd)
+        self._drop_fd(fd)
+
+    def _sweep_links(self) -> None:
+        """Forget link fds closed behind the kernel's back (os.close instead of `bpf.close`), so their
+        links are released as the kernel would have released them. Lock held."""
+        for f in [f for f in self._files.values() if f.kind == "link"]:
+            for fd in list(f.fds):
+                try:
+                    st = os.fstat(fd)
+                except OSError:
+                    self._drop_fd(fd)
+                    continue
+                if st.st_ino != f.inode or st.st_dev != self._memfd_dev:
+                    self._drop_fd(fd)
+
+    def _maybe_destroy_map(self, m: _Map) -> None:
+        if m.refs <= 0 and not m.pins:
+            self._maps.pop(m.id, None)
+
+    def _fdinfo(self, fd: int) -> str:
+        """/proc/self/fdinfo text of a kernel fd (prog_type:, map_type: or link_type: lines), or of any
+        other fd as the system shows it ("" when it is not open)."""
+        with self._lock:
+            try:
+                f = self._file(fd)
+            except KernelError:
+                return ""
+            if f is None:
+                try:
+                    with open(f"/proc/self/fdinfo/{fd}") as fh:
+                        return fh.read()
+                except OSError:
+                    return ""
+            head = f"pos:\t0\nflags:\t02000002\nmnt_id:\t0\nino:\t{f.inode}\n"
+            if f.kind == "prog":
+                p = self._progs[f.obj_id]
+                return (head + f"prog_type:\t{p.type}\nprog_jited:\t1\nprog_tag:\t{p.tag}\nmemlock:\t4096\n"
+                        f"prog_id:\t{p.id}\nrun_time_ns:\t0\nrun_cnt:\t{p.count}\nrecursion_misses:\t0\n"
+                        "verified_insns:\t2\n")
+            if f.kind == "map":
+                m = self._maps.get(f.obj_id)
+                if m is None:
+                    return head
+                return (head + f"map_type:\t{m.type}\nkey_size:\t{m.key_size}\nvalue_size:\t{m.value_size}\n"
+                        f"max_entries:\t{m.max_entries}\nmap_flags:\t{m.flags:#x}\nmap_extra:\t0x0\n"
+                        f"memlock:\t4096\nmap_id:\t{m.id}\nfrozen:\t0\n")
+            if f.kind == "link":
+                link = self._links.get(f.obj_id)
+                if link is None:
+                    return head
+                tag = self._progs[link.prog_id].tag if link.prog_id in self._progs else ""
+                return (head + f"link_type:\ttcx\nlink_id:\t{link.id}\nprog_tag:\t{tag}\n"
+                        f"prog_id:\t{link.prog_id}\nifindex:\t{link.ifindex}\nattach_type:\t{link.attach_type}\n")
+            return head
+
+    def fds(self) -> dict[int, tuple[str, int]]:
+        """{fd: (kind, object id)} of every fd of this kernel that is open now (for leak checks in tests)."""
+        with self._lock:
+            self._sweep_links()
+            return {fd: (self._files[ino].kind, self._files[ino].obj_id) for fd, ino in self._fd_files.items()
+                    if ino in self._files}
 
     # ====================================================================================================
     # devices
@@ -680,7 +987,8 @@ class MockKernel:
             pname = (name if name is not None else f"sim_{verdict}")[:15]
             tag = hashlib.sha1(f"{pid}:{verdict}:{pname}".encode()).hexdigest()[:16]
             self._progs[pid] = _Prog(pid, pname, tag, prog_type, verdict, None, offloadable)
-            return SimulatedProgram(self, id=pid, name=pname, tag=tag, type=prog_type, verdict=verdict)
+            fd = self._new_fd("prog", pid)
+            return SimulatedProgram(self, fd=fd, id=pid, name=pname, tag=tag, type=prog_type, verdict=verdict)
 
     def register_program(self, program: Program) -> int:
         """Make a program known to the kernel and return its id. Simulated programs must come from this
@@ -731,6 +1039,8 @@ class MockKernel:
 
     def _referenced_progs(self) -> set[int]:
         used = {link.prog_id for link in self._links.values()}
+        used.update(f.obj_id for f in self._files.values() if f.kind == "prog" and not f.dead)
+        used.update(p.id for p in self._progs.values() if p.pins)
         for d in self._devices.values():
             for hook in d.hooks.values():
                 used.update(e.prog_id for e in hook.entries)
@@ -748,8 +1058,11 @@ class MockKernel:
 
     def _gc_progs(self) -> None:
         """Drop the kernel's reference on real programs nothing uses any more."""
+        held = [rec for rec in self._progs.values() if rec.real_fd is not None]
+        if not held:
+            return
         used = self._referenced_progs()
-        for rec in self._progs.values():
+        for rec in held:
             if rec.real_fd is not None and rec.id not in used:
                 fd, rec.real_fd = rec.real_fd, None
                 os.close(fd)
@@ -807,13 +1120,202 @@ class MockKernel:
         hook.entries.insert(idx, _Entry(prog_id, link_id))
         hook.revision += 1
 
+    @staticmethod
+    def _hook_held(d: _Device, direction: Direction) -> bool:
+        """Whether a qdisc holds the device's tc state of `direction` (the kernel's miniq_active): clsact
+        holds both directions, an `ingress` qdisc only ingress."""
+        if d.qdisc is None:
+            return False
+        return d.qdisc.kind == "clsact" or (d.qdisc.kind == "ingress" and direction is Direction.INGRESS)
+
     def _tcx_remove(self, d: _Device, direction: Direction, index: int) -> None:
         hook = d.hooks[direction]
         del hook.entries[index]
         hook.revision += 1
-        if not hook.entries and not (d.qdisc is not None and d.qdisc.kind == "clsact"):
-            # The hook's state is freed with its last program unless clsact holds it: count from 1.
+        if not hook.entries and not self._hook_held(d, direction):
+            # The hook's state is freed with its last program unless a qdisc holds it: count from 1.
             hook.revision = 1
+
+    # -- the kernel's own rules (kernel/bpf/mprog.c), for the bpf(2) boundary -----------------------------
+    def _prog_by_fd(self, fd: int, op: str, ptype: int = 0) -> _Prog:
+        """bpf_prog_get(fd) (bpf_prog_get_type with `ptype`): EBADF for an fd that is not open, EINVAL for
+        one that is not a program (or not of `ptype`). A real program's fd (not one of this kernel's) is
+        registered by id, the kernel holding a duplicate of it while it uses the program. Lock held."""
+        f = self._file_or_ebadf(fd, op)
+        if f is None:
+            rec = self._real_prog(fd, op)
+        elif f.kind != "prog":
+            raise KernelError(_errno.EINVAL, op, f"fd {fd} is a {f.kind}, not a program")
+        else:
+            rec = self._progs[f.obj_id]
+        if ptype and rec.type != ptype:
+            raise KernelError(_errno.EINVAL, op, f"program {rec.id} is of type {rec.type}, not {ptype}")
+        return rec
+
+    def _file_or_ebadf(self, fd: int, op: str) -> _File | None:
+        try:
+            return self._file(fd)
+        except KernelError as exc:
+            raise KernelError(_errno.EBADF, op, exc.detail) from None
+
+    def _real_prog(self, fd: int, op: str) -> _Prog:
+        """The record of the real program behind `fd` (registered now if new); EINVAL for an fd that is not
+        a BPF program's. Lock held."""
+        text = ""
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as fh:
+                text = fh.read()
+        except OSError:
+            pass
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        if "prog_type" not in fields or "prog_id" not in fields:
+            raise KernelError(_errno.EINVAL, op, f"fd {fd} is not a BPF program")
+        prog_id = int(fields["prog_id"])
+        rec = self._progs.get(prog_id)
+        if rec is not None and rec.verdict is not None:
+            raise KernelError(_errno.EINVAL, op, f"real program id {prog_id} collides with a simulated one")
+        if rec is None or rec.real_fd is None:
+            info = bpf.LINUX.prog_info(fd)
+            dup = os.dup(fd)
+            if rec is None:
+                rec = _Prog(info.id, info.name, info.tag, info.type, None, dup, False)
+                self._progs[info.id] = rec
+            else:
+                rec.real_fd = dup
+        return rec
+
+    def _link_by_fd(self, fd: int, op: str) -> _Link:
+        """bpf_link_get_from_fd: EBADF for an fd that is not open, EINVAL for one that is not a link. Lock
+        held."""
+        f = self._file_or_ebadf(fd, op)
+        if f is None or f.kind != "link" or f.obj_id not in self._links:
+            raise KernelError(_errno.EINVAL, op, f"fd {fd} is not a BPF link")
+        return self._links[f.obj_id]
+
+    def _relative(self, id_or_fd: int, flags: int, ptype: int, op: str) -> tuple[int | None, int | None]:
+        """bpf_mprog_tuple_relative: the (program id, link id) a relative names, (None, None) for none."""
+        by_id = bool(flags & bpf.BPF_F_ID)
+        if flags & bpf.BPF_F_LINK:
+            if by_id:
+                link = self._links.get(id_or_fd)
+                if link is None:
+                    raise KernelError(_errno.ENOENT, op, f"no link with id {id_or_fd}")
+            elif id_or_fd:
+                link = self._link_by_fd(id_or_fd, op)
+            else:
+                raise KernelError(_errno.EINVAL, op, "BPF_F_LINK without a relative link")
+            if ptype and self._progs[link.prog_id].type != ptype:
+                raise KernelError(_errno.EINVAL, op, "the relative link runs a program of another type")
+            return link.prog_id, link.id
+        if not by_id and not id_or_fd:
+            return None, None
+        if by_id:
+            rec = self._progs.get(id_or_fd)
+            if rec is None:
+                raise KernelError(_errno.ENOENT, op, f"no program with id {id_or_fd}")
+        else:
+            rec = self._prog_by_fd(id_or_fd, op)
+        if ptype and rec.type != ptype:
+            raise KernelError(_errno.EINVAL, op, f"the relative program {rec.id} is of another type")
+        return rec.id, None
+
+    @staticmethod
+    def _pos_exact(hook: _Hook, prog_id: int | None, link_id: int) -> int:
+        for i, e in enumerate(hook.entries):
+            if e.prog_id == prog_id:
+                return i if e.link_id == link_id else -_errno.EBUSY
+        return -_errno.ENOENT
+
+    @staticmethod
+    def _pos_before(hook: _Hook, rel: tuple[int | None, int | None]) -> int:
+        for i, e in enumerate(hook.entries):
+            if e.prog_id == rel[0] and (rel[1] is None or rel[1] == e.link_id):
+                return i - 1
+        return -_errno.ENOENT if rel[0] is not None else -1
+
+    @staticmethod
+    def _pos_after(hook: _Hook, rel: tuple[int | None, int | None]) -> int:
+        for i, e in enumerate(hook.entries):
+            if e.prog_id == rel[0] and (rel[1] is None or rel[1] == e.link_id):
+                return i + 1
+        return -_errno.ENOENT if rel[0] is not None else len(hook.entries)
+
+    def _position(self, hook: _Hook, flags: int, rel: tuple[int | None, int | None], idx: int,
+                  op: str) -> tuple[int, int]:
+        """The BPF_F_BEFORE / BPF_F_AFTER rules of bpf_mprog_attach and _detach: every rule given must agree
+        on one position. Returns (index, flags)."""
+        if flags & bpf.BPF_F_BEFORE:
+            t = self._pos_before(hook, rel)
+            if t < -1 or (idx >= -1 and t != idx):
+                self._fail(-t if t < -1 else _errno.ERANGE, op, "the position rules disagree")
+            idx = t
+        if flags & bpf.BPF_F_AFTER:
+            t = self._pos_after(hook, rel)
+            if t < -1 or (idx >= -1 and t != idx):
+                self._fail(-t if t < 0 else _errno.ERANGE, op, "the position rules disagree")
+            idx = t
+        if idx < -1:
+            if rel[0] is not None or flags:
+                self._fail(_errno.EINVAL, op, "a relative or flags without BPF_F_BEFORE / BPF_F_AFTER")
+            idx, flags = len(hook.entries), bpf.BPF_F_AFTER
+        if idx >= MAX_TCX_PROGS:
+            self._fail(_errno.ERANGE, op, f"the hook holds {MAX_TCX_PROGS} programs")
+        return idx, flags
+
+    @staticmethod
+    def _fail(err: int, op: str, detail: str) -> NoReturn:
+        raise KernelError(err, op, detail)
+
+    def _mprog_attach(self, hook: _Hook, prog: _Prog, link_id: int, flags: int, id_or_fd: int, revision: int,
+                      op: str, old_prog_id: int | None = None) -> None:
+        """bpf_mprog_attach and its commit: insert (or with BPF_F_REPLACE, replace `old_prog_id`'s entry of
+        link `link_id`, 0 for none) and count the revision. Lock held."""
+        if revision and revision != hook.revision:
+            self._fail(_errno.ESTALE, op, f"revision is {hook.revision}, not {revision}")
+        if any(e.prog_id == prog.id for e in hook.entries):
+            self._fail(_errno.EEXIST, op, f"program {prog.id} is already on the hook")
+        rel = self._relative(id_or_fd, flags & ~bpf.BPF_F_REPLACE, prog.type, op)
+        idx = -_errno.ERANGE
+        if flags & bpf.BPF_F_REPLACE:
+            idx = self._pos_exact(hook, old_prog_id, link_id)
+            if idx < 0:
+                self._fail(-idx, op, "the program to replace is not on the hook")
+        elif len(hook.entries) >= MAX_TCX_PROGS:
+            self._fail(_errno.ERANGE, op, f"the hook holds {MAX_TCX_PROGS} programs")
+        idx, flags = self._position(hook, flags, rel, idx, op)
+        if flags & bpf.BPF_F_REPLACE:
+            hook.entries[idx].prog_id = prog.id
+        else:
+            if idx != len(hook.entries) and flags & bpf.BPF_F_BEFORE:
+                idx += 1
+            hook.entries.insert(idx, _Entry(prog.id, link_id))
+        hook.revision += 1
+
+    def _mprog_detach(self, d: _Device, direction: Direction, prog: _Prog | None, flags: int, id_or_fd: int,
+                      revision: int, op: str) -> None:
+        """bpf_mprog_detach of a link-less entry (BPF_PROG_DETACH) and its commit. Lock held."""
+        hook = d.hooks[direction]
+        if flags & bpf.BPF_F_REPLACE:
+            self._fail(_errno.EINVAL, op, "BPF_F_REPLACE is not valid for a detach")
+        if revision and revision != hook.revision:
+            self._fail(_errno.ESTALE, op, f"revision is {hook.revision}, not {revision}")
+        rel = self._relative(id_or_fd, flags, prog.type if prog is not None else 0, op)
+        idx = -_errno.ERANGE
+        if prog is not None:
+            idx = self._pos_exact(hook, prog.id, 0)
+            if idx < 0:
+                self._fail(-idx, op, f"program {prog.id} is not attached without a link")
+        idx, flags = self._position(hook, flags, rel, idx, op)
+        total = len(hook.entries)
+        if idx == -1:
+            idx = 0
+        elif idx == total:
+            idx = total - 1
+        if not 0 <= idx < total:
+            self._fail(_errno.ENOENT, op, "the hook is empty")
+        if hook.entries[idx].link_id:
+            self._fail(_errno.EBUSY, op, "that entry belongs to a link: detach the link")
+        self._tcx_remove(d, direction, idx)
 
     def link_create(
         self,
@@ -966,8 +1468,9 @@ class MockKernel:
         self._gc_progs()
 
     def link_close(self, link_id: int) -> None:
-        """close() of a link fd: the last close of an unpinned link detaches and destroys it; a pinned
-        link lives on. ENOENT if the link does not exist."""
+        """The close() of the holder a high-level `link_create` (or `obj_get`) gave: the last close of an
+        unpinned link detaches and destroys it; a pinned link lives on. ENOENT if the link does not
+        exist. (Links made through `bpf` are held by their fds instead: close those with `bpf.close`.)"""
         with self._lock:
             self._enter("link_close")
             link = self._link(link_id, "link_close")
@@ -975,7 +1478,7 @@ class MockKernel:
             self._maybe_destroy(link)
 
     def _maybe_destroy(self, link: _Link) -> None:
-        if link.holders == 0 and not link.pins:
+        if link.holders == 0 and link.files == 0 and not link.pins:
             self._detach_link_locked(link)
             del self._links[link.id]
             self._gc_progs()
@@ -1052,17 +1555,20 @@ class MockKernel:
             if pin.kind == "link":
                 self._links[pin.link_id].holders += 1
                 return "link", pin.link_id
+            if pin.kind != "filter":
+                raise KernelError(_errno.EINVAL, op, f"a {pin.kind} is pinned at {path}; use kernel.bpf.obj_get")
             d = self._devices.get(pin.ifindex)
             f = d.filters.get((pin.direction, pin.priority, pin.handle)) if d is not None else None
             if d is None or f is None:
                 raise KernelError(_errno.ENOENT, op, f"the filter pinned at {path} is gone")
             return "filter", self._filter_info(d, f)
 
-    def pins(self) -> dict[str, str]:
-        """{path: what} for every pin ("link N" or "filter IFINDEX/DIR/PRIO/HANDLE")."""
+    def _pin_table(self) -> dict[str, str]:
+        """{path: what} for every pin ("link N", "prog N", "map N" or "filter IFINDEX/DIR/PRIO/HANDLE"):
+        what `kernel.pins()` answers."""
         with self._lock:
             return {
-                p: (f"link {x.link_id}" if x.kind == "link"
+                p: (f"{x.kind} {x.link_id}" if x.kind != "filter"
                     else f"filter {x.ifindex}/{x.direction.value}/{x.priority}/{x.handle}")
                 for p, x in self._pins.items()
             }
@@ -1465,43 +1971,16 @@ class MockKernel:
         return rec
 
     def lookup_prog_fd(self, fd: int) -> int:
-        """The program id TCA_BPF_FD names. For now: a stand-in number from `netlink_prog_fd` (simulated
-        programs), else a real BPF program fd of this process, which the kernel then holds (as
-        `register_program` does). EBADF for an fd that is not open, EINVAL for one that is not a program.
-        This is the one place to switch over to the simulated fd table."""
+        """The program id TCA_BPF_FD names: a program fd of this kernel, or a real BPF program fd of this
+        process (which the kernel then holds, as `register_program` does). EBADF for an fd that is not
+        open, EINVAL for one that is not a program."""
         with self._lock:
-            prog_id = self._netlink_prog_fds.get(fd)
-            if prog_id is not None:
-                return prog_id
-            try:
-                os.fstat(fd)
-            except OSError:
-                raise KernelError(_errno.EBADF, "prog_get", f"fd {fd} is not open") from None
-            try:
-                info = bpf.prog_info(fd)
-            except OSError:
-                raise KernelError(_errno.EINVAL, "prog_get", f"fd {fd} is not a BPF program") from None
-            rec = self._progs.get(info.id)
-            if rec is not None and rec.real_fd is not None:
-                return info.id
-            program = Program.from_fd(fd)
-            try:
-                return self.register_program(program)
-            finally:
-                program.close()
+            return self._prog_by_fd(fd, "filter_add").id
 
     def netlink_prog_fd(self, program: Program) -> int:
-        """A number that names `program` in TCA_BPF_FD of a netlink request to this kernel (the program
-        is registered, as `register_program` does). Simulated programs have no real fd; until the kernel
-        simulates its own fd table, this stands in for one."""
-        with self._lock:
-            prog_id = self.register_program(program)
-            for fd, pid in self._netlink_prog_fds.items():
-                if pid == prog_id:
-                    return fd
-            fd = NETLINK_PROG_FD_BASE + len(self._netlink_prog_fds)
-            self._netlink_prog_fds[fd] = prog_id
-            return fd
+        """The fd that names `program` in TCA_BPF_FD of a netlink request to this kernel: its own fd (a
+        simulated program's is one of this kernel's)."""
+        return program.fd
 
     def _tc_del_filter(self, op: str, d: _Device, parent: int, prio: int, protocol: int, handle: int,
                        kind: str | None, chain: int, req: _NlReq | None) -> None:
@@ -1884,8 +2363,14 @@ class MockKernel:
             tag = owner_tag.session_tag
         with self._lock:
             self._dead_tags.add(tag)
+            # SIGKILL closes every fd the process held: their files drop their references (the fd numbers
+            # stay reserved until closed, answering EBADF) ...
+            for f in list(self._files.values()):
+                if f.owner == tag:
+                    self._release_file(f)
+            # ... and the fd-less holders of the links it made through the high-level API
             for link in list(self._links.values()):
-                if link.creator == tag:
+                if link.creator == tag and link.holders:
                     link.holders = 0
                     self._maybe_destroy(link)
 
@@ -1968,11 +2453,15 @@ class MockKernel:
                 self._subs.remove(sub)
 
     def overflow_events(self) -> None:
-        """Make every subscriber lose the events it has not taken yet, as a netlink reader that fell
-        behind does (ENOBUFS); each must re-read the kernel's state and resynchronise."""
+        """Make every multicast netlink socket (and subscriber) lose the events it has not read yet, as a
+        netlink reader that fell behind does (its next read raises ENOBUFS); each must re-read the kernel's
+        state and resynchronise."""
         with self._lock:
             for sub in list(self._subs):
                 sub.overflow()
+            for sock in self.rtnl.sockets():
+                if sock.groups:
+                    sock.lose_queued()
 
     def _emit(self, ev: KernelEvent) -> None:
         for sub in list(self._subs):
@@ -2178,7 +2667,8 @@ class MockKernel:
         return tuple(out)
 
     def close(self) -> None:
-        """Drop the kernel's references on real programs (their dup'd fds). The kernel stays usable."""
+        """Drop the kernel's references on real programs (their dup'd fds). The kernel stays usable (its
+        own fds stay open until closed, or until the kernel is garbage collected)."""
         with self._lock:
             for rec in self._progs.values():
                 if rec.real_fd is not None:

@@ -444,6 +444,19 @@ class MockNetlinkSocket:
             self._cond.notify_all()
             return True
 
+    def lose_queued(self) -> None:
+        """Lose every datagram queued and not read yet, as a reader that fell behind loses what did not fit:
+        the next read raises ENOBUFS (`MockKernel.overflow_events`)."""
+        with self._cond:
+            if self._closed:
+                return
+            self.dropped += len(self._queue)
+            self._queue.clear()
+            self._rmem = 0
+            self._error = _errno.ENOBUFS
+            self._update_ready()
+            self._cond.notify_all()
+
     def start_dump(self, messages: list[bytes], done: bytes) -> None:
         """A dump's answer: its messages (each NLM_F_MULTI) and the NLMSG_DONE that ends it. The first
         datagram is queued now; the rest as the queue is read, as the kernel continues a dump in recvmsg."""

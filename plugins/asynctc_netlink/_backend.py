@@ -816,7 +816,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
         return them. Empty clsact qdiscs are left (see the module docstring)."""
         nl = self._transport()
         links = await self._dump(Op.LINK_DUMP, lambda seq: codec.encode_dump_request(seq, codec.RTM_GETLINK))
-        candidates: list[tuple[Direction, codec.FilterMsg, str, int, str]] = []
+        candidates: list[tuple[Direction, codec.FilterMsg, str, str]] = []
         for link in links:
             if not isinstance(link, codec.LinkMsg):
                 continue
@@ -830,15 +830,15 @@ class NetlinkBackend(Backend[FilterAttachment]):
                     tag = parse_tag(f.bpf_name) if f.kind == "bpf" else None
                     if tag is None or tag.owner != self.ctx.owner or tag.pinned or not f.bpf_id:
                         continue
-                    candidates.append((direction, f, link.name or str(link.ifindex), tag.pid, tag.start))
+                    candidates.append((direction, f, link.name or str(link.ifindex), tag.session_tag))
         if not candidates:
             return ()
-        alive = await self.ctx.runner.run(lambda: [self.kernel.process_alive(c[3], c[4]) for c in candidates])
+        alive = await self.ctx.runner.run(lambda: [self.kernel.session_alive(c[3]) for c in candidates])
         dead = [c for c, live in zip(candidates, alive, strict=True) if not live]
         # Names before the deletes: a deleted filter's program may be freed with it.
         names = await self.ctx.runner.run(lambda: [self._names.get(c[1].bpf_id or 0) for c in dead])
         removed: list[HookEntry] = []
-        for (direction, f, dev, _pid, _start), (prog_name, prog_tag) in zip(dead, names, strict=True):
+        for (direction, f, dev, _session), (prog_name, prog_tag) in zip(dead, names, strict=True):
             def build(seq: int, f: codec.FilterMsg = f) -> bytes:
                 return codec.encode_filter(seq, codec.RTM_DELTFILTER, DELETE_FLAGS, f.ifindex, f.parent,
                                            f.priority, f.handle)

@@ -591,16 +591,16 @@ async def test_reaping_never_deletes_a_filter_that_took_an_orphans_slot(
     bpf.obj_pin(foreign.fd, foreign_pin)
     from asynctc.lowlevel.kernel import LINUX
 
-    real_alive = LINUX.process_alive
+    real_alive = LINUX.session_alive
 
-    def alive_while_the_slot_changes(pid: int, start: str) -> bool:
+    def alive_while_the_slot_changes(session_tag: str) -> bool:
         # A foreign tool removes the orphan and puts its own filter in the same slot.
         tc("filter", "del", "dev", "veth0", "ingress", "prio", str(orphan.priority), netns=ns)
         tc("filter", "add", "dev", "veth0", "ingress", "prio", str(orphan.priority), "handle",
            hex(orphan.handle), "bpf", "object-pinned", foreign_pin, "da", netns=ns)
-        return real_alive(pid, start)
+        return real_alive(session_tag)
 
-    monkeypatch.setattr(LINUX, "process_alive", alive_while_the_slot_changes)
+    monkeypatch.setattr(LINUX, "session_alive", alive_while_the_slot_changes)
     async with asynctc.open_session("netlink", netns=ns, owner=owner) as s:
         assert await s.reap_orphans() == ()
     assert [f.bpf_id for f in await filters(ns, "veth0", "ingress")] == [foreign.id]

@@ -6,7 +6,8 @@ from typing import ClassVar
 
 import asynctc
 from asynctc.backend import BackendAttachment
-from asynctc_mock import MockAttachment, MockBackend
+from asynctc_bpf_link import LinkAttachment
+from asynctc_mock import MockBackend
 
 
 class SkipsDetaching(MockBackend):
@@ -24,10 +25,9 @@ class KeepsLinksOpen(MockBackend):
     name: ClassVar[str] = "fdleak"
 
     async def detach(self, att: BackendAttachment) -> bool:
-        assert isinstance(att, MockAttachment)
-        if att.kind == "tcx" and att.info.link_id is not None:
+        if isinstance(att, LinkAttachment) and att.fd is not None:
             try:
-                await self._k(self.kernel.link_detach, att.info.link_id)
+                await self.ctx.runner.run(self.kernel.bpf.link_detach, att.fd)  # and the fd stays open
             except OSError:
                 return False
             return True
