@@ -422,6 +422,12 @@ class NetlinkBackend(Backend[FilterAttachment]):
         return got
 
     async def attach(self, request: AttachRequest) -> FilterAttachment:
+        if request.expected_revision is not None:
+            # The core refuses it for a session on this backend; a backend that routes attaches here (the
+            # mock's mode="legacy") must not have it ignored either.
+            raise TCError(f"expected_revision needs a hook with revisions (tcx); legacy tc filters ({self.name} "
+                          "backend, cls_bpf) have none. Attach a tcx link, or leave expected_revision unset",
+                          errno=_errno.EINVAL)
         priority, handle = filter_slot_options(request.options)
         prog_fd = request.program.fd  # ProgramError when closed or simulated
         name = format_tag(self.ctx.session_tag, request.program.name)

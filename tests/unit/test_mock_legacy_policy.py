@@ -85,3 +85,12 @@ async def test_pinned_filters_are_never_reaped(kernel: MockKernel) -> None:
         assert tag is not None and not tag.pinned and tag.prog_name == "kept"
         assert kernel.tag_alive(tag.session_tag) and tag.session_tag != names["kept"].session_tag
     assert kernel.filters("eth0", IN) == ()  # detached with the later session
+
+
+async def test_a_legacy_attach_refuses_expected_revision(kernel: MockKernel, session: asynctc.Session) -> None:
+    """Legacy tc has no revision: an expected_revision is refused, never silently ignored."""
+    rev = (await session.query("eth0", IN)).revision
+    with pytest.raises(asynctc.TCError, match="expected_revision needs a hook with revisions"):
+        await session.attach("eth0", IN, kernel.program(), mode="legacy", expected_revision=rev)
+    assert kernel.filters("eth0", IN) == () and kernel.qdisc("eth0") is None
+
