@@ -661,7 +661,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                         f"{'namespace ' + repr(netns) if netns else 'this namespace'}; open the session in "
                         "the namespace of its device"
                     )
-                return fd, info, socket.if_indextoname(info.ifindex)
+                return fd, info, self.kernel.if_indextoname(info.ifindex)
             except BaseException:
                 try:
                     self.kernel.bpf.close(fd)
