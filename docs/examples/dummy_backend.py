@@ -13,8 +13,10 @@ What it can do, and what it says it cannot:
   `is_attached` to notice severing, and monitors deliver only AttachmentSevered events.
 
 Its kernel is in memory, so it is of `kernel_kind = "mock"`: a session asks for it by name and passes the
-network as `kernel=` (or gets a fresh one from `new_kernel()`). Its calls never block, so they run on the
-trio thread; a backend of the real kernel runs each blocking call with `await self.ctx.runner.run(...)`.
+network as `kernel=` (or gets a fresh one from `new_kernel()`). With no `kernel_type`, it could be offered
+any in-memory kernel, so its probe refuses all but a DummyNet. Its calls never block, so they run on the
+trio thread; a backend of the real kernel makes each call on `self.ctx.kernel` and runs each blocking one
+with `await self.ctx.runner.run(...)`.
 
     net = DummyNet()
     async with asynctc.open_session("dummy", kernel=net, plugins=[DummyPlugin()]) as session:
@@ -195,7 +197,7 @@ class DummyBackend(Backend[DummyAttachment]):
 
     @classmethod
     async def probe(cls, ctx: BackendContext) -> Probe:
-        if ctx.kernel is not None and not isinstance(ctx.kernel, DummyNet):
+        if not isinstance(ctx.kernel, DummyNet):
             return Probe(False, f"the session's kernel is a {type(ctx.kernel).__name__}, not a DummyNet")
         return Probe(True, "in-memory dummy network; no privileges needed")
 

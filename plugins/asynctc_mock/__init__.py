@@ -1,4 +1,9 @@
-"""asynctc_mock: the `mock` backend of asynctc, an in-memory model of the kernel's traffic-control rules.
+"""asynctc_mock: MockKernel, a simulated kernel, and the `mock` backend on it.
+
+MockKernel answers the kernel boundary asynctc's real backends use (`asynctc.lowlevel.kernel.Kernel`: bpf(2)
+calls and rtnetlink messages) in memory, with the kernel's rules; the `mock` backend runs the `bpf_link` and
+`netlink` backends unchanged on it, and `open_session("bpf_link"|"netlink", kernel=MockKernel())` runs
+them directly. No privileges needed.
 
     import asynctc
     from asynctc_mock import MockKernel

@@ -5,8 +5,9 @@ The mock backend decides nothing itself: it runs the bpf_link backend (tcx links
 rtnetlink messages as the kernel does. An attach makes a tcx link, as bpf_link does; `mode="legacy"` (an
 attach option) makes a cls_bpf filter, as netlink does (with `priority=` and `handle=` choosing the slot),
 and `offload="prefer"/"require"` asks for a hardware filter on devices that can offload (MockKernel
-`add_device(name, offload=True)`). Everything else (detach, update, pins, adoption, orphans, events) is
-the real backend's, routed to the one that holds the attachment.
+`add_device(name, offload=True)`; elsewhere "prefer" makes a software filter, as netlink does). Everything
+else (detach, update, pins, adoption, orphans, events) is the real backend's, routed to the one that holds
+the attachment.
 """
 
 from __future__ import annotations

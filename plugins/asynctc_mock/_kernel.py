@@ -2355,9 +2355,12 @@ class MockKernel(Kernel, BpfSyscallsMixin):
     # ====================================================================================================
     def kill_process(self, tag: str) -> None:
         """Simulate the death of the session (process) whose session tag is `tag` (or whose owner tag, a
-        filter's name as `asynctc.lowlevel.tcpolicy.format_tag` makes it, is `tag`): its unpinned links are
-        closed (and so detached), its filters stay behind as orphans, and `tag_alive` of its session tag is
-        False."""
+        filter's name as `asynctc.lowlevel.tcpolicy.format_tag` makes it, is `tag`): `session_alive` and
+        `tag_alive` of its session tag are False from now on, so its filters stay behind as orphans; the
+        fds opened inside `with kernel.process(tag):` are closed as SIGKILL closes them, and the links
+        made with `link_create(creator=tag)` lose their holder: a link that nothing else holds (no pin,
+        no other fd) is detached. A session's own fds belong to no simulated process (it makes its calls outside
+        `process()`): the links it holds stay until it detaches them or closes."""
         owner_tag = parse_tag(tag)
         if owner_tag is not None:
             tag = owner_tag.session_tag

@@ -275,6 +275,16 @@ async def reap_orphans(kernel: MockKernel) -> None:
             assert await session.reap_orphans() == ()  # nothing left to reap
 
 
+async def real_backends_on_the_mock(kernel: MockKernel) -> None:
+    async with asynctc.open_session("netlink", kernel=kernel) as session:  # the netlink backend, unchanged
+        att = await session.attach("eth0", "ingress", kernel.program("drop"))
+        assert att.info.backend == "netlink" and att.info.priority == 0x8000  # a cls_bpf filter
+        assert kernel.filters("eth0", "ingress")[0].prog_id == att.info.prog_id
+        assert kernel.send("eth0", "ingress") == "drop"
+        assert kernel.calls["filter_add"] == 1
+    assert kernel.qdisc("eth0") is None  # its clsact qdisc went with its last filter
+
+
 async def inject_faults(kernel: MockKernel) -> None:
     async with asynctc.open_session("mock", kernel=kernel) as session:
         kernel.inject_fault("link_create", errno.EPERM)  # the next link_create fails
@@ -351,6 +361,7 @@ async def test_session_in_a_namespace(netns: str) -> None:
         resync_after_kernel_loss,
         severed,
         reap_orphans,
+        real_backends_on_the_mock,
         inject_faults,
         latency,
         errors,
