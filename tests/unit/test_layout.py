@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from asynctc.lowlevel.bpf import Bpf
+
 ROOT = Path(__file__).resolve().parents[2]
 CORE = ROOT / "asynctc"
 PLUGINS = ROOT / "plugins"
@@ -157,3 +159,46 @@ def test_importing_asynctc_loads_no_netlink_codec() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+# The real backends reach the kernel only through their session's kernel (`ctx.kernel`: the real one or a
+# MockKernel), never through the module functions or the host's own calls, which always mean the real kernel.
+KERNEL_BACKENDS = [PLUGINS / "asynctc_bpf_link" / "__init__.py", *sorted((PLUGINS / "asynctc_netlink").glob("*.py"))]
+_BYPASSES = {
+    "bpf": {name for name in dir(Bpf) if not name.startswith("_")},
+    "pins": {"pin_object", "get_object", "unpin", "pin_over", "rename_over", "read_pinned_value"},
+    "os": {"close", "dup", "memfd_create"},
+    "socket": {"if_nametoindex", "if_indextoname", "socket"},
+    "tcpolicy": {"process_alive"},
+}
+
+
+def kernel_bypasses(tree: ast.Module) -> list[str]:
+    """Calls that reach the kernel without `ctx.kernel`: `bpf.link_info(...)`, `os.close(...)`, a bare
+    `process_alive(...)`..."""
+    bare = {name for names in _BYPASSES.values() for name in names if name not in ("close", "dup", "socket")}
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.attr in _BYPASSES.get(f.value.id, ()):
+            out.append(f"line {node.lineno}: {f.value.id}.{f.attr}(...)")
+        elif isinstance(f, ast.Name) and f.id in bare:
+            out.append(f"line {node.lineno}: {f.id}(...)")
+    return out
+
+
+def test_kernel_bypasses_are_found() -> None:
+    tree = ast.parse("bpf.link_info(fd)\nos.close(fd)\nself.kernel.bpf.link_info(fd)\nprocess_alive(1, 's')\n"
+                     "socket.if_indextoname(3)\nk.pins.unpin(p)\npins.unpin(p)\n")
+    assert kernel_bypasses(tree) == ["line 1: bpf.link_info(...)", "line 2: os.close(...)",
+                                     "line 4: process_alive(...)", "line 5: socket.if_indextoname(...)",
+                                     "line 7: pins.unpin(...)"]
+
+
+@pytest.mark.parametrize("path", KERNEL_BACKENDS, ids=_rel)
+def test_the_real_backends_reach_the_kernel_only_through_ctx_kernel(path: Path) -> None:
+    assert kernel_bypasses(ast.parse(path.read_text())) == [], (
+        f"{_rel(path)} calls the kernel around its session's kernel: use self.ctx.kernel (bpf, pins, "
+        "if_nametoindex, session_alive...) so that it runs on a MockKernel too")

@@ -507,3 +507,17 @@ async def test_a_failed_detach_still_releases_the_link(kernel: MockKernel, sessi
     with pytest.raises(asynctc.TCError, match="EIO"):
         await att.detach()
     assert kernel.links() == ()
+
+
+async def test_adopting_a_pinned_link_names_the_mocks_device(kernel: MockKernel) -> None:
+    """The device of an adopted link is named by the session's kernel, never by the host (whose ifindex
+    of the same number is another device, or none)."""
+    kernel.add_device("mockonly0")
+    async with asynctc.open_session("mock", kernel=kernel) as s1:
+        att = await s1.attach("mockonly0", IN, kernel.program())
+        await att.pin("/sys/fs/bpf/mockonly")
+    async with asynctc.open_session("mock", kernel=kernel) as s2:
+        adopted = await s2.adopt_pinned("/sys/fs/bpf/mockonly")
+        assert (adopted.info.dev, adopted.info.ifindex) == ("mockonly0", att.info.ifindex)
+        await adopted.detach()
+    assert kernel_entries(kernel) == set() and kernel.pins() == {}
