@@ -26,7 +26,6 @@ import dataclasses
 import errno as _errno
 import functools
 import logging
-import socket
 import struct
 from contextlib import AbstractAsyncContextManager
 from typing import ClassVar
