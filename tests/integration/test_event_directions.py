@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
+from _netlinkutil import raw_netlink
 
 import asynctc
 from asynctc import events as ev
@@ -24,7 +24,6 @@ from asynctc import programs
 from asynctc.lowlevel import codec
 from asynctc.lowlevel.events import open_netlink_event_source
 from asynctc.lowlevel.netns import NetnsRunner
-from asynctc.lowlevel.transport import NetlinkTransport, open_transport
 from asynctc.testing import VethPair, compile_bpf, compile_bpf_skip_reason, ip, tc
 
 pytestmark = pytest.mark.kernel
@@ -52,14 +51,6 @@ def ifindex_of(netns: str, dev: str) -> int:
     return int(json.loads(ip("-j", "link", "show", "dev", dev, netns=netns).stdout)[0]["ifindex"])
 
 
-@asynccontextmanager
-async def raw_netlink(netns: str) -> AsyncIterator[NetlinkTransport]:
-    runner = NetnsRunner(netns, trio.CapacityLimiter(4))
-    try:
-        async with open_transport(runner) as nl:
-            yield nl
-    finally:
-        runner.close()
 
 
 async def collect(mon: asynctc.Monitor, count: int, pred: Callable[[ev.Event], bool],

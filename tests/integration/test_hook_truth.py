@@ -13,17 +13,14 @@ Foreign filters are made with `tc` or with asynctc's codec over a raw transport,
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 import trio
+from _netlinkutil import raw_netlink
 
 import asynctc
 from asynctc import programs
 from asynctc.lowlevel import codec
-from asynctc.lowlevel.netns import NetnsRunner
-from asynctc.lowlevel.transport import NetlinkTransport, open_transport
 from asynctc.testing import VethPair, ip, send_frames, tc
 
 pytestmark = pytest.mark.kernel
@@ -37,14 +34,6 @@ async def frames(veth: VethPair, count: int) -> None:
     await trio.to_thread.run_sync(lambda: send_frames(veth.b, count, netns=veth.netns_b))
 
 
-@asynccontextmanager
-async def raw_netlink(netns: str) -> AsyncIterator[NetlinkTransport]:
-    runner = NetnsRunner(netns, trio.CapacityLimiter(4))
-    try:
-        async with open_transport(runner) as nl:
-            yield nl
-    finally:
-        runner.close()
 
 
 def ifindex_of(netns: str, dev: str) -> int:

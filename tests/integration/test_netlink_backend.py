@@ -14,18 +14,15 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 import trio
 from _children import CHILD_TIMEOUT, stop
+from _netlinkutil import raw_netlink
 
 import asynctc
 from asynctc import After, Before, Direction, First, Last, programs
 from asynctc.lowlevel import bpf, codec
-from asynctc.lowlevel.netns import NetnsRunner
-from asynctc.lowlevel.transport import NetlinkTransport, open_transport
 from asynctc.testing import VethPair, ip, run_without_capabilities, send_frames, tc
 
 pytestmark = pytest.mark.kernel
@@ -48,14 +45,6 @@ def ids(hook: asynctc.Hook) -> list[int]:
     return [e.prog_id for e in hook.entries]
 
 
-@asynccontextmanager
-async def raw_netlink(netns: str) -> AsyncIterator[NetlinkTransport]:
-    runner = NetnsRunner(netns, trio.CapacityLimiter(4))
-    try:
-        async with open_transport(runner) as nl:
-            yield nl
-    finally:
-        runner.close()
 
 
 async def ifindex_of(netns: str, dev: str) -> int:
