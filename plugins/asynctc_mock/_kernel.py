@@ -1078,27 +1078,12 @@ class MockKernel(Kernel, BpfSyscallsMixin):
             raise KernelError(_errno.EINVAL, op, f"program {prog_id} is not SCHED_CLS")
         return rec
 
-    def _insert_index(
-        self, hook: _Hook, op: str, *, before: bool, after: bool, relative_id: int | None, relative_is_link: bool
-    ) -> int:
-        if before and after:
-            raise KernelError(_errno.ERANGE, op, "BPF_F_BEFORE and BPF_F_AFTER together")
-        if relative_id is None or relative_id == 0:
-            return 0 if before else len(hook.entries)
-        if not (before or after):
-            raise KernelError(_errno.EINVAL, op, "a relative needs BPF_F_BEFORE or BPF_F_AFTER")
-        for i, e in enumerate(hook.entries):
-            if (e.link_id if relative_is_link else e.prog_id) == relative_id:
-                return i if before else i + 1
-        what = "link" if relative_is_link else "program"
-        raise KernelError(_errno.ENOENT, op, f"relative {what} {relative_id} is not on the hook")
-
     def _tcx_insert(
         self,
         op: str,
         d: _Device,
         direction: Direction,
-        prog_id: int,
+        prog: _Prog,
         link_id: int,
         *,
         before: bool,
@@ -1107,18 +1092,12 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         relative_is_link: bool,
         expected_revision: int,
     ) -> None:
-        hook = d.hooks[direction]
-        if expected_revision and expected_revision != hook.revision:
-            raise KernelError(_errno.ESTALE, op, f"revision is {hook.revision}, not {expected_revision}")
-        if any(e.prog_id == prog_id for e in hook.entries):
-            raise KernelError(_errno.EEXIST, op, f"program {prog_id} is already on the hook")
-        if len(hook.entries) >= MAX_TCX_PROGS:
-            raise KernelError(_errno.ERANGE, op, f"the hook holds {MAX_TCX_PROGS} programs")
-        idx = self._insert_index(
-            hook, op, before=before, after=after, relative_id=relative_id, relative_is_link=relative_is_link
-        )
-        hook.entries.insert(idx, _Entry(prog_id, link_id))
-        hook.revision += 1
+        """The high-level API's attach: its arguments as BPF_LINK_CREATE / BPF_PROG_ATTACH flags, then the
+        kernel's own rules (`_mprog_attach`). Lock held."""
+        flags = (bpf.BPF_F_BEFORE if before else 0) | (bpf.BPF_F_AFTER if after else 0)
+        if relative_id:
+            flags |= bpf.BPF_F_ID | (bpf.BPF_F_LINK if relative_is_link else 0)
+        self._mprog_attach(d.hooks[direction], prog, link_id, flags, relative_id or 0, expected_revision, op)
 
     @staticmethod
     def _hook_held(d: _Device, direction: Direction) -> bool:
@@ -1342,11 +1321,11 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         op = "link_create"
         with self._lock, self._gc_on_error():
             self._enter(op)
-            self._check_tcx_prog(prog_id, op)
+            prog = self._check_tcx_prog(prog_id, op)
             d = self._dev(dev, op)
             link_id = next(self._link_ids)
             self._tcx_insert(
-                op, d, direction, prog_id, link_id, before=before, after=after, relative_id=relative_id,
+                op, d, direction, prog, link_id, before=before, after=after, relative_id=relative_id,
                 relative_is_link=relative_is_link, expected_revision=expected_revision,
             )
             self._links[link_id] = _Link(link_id, prog_id, d.ifindex, direction, creator)
@@ -1370,10 +1349,10 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         op = "prog_attach"
         with self._lock, self._gc_on_error():
             self._enter(op)
-            self._check_tcx_prog(prog_id, op)
+            prog = self._check_tcx_prog(prog_id, op)
             d = self._dev(dev, op)
             self._tcx_insert(
-                op, d, direction, prog_id, 0, before=before, after=after, relative_id=relative_id,
+                op, d, direction, prog, 0, before=before, after=after, relative_id=relative_id,
                 relative_is_link=relative_is_link, expected_revision=expected_revision,
             )
 
