@@ -26,7 +26,6 @@ import dataclasses
 import errno as _errno
 import functools
 import logging
-import socket
 import struct
 from contextlib import AbstractAsyncContextManager
 from typing import ClassVar
@@ -661,7 +660,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                         f"{'namespace ' + repr(netns) if netns else 'this namespace'}; open the session in "
                         "the namespace of its device"
                     )
-                return fd, info, socket.if_indextoname(info.ifindex)
+                return fd, info, self.kernel.if_indextoname(info.ifindex)
             except BaseException:
                 try:
                     self.kernel.bpf.close(fd)
