@@ -251,9 +251,14 @@ class Differential:
     def pick_prog(self) -> int:
         return self.rng.randrange(PROGRAMS)
 
+    def owned_live(self, pair: Pair) -> bool:
+        """Attached, and owned by a session that is still open."""
+        return pair.real.state is State.ATTACHED and self.pair_sessions[pair.label] != "closed"
+
     def pick_pair(self, live_bias: float = 0.9) -> Pair | None:
-        """Mostly a live attachment; now and then a detached one (whose answers are compared too)."""
-        live = [p for p in self.pairs if p.real.state is State.ATTACHED]
+        """Mostly a live attachment of an open session; now and then another one (a detached one, or one
+        a closed session left pinned), whose answers are compared too."""
+        live = [p for p in self.pairs if self.owned_live(p)]
         if live and self.rng.random() < live_bias:
             return self.rng.choice(live)
         if not self.pairs or (live and self.rng.random() < 0.5) or (not live and self.rng.random() < 0.7):
@@ -273,7 +278,7 @@ class Differential:
         if kind == "bogus":
             return "Before('x')", lambda s: Before("x")  # type: ignore[arg-type]
         cls = Before if kind == "before" else After
-        here = [p for p in self.pairs if p.real.state is State.ATTACHED
+        here = [p for p in self.pairs if self.owned_live(p)
                 and (p.real.info.dev, p.real.info.direction.value) == (dev, direction)]
         anchor = rng.choice(("prog", "att", "att", "att", "id", "id", "missing"))
         if anchor == "att" and self.pairs:
@@ -407,6 +412,9 @@ class Differential:
             assert side.second is not None
             errs.append(await side.close(side.second))
             side.second = None
+        for label, which in self.pair_sessions.items():
+            if which == "second":
+                self.pair_sessions[label] = "closed"
         self.log.append(f"closed the second sessions: {errs}")
         self.check("closing the second session", *[None if e is None else _exc_answer(e) for e in errs])
 
@@ -557,13 +565,39 @@ class Differential:
             await side.call(side.bpf.close, fd)
         self.log.append(f"closed foreign tcx link #{i}")
 
+    async def op_recreate_devices(self) -> None:
+        """Delete the veth pair under what is attached to it and make it again (new ifindexes): every live
+        attachment there is severed, on both sides alike."""
+        doomed = [p for p in self.pairs if self.owned_live(p)]
+        ip("link", "del", "dva", netns=self.real.netns)
+        ip("link", "add", "dva", "type", "veth", "peer", "name", "dvb", netns=self.real.netns)
+        new = {n: _in_ns_ifindex(self.real.netns or "", n) for n in HOOK_DEVS}
+        kernel = self.mock.kernel
+        assert kernel is not None
+        for name in HOOK_DEVS:
+            kernel.remove_device(name)
+        for name in sorted(HOOK_DEVS, key=new.__getitem__):
+            kernel.add_device(name)
+        self.real.ifindex.update(new)
+        self.mock.ifindex = dict(kernel.devices())
+        self.check("ifindexes of the devices made again", self.real.ifindex, self.mock.ifindex)
+        for key in [k for k in self.last_rev if k[0] in HOOK_DEVS]:
+            del self.last_rev[key]
+        for side in self.sides:
+            for pair in doomed:
+                with trio.move_on_after(10):
+                    await pair.of(side).wait_severed()
+        self.log.append(f"devices dva/dvb deleted and made again under {len(doomed)} live attachments")
+        for pair in doomed:
+            self.check(f"state of {pair.label} after its device was deleted", pair.real.state, pair.mock.state)
+
     async def step(self) -> None:
         ops: tuple[tuple[Callable[[], Awaitable[None]], int], ...] = (
             (self.op_attach, 30), (lambda: self.op_update("plain"), 6), (lambda: self.op_update("right"), 5),
             (lambda: self.op_update("wrong"), 4), (self.op_detach, 14), (self.op_pin, 6), (self.op_unpin, 4),
             (self.op_adopt, 6), (self.op_close_second, 1), (self.op_close_primary, 1), (self.op_bad_input, 5),
             (self.op_foreign_u32, 2), (self.op_foreign_bpf, 2), (self.op_foreign_del, 3),
-            (self.op_foreign_tcx, 2), (self.op_foreign_close, 2),
+            (self.op_foreign_tcx, 2), (self.op_foreign_close, 2), (self.op_recreate_devices, 1),
         )
         fns, weights = zip(*ops, strict=True)
         await self.rng.choices(fns, weights)[0]()
