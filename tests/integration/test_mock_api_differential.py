@@ -630,6 +630,7 @@ async def _sides(backend: str, ns: str, nursery: trio.Nursery) -> AsyncIterator[
     finally:
         real_runner.close()
         mock_runner.close()
+        kernel.close()
 
 
 def _in_ns_ifindex(ns: str, name: str) -> int:
@@ -648,7 +649,7 @@ async def test_mock_session_answers_like_the_kernel(backend: str) -> None:
     try:
         with temp_netns("atcapi") as ns, bpffs_mount() as bpffs:
             ip("link", "add", "dva", "type", "veth", "peer", "name", "dvb", netns=ns)
-            async with trio.open_nursery() as nursery, _sides(backend, ns, nursery) as (real, mock, kernel):
+            async with trio.open_nursery() as nursery, _sides(backend, ns, nursery) as (real, mock, _kernel):
                 diff = Differential(backend, rng, real, mock, progs, closed_prog, bpffs)
                 try:
                     for side in diff.sides:
@@ -659,7 +660,6 @@ async def test_mock_session_answers_like_the_kernel(backend: str) -> None:
                 finally:
                     with trio.CancelScope(shield=True):
                         await diff.teardown()
-                kernel.close()
     finally:
         for p in progs:
             p.close()
