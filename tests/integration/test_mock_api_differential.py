@@ -664,7 +664,8 @@ async def test_mock_session_answers_like_the_kernel(backend: str) -> None:
         for p in progs:
             p.close()
     assert diff is not None
-    print(f"\n[{backend}] {len(diff.log)} operations compared (seed {SEED}); outcomes:")
+    print(f"\n[{backend}] {OPS} steps, {len(diff.log)} operations compared, each step followed by every hook's "
+          f"query, the counts and the states (seed {SEED}); outcomes:")
     for key, count in sorted(diff.outcomes.items()):
         print(f"  {key}: {count}")
     if os.environ.get("ASYNCTC_DIFF_LOG"):
