@@ -325,6 +325,7 @@ class MockNetlinkSocket:
         self._error = 0  # sk_err: reported (and cleared) by the next recv
         self._dump: deque[bytes] | None = None  # messages of a dump not yet queued
         self._dump_end: bytes = b""
+        self._dump_gen = 0  # the kernel's change count when the dump began
         self._timeout: float | None = None if blocking else 0.0
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ready = False
@@ -463,6 +464,7 @@ class MockNetlinkSocket:
         with self._cond:
             self._dump = deque(messages)
             self._dump_end = done
+            self._dump_gen = self._kernel.rtnl.generation
             self._continue_dump_locked()
             self._update_ready()
             self._cond.notify_all()
@@ -479,6 +481,11 @@ class MockNetlinkSocket:
         if not chunk or (not pending and len(chunk) + len(self._dump_end) <= DUMP_CHUNK):
             chunk += self._dump_end  # the end rides with the last messages when it fits
             self._dump = None
+        if self._kernel.rtnl.generation != self._dump_gen:
+            # nl_dump_check_consistent: the state changed since the dump began; every message written from
+            # now on (NLMSG_DONE included) says so, and the reader must dump again.
+            for off, _length, _mtype, flags, _seq, _pid in codec.iter_headers(bytes(chunk)):
+                struct.pack_into("=H", chunk, off + 6, flags | codec.NLM_F_DUMP_INTR)
         cost = truesize(len(chunk))
         self._queue.append((bytes(chunk), cost))
         self._rmem += cost
@@ -535,6 +542,8 @@ class RtnlHandler:
         self._lock = threading.Lock()
         self._sockets: list[MockNetlinkSocket] = []
         self._next_portid = 1 << 12
+        self.generation = 0
+        """How many changes the kernel has notified (its rtnetlink state's generation)."""
 
     def open(self, groups: Iterable[int], rcvbuf: int | None, blocking: bool) -> MockNetlinkSocket:
         with self._lock:
@@ -555,7 +564,9 @@ class RtnlHandler:
 
     def notify(self, group: int, message: bytes, *, exclude: int = 0) -> None:
         """Multicast one notification to every socket joined to `group` but the one (portid `exclude`)
-        whose request caused it."""
+        whose request caused it. Every change is notified: `generation` counts them (a dump that spans one
+        is marked NLM_F_DUMP_INTR)."""
+        self.generation += 1
         for sock in self.sockets():
             if group in sock.groups and sock.portid != exclude:
                 sock.deliver(message, NLMSG_GOODSIZE)

@@ -19,7 +19,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import trio
@@ -111,7 +111,7 @@ async def sides(diff_netns: str) -> AsyncIterator[tuple[Side, Side, MockKernel, 
     assert [i for i, _n in links] == list(range(1, len(links) + 1)), links
     mock = MockKernel(devices=[n for _i, n in links])
     # MockKernel answers Kernel's netlink calls; it becomes a Kernel subclass with the bpf side's change.
-    mock_kernel = cast(Kernel, mock)
+    mock_kernel: Kernel = mock
     real_runner = NetnsRunner(diff_netns, trio.CapacityLimiter(4))
     mock_runner = NetnsRunner(None, trio.CapacityLimiter(4))
     kernels: list[tuple[str, NetnsRunner, Kernel]] = [

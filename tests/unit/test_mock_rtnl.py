@@ -7,7 +7,6 @@ import errno
 import select
 import socket
 from collections.abc import AsyncIterator, Iterator
-from typing import cast
 
 import pytest
 import trio
@@ -16,7 +15,6 @@ from asynctc import Direction
 from asynctc.events import DeviceAdded, DeviceRemoved, FilterAdded, FilterRemoved, QdiscAdded, Resynced
 from asynctc.lowlevel import codec as c
 from asynctc.lowlevel.events import open_netlink_event_source
-from asynctc.lowlevel.kernel import Kernel
 from asynctc.lowlevel.multicast import EventsLost, open_multicast_socket
 from asynctc.lowlevel.netns import NetnsRunner
 from asynctc.lowlevel.transport import NetlinkError, NetlinkTransport, open_transport
@@ -26,11 +24,6 @@ from asynctc_mock._rtnl import MockNetlinkSocket
 NEW = c.NLM_F_REQUEST | c.NLM_F_ACK | c.NLM_F_CREATE | c.NLM_F_EXCL
 REPLACE = c.NLM_F_REQUEST | c.NLM_F_ACK | c.NLM_F_REPLACE
 IN = c.INGRESS_PARENT
-
-
-def as_kernel(mock: MockKernel) -> Kernel:
-    """MockKernel answers Kernel's netlink calls (it becomes a Kernel subclass with the bpf side's change)."""
-    return cast(Kernel, mock)
 
 
 @pytest.fixture
@@ -44,7 +37,7 @@ def runner() -> Iterator[NetnsRunner]:
 
 @pytest.fixture
 async def nl(kernel: MockKernel, runner: NetnsRunner) -> AsyncIterator[NetlinkTransport]:
-    async with open_transport(runner, kernel=as_kernel(kernel)) as transport:
+    async with open_transport(runner, kernel=kernel) as transport:
         yield transport
 
 
@@ -153,8 +146,8 @@ async def test_ingress_qdisc_answers_to_every_spelling(kernel: MockKernel, nl: N
 
 
 async def test_multicast_events_and_enobufs(kernel: MockKernel, runner: NetnsRunner, nl: NetlinkTransport) -> None:
-    mc = await open_multicast_socket(runner, kernel=as_kernel(kernel))
-    small = await open_multicast_socket(runner, rcvbuf=4096, kernel=as_kernel(kernel))
+    mc = await open_multicast_socket(runner, kernel=kernel)
+    small = await open_multicast_socket(runner, rcvbuf=4096, kernel=kernel)
     try:
         assert small.rcvbuf == 8192  # the kernel reports twice what was asked
         ifindex = kernel.add_device("new0")
@@ -186,7 +179,7 @@ async def test_multicast_events_and_enobufs(kernel: MockKernel, runner: NetnsRun
 
 async def test_event_source_events_and_resync(kernel: MockKernel, runner: NetnsRunner) -> None:
     prog = kernel.program()
-    async with open_netlink_event_source(runner, rcvbuf=65536, kernel=as_kernel(kernel)) as source:
+    async with open_netlink_event_source(runner, rcvbuf=65536, kernel=kernel) as source:
         assert set(source.links.values()) == {"lo", "eth0", "veth0", "veth1"}
         ifindex = kernel.add_device("ev0")
         with trio.fail_after(5):
@@ -273,3 +266,59 @@ def test_helpers_keep_their_errnos(kernel: MockKernel) -> None:
     with pytest.raises(KernelError) as e:
         kernel.qdisc_add("eth0", "clsact")
     assert (e.value.errno, e.value.extack) == (errno.EEXIST, "Exclusivity flag on, cannot modify")
+
+
+def test_a_dump_that_spans_a_change_is_marked_interrupted(kernel: MockKernel) -> None:
+    """As the kernel's nl_dump_check_consistent: once the state changed under a dump of several parts, every
+    message written after it (NLMSG_DONE included) carries NLM_F_DUMP_INTR; a dump begun after is clean."""
+    eth0 = kernel.devices()["eth0"]
+    for prio in range(1, 901):
+        kernel.add_foreign_filter("eth0", Direction.INGRESS, kernel.program(), priority=prio)
+
+    def parts(sock: MockNetlinkSocket, seq: int, change: bool) -> list[list[int]]:
+        sock.send(c.encode_dump_request(seq, c.RTM_GETTFILTER, eth0, IN))
+        out: list[list[int]] = []
+        while True:
+            data = sock.recv(65536)
+            out.append([flags for _off, _len, _t, flags, _seq, _pid in c.iter_headers(data)])
+            if change and len(out) == 1:
+                kernel.add_foreign_filter("eth0", Direction.INGRESS, kernel.program(), priority=1000)
+            if any(t == c.NLMSG_DONE for _off, _len, t, _f, _s, _p in c.iter_headers(data)):
+                return out
+
+    sock = kernel.open_netlink_socket(blocking=True)
+    try:
+        sock.settimeout(5)
+        spanned = parts(sock, 1, change=True)
+        # Reading a part makes the next one (netlink_recvmsg runs the dump on): the change after the first
+        # read lands after the second part was made, so the third part on says so.
+        assert len(spanned) >= 3
+        assert not any(f & c.NLM_F_DUMP_INTR for part in spanned[:2] for f in part)
+        assert all(f & c.NLM_F_DUMP_INTR for part in spanned[2:] for f in part)
+        assert not any(f & c.NLM_F_DUMP_INTR for part in parts(sock, 2, change=False) for f in part)
+    finally:
+        sock.close()
+
+
+async def test_the_transport_dumps_again_when_a_dump_was_interrupted(kernel: MockKernel, runner: NetnsRunner) -> None:
+    """The real transport reads NLM_F_DUMP_INTR from the mock as from the kernel: it dumps again and returns
+    a consistent answer."""
+    eth0 = kernel.devices()["eth0"]
+    for prio in range(1, 301):
+        kernel.add_foreign_filter("eth0", Direction.INGRESS, kernel.program(), priority=prio)
+    real_continue = MockNetlinkSocket._continue_dump_locked
+    calls: list[int] = []
+
+    def change_once(self: MockNetlinkSocket) -> None:  # a change lands while the first dump is half read
+        calls.append(1)
+        if len(calls) == 2:
+            kernel.add_foreign_filter("eth0", Direction.INGRESS, kernel.program(), priority=400)
+        real_continue(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MockNetlinkSocket, "_continue_dump_locked", change_once)
+        async with open_transport(runner, kernel=kernel) as nl:
+            with trio.fail_after(10):
+                got = await filters(nl, eth0)
+    got = [f for f in got if f.handle]  # not the per-priority classifier heads
+    assert len(got) == 301 and got[-1].priority == 400  # the dump taken again, after the change
