@@ -25,7 +25,7 @@ from ._registry import AttachmentRecord, Registry
 from ._types import State, UpdateResult
 from .backend import Backend, BackendAttachment
 from .events import AttachmentEvent, AttachmentSevered
-from .lowlevel.devlock import PinClaim
+from .lowlevel.devlock import Claim, PinClaim
 from .lowlevel.locks import held
 
 __all__ = ["Lifecycle", "WatchDemand"]
@@ -59,7 +59,7 @@ class Lifecycle:
         notify: Callable[[AttachmentEvent], None],
         *,
         cleanup_timeout: float,
-        claim_key: Callable[[str], str] = str,
+        claim: Callable[[str], Claim] = PinClaim,
     ) -> None:
         self.registry = registry
         self.fanout = fanout
@@ -67,12 +67,12 @@ class Lifecycle:
         self.cleanup_timeout = cleanup_timeout
         self.closed = False
         self._notify_observers = notify
-        self._claim_key = claim_key
+        self._new_claim = claim
 
-    def claim(self, path: str) -> PinClaim:
+    def claim(self, path: str) -> Claim:
         """Claim the pin `path` for this session (NotOwned when a live asynctc session, in this process or
         another, holds the attachment pinned there)."""
-        claim = PinClaim(self._claim_key(path))
+        claim = self._new_claim(path)
         holder = claim.try_acquire()
         if holder is not None:
             raise NotOwned(f"the attachment pinned at {path!r} is held by a live asynctc session ({holder}); it "
@@ -91,7 +91,7 @@ class Lifecycle:
         await self.demand.wait_ready()
 
     # -- register ------------------------------------------------------------------------------------
-    def register(self, backend: Backend[Any], handle: BackendAttachment, claim: PinClaim | None = None) -> Attachment:
+    def register(self, backend: Backend[Any], handle: BackendAttachment, claim: Claim | None = None) -> Attachment:
         """Record what a backend attached or adopted (with the claim on its pin, if adopted); the session
         owns it from now on. No checkpoint here, so a caller that just got `handle` from the kernel can
         never lose it to a cancellation."""

@@ -19,7 +19,7 @@ import trio
 
 from ._types import AttachmentInfo, Direction, HookEntry, State
 from .backend import Backend, BackendAttachment
-from .lowlevel.devlock import PinClaim
+from .lowlevel.devlock import Claim
 
 if TYPE_CHECKING:
     from ._attachment import Attachment
@@ -55,7 +55,7 @@ class AttachmentRecord:
         self.released = False  # the session let go of it (pinned, at session close)
         self.sever_reason: str | None = None
         self.public: Attachment | None = None  # the handle users hold, set right after creation
-        self.claim: PinClaim | None = None  # held while the session holds it pinned
+        self.claim: Claim | None = None  # held while the session holds it pinned
 
     def drop_claim(self) -> None:
         claim, self.claim = self.claim, None

@@ -36,7 +36,8 @@ from ._types import OFFLOAD_MODES, Direction, Hook, HookEntry, Last, Offload, Po
 from ._watcher import Watcher
 from .backend import AttachRequest, Backend, BackendContext
 from .events import AttachmentEvent
-from .lowlevel.kernel import LINUX
+from .lowlevel.devlock import Claim, PinClaim
+from .lowlevel.kernel import LINUX, Kernel
 from .lowlevel.netdev import check_dev
 from .lowlevel.netns import NetnsRunner
 from .lowlevel.pins import check_path
@@ -62,13 +63,14 @@ def _session_tag(owner: str) -> str:
     return format_session_tag(owner, pid, process_start_time(pid) or "0", serial)
 
 
-def _claim_key(kernel: object) -> Callable[[str], str]:
-    """How pin paths are named in pin claims: as they are for the real kernel (bpffs is one per host); for
-    an in-memory kernel, within that kernel (its pins are its own)."""
-    if kernel is None or kernel is LINUX:
-        return str
+def _pin_claims(kernel: object) -> Callable[[str], Claim]:
+    """How a session claims pins: through its kernel (the real one claims them among every process of the
+    host; a MockKernel within itself); for a third-party in-memory kernel, host claims named within that
+    kernel object."""
+    if isinstance(kernel, Kernel):
+        return kernel.pin_claim
     prefix = f"{type(kernel).__name__}@{id(kernel):x}:"
-    return lambda path: prefix + path
+    return lambda path: PinClaim(prefix + path)
 
 
 def _check_options(be: Backend[Any], options: Mapping[str, object]) -> None:
@@ -499,7 +501,7 @@ async def open_session(
                 registry = Registry()
                 fanout = Fanout()
                 lifecycle = Lifecycle(registry, fanout, notify, cleanup_timeout=cleanup_timeout,
-                                      claim_key=_claim_key(backends.context.kernel))
+                                      claim=_pin_claims(backends.context.kernel))
                 watcher = Watcher(backends, lifecycle, registry, fanout, runner)
                 session = Session(backends=backends, registry=registry, lifecycle=lifecycle, fanout=fanout,
                                   watcher=watcher, runner=runner, owner=owner)

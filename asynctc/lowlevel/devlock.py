@@ -19,10 +19,28 @@ import fcntl
 import hashlib
 import os
 import stat
+from typing import Protocol
 
 import trio
 
-__all__ = ["DeviceLocks", "PinClaim", "lock_directory"]
+__all__ = ["Claim", "DeviceLocking", "DeviceLocks", "PinClaim", "lock_directory"]
+
+class DeviceLocking(Protocol):
+    """The device locks of one backend instance (`Kernel.device_locks`): `DeviceLocks` on the real kernel."""
+
+    async def acquire(self, ifindex: int) -> None: ...
+    def release(self, ifindex: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class Claim(Protocol):
+    """A claim on a pin path (`Kernel.pin_claim`): `PinClaim` on the real kernel."""
+
+    path: str
+
+    def try_acquire(self) -> str | None: ...
+    def release(self) -> None: ...
+
 
 RUN_DIR = "/run/asynctc/locks"
 WAIT_LIMIT = 10.0  # seconds: how long to wait for another process's lock before giving up

@@ -12,6 +12,9 @@ kernel's own interface, kept as low as the kernel draws it:
   bytes `asynctc.lowlevel.codec` builds and parses;
 - `if_nametoindex` / `if_indextoname`: device names and indexes of the calling thread's namespace (the
   SIOCGIFINDEX / SIOCGIFNAME ioctls: no rtnl, far cheaper than an RTM_GETLINK);
+- `device_locks` / `pin_claim`: the locks asynctc sessions of every process honour on this kernel (a device
+  while its clsact qdisc is checked and changed; a pin path while a session holds it), which a simulated
+  kernel keeps to itself;
 - `session_alive`: whether the session (process) an ownership record names still runs (orphans are what
   dead processes left).
 
@@ -30,6 +33,7 @@ from typing import Final, Protocol
 from . import bpf as _bpf
 from . import pins as _pins
 from . import tcpolicy
+from .devlock import Claim, DeviceLocking, DeviceLocks, PinClaim
 from .nlsock import open_netlink_socket
 
 __all__ = ["LINUX", "Kernel", "Linux", "NetlinkSocket"]
@@ -117,6 +121,16 @@ class Kernel(abc.ABC):
         cannot be told."""
 
     @abc.abstractmethod
+    def device_locks(self, netns_inode: int) -> DeviceLocking:
+        """The device locks of one backend instance in the namespace `netns_inode` (see
+        `asynctc.lowlevel.devlock.DeviceLocks`)."""
+
+    @abc.abstractmethod
+    def pin_claim(self, path: str) -> Claim:
+        """A claim on the pin `path`, exclusive among every asynctc session on this kernel (see
+        `asynctc.lowlevel.devlock.PinClaim`)."""
+
+    @abc.abstractmethod
     def session_alive(self, session_tag: str) -> bool:
         """Whether the session that wrote an ownership record with `session_tag` ("owner:pid.start.serial",
         `asynctc.lowlevel.tcpolicy.format_session_tag`) still runs: on the real kernel, whether its process
@@ -148,6 +162,12 @@ class Linux(Kernel):
 
     def classifier_present(self, kind: str) -> bool | None:
         return _classifier_present(kind)
+
+    def device_locks(self, netns_inode: int) -> DeviceLocks:
+        return DeviceLocks(netns_inode)
+
+    def pin_claim(self, path: str) -> PinClaim:
+        return PinClaim(path)
 
     def session_alive(self, session_tag: str) -> bool:
         parsed = tcpolicy.parse_session_tag(session_tag)

@@ -59,6 +59,7 @@ from asynctc.lowlevel import bpf, codec
 from asynctc.lowlevel.kernel import Kernel
 from asynctc.lowlevel.tcpolicy import parse_session_tag, parse_tag, process_alive
 
+from ._locks import LockTable, MockDeviceLocks, MockPinClaim
 from ._rtnl import (
     NLMSG_GOODSIZE,
     FilterWire,
@@ -624,6 +625,7 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         self._latency: dict[str | None, float] = {}
         self._subs: list[Subscription] = []
         self._dead_tags: set[str] = set()
+        self._lock_table = LockTable()
         self.rtnl = RtnlHandler(self)
         """The rtnetlink side: the simulated sockets and their request handler (see `_rtnl`)."""
         self.calls: Counter[str] = Counter()
@@ -657,6 +659,14 @@ class MockKernel(Kernel, BpfSyscallsMixin):
     def classifier_present(self, kind: str) -> bool | None:
         """cls_bpf and u32 are the classifiers this kernel simulates."""
         return kind in ("bpf", "u32")
+
+    def device_locks(self, netns_inode: int) -> MockDeviceLocks:
+        """Device locks kept by this kernel (sessions on it exclude each other; nothing on the host)."""
+        return MockDeviceLocks(self._lock_table, netns_inode)
+
+    def pin_claim(self, path: str) -> MockPinClaim:
+        """A claim on the pin `path` of this kernel's bpffs, exclusive among its sessions."""
+        return MockPinClaim(self._lock_table, path)
 
     def session_alive(self, session_tag: str) -> bool:
         """Whether the session with `session_tag` runs: False once `kill_process` killed it (each session

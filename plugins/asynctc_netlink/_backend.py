@@ -83,7 +83,7 @@ from asynctc import (
 from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource, Updated
 from asynctc.lowlevel import bpf, codec
 from asynctc.lowlevel import hook as hooklib
-from asynctc.lowlevel.devlock import DeviceLocks
+from asynctc.lowlevel.devlock import DeviceLocking
 from asynctc.lowlevel.kernel import Kernel
 from asynctc.lowlevel.locks import held
 from asynctc.lowlevel.netdev import resolve_device, resolve_device_nl
@@ -183,7 +183,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
         self._nl: NetlinkTransport | None = None
         self._names = hooklib.ProgNameCache(self.kernel.bpf)
         self._locks: defaultdict[int, trio.Lock] = defaultdict(trio.Lock)  # per ifindex
-        self._devlocks: DeviceLocks | None = None  # shared with every asynctc process (open())
+        self._devlocks: DeviceLocking | None = None  # shared with every asynctc process (open())
         self._created: set[int] = set()  # ifindexes whose clsact qdisc this instance created
         self._held: dict[int, int] = {}  # ifindex -> how many filters this instance holds there
 
@@ -219,7 +219,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
         if self._nl is None:
             ino = self.ctx.runner.ns_inode or os.stat("/proc/self/ns/net").st_ino
             try:
-                self._devlocks = DeviceLocks(ino)
+                self._devlocks = self.kernel.device_locks(ino)
             except OSError as exc:
                 raise BackendUnavailable(f"the netlink backend cannot create its device locks: {exc}; they "
                                          "keep asynctc processes from deleting each other's filters") from None

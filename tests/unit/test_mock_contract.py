@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 import trio
@@ -521,3 +522,37 @@ async def test_adopting_a_pinned_link_names_the_mocks_device(kernel: MockKernel)
         assert (adopted.info.dev, adopted.info.ifindex) == ("mockonly0", att.info.ifindex)
         await adopted.detach()
     assert kernel_entries(kernel) == set() and kernel.pins() == {}
+
+
+async def test_locks_are_the_kernels_own() -> None:
+    """Device locks and pin claims live in the MockKernel: sessions on one kernel exclude each other, two
+    kernels never wait for each other, and nothing is created on the host."""
+    from asynctc.lowlevel.devlock import lock_directory
+
+    host_locks = set(os.listdir(lock_directory()))
+    slow, other = MockKernel(), MockKernel()
+    slow.set_latency(1.0, op="filter_add")  # holds eth0's device lock in `slow` for a second
+    took: list[float] = []
+
+    async def attach(kernel: MockKernel) -> None:
+        async with asynctc.open_session("mock", kernel=kernel) as s:
+            start = trio.current_time()
+            await s.attach("eth0", IN, kernel.program(), mode="legacy")
+            took.append(trio.current_time() - start)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(attach, slow)
+            await trio.sleep(0.1)
+            n.start_soon(attach, other)  # same device name and ifindex, another kernel: no wait
+    assert min(took) < 0.5
+    async with asynctc.open_session("mock", kernel=other) as a, asynctc.open_session("mock", kernel=other) as b:
+        att = await a.attach("eth0", IN, other.program())
+        await att.pin("/sys/fs/bpf/claimed")
+        with pytest.raises(asynctc.NotOwned, match="held by a live asynctc session"):
+            await b.adopt_pinned("/sys/fs/bpf/claimed")
+        async with asynctc.open_session("mock", kernel=slow) as c:  # the same path on another kernel: no claim
+            with pytest.raises(asynctc.TCError):
+                await c.adopt_pinned("/sys/fs/bpf/claimed")  # nothing pinned there in that kernel
+        await att.unpin()
+    assert set(os.listdir(lock_directory())) == host_locks
