@@ -173,15 +173,33 @@ _BYPASSES = {
 }
 
 
+# Helpers that take the kernel and default to the real one: a call must say which (keyword `kernel`, or the
+# argument at this position).
+_KERNEL_ARGS = {"start_transport": None, "open_transport": None, "open_multicast_socket": None,
+                "open_netlink_event_source": None, "read_record": None, "write_record": None,
+                "rewrite_record": None, "resolve_device": 2, "ProgNameCache": 0}
+_HOST_ONLY = {"DeviceLocks", "PinClaim"}  # the real kernel's locks: `ctx.kernel.device_locks`/`pin_claim`
+
+
 def kernel_bypasses(tree: ast.Module) -> list[str]:
     """Calls that reach the kernel without `ctx.kernel`: `bpf.link_info(...)`, `os.close(...)`, a bare
-    `process_alive(...)`..."""
+    `process_alive(...)`, a helper left to its default kernel (`start_transport(runner)`), the host's own
+    locks (`DeviceLocks(...)`)..."""
     bare = {name for names in _BYPASSES.values() for name in names if name not in ("close", "dup", "socket")}
     out = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
         f = node.func
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+        if name in _KERNEL_ARGS:
+            pos = _KERNEL_ARGS[name]
+            if not any(k.arg in ("kernel", "calls") for k in node.keywords) and (pos is None or len(node.args) <= pos):
+                out.append(f"line {node.lineno}: {name}(...) without its kernel")
+            continue
+        if name in _HOST_ONLY:
+            out.append(f"line {node.lineno}: {name}(...)")
+            continue
         if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.attr in _BYPASSES.get(f.value.id, ()):
             out.append(f"line {node.lineno}: {f.value.id}.{f.attr}(...)")
         elif isinstance(f, ast.Name) and f.id in bare:
@@ -191,10 +209,14 @@ def kernel_bypasses(tree: ast.Module) -> list[str]:
 
 def test_kernel_bypasses_are_found() -> None:
     tree = ast.parse("bpf.link_info(fd)\nos.close(fd)\nself.kernel.bpf.link_info(fd)\nprocess_alive(1, 's')\n"
-                     "socket.if_indextoname(3)\nk.pins.unpin(p)\npins.unpin(p)\n")
+                     "socket.if_indextoname(3)\nk.pins.unpin(p)\npins.unpin(p)\nstart_transport(r)\n"
+                     "start_transport(r, kernel=k)\nresolve_device(d, n)\nresolve_device(d, n, k)\n"
+                     "hooklib.ProgNameCache()\nDeviceLocks(1)\n")
     assert kernel_bypasses(tree) == ["line 1: bpf.link_info(...)", "line 2: os.close(...)",
                                      "line 4: process_alive(...)", "line 5: socket.if_indextoname(...)",
-                                     "line 7: pins.unpin(...)"]
+                                     "line 7: pins.unpin(...)", "line 8: start_transport(...) without its kernel",
+                                     "line 10: resolve_device(...) without its kernel",
+                                     "line 12: ProgNameCache(...) without its kernel", "line 13: DeviceLocks(...)"]
 
 
 @pytest.mark.parametrize("path", KERNEL_BACKENDS, ids=_rel)
