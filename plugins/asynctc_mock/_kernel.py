@@ -30,9 +30,11 @@ a link made through either shows in the other's queries.
 from __future__ import annotations
 
 import contextvars
+import difflib
 import errno as _errno
 import hashlib
 import itertools
+import math
 import os
 import stat
 import struct
@@ -77,6 +79,7 @@ from ._syscalls import BpfSyscallsMixin, MockPins, MockSyscalls
 
 __all__ = [
     "MAX_TCX_PROGS",
+    "OPERATIONS",
     "FilterInfo",
     "KernelError",
     "KernelSnapshot",
@@ -124,6 +127,52 @@ Verdict: TypeAlias = Literal["pass", "drop", "next"]
 _VERDICT_CODES: dict[int, Verdict] = {0: "pass", 2: "drop", -1: "next"}
 
 DevRef: TypeAlias = "str | int"
+
+
+BPF_OPERATIONS = frozenset({
+    "prog_load", "prog_info", "prog_get_fd_by_id", "prog_test_run", "prog_query",
+    "map_create", "map_info", "map_lookup", "map_update", "map_delete", "map_get_next_key", "map_get_fd_by_id",
+    "obj_pin", "obj_get", "obj_unpin",
+    "link_create", "link_update", "link_update_cas", "link_detach", "link_info", "link_get_fd_by_id",
+    "link_get_next_id", "enable_stats",
+})
+"""The operation names of the bpf(2) boundary: the `op` that `asynctc.lowlevel.bpf.Bpf` passes with each
+call ("obj_unpin" is `pins.unpin`)."""
+
+NETLINK_OPERATIONS = frozenset({
+    "qdisc_add", "qdisc_delete", "qdisc_get", "qdisc_dump",
+    "filter_add", "filter_replace", "filter_delete", "filter_get", "filter_dump",
+    "filter_add_hw", "filter_replace_hw", "link_get", "link_dump",
+})
+"""The operation names of the rtnetlink side (RTM_*QDISC, RTM_*TFILTER, RTM_GETLINK requests), the hardware
+steps of a cls_bpf add or replace included."""
+
+HIGH_LEVEL_OPERATIONS = frozenset({
+    "link_create", "link_update", "link_detach", "link_info", "link_close", "prog_query", "prog_attach",
+    "prog_detach", "qdisc_add", "qdisc_delete", "qdisc_get", "filter_add", "filter_add_hw", "filter_replace",
+    "filter_replace_hw", "filter_delete", "filter_dump", "obj_pin", "obj_get", "obj_unpin",
+    "dev_add", "dev_del", "dev_get",
+})
+"""The operation names of MockKernel's own methods (and of `if_nametoindex`/`if_indextoname`: "dev_get")."""
+
+FD_OPERATIONS = frozenset({"close", "dup"})
+"""close(2) and dup(2) of the kernel's fds: counted and delayed, never faulted (close() never fails)."""
+
+OPERATIONS: frozenset[str] = BPF_OPERATIONS | NETLINK_OPERATIONS | HIGH_LEVEL_OPERATIONS | FD_OPERATIONS
+"""Every operation name MockKernel counts (`calls`), delays (`set_latency`) and faults (`inject_fault`): the
+one list `inject_fault` and `set_latency` check names against."""
+
+_UNFAULTABLE = FD_OPERATIONS
+
+
+def _check_op(op: str, what: str, allowed: frozenset[str] = OPERATIONS) -> None:
+    """ValueError naming `op` and the close matches among `allowed` when `op` is not one of them."""
+    if isinstance(op, str) and op in allowed:
+        return
+    close = difflib.get_close_matches(str(op), sorted(allowed), n=4)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"{what}: unknown operation {op!r}{hint} (the names are asynctc_mock._kernel.OPERATIONS: "
+                     f"{', '.join(sorted(allowed))})")
 
 
 _FAULT_FAMILIES = {"link_update_cas": "link_update"}
@@ -691,22 +740,31 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         """Make the `nth` next call of operation `op` (counting from now) fail with `errno`, and the
         `times - 1` calls after it too. A failing call changes nothing.
 
-        The bpf(2) boundary (`kernel.bpf`) is faulted under the operation name `asynctc.lowlevel.bpf.Bpf`
-        passes with each call: "prog_load", "map_create", "map_info", "map_lookup", "map_update",
-        "map_delete", "map_get_next_key", "map_get_fd_by_id", "obj_pin" (also the pin step of
-        `pins.pin_object` and `pins.pin_over`), "obj_get" (`pins.get_object` too), "prog_info" (also
-        `prog_run_stats`), "prog_get_fd_by_id", "prog_test_run", "prog_query", "link_create", "link_update",
-        "link_update_cas" (a link update with an expected old program; a "link_update" fault fails it too:
-        that name is every BPF_LINK_UPDATE), "link_detach", "link_info",
-        "link_get_fd_by_id", "link_get_next_id", "enable_stats"; and "obj_unpin" (`pins.unpin`). A call
-        that fails so raises `BpfError(errno, op)` and changes nothing. close() is never faulted (latency
-        under "close" applies).
+        `op` must be one of `asynctc_mock._kernel.OPERATIONS` except "close" and "dup" (ValueError
+        otherwise, naming the close matches), the one list of the names this kernel uses:
 
-        The high-level API's operation names: "link_create", "link_update", "link_detach", "link_info",
-        "prog_query", "prog_attach", "prog_detach", "qdisc_add", "qdisc_delete", "qdisc_get", "filter_add",
-        "filter_add_hw" (the hardware step of a skip_sw add), "filter_replace", "filter_replace_hw",
-        "filter_delete", "filter_dump", "obj_pin", "obj_get", "obj_unpin", "dev_get".
+        - `BPF_OPERATIONS`, the bpf(2) boundary (`kernel.bpf`), the `op` `asynctc.lowlevel.bpf.Bpf` passes
+          with each call: "prog_load", "map_create", "map_info", "map_lookup", "map_update", "map_delete",
+          "map_get_next_key", "map_get_fd_by_id", "obj_pin" (also the pin step of `pins.pin_object` and
+          `pins.pin_over`), "obj_get" (`pins.get_object` too), "prog_info" (also `prog_run_stats`),
+          "prog_get_fd_by_id", "prog_test_run", "prog_query", "link_create", "link_update",
+          "link_update_cas" (a link update with an expected old program; a "link_update" fault fails it
+          too: that name is every BPF_LINK_UPDATE), "link_detach", "link_info", "link_get_fd_by_id",
+          "link_get_next_id", "enable_stats"; and "obj_unpin" (`pins.unpin`). A call that fails so raises
+          `BpfError(errno, op)` and changes nothing.
+        - `NETLINK_OPERATIONS`, the rtnetlink side: "qdisc_add", "qdisc_delete", "qdisc_get",
+          "qdisc_dump", "filter_add", "filter_replace", "filter_delete", "filter_get", "filter_dump",
+          "filter_add_hw" / "filter_replace_hw" (the hardware step of a skip_sw add or an in_hw replace),
+          "link_get", "link_dump".
+        - `HIGH_LEVEL_OPERATIONS`, this class's own methods: "link_create", "link_update", "link_detach",
+          "link_info", "link_close", "prog_query", "prog_attach", "prog_detach", "qdisc_add",
+          "qdisc_delete", "qdisc_get", "filter_add", "filter_add_hw", "filter_replace",
+          "filter_replace_hw", "filter_delete", "filter_dump", "obj_pin", "obj_get", "obj_unpin",
+          "dev_add", "dev_del", "dev_get" (also `if_nametoindex` and `if_indextoname`).
+
+        close() and dup() ("close", "dup") are never faulted; latency under those names applies.
         """
+        _check_op(op, "inject_fault", OPERATIONS - _UNFAULTABLE)
         if nth < 1 or times < 1:
             raise ValueError(f"nth and times must be >= 1, got nth={nth} times={times}")
         if errno <= 0:
@@ -720,22 +778,32 @@ class MockKernel(Kernel, BpfSyscallsMixin):
             self._faults.clear()
 
     def set_latency(self, seconds: float, op: str | None = None) -> None:
-        """Make every operation (or only `op`) block its calling thread for `seconds`, holding the kernel
-        lock like a real kernel waiting for RCU under rtnl. 0 removes the latency."""
-        if seconds < 0:
-            raise ValueError(f"latency must be >= 0 seconds, got {seconds}")
+        """Make every operation (or only `op`, one of `asynctc_mock._kernel.OPERATIONS`, see `inject_fault`;
+        "close" and "dup" included) block its calling thread for `seconds`, holding the kernel lock like a
+        real kernel waiting for RCU under rtnl. 0 removes the latency. ValueError for an unknown `op` or a
+        negative, infinite or NaN `seconds`."""
+        if op is not None:
+            _check_op(op, "set_latency")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise TypeError(f"latency must be a number of seconds, got {seconds!r}")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"latency must be a finite number of seconds >= 0, got {seconds!r}")
         with self._lock:
             if seconds == 0:
                 self._latency.pop(op, None)
             else:
-                self._latency[op] = seconds
+                self._latency[op] = float(seconds)
 
-    def _enter(self, op: str) -> None:
-        """Account for one call of `op`: count it, sleep for injected latency, raise an injected fault."""
+    def _delay(self, op: str) -> None:
+        """Count one call of `op` and sleep for its injected latency (lock held)."""
         self.calls[op] += 1
         delay = self._latency.get(op, self._latency.get(None, 0.0))
         if delay:
             time.sleep(delay)
+
+    def _enter(self, op: str) -> None:
+        """Account for one call of `op`: count it, sleep for injected latency, raise an injected fault."""
+        self._delay(op)
         family = _FAULT_FAMILIES.get(op)
         for f in self._faults:
             if f.op != op and f.op != family:
