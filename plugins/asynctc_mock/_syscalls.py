@@ -120,6 +120,7 @@ class BpfSyscallsMixin:
         calls: Counter[str]
 
         def _enter(self, op: str) -> None: ...
+        def _delay(self, op: str) -> None: ...
         def _sweep_links(self) -> None: ...
         def _gc_progs(self) -> None: ...
         def _close_fd(self, fd: int) -> None: ...
@@ -189,16 +190,17 @@ class BpfSyscallsMixin:
                 self._gc_progs()
 
     def syscall_close(self, fd: int) -> None:
-        """close(2) of an fd (see `_close_fd`); latency injected for "close" applies."""
+        """close(2) of an fd (see `_close_fd`): counted and delayed under "close" (closing an attached link's
+        last fd is what waits on the real kernel), never faulted."""
         with self._lock:
-            self.calls["close"] += 1
+            self._delay("close")
             self._close_fd(fd)
 
     def syscall_dup(self, fd: int) -> int:
         """dup(2) of an fd: a new fd on the same file (one of this kernel's, counted as one more reference),
-        or on whatever else `fd` is (a real program's fd)."""
+        or on whatever else `fd` is (a real program's fd). Counted and delayed under "dup", never faulted."""
         with self._lock:
-            self.calls["dup"] += 1
+            self._delay("dup")
             self._file_or_ebadf(fd, "dup")
             new = os.dup(fd)
             self._file(new)  # counted now, not at its first use

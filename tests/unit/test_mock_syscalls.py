@@ -9,6 +9,7 @@ import errno
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -676,3 +677,30 @@ def test_same_state_for_both_apis(kernel: MockKernel) -> None:
     assert kernel.bpf.prog_query(eth0(kernel), IN).link_ids == (link_id,)  # the fd holds it
     kernel.bpf.close(fd)
     assert kernel.hook("eth0", "ingress").entries == ()
+
+
+
+@pytest.mark.parametrize("op", ["close", "dup"])
+def test_close_and_dup_latency_applies(kernel: MockKernel, op: Literal["close", "dup"]) -> None:
+    """Closing an attached link's last fd waits on the real kernel (the detach): latency under "close"
+    delays close(), latency under "dup" delays dup(), and neither delays other calls."""
+    prog = load(kernel)
+    link = kernel.bpf.link_create_tcx(prog, eth0(kernel), IN)
+    kernel.set_latency(0.1, op=op)
+    t0 = time.monotonic()
+    kernel.bpf.prog_query(eth0(kernel), IN)
+    assert time.monotonic() - t0 < 0.1
+    t0 = time.monotonic()
+    if op == "dup":
+        extra = kernel.bpf.dup(link)
+        assert time.monotonic() - t0 >= 0.1
+        kernel.set_latency(0, op=op)
+        kernel.bpf.close(extra)
+        kernel.bpf.close(link)
+    else:
+        kernel.bpf.close(link)
+        assert time.monotonic() - t0 >= 0.1
+        kernel.set_latency(0, op=op)
+    assert kernel.bpf.prog_query(eth0(kernel), IN).prog_ids == ()  # the last close detached it
+    assert kernel.calls[op] >= 1
+    kernel.bpf.close(prog)
