@@ -1472,30 +1472,36 @@ class MockKernel(Kernel, BpfSyscallsMixin):
                             tuple(sorted(link.pins)))
 
     def link_update(self, link_id: int, new_prog_id: int, *, old_prog_id: int | None = None) -> None:
-        """BPF_LINK_UPDATE: swap the link's program in place. With `old_prog_id` (BPF_F_REPLACE) it is a
-        compare-and-swap: EPERM when the link runs another program. The same program again: success, no
-        revision change. ENOLINK on a detached or severed link, EINVAL for a non-SCHED_CLS program, EEXIST
-        when the new program is already elsewhere on the hook."""
+        """BPF_LINK_UPDATE: swap the link's program in place, by the same rules as the bpf(2) call
+        (`_tcx_link_update`). With `old_prog_id` (BPF_F_REPLACE) it is a compare-and-swap: EPERM when the
+        link runs another program. The same program again: success, no revision change. ENOENT for an
+        unknown link, EBADF for an unknown program, ENOLINK on a detached or severed link, EINVAL for a
+        non-SCHED_CLS program, EEXIST when the new program is already elsewhere on the hook."""
         op = "link_update"
         with self._lock, self._gc_on_error():
             self._enter(op)
             link = self._link(link_id, op)
-            self._check_tcx_prog(new_prog_id, op)
-            where = self._link_index(link)
-            if where is None:
-                raise KernelError(_errno.ENOLINK, op, f"link {link_id} is detached")
-            d, idx = where
-            if old_prog_id is not None and old_prog_id != link.prog_id:
-                raise KernelError(_errno.EPERM, op, f"link runs program {link.prog_id}, not {old_prog_id}")
-            if new_prog_id == link.prog_id:
-                return
-            hook = d.hooks[link.direction]
-            if any(e.prog_id == new_prog_id for e in hook.entries):
-                raise KernelError(_errno.EEXIST, op, f"program {new_prog_id} is already on the hook")
-            hook.entries[idx].prog_id = new_prog_id
-            link.prog_id = new_prog_id
-            hook.revision += 1
+            new = self._progs.get(new_prog_id)
+            if new is None:  # what bpf_prog_get answers for the fd of no program
+                raise KernelError(_errno.EBADF, op, f"no program with id {new_prog_id}")
+            self._tcx_link_update(link, new, old_prog_id, op)
             self._gc_progs()
+
+    def _tcx_link_update(self, link: _Link, new: _Prog, old_prog_id: int | None, op: str) -> None:
+        """tcx_link_update, for BPF_LINK_UPDATE and the high-level `link_update`: ENOLINK on a detached or
+        severed link, EPERM when `old_prog_id` (BPF_F_REPLACE) is not the link's program, nothing for the
+        same program, else `_mprog_attach` with BPF_F_REPLACE of the link's entry. Lock held."""
+        where = self._link_index(link)
+        if where is None:
+            raise KernelError(_errno.ENOLINK, op, f"link {link.id} is detached")
+        d, _idx = where
+        if old_prog_id is not None and old_prog_id != link.prog_id:
+            raise KernelError(_errno.EPERM, op, f"link {link.id} runs program {link.prog_id}, not {old_prog_id}")
+        if new.id == link.prog_id:
+            return
+        self._mprog_attach(d.hooks[link.direction], new, link.id, bpf.BPF_F_REPLACE | bpf.BPF_F_ID, link.prog_id, 0,
+                           op, old_prog_id=link.prog_id)
+        link.prog_id = new.id
 
     def link_detach(self, link_id: int) -> None:
         """BPF_LINK_DETACH: take the link's program off its hook (revision +1, and the reset rule). On a
@@ -2229,7 +2235,6 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         with self._lock, self._gc_on_error():
             self._enter(op)
             d = self._dev(dev, op)
-            self._check_tcx_prog(prog_id, op)
             self._check_parent(d, direction, op)
             if not 0 <= priority <= 0xFFFF or not 0 <= handle <= 0xFFFFFFFF:
                 raise KernelError(_errno.EINVAL, op, "priority or handle out of range")
@@ -2261,18 +2266,18 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         with self._lock, self._gc_on_error():
             self._enter(op)
             d = self._dev(dev, op)
-            self._check_tcx_prog(prog_id, op)
             self._check_parent(d, direction, op)
-            cur = d.filters.get((direction, priority, handle))
-            if cur is None:
-                raise KernelError(_errno.ENOENT, op, f"no filter prio {priority} handle {handle:#x}")
-            if cur.kind != "bpf":
-                raise KernelError(_errno.EINVAL, op, f"the filter is a {cur.kind} filter, not bpf")
-            gen = (codec.TCA_CLS_FLAGS_SKIP_SW if cur.skip_sw else 0) | (
-                codec.TCA_CLS_FLAGS_SKIP_HW if cur.skip_hw else 0)
-            keep = cur.name if name is None else name
-            params = _BpfParams(prog_id=prog_id, name=keep if (name is not None or cur.named) else None,
-                                bpf_flags=cur.bpf_flags, gen_flags=gen)
+            # what to keep comes from the filter there; whether there is one (ENOENT), of cls_bpf (EINVAL),
+            # and whether the program will do (EBADF, EINVAL) the shared tc code answers, as over netlink
+            cur = self._ordered_filter(d, direction, priority, handle)
+            gen, keep, named, bpf_flags = 0, name, name is not None, TCA_BPF_FLAG_ACT_DIRECT
+            if cur is not None:
+                gen = (codec.TCA_CLS_FLAGS_SKIP_SW if cur.skip_sw else 0) | (
+                    codec.TCA_CLS_FLAGS_SKIP_HW if cur.skip_hw else 0)
+                keep = cur.name if name is None else name
+                named = name is not None or cur.named
+                bpf_flags = cur.bpf_flags
+            params = _BpfParams(prog_id=prog_id, name=keep if named else None, bpf_flags=bpf_flags, gen_flags=gen)
             _block, _tp, f = self._tc_new_filter(
                 op, d, HOOK_PARENTS[direction], priority, codec.ETH_P_ALL, handle, codec.NLM_F_REPLACE, "bpf",
                 0, lambda b, t, old, h: self._cls_bpf_change(op, d, params, b, t, old, h), None)
@@ -2286,7 +2291,8 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         with self._lock:
             self._enter(op)
             d = self._dev(dev, op)
-            if (direction, priority, handle) not in d.filters:
+            self._check_parent(d, direction, op)
+            if not priority or not handle:  # RTM_DELTFILTER would flush the chain or the whole priority
                 raise KernelError(_errno.ENOENT, op, f"no filter prio {priority} handle {handle:#x}")
             self._tc_del_filter(op, d, HOOK_PARENTS[direction], priority, codec.ETH_P_ALL, handle, None, 0, None)
             self._gc_progs()
@@ -2307,6 +2313,11 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         if block is None:
             return []
         return [f for tp in block.chains.get(0, []) for f in tp.filters]
+
+    def _ordered_filter(self, d: _Device, direction: Direction, priority: int, handle: int) -> _Filter | None:
+        """The filter of chain 0 of a hook at (priority, handle), or None."""
+        return next((f for f in self._ordered_filters(d, direction)
+                     if f.priority == priority and f.handle == handle), None)
 
     @staticmethod
     def _filter_info(d: _Device, f: _Filter) -> FilterInfo:
