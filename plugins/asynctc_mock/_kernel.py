@@ -2436,16 +2436,10 @@ class MockKernel(Kernel, BpfSyscallsMixin):
                     self._maybe_destroy(link)
 
     def tag_alive(self, tag: str) -> bool:
-        """Whether the process behind a session tag "owner:pid.start.serial" is alive: not killed with
-        `kill_process`, and a process with that pid and start time exists. Not a tag: False."""
-        parsed = parse_session_tag(tag)
-        if parsed is None:
-            return False
-        with self._lock:
-            if tag in self._dead_tags:
-                return False
-        _owner, pid, start, _serial = parsed
-        return process_alive(pid, start)
+        """Whether the process behind a session tag "owner:pid.start.serial" is alive: the same answer as
+        `session_alive` (it calls it), so a tag that cannot be parsed counts as alive here too (nothing
+        is taken for an orphan when its owner cannot be told)."""
+        return self.session_alive(tag)
 
     # ====================================================================================================
     # packets

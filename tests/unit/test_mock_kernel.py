@@ -379,4 +379,15 @@ def test_kill_process_drops_unpinned_links_keeps_filters(kernel: MockKernel) -> 
     assert kernel.hook("eth0", IN).prog_ids == (b.id,)
     assert len(kernel.filters("eth0", IN)) == 1
     assert not kernel.tag_alive(tag)
-    assert not kernel.tag_alive("not a tag")
+
+
+@pytest.mark.parametrize("tag", ["not a tag", "owner:1.2", "a b:1.2.3", "", "svc:1.2.3"])
+def test_tag_alive_agrees_with_session_alive(kernel: MockKernel, tag: str) -> None:
+    """One answer for one tag: what cannot be parsed counts as alive for both (nothing is reaped whose
+    owner cannot be told); a parsable one is alive for neither once killed."""
+    assert kernel.tag_alive(tag) is kernel.session_alive(tag)
+    if tag == "svc:1.2.3":
+        kernel.kill_process(tag)
+        assert kernel.tag_alive(tag) is kernel.session_alive(tag) is False
+    else:
+        assert kernel.tag_alive(tag) is True
