@@ -633,6 +633,38 @@ def _close_fds(fds: dict[int, int]) -> None:
     fds.clear()
 
 
+def _check_device_name(name: object) -> None:
+    """dev_valid_name: TypeError for a non-str, ValueError naming the rule a name breaks."""
+    if not isinstance(name, str):
+        raise TypeError(f"a device name must be a str, got {type(name).__name__} {name!r}")
+    size = len(name.encode(errors="surrogateescape"))
+    if not 1 <= size <= 15:
+        raise ValueError(f"invalid device name {name!r}: it must be 1 to 15 bytes long, not {size}")
+    if name in (".", ".."):
+        raise ValueError(f"invalid device name {name!r}: '.' and '..' are not device names")
+    bad = sorted({c for c in name if c in "/:\0" or c.isspace()})
+    if bad:
+        raise ValueError(f"invalid device name {name!r}: it must not hold {', '.join(repr(c) for c in bad)} "
+                         "('/', ':', NUL and white space are refused)")
+
+
+def _device_names(devices: Iterable[str]) -> list[str]:
+    """The constructor's `devices`, checked: a tuple (or other iterable) of valid, distinct names."""
+    if isinstance(devices, (str, bytes)):
+        raise TypeError(f"devices must be a tuple of names, e.g. ({devices!r},), not the {type(devices).__name__} "
+                        f"{devices!r} (which would make one device per character)")
+    try:
+        names = list(devices)
+    except TypeError:
+        raise TypeError(f"devices must be a tuple of names, got {type(devices).__name__} {devices!r}") from None
+    for name in names:
+        _check_device_name(name)
+    dups = sorted(n for n, k in Counter(names).items() if k > 1)
+    if dups:
+        raise ValueError(f"device names must be unique, got {', '.join(repr(n) for n in dups)} more than once")
+    return names
+
+
 class MockKernel(Kernel, BpfSyscallsMixin):
     """An in-memory kernel: devices, tcx hooks and links, clsact qdiscs and cls_bpf filters, pins, events.
 
@@ -643,7 +675,9 @@ class MockKernel(Kernel, BpfSyscallsMixin):
     `prog_query`, `obj_pin`...) over the same state, for tests that drive the model directly.
 
     Args:
-        devices: names of the devices present at the start (ifindex 1, 2, ... in this order); none of
+        devices: a tuple of the names of the devices present at the start (ifindex 1, 2, ... in this
+            order): distinct, each a valid device name (see `add_device`); TypeError for a str (which
+            would be one device per character), ValueError for an invalid or repeated name. None of
             them can offload. Add offload-capable ones with `add_device(name, offload=True)`.
 
     Attributes:
@@ -679,7 +713,7 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         self._finalizer = weakref.finalize(self, _close_fds, self._fd_files)
         self.bpf = bpf.Bpf(MockSyscalls(self))
         self.pins = MockPins(self)
-        for name in devices:
+        for name in _device_names(devices):
             self.add_device(name)
 
     # ====================================================================================================
@@ -975,9 +1009,12 @@ class MockKernel(Kernel, BpfSyscallsMixin):
     # ====================================================================================================
     def add_device(self, name: str, *, offload: bool = False) -> int:
         """Create a device and return its ifindex. `offload=True` makes it accept hardware-only (skip_sw)
-        filters, as a NIC with BPF offload would; others refuse them with EINVAL, like veth."""
-        if not name or len(name) > 15 or "/" in name or any(c.isspace() for c in name):
-            raise ValueError(f"invalid device name {name!r}")
+        filters, as a NIC with BPF offload would; others refuse them with EINVAL, like veth.
+
+        The name follows the kernel's rules (dev_valid_name): 1 to 15 bytes, not "." or "..", no '/',
+        ':', NUL or white space (ValueError otherwise; TypeError for a non-str). A name already taken:
+        KernelError EEXIST, as `ip link add` answers."""
+        _check_device_name(name)
         with self._lock:
             self._enter("dev_add")
             if any(d.name == name for d in self._devices.values()):
@@ -1061,7 +1098,11 @@ class MockKernel(Kernel, BpfSyscallsMixin):
     def register_program(self, program: Program) -> int:
         """Make a program known to the kernel and return its id. Simulated programs must come from this
         kernel (EBADF otherwise, like an fd from nowhere); real programs are referenced by a duplicate of
-        their fd, held while anything on a hook (or a link) uses them. Closed programs: EBADF."""
+        their fd, held while anything on a hook (or a link) uses them. Closed programs: EBADF. TypeError
+        for anything that is not an `asynctc.Program` (to use a program id, it is already registered)."""
+        if not isinstance(program, Program):
+            raise TypeError(f"register_program takes an asynctc.Program (e.g. one from MockKernel.program() or "
+                            f"asynctc.Program.load), got {type(program).__name__} {program!r}")
         with self._lock:
             if isinstance(program, SimulatedProgram) or program.simulated:
                 rec = self._progs.get(program.id)

@@ -391,3 +391,42 @@ def test_tag_alive_agrees_with_session_alive(kernel: MockKernel, tag: str) -> No
         assert kernel.tag_alive(tag) is kernel.session_alive(tag) is False
     else:
         assert kernel.tag_alive(tag) is True
+
+
+def test_devices_as_a_str_is_a_type_error_naming_the_fix() -> None:
+    with pytest.raises(TypeError, match=r"tuple of names.*\('eth0',\)"):
+        MockKernel(devices="eth0")
+
+
+@pytest.mark.parametrize("devices", [(1,), ("eth0", None)])
+def test_device_names_must_be_str(devices: tuple[object, ...]) -> None:
+    with pytest.raises(TypeError, match="device name must be a str"):
+        MockKernel(devices=devices)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["", "a" * 16, "é" * 8, "a/b", "a:b", "a b", "tab\t", "nul\0", ".", ".."])
+def test_invalid_device_names_are_value_errors(kernel: MockKernel, name: str) -> None:
+    with pytest.raises(ValueError, match="invalid device name"):
+        MockKernel(devices=("lo", name))
+    with pytest.raises(ValueError, match="invalid device name"):
+        kernel.add_device(name)
+    assert name not in kernel.devices()
+
+
+def test_device_names_are_unique() -> None:
+    with pytest.raises(ValueError, match="unique.*'eth0'"):
+        MockKernel(devices=("lo", "eth0", "eth0"))
+    k = MockKernel(devices=("lo", "a" * 15, "x.y", "eth0.100"))
+    try:
+        assert list(k.devices()) == ["lo", "a" * 15, "x.y", "eth0.100"]
+        with pytest.raises(KernelError) as exc:  # at run time, as `ip link add` answers
+            k.add_device("lo")
+        assert exc.value.errno == errno.EEXIST
+    finally:
+        k.close()
+
+
+@pytest.mark.parametrize("what", ["x", 7, None])
+def test_register_program_takes_a_program(kernel: MockKernel, what: object) -> None:
+    with pytest.raises(TypeError, match=r"asynctc\.Program"):
+        kernel.register_program(what)  # type: ignore[arg-type]
