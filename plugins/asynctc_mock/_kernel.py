@@ -30,9 +30,11 @@ a link made through either shows in the other's queries.
 from __future__ import annotations
 
 import contextvars
+import difflib
 import errno as _errno
 import hashlib
 import itertools
+import math
 import os
 import stat
 import struct
@@ -78,6 +80,7 @@ from ._syscalls import BpfSyscallsMixin, MockPins, MockSyscalls
 
 __all__ = [
     "MAX_TCX_PROGS",
+    "OPERATIONS",
     "FilterInfo",
     "KernelError",
     "KernelSnapshot",
@@ -125,6 +128,52 @@ Verdict: TypeAlias = Literal["pass", "drop", "next"]
 _VERDICT_CODES: dict[int, Verdict] = {0: "pass", 2: "drop", -1: "next"}
 
 DevRef: TypeAlias = "str | int"
+
+
+BPF_OPERATIONS = frozenset({
+    "prog_load", "prog_info", "prog_get_fd_by_id", "prog_test_run", "prog_query",
+    "map_create", "map_info", "map_lookup", "map_update", "map_delete", "map_get_next_key", "map_get_fd_by_id",
+    "obj_pin", "obj_get", "obj_unpin",
+    "link_create", "link_update", "link_update_cas", "link_detach", "link_info", "link_get_fd_by_id",
+    "link_get_next_id", "enable_stats",
+})
+"""The operation names of the bpf(2) boundary: the `op` that `asynctc.lowlevel.bpf.Bpf` passes with each
+call ("obj_unpin" is `pins.unpin`)."""
+
+NETLINK_OPERATIONS = frozenset({
+    "qdisc_add", "qdisc_delete", "qdisc_get", "qdisc_dump",
+    "filter_add", "filter_replace", "filter_delete", "filter_get", "filter_dump",
+    "filter_add_hw", "filter_replace_hw", "link_get", "link_dump",
+})
+"""The operation names of the rtnetlink side (RTM_*QDISC, RTM_*TFILTER, RTM_GETLINK requests), the hardware
+steps of a cls_bpf add or replace included."""
+
+HIGH_LEVEL_OPERATIONS = frozenset({
+    "link_create", "link_update", "link_detach", "link_info", "link_close", "prog_query", "prog_attach",
+    "prog_detach", "qdisc_add", "qdisc_delete", "qdisc_get", "filter_add", "filter_add_hw", "filter_replace",
+    "filter_replace_hw", "filter_delete", "filter_dump", "obj_pin", "obj_get", "obj_unpin",
+    "dev_add", "dev_del", "dev_get",
+})
+"""The operation names of MockKernel's own methods (and of `if_nametoindex`/`if_indextoname`: "dev_get")."""
+
+FD_OPERATIONS = frozenset({"close", "dup"})
+"""close(2) and dup(2) of the kernel's fds: counted and delayed, never faulted (close() never fails)."""
+
+OPERATIONS: frozenset[str] = BPF_OPERATIONS | NETLINK_OPERATIONS | HIGH_LEVEL_OPERATIONS | FD_OPERATIONS
+"""Every operation name MockKernel counts (`calls`), delays (`set_latency`) and faults (`inject_fault`): the
+one list `inject_fault` and `set_latency` check names against."""
+
+_UNFAULTABLE = FD_OPERATIONS
+
+
+def _check_op(op: str, what: str, allowed: frozenset[str] = OPERATIONS) -> None:
+    """ValueError naming `op` and the close matches among `allowed` when `op` is not one of them."""
+    if isinstance(op, str) and op in allowed:
+        return
+    close = difflib.get_close_matches(str(op), sorted(allowed), n=4)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"{what}: unknown operation {op!r}{hint} (the names are asynctc_mock._kernel.OPERATIONS: "
+                     f"{', '.join(sorted(allowed))})")
 
 
 _FAULT_FAMILIES = {"link_update_cas": "link_update"}
@@ -585,6 +634,38 @@ def _close_fds(fds: dict[int, int]) -> None:
     fds.clear()
 
 
+def _check_device_name(name: object) -> None:
+    """dev_valid_name: TypeError for a non-str, ValueError naming the rule a name breaks."""
+    if not isinstance(name, str):
+        raise TypeError(f"a device name must be a str, got {type(name).__name__} {name!r}")
+    size = len(name.encode(errors="surrogateescape"))
+    if not 1 <= size <= 15:
+        raise ValueError(f"invalid device name {name!r}: it must be 1 to 15 bytes long, not {size}")
+    if name in (".", ".."):
+        raise ValueError(f"invalid device name {name!r}: '.' and '..' are not device names")
+    bad = sorted({c for c in name if c in "/:\0" or c.isspace()})
+    if bad:
+        raise ValueError(f"invalid device name {name!r}: it must not hold {', '.join(repr(c) for c in bad)} "
+                         "('/', ':', NUL and white space are refused)")
+
+
+def _device_names(devices: Iterable[str]) -> list[str]:
+    """The constructor's `devices`, checked: a tuple (or other iterable) of valid, distinct names."""
+    if isinstance(devices, (str, bytes)):
+        raise TypeError(f"devices must be a tuple of names, e.g. ({devices!r},), not the {type(devices).__name__} "
+                        f"{devices!r} (which would make one device per character)")
+    try:
+        names = list(devices)
+    except TypeError:
+        raise TypeError(f"devices must be a tuple of names, got {type(devices).__name__} {devices!r}") from None
+    for name in names:
+        _check_device_name(name)
+    dups = sorted(n for n, k in Counter(names).items() if k > 1)
+    if dups:
+        raise ValueError(f"device names must be unique, got {', '.join(repr(n) for n in dups)} more than once")
+    return names
+
+
 class MockKernel(Kernel, BpfSyscallsMixin):
     """An in-memory kernel: devices, tcx hooks and links, clsact qdiscs and cls_bpf filters, pins, events.
 
@@ -595,7 +676,9 @@ class MockKernel(Kernel, BpfSyscallsMixin):
     `prog_query`, `obj_pin`...) over the same state, for tests that drive the model directly.
 
     Args:
-        devices: names of the devices present at the start (ifindex 1, 2, ... in this order); none of
+        devices: a tuple of the names of the devices present at the start (ifindex 1, 2, ... in this
+            order): distinct, each a valid device name (see `add_device`); TypeError for a str (which
+            would be one device per character), ValueError for an invalid or repeated name. None of
             them can offload. Add offload-capable ones with `add_device(name, offload=True)`.
 
     Attributes:
@@ -632,7 +715,7 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         self._finalizer = weakref.finalize(self, _close_fds, self._fd_files)
         self.bpf = bpf.Bpf(MockSyscalls(self))
         self.pins = MockPins(self)
-        for name in devices:
+        for name in _device_names(devices):
             self.add_device(name)
 
     # ====================================================================================================
@@ -701,22 +784,31 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         """Make the `nth` next call of operation `op` (counting from now) fail with `errno`, and the
         `times - 1` calls after it too. A failing call changes nothing.
 
-        The bpf(2) boundary (`kernel.bpf`) is faulted under the operation name `asynctc.lowlevel.bpf.Bpf`
-        passes with each call: "prog_load", "map_create", "map_info", "map_lookup", "map_update",
-        "map_delete", "map_get_next_key", "map_get_fd_by_id", "obj_pin" (also the pin step of
-        `pins.pin_object` and `pins.pin_over`), "obj_get" (`pins.get_object` too), "prog_info" (also
-        `prog_run_stats`), "prog_get_fd_by_id", "prog_test_run", "prog_query", "link_create", "link_update",
-        "link_update_cas" (a link update with an expected old program; a "link_update" fault fails it too:
-        that name is every BPF_LINK_UPDATE), "link_detach", "link_info",
-        "link_get_fd_by_id", "link_get_next_id", "enable_stats"; and "obj_unpin" (`pins.unpin`). A call
-        that fails so raises `BpfError(errno, op)` and changes nothing. close() is never faulted (latency
-        under "close" applies).
+        `op` must be one of `asynctc_mock._kernel.OPERATIONS` except "close" and "dup" (ValueError
+        otherwise, naming the close matches), the one list of the names this kernel uses:
 
-        The high-level API's operation names: "link_create", "link_update", "link_detach", "link_info",
-        "prog_query", "prog_attach", "prog_detach", "qdisc_add", "qdisc_delete", "qdisc_get", "filter_add",
-        "filter_add_hw" (the hardware step of a skip_sw add), "filter_replace", "filter_replace_hw",
-        "filter_delete", "filter_dump", "obj_pin", "obj_get", "obj_unpin", "dev_get".
+        - `BPF_OPERATIONS`, the bpf(2) boundary (`kernel.bpf`), the `op` `asynctc.lowlevel.bpf.Bpf` passes
+          with each call: "prog_load", "map_create", "map_info", "map_lookup", "map_update", "map_delete",
+          "map_get_next_key", "map_get_fd_by_id", "obj_pin" (also the pin step of `pins.pin_object` and
+          `pins.pin_over`), "obj_get" (`pins.get_object` too), "prog_info" (also `prog_run_stats`),
+          "prog_get_fd_by_id", "prog_test_run", "prog_query", "link_create", "link_update",
+          "link_update_cas" (a link update with an expected old program; a "link_update" fault fails it
+          too: that name is every BPF_LINK_UPDATE), "link_detach", "link_info", "link_get_fd_by_id",
+          "link_get_next_id", "enable_stats"; and "obj_unpin" (`pins.unpin`). A call that fails so raises
+          `BpfError(errno, op)` and changes nothing.
+        - `NETLINK_OPERATIONS`, the rtnetlink side: "qdisc_add", "qdisc_delete", "qdisc_get",
+          "qdisc_dump", "filter_add", "filter_replace", "filter_delete", "filter_get", "filter_dump",
+          "filter_add_hw" / "filter_replace_hw" (the hardware step of a skip_sw add or an in_hw replace),
+          "link_get", "link_dump".
+        - `HIGH_LEVEL_OPERATIONS`, this class's own methods: "link_create", "link_update", "link_detach",
+          "link_info", "link_close", "prog_query", "prog_attach", "prog_detach", "qdisc_add",
+          "qdisc_delete", "qdisc_get", "filter_add", "filter_add_hw", "filter_replace",
+          "filter_replace_hw", "filter_delete", "filter_dump", "obj_pin", "obj_get", "obj_unpin",
+          "dev_add", "dev_del", "dev_get" (also `if_nametoindex` and `if_indextoname`).
+
+        close() and dup() ("close", "dup") are never faulted; latency under those names applies.
         """
+        _check_op(op, "inject_fault", OPERATIONS - _UNFAULTABLE)
         if nth < 1 or times < 1:
             raise ValueError(f"nth and times must be >= 1, got nth={nth} times={times}")
         if errno <= 0:
@@ -730,22 +822,32 @@ class MockKernel(Kernel, BpfSyscallsMixin):
             self._faults.clear()
 
     def set_latency(self, seconds: float, op: str | None = None) -> None:
-        """Make every operation (or only `op`) block its calling thread for `seconds`, holding the kernel
-        lock like a real kernel waiting for RCU under rtnl. 0 removes the latency."""
-        if seconds < 0:
-            raise ValueError(f"latency must be >= 0 seconds, got {seconds}")
+        """Make every operation (or only `op`, one of `asynctc_mock._kernel.OPERATIONS`, see `inject_fault`;
+        "close" and "dup" included) block its calling thread for `seconds`, holding the kernel lock like a
+        real kernel waiting for RCU under rtnl. 0 removes the latency. ValueError for an unknown `op` or a
+        negative, infinite or NaN `seconds`."""
+        if op is not None:
+            _check_op(op, "set_latency")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise TypeError(f"latency must be a number of seconds, got {seconds!r}")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"latency must be a finite number of seconds >= 0, got {seconds!r}")
         with self._lock:
             if seconds == 0:
                 self._latency.pop(op, None)
             else:
-                self._latency[op] = seconds
+                self._latency[op] = float(seconds)
 
-    def _enter(self, op: str) -> None:
-        """Account for one call of `op`: count it, sleep for injected latency, raise an injected fault."""
+    def _delay(self, op: str) -> None:
+        """Count one call of `op` and sleep for its injected latency (lock held)."""
         self.calls[op] += 1
         delay = self._latency.get(op, self._latency.get(None, 0.0))
         if delay:
             time.sleep(delay)
+
+    def _enter(self, op: str) -> None:
+        """Account for one call of `op`: count it, sleep for injected latency, raise an injected fault."""
+        self._delay(op)
         family = _FAULT_FAMILIES.get(op)
         for f in self._faults:
             if f.op != op and f.op != family:
@@ -917,9 +1019,12 @@ class MockKernel(Kernel, BpfSyscallsMixin):
     # ====================================================================================================
     def add_device(self, name: str, *, offload: bool = False) -> int:
         """Create a device and return its ifindex. `offload=True` makes it accept hardware-only (skip_sw)
-        filters, as a NIC with BPF offload would; others refuse them with EINVAL, like veth."""
-        if not name or len(name) > 15 or "/" in name or any(c.isspace() for c in name):
-            raise ValueError(f"invalid device name {name!r}")
+        filters, as a NIC with BPF offload would; others refuse them with EINVAL, like veth.
+
+        The name follows the kernel's rules (dev_valid_name): 1 to 15 bytes, not "." or "..", no '/',
+        ':', NUL or white space (ValueError otherwise; TypeError for a non-str). A name already taken:
+        KernelError EEXIST, as `ip link add` answers."""
+        _check_device_name(name)
         with self._lock:
             self._enter("dev_add")
             if any(d.name == name for d in self._devices.values()):
@@ -1003,7 +1108,11 @@ class MockKernel(Kernel, BpfSyscallsMixin):
     def register_program(self, program: Program) -> int:
         """Make a program known to the kernel and return its id. Simulated programs must come from this
         kernel (EBADF otherwise, like an fd from nowhere); real programs are referenced by a duplicate of
-        their fd, held while anything on a hook (or a link) uses them. Closed programs: EBADF."""
+        their fd, held while anything on a hook (or a link) uses them. Closed programs: EBADF. TypeError
+        for anything that is not an `asynctc.Program` (to use a program id, it is already registered)."""
+        if not isinstance(program, Program):
+            raise TypeError(f"register_program takes an asynctc.Program (e.g. one from MockKernel.program() or "
+                            f"asynctc.Program.load), got {type(program).__name__} {program!r}")
         with self._lock:
             if isinstance(program, SimulatedProgram) or program.simulated:
                 rec = self._progs.get(program.id)
@@ -1414,30 +1523,36 @@ class MockKernel(Kernel, BpfSyscallsMixin):
                             tuple(sorted(link.pins)))
 
     def link_update(self, link_id: int, new_prog_id: int, *, old_prog_id: int | None = None) -> None:
-        """BPF_LINK_UPDATE: swap the link's program in place. With `old_prog_id` (BPF_F_REPLACE) it is a
-        compare-and-swap: EPERM when the link runs another program. The same program again: success, no
-        revision change. ENOLINK on a detached or severed link, EINVAL for a non-SCHED_CLS program, EEXIST
-        when the new program is already elsewhere on the hook."""
+        """BPF_LINK_UPDATE: swap the link's program in place, by the same rules as the bpf(2) call
+        (`_tcx_link_update`). With `old_prog_id` (BPF_F_REPLACE) it is a compare-and-swap: EPERM when the
+        link runs another program. The same program again: success, no revision change. ENOENT for an
+        unknown link, EBADF for an unknown program, ENOLINK on a detached or severed link, EINVAL for a
+        non-SCHED_CLS program, EEXIST when the new program is already elsewhere on the hook."""
         op = "link_update"
         with self._lock, self._gc_on_error():
             self._enter(op)
             link = self._link(link_id, op)
-            self._check_tcx_prog(new_prog_id, op)
-            where = self._link_index(link)
-            if where is None:
-                raise KernelError(_errno.ENOLINK, op, f"link {link_id} is detached")
-            d, idx = where
-            if old_prog_id is not None and old_prog_id != link.prog_id:
-                raise KernelError(_errno.EPERM, op, f"link runs program {link.prog_id}, not {old_prog_id}")
-            if new_prog_id == link.prog_id:
-                return
-            hook = d.hooks[link.direction]
-            if any(e.prog_id == new_prog_id for e in hook.entries):
-                raise KernelError(_errno.EEXIST, op, f"program {new_prog_id} is already on the hook")
-            hook.entries[idx].prog_id = new_prog_id
-            link.prog_id = new_prog_id
-            hook.revision += 1
+            new = self._progs.get(new_prog_id)
+            if new is None:  # what bpf_prog_get answers for the fd of no program
+                raise KernelError(_errno.EBADF, op, f"no program with id {new_prog_id}")
+            self._tcx_link_update(link, new, old_prog_id, op)
             self._gc_progs()
+
+    def _tcx_link_update(self, link: _Link, new: _Prog, old_prog_id: int | None, op: str) -> None:
+        """tcx_link_update, for BPF_LINK_UPDATE and the high-level `link_update`: ENOLINK on a detached or
+        severed link, EPERM when `old_prog_id` (BPF_F_REPLACE) is not the link's program, nothing for the
+        same program, else `_mprog_attach` with BPF_F_REPLACE of the link's entry. Lock held."""
+        where = self._link_index(link)
+        if where is None:
+            raise KernelError(_errno.ENOLINK, op, f"link {link.id} is detached")
+        d, _idx = where
+        if old_prog_id is not None and old_prog_id != link.prog_id:
+            raise KernelError(_errno.EPERM, op, f"link {link.id} runs program {link.prog_id}, not {old_prog_id}")
+        if new.id == link.prog_id:
+            return
+        self._mprog_attach(d.hooks[link.direction], new, link.id, bpf.BPF_F_REPLACE | bpf.BPF_F_ID, link.prog_id, 0,
+                           op, old_prog_id=link.prog_id)
+        link.prog_id = new.id
 
     def link_detach(self, link_id: int) -> None:
         """BPF_LINK_DETACH: take the link's program off its hook (revision +1, and the reset rule). On a
@@ -2171,7 +2286,6 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         with self._lock, self._gc_on_error():
             self._enter(op)
             d = self._dev(dev, op)
-            self._check_tcx_prog(prog_id, op)
             self._check_parent(d, direction, op)
             if not 0 <= priority <= 0xFFFF or not 0 <= handle <= 0xFFFFFFFF:
                 raise KernelError(_errno.EINVAL, op, "priority or handle out of range")
@@ -2203,18 +2317,18 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         with self._lock, self._gc_on_error():
             self._enter(op)
             d = self._dev(dev, op)
-            self._check_tcx_prog(prog_id, op)
             self._check_parent(d, direction, op)
-            cur = d.filters.get((direction, priority, handle))
-            if cur is None:
-                raise KernelError(_errno.ENOENT, op, f"no filter prio {priority} handle {handle:#x}")
-            if cur.kind != "bpf":
-                raise KernelError(_errno.EINVAL, op, f"the filter is a {cur.kind} filter, not bpf")
-            gen = (codec.TCA_CLS_FLAGS_SKIP_SW if cur.skip_sw else 0) | (
-                codec.TCA_CLS_FLAGS_SKIP_HW if cur.skip_hw else 0)
-            keep = cur.name if name is None else name
-            params = _BpfParams(prog_id=prog_id, name=keep if (name is not None or cur.named) else None,
-                                bpf_flags=cur.bpf_flags, gen_flags=gen)
+            # what to keep comes from the filter there; whether there is one (ENOENT), of cls_bpf (EINVAL),
+            # and whether the program will do (EBADF, EINVAL) the shared tc code answers, as over netlink
+            cur = self._ordered_filter(d, direction, priority, handle)
+            gen, keep, named, bpf_flags = 0, name, name is not None, TCA_BPF_FLAG_ACT_DIRECT
+            if cur is not None:
+                gen = (codec.TCA_CLS_FLAGS_SKIP_SW if cur.skip_sw else 0) | (
+                    codec.TCA_CLS_FLAGS_SKIP_HW if cur.skip_hw else 0)
+                keep = cur.name if name is None else name
+                named = name is not None or cur.named
+                bpf_flags = cur.bpf_flags
+            params = _BpfParams(prog_id=prog_id, name=keep if named else None, bpf_flags=bpf_flags, gen_flags=gen)
             _block, _tp, f = self._tc_new_filter(
                 op, d, HOOK_PARENTS[direction], priority, codec.ETH_P_ALL, handle, codec.NLM_F_REPLACE, "bpf",
                 0, lambda b, t, old, h: self._cls_bpf_change(op, d, params, b, t, old, h), None)
@@ -2228,7 +2342,8 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         with self._lock:
             self._enter(op)
             d = self._dev(dev, op)
-            if (direction, priority, handle) not in d.filters:
+            self._check_parent(d, direction, op)
+            if not priority or not handle:  # RTM_DELTFILTER would flush the chain or the whole priority
                 raise KernelError(_errno.ENOENT, op, f"no filter prio {priority} handle {handle:#x}")
             self._tc_del_filter(op, d, HOOK_PARENTS[direction], priority, codec.ETH_P_ALL, handle, None, 0, None)
             self._gc_progs()
@@ -2249,6 +2364,11 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         if block is None:
             return []
         return [f for tp in block.chains.get(0, []) for f in tp.filters]
+
+    def _ordered_filter(self, d: _Device, direction: Direction, priority: int, handle: int) -> _Filter | None:
+        """The filter of chain 0 of a hook at (priority, handle), or None."""
+        return next((f for f in self._ordered_filters(d, direction)
+                     if f.priority == priority and f.handle == handle), None)
 
     @staticmethod
     def _filter_info(d: _Device, f: _Filter) -> FilterInfo:
@@ -2367,16 +2487,10 @@ class MockKernel(Kernel, BpfSyscallsMixin):
                     self._maybe_destroy(link)
 
     def tag_alive(self, tag: str) -> bool:
-        """Whether the process behind a session tag "owner:pid.start.serial" is alive: not killed with
-        `kill_process`, and a process with that pid and start time exists. Not a tag: False."""
-        parsed = parse_session_tag(tag)
-        if parsed is None:
-            return False
-        with self._lock:
-            if tag in self._dead_tags:
-                return False
-        _owner, pid, start, _serial = parsed
-        return process_alive(pid, start)
+        """Whether the process behind a session tag "owner:pid.start.serial" is alive: the same answer as
+        `session_alive` (it calls it), so a tag that cannot be parsed counts as alive here too (nothing
+        is taken for an orphan when its owner cannot be told)."""
+        return self.session_alive(tag)
 
     # ====================================================================================================
     # packets

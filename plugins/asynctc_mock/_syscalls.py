@@ -120,6 +120,7 @@ class BpfSyscallsMixin:
         calls: Counter[str]
 
         def _enter(self, op: str) -> None: ...
+        def _delay(self, op: str) -> None: ...
         def _sweep_links(self) -> None: ...
         def _gc_progs(self) -> None: ...
         def _close_fd(self, fd: int) -> None: ...
@@ -139,6 +140,7 @@ class BpfSyscallsMixin:
         def _pin_table(self) -> dict[str, str]: ...
         def _mprog_attach(self, hook: _Hook, prog: _Prog, link_id: int, flags: int, id_or_fd: int,
                           revision: int, op: str, old_prog_id: int | None = None) -> None: ...
+        def _tcx_link_update(self, link: _Link, new: _Prog, old_prog_id: int | None, op: str) -> None: ...
         def _mprog_detach(self, d: _Device, direction: Direction, prog: _Prog | None, flags: int,
                           id_or_fd: int, revision: int, op: str) -> None: ...
 
@@ -189,16 +191,17 @@ class BpfSyscallsMixin:
                 self._gc_progs()
 
     def syscall_close(self, fd: int) -> None:
-        """close(2) of an fd (see `_close_fd`); latency injected for "close" applies."""
+        """close(2) of an fd (see `_close_fd`): counted and delayed under "close" (closing an attached link's
+        last fd is what waits on the real kernel), never faulted."""
         with self._lock:
-            self.calls["close"] += 1
+            self._delay("close")
             self._close_fd(fd)
 
     def syscall_dup(self, fd: int) -> int:
         """dup(2) of an fd: a new fd on the same file (one of this kernel's, counted as one more reference),
-        or on whatever else `fd` is (a real program's fd)."""
+        or on whatever else `fd` is (a real program's fd). Counted and delayed under "dup", never faulted."""
         with self._lock:
-            self.calls["dup"] += 1
+            self._delay("dup")
             self._file_or_ebadf(fd, "dup")
             new = os.dup(fd)
             self._file(new)  # counted now, not at its first use
@@ -518,8 +521,6 @@ class BpfSyscallsMixin:
         return self._new_fd("link", link_id)
 
     def _sys_link_update(self, attr: Attr, op: str) -> int:
-        from ._kernel import KernelError
-
         link_fd, new_fd, flags, old_fd = struct.unpack_from("=IIII", attr, 0)
         if flags & ~bpf.BPF_F_REPLACE:
             raise _err(_errno.EINVAL, op)
@@ -530,17 +531,7 @@ class BpfSyscallsMixin:
             old = self._prog_by_fd(old_fd, op)
         elif old_fd:
             raise _err(_errno.EINVAL, op)
-        where = self._link_index(link)
-        if where is None:
-            raise KernelError(_errno.ENOLINK, op, f"link {link.id} is detached")
-        d, _idx = where
-        if old is not None and old.id != link.prog_id:
-            raise KernelError(_errno.EPERM, op, f"link {link.id} runs program {link.prog_id}, not {old.id}")
-        if new.id == link.prog_id:
-            return 0
-        self._mprog_attach(d.hooks[link.direction], new, link.id, bpf.BPF_F_REPLACE | bpf.BPF_F_ID, link.prog_id, 0,
-                        op, old_prog_id=link.prog_id)
-        link.prog_id = new.id
+        self._tcx_link_update(link, new, old.id if old is not None else None, op)
         return 0
 
     def _sys_link_detach(self, attr: Attr, op: str) -> int:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import errno
+import math
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +15,7 @@ from asynctc import Direction
 from asynctc.events import FilterAdded, QdiscAdded
 from asynctc.lowlevel import bpf
 from asynctc_mock import MAX_TCX_PROGS, KernelError, MockKernel
+from asynctc_mock._kernel import OPERATIONS
 
 IN = Direction.INGRESS
 
@@ -250,6 +254,73 @@ def test_fault_injection_nth_and_times(kernel: MockKernel) -> None:
     assert len(kernel.hook("eth0", IN).entries) == 2
 
 
+@pytest.mark.parametrize(("op", "close"), [("link_creat", "link_create"), ("filter_ad", "filter_add"),
+                                           ("bogus", None)])
+def test_inject_fault_refuses_an_unknown_operation(kernel: MockKernel, op: str, close: str | None) -> None:
+    with pytest.raises(ValueError, match=repr(op)) as exc:
+        kernel.inject_fault(op, errno.EBUSY)
+    if close is not None:
+        assert repr(close) in str(exc.value).split("did you mean", 1)[1].split("?")[0]
+    kernel.link_create("eth0", IN, kernel.program().id)  # nothing was recorded
+
+
+@pytest.mark.parametrize("op", ["close", "dup"])
+def test_inject_fault_refuses_close_and_dup(kernel: MockKernel, op: str) -> None:
+    with pytest.raises(ValueError, match=repr(op)):
+        kernel.inject_fault(op, errno.EIO)
+
+
+def test_set_latency_refuses_an_unknown_operation(kernel: MockKernel) -> None:
+    with pytest.raises(ValueError, match="'bogus'"):
+        kernel.set_latency(1, op="bogus")
+    with pytest.raises(ValueError, match="'link_creat'.*'link_create'"):
+        kernel.set_latency(1, op="link_creat")
+    t0 = time.monotonic()
+    kernel.link_create("eth0", IN, kernel.program().id)
+    assert time.monotonic() - t0 < 0.5  # no latency was recorded under any name
+
+
+@pytest.mark.parametrize("seconds", [math.nan, math.inf, -math.inf, -0.5])
+def test_set_latency_refuses_nan_inf_and_negative(kernel: MockKernel, seconds: float) -> None:
+    with pytest.raises(ValueError, match=repr(seconds)):
+        kernel.set_latency(seconds, op="link_create")
+    with pytest.raises(ValueError, match=repr(seconds)):
+        kernel.set_latency(seconds)
+
+
+def _op_names_in(path: Path, funcs: set[str]) -> set[str]:
+    """The string constants passed to calls of `funcs` and assigned to a variable `op` in a source file."""
+    names: set[str] = set()
+
+    def strings(node: ast.AST) -> set[str]:
+        if isinstance(node, ast.Dict):
+            return {s for v in node.values for s in strings(v)}
+        return {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+            if name in funcs:
+                for arg in node.args:
+                    names |= strings(arg)
+        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "op" for t in node.targets):
+            names |= strings(node.value)
+    return names
+
+
+def test_operations_name_every_operation_the_code_uses() -> None:
+    """OPERATIONS is the one list: every op name the mock counts and bpf.Bpf passes to the syscalls is in it."""
+    root = Path(__file__).resolve().parents[2]
+    used = _op_names_in(root / "asynctc" / "lowlevel" / "bpf.py", {"_sys_bpf", "_get_info", "_elem_call"})
+    assert {"prog_load", "link_update_cas", "map_info"} <= used  # the scan sees the calls
+    for name in ("_kernel.py", "_syscalls.py", "_rtnl.py"):
+        used |= _op_names_in(root / "plugins" / "asynctc_mock" / name, {"_enter", "_delay", "_hw_step"})
+    assert {"dev_get", "close", "dup", "filter_add_hw", "link_dump", "qdisc_delete"} <= used
+    assert used - OPERATIONS == set()
+    assert OPERATIONS - used == set()
+
+
 def test_latency_blocks_the_calling_thread_and_serialises(kernel: MockKernel) -> None:
     kernel.set_latency(0.05, op="link_create")
     progs = [kernel.program() for _ in range(3)]
@@ -308,4 +379,54 @@ def test_kill_process_drops_unpinned_links_keeps_filters(kernel: MockKernel) -> 
     assert kernel.hook("eth0", IN).prog_ids == (b.id,)
     assert len(kernel.filters("eth0", IN)) == 1
     assert not kernel.tag_alive(tag)
-    assert not kernel.tag_alive("not a tag")
+
+
+@pytest.mark.parametrize("tag", ["not a tag", "owner:1.2", "a b:1.2.3", "", "svc:1.2.3"])
+def test_tag_alive_agrees_with_session_alive(kernel: MockKernel, tag: str) -> None:
+    """One answer for one tag: what cannot be parsed counts as alive for both (nothing is reaped whose
+    owner cannot be told); a parsable one is alive for neither once killed."""
+    assert kernel.tag_alive(tag) is kernel.session_alive(tag)
+    if tag == "svc:1.2.3":
+        kernel.kill_process(tag)
+        assert kernel.tag_alive(tag) is kernel.session_alive(tag) is False
+    else:
+        assert kernel.tag_alive(tag) is True
+
+
+def test_devices_as_a_str_is_a_type_error_naming_the_fix() -> None:
+    with pytest.raises(TypeError, match=r"tuple of names.*\('eth0',\)"):
+        MockKernel(devices="eth0")
+
+
+@pytest.mark.parametrize("devices", [(1,), ("eth0", None)])
+def test_device_names_must_be_str(devices: tuple[object, ...]) -> None:
+    with pytest.raises(TypeError, match="device name must be a str"):
+        MockKernel(devices=devices)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["", "a" * 16, "é" * 8, "a/b", "a:b", "a b", "tab\t", "nul\0", ".", ".."])
+def test_invalid_device_names_are_value_errors(kernel: MockKernel, name: str) -> None:
+    with pytest.raises(ValueError, match="invalid device name"):
+        MockKernel(devices=("lo", name))
+    with pytest.raises(ValueError, match="invalid device name"):
+        kernel.add_device(name)
+    assert name not in kernel.devices()
+
+
+def test_device_names_are_unique() -> None:
+    with pytest.raises(ValueError, match="unique.*'eth0'"):
+        MockKernel(devices=("lo", "eth0", "eth0"))
+    k = MockKernel(devices=("lo", "a" * 15, "x.y", "eth0.100"))
+    try:
+        assert list(k.devices()) == ["lo", "a" * 15, "x.y", "eth0.100"]
+        with pytest.raises(KernelError) as exc:  # at run time, as `ip link add` answers
+            k.add_device("lo")
+        assert exc.value.errno == errno.EEXIST
+    finally:
+        k.close()
+
+
+@pytest.mark.parametrize("what", ["x", 7, None])
+def test_register_program_takes_a_program(kernel: MockKernel, what: object) -> None:
+    with pytest.raises(TypeError, match=r"asynctc\.Program"):
+        kernel.register_program(what)  # type: ignore[arg-type]

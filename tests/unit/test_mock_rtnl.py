@@ -261,6 +261,46 @@ def test_socket_buffers_timeouts_and_readiness(kernel: MockKernel) -> None:
         sock.recv_nowait()
 
 
+async def test_filter_helpers_answer_as_netlink_does(kernel: MockKernel, nl: NetlinkTransport) -> None:
+    """filter_add / filter_replace leave to the shared tc code the checks it makes, so they answer what
+    the same RTM_NEWTFILTER over netlink answers, in the kernel's order (the slot before the program)."""
+    eth0 = kernel.devices()["eth0"]
+    prog = kernel.program("pass", name="p")
+    xdp = kernel.program(prog_type=6, name="x")  # BPF_PROG_TYPE_XDP: not for cls_bpf
+    kernel.qdisc_add("eth0")
+    kernel.filter_add("eth0", "ingress", prog.id, priority=1, handle=1)
+    kernel.add_foreign_filter("eth0", "ingress", priority=5)  # a u32 classifier holds priority 5
+
+    async def netlink(prio: int, handle: int, fd: int, flags: int) -> int | None:
+        try:
+            await nl.request(add(eth0, prio, handle, fd, flags))
+        except NetlinkError as exc:
+            return exc.errno
+        return None
+
+    def helper(call: str, prio: int, handle: int, prog_id: int) -> int | None:
+        try:
+            if call == "add":
+                kernel.filter_add("eth0", "ingress", prog_id, priority=prio, handle=handle, name="n")
+            else:
+                kernel.filter_replace("eth0", "ingress", prio, handle, prog_id)
+        except KernelError as exc:
+            return exc.errno
+        return None
+
+    cases = [  # (helper, priority, handle, program, netlink flags, the kernel's errno)
+        ("add", 1, 1, xdp, NEW, errno.EEXIST),  # the slot is taken: EEXIST before the program is looked at
+        ("replace", 5, 1, prog, REPLACE, errno.EINVAL),  # the priority holds another classifier kind
+        ("replace", 2, 1, xdp, REPLACE, errno.ENOENT),  # nothing to replace: ENOENT before the program
+        ("replace", 1, 1, xdp, REPLACE, errno.EINVAL),  # the program is not SCHED_CLS
+    ]
+    for call, prio, handle, program, flags, expected in cases:
+        assert await netlink(prio, handle, kernel.netlink_prog_fd(program), flags) == expected, (call, prio)
+        assert helper(call, prio, handle, program.id) == expected, (call, prio)
+    assert [(f.priority, f.handle, f.prog_id) for f in kernel.filter_dump("eth0", "ingress") if f.kind == "bpf"] \
+        == [(1, 1, prog.id)]
+
+
 def test_helpers_keep_their_errnos(kernel: MockKernel) -> None:
     kernel.qdisc_add("eth0", "ingress")
     with pytest.raises(KernelError) as e:

@@ -9,6 +9,7 @@ import errno
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -19,7 +20,8 @@ from asynctc import Direction
 from asynctc.lowlevel import bpf
 from asynctc.lowlevel.bpf import BPF_F_AFTER, BPF_F_BEFORE, BPF_F_ID, BPF_F_LINK, BPF_F_REPLACE, BpfError
 from asynctc.lowlevel.kernel import Kernel
-from asynctc_mock import MockKernel
+from asynctc_mock import KernelError, MockKernel
+from asynctc_mock._kernel import SIM_PROG_ID_BASE
 
 IN, EG = bpf.BPF_TCX_INGRESS, bpf.BPF_TCX_EGRESS
 BPF_PROG_ATTACH, BPF_PROG_DETACH = 8, 9
@@ -676,3 +678,81 @@ def test_same_state_for_both_apis(kernel: MockKernel) -> None:
     assert kernel.bpf.prog_query(eth0(kernel), IN).link_ids == (link_id,)  # the fd holds it
     kernel.bpf.close(fd)
     assert kernel.hook("eth0", "ingress").entries == ()
+
+
+
+@pytest.mark.parametrize("op", ["close", "dup"])
+def test_close_and_dup_latency_applies(kernel: MockKernel, op: Literal["close", "dup"]) -> None:
+    """Closing an attached link's last fd waits on the real kernel (the detach): latency under "close"
+    delays close(), latency under "dup" delays dup(), and neither delays other calls."""
+    prog = load(kernel)
+    link = kernel.bpf.link_create_tcx(prog, eth0(kernel), IN)
+    kernel.set_latency(0.1, op=op)
+    t0 = time.monotonic()
+    kernel.bpf.prog_query(eth0(kernel), IN)
+    assert time.monotonic() - t0 < 0.1
+    t0 = time.monotonic()
+    if op == "dup":
+        extra = kernel.bpf.dup(link)
+        assert time.monotonic() - t0 >= 0.1
+        kernel.set_latency(0, op=op)
+        kernel.bpf.close(extra)
+        kernel.bpf.close(link)
+    else:
+        kernel.bpf.close(link)
+        assert time.monotonic() - t0 >= 0.1
+        kernel.set_latency(0, op=op)
+    assert kernel.bpf.prog_query(eth0(kernel), IN).prog_ids == ()  # the last close detached it
+    assert kernel.calls[op] >= 1
+    kernel.bpf.close(prog)
+
+
+LinkUpdateCase = Literal["detached_other_type", "other_type", "already_on_hook", "cas_mismatch",
+                         "detached_cas_mismatch", "same_program", "swap"]
+
+
+def _link_update_answer(case: LinkUpdateCase, path: Literal["bpf", "api"]) -> tuple[int | None, int, tuple[int, ...]]:
+    """One BPF_LINK_UPDATE case through the bpf(2) call or the high-level `link_update`, on a fresh kernel:
+    (errno or None, the hook's revision after, its program ids after)."""
+    kernel = MockKernel()
+    try:
+        a, b = kernel.program(), kernel.program()
+        xdp = kernel.program(prog_type=bpf.BPF_PROG_TYPE_XDP)
+        new = {"detached_other_type": xdp, "other_type": xdp, "already_on_hook": b}.get(case, b)
+        if case == "same_program":
+            new = a
+        old = b if case in ("cas_mismatch", "detached_cas_mismatch") else None
+        if path == "bpf":
+            link_fd = kernel.bpf.link_create_tcx(a.fd, eth0(kernel), IN)
+            link_id = lid(kernel, link_fd)
+        else:
+            link_id = kernel.link_create("eth0", Direction.INGRESS, a.id)
+        if case == "already_on_hook":
+            kernel.link_create("eth0", Direction.INGRESS, b.id)
+        if case.startswith("detached"):
+            kernel.link_detach(link_id)
+        err: int | None = None
+        try:
+            if path == "bpf":
+                kernel.bpf.link_update(link_fd, new.fd, old_prog_fd=old.fd if old is not None else None)
+            else:
+                kernel.link_update(link_id, new.id, old_prog_id=old.id if old is not None else None)
+        except (BpfError, KernelError) as exc:
+            err = exc.errno
+        q = kernel.prog_query("eth0", Direction.INGRESS)
+        return err, q.revision, tuple(e.prog_id - SIM_PROG_ID_BASE for e in q.entries)
+    finally:
+        kernel.close()
+
+
+@pytest.mark.parametrize("case", ["detached_other_type", "other_type", "already_on_hook", "cas_mismatch",
+                                  "detached_cas_mismatch", "same_program", "swap"])
+def test_link_update_answers_the_same_through_bpf_and_the_high_level_api(case: LinkUpdateCase) -> None:
+    """The high-level `link_update` is the bpf(2) call's rules, not a copy of them: a detached link answers
+    ENOLINK before the program's type is looked at, as tcx_link_update does."""
+    expected = {"detached_other_type": errno.ENOLINK, "other_type": errno.EINVAL,
+                "already_on_hook": errno.EEXIST, "cas_mismatch": errno.EPERM,
+                "detached_cas_mismatch": errno.ENOLINK}.get(case)
+    answers = {path: _link_update_answer(case, path) for path in ("bpf", "api")}
+    assert answers["bpf"][0] == expected
+    assert answers["api"] == answers["bpf"]
