@@ -176,6 +176,9 @@ def _check_op(op: str, what: str, allowed: frozenset[str] = OPERATIONS) -> None:
                      f"{', '.join(sorted(allowed))})")
 
 
+_NO_RTNL = frozenset({"dup", "close"})
+"""Calls that take no rtnl on the kernel: they never wait behind another call's injected latency."""
+
 _FAULT_FAMILIES = {"link_update_cas": "link_update"}
 """An operation that a fault injected under a broader name fails too (every BPF_LINK_UPDATE is a
 "link_update")."""
@@ -692,6 +695,8 @@ class MockKernel(Kernel, BpfSyscallsMixin):
 
     def __init__(self, devices: Iterable[str] = ("lo", "eth0", "veth0", "veth1")) -> None:
         self._lock = threading.RLock()
+        self._sleeping = threading.Condition(self._lock)  # injected latency: see _delay
+        self._rtnl_sleeper: int | None = None  # the thread sleeping "under rtnl" now
         self._devices: dict[int, _Device] = {}
         self._ifindexes = itertools.count(1)
         self._sim_ids = itertools.count(SIM_PROG_ID_BASE)
@@ -839,11 +844,32 @@ class MockKernel(Kernel, BpfSyscallsMixin):
                 self._latency[op] = float(seconds)
 
     def _delay(self, op: str) -> None:
-        """Count one call of `op` and sleep for its injected latency (lock held)."""
+        """Count one call of `op` and sleep for its injected latency (lock held).
+
+        As the kernel's calls queue behind one that waits for an RCU grace period under rtnl, every call
+        waits while another thread sleeps here, and then takes its own turn. The kernel's state lock is not
+        held meanwhile: what takes no rtnl (dup and close of fds: `_NO_RTNL`) goes on, as it does on the real
+        kernel (a dup of a program fd made on the trio thread must never wait for an attach)."""
         self.calls[op] += 1
+        me = threading.get_ident()
+        rtnl = op not in _NO_RTNL
+        if rtnl:
+            while self._rtnl_sleeper not in (None, me):
+                self._sleeping.wait()
         delay = self._latency.get(op, self._latency.get(None, 0.0))
-        if delay:
-            time.sleep(delay)
+        if not delay:
+            return
+        outer = rtnl and self._rtnl_sleeper is None
+        if outer:
+            self._rtnl_sleeper = me
+        try:
+            deadline = time.monotonic() + delay
+            while (left := deadline - time.monotonic()) > 0:
+                self._sleeping.wait(left)  # releases the state lock while it sleeps
+        finally:
+            if outer:
+                self._rtnl_sleeper = None
+                self._sleeping.notify_all()
 
     def _enter(self, op: str) -> None:
         """Account for one call of `op`: count it, sleep for injected latency, raise an injected fault."""

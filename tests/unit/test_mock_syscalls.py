@@ -756,3 +756,32 @@ def test_link_update_answers_the_same_through_bpf_and_the_high_level_api(case: L
     answers = {path: _link_update_answer(case, path) for path in ("bpf", "api")}
     assert answers["bpf"][0] == expected
     assert answers["api"] == answers["bpf"]
+
+
+def test_latency_queues_kernel_calls_but_not_fd_dup_and_close(kernel: MockKernel) -> None:
+    """A call sleeping for its injected latency holds up the calls behind it (as rtnl does), never a dup or
+    close of a program fd (the netlink backend makes those on the trio thread: they must not wait)."""
+    prog = load(kernel)
+    kernel.set_latency(0.5, op="link_create")
+    started = threading.Event()
+    assert not kernel.calls["link_create"]
+
+    def slow_attach() -> None:
+        started.set()
+        kernel.bpf.close(kernel.bpf.link_create_tcx(prog, eth0(kernel), IN))
+
+    th = threading.Thread(target=slow_attach)
+    th.start()
+    started.wait()
+    deadline = time.monotonic() + 5
+    while not kernel.calls["link_create"]:  # counted as it goes to sleep in the kernel
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    t0 = time.monotonic()
+    dup = kernel.bpf.dup(prog)
+    kernel.bpf.close(dup)
+    fast = time.monotonic() - t0
+    kernel.bpf.prog_query(eth0(kernel), IN)  # a kernel call: it waits for the attach to finish
+    queued = time.monotonic() - t0
+    th.join()
+    assert fast < 0.2 and queued > 0.3, (fast, queued)
