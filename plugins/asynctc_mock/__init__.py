@@ -25,6 +25,7 @@ import asynctc
 from ._backend import MockAttachment as MockAttachment
 from ._backend import MockBackend as MockBackend
 from ._kernel import MAX_TCX_PROGS as MAX_TCX_PROGS
+from ._kernel import OPERATIONS as OPERATIONS
 from ._kernel import FilterInfo as FilterInfo
 from ._kernel import KernelError as KernelError
 from ._kernel import KernelSnapshot as KernelSnapshot
@@ -44,6 +45,7 @@ __all__ = [
     "MockAttachment",
     "MockBackend",
     "MockKernel",
+    "OPERATIONS",
     "QdiscInfo",
     "SimulatedProgram",
     "TcxEntryInfo",
