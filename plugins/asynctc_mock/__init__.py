@@ -28,7 +28,6 @@ from ._kernel import MAX_TCX_PROGS as MAX_TCX_PROGS
 from ._kernel import OPERATIONS as OPERATIONS
 from ._kernel import FilterInfo as FilterInfo
 from ._kernel import KernelError as KernelError
-from ._kernel import KernelSnapshot as KernelSnapshot
 from ._kernel import LinkInfo as LinkInfo
 from ._kernel import MockKernel as MockKernel
 from ._kernel import QdiscInfo as QdiscInfo
@@ -40,7 +39,6 @@ __all__ = [
     "MAX_TCX_PROGS",
     "FilterInfo",
     "KernelError",
-    "KernelSnapshot",
     "LinkInfo",
     "MockAttachment",
     "MockBackend",

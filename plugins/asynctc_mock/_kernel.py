@@ -41,22 +41,13 @@ import struct
 import threading
 import time
 import weakref
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, NoReturn, TypeAlias
 
 from asynctc import Direction, Program, ProgramError
-from asynctc.events import (
-    DeviceAdded,
-    DeviceRemoved,
-    FilterAdded,
-    FilterRemoved,
-    KernelEvent,
-    QdiscAdded,
-    QdiscRemoved,
-)
 from asynctc.lowlevel import bpf, codec
 from asynctc.lowlevel.kernel import Kernel
 from asynctc.lowlevel.tcpolicy import parse_session_tag, parse_tag, process_alive
@@ -83,12 +74,10 @@ __all__ = [
     "OPERATIONS",
     "FilterInfo",
     "KernelError",
-    "KernelSnapshot",
     "LinkInfo",
     "MockKernel",
     "QdiscInfo",
     "SimulatedProgram",
-    "Subscription",
     "TcxEntryInfo",
     "TcxQuery",
 ]
@@ -263,15 +252,6 @@ class FilterInfo:
     @property
     def not_in_hw(self) -> bool:
         return not self.in_hw
-
-
-@dataclass(frozen=True, slots=True)
-class KernelSnapshot:
-    """What an event source can re-read after losing events: devices, qdiscs and filters."""
-
-    devices: dict[int, str]
-    qdiscs: dict[int, tuple[str, int, int]]
-    filters: dict[tuple[int, Direction, int, int], tuple[str, int | None]]
 
 
 # -- internal records ------------------------------------------------------------------------------------
@@ -493,69 +473,6 @@ class _NlReq:
     flags: int
 
 
-class Subscription:
-    """A subscriber's view of the kernel's events: a bounded queue that can overflow.
-
-    The queue has its own small lock, so `take_events` never waits for the kernel lock (which injected
-    latency may hold for long): an event source can call it from the trio thread. `wakeup` is called
-    (under the kernel lock, from whatever thread changed the kernel) whenever something becomes
-    available; it must not block.
-    """
-
-    def __init__(self, kernel: MockKernel, wakeup: Callable[[], None], capacity: int) -> None:
-        self._kernel = kernel
-        self._wakeup = wakeup
-        self.capacity = capacity
-        self._qlock = threading.Lock()
-        self._queue: deque[KernelEvent] = deque()
-        self._overflowed = False
-        self.lost = 0
-
-    def push(self, ev: KernelEvent) -> None:
-        with self._qlock:
-            if self._overflowed or len(self._queue) >= self.capacity:
-                self._overflowed = True
-                self.lost += 1
-            else:
-                self._queue.append(ev)
-        self._wakeup()
-
-    def overflow(self) -> None:
-        with self._qlock:
-            self.lost += len(self._queue)
-            self._queue.clear()
-            self._overflowed = True
-        self._wakeup()
-
-    def take_events(self) -> tuple[bool, list[KernelEvent]]:
-        """(overflowed, events queued now). When overflowed, the events are unusable: call `resync`."""
-        with self._qlock:
-            if self._overflowed:
-                return True, []
-            events = list(self._queue)
-            self._queue.clear()
-            return False, events
-
-    def resync(self) -> KernelSnapshot:
-        """After an overflow: the kernel's state now, read in the same critical section as the queue is
-        cleared, so the events queued after it are consistent with it. Takes the kernel lock: call it
-        from a worker thread."""
-        return self._kernel.snapshot(before=self._clear)
-
-    def _clear(self) -> None:
-        with self._qlock:
-            self._queue.clear()
-            self._overflowed = False
-
-    def snapshot(self) -> KernelSnapshot:
-        """The kernel's state now, and a clean queue: the starting point of a subscriber (kernel lock)."""
-        return self.resync()
-
-    def close(self) -> None:
-        """Stop receiving events."""
-        self._kernel.unsubscribe(self)
-
-
 class SimulatedProgram(Program):
     """A SCHED_CLS (or other type) program that exists only in one MockKernel: no privileges needed.
 
@@ -711,7 +628,6 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         self._memfd_dev: int | None = None
         self._faults: list[_Fault] = []
         self._latency: dict[str | None, float] = {}
-        self._subs: list[Subscription] = []
         self._dead_tags: set[str] = set()
         self._lock_table = LockTable()
         self.rtnl = RtnlHandler(self)
@@ -1057,7 +973,6 @@ class MockKernel(Kernel, BpfSyscallsMixin):
                 raise KernelError(_errno.EEXIST, "dev_add", f"device {name} exists")
             ifindex = next(self._ifindexes)
             d = self._devices[ifindex] = _Device(ifindex, name, offload)
-            self._emit(DeviceAdded(ifindex, name))
             self._link_changed(d, codec.RTM_NEWLINK)
             return ifindex
 
@@ -1072,7 +987,6 @@ class MockKernel(Kernel, BpfSyscallsMixin):
                     if e.link_id:
                         self._links[e.link_id].ifindex = 0
             del self._devices[d.ifindex]
-            self._emit(DeviceRemoved(d.ifindex, d.name))
             self._link_changed(d, codec.RTM_DELLINK)  # its qdiscs and filters go without messages
             self._gc_progs()
 
@@ -1782,7 +1696,7 @@ class MockKernel(Kernel, BpfSyscallsMixin):
             raise KernelError(_errno.EINVAL, op, extack="Invalid qdisc name: must match existing qdisc")
         if has_options:
             raise KernelError(_errno.EINVAL, op, extack="Change operation not supported by specified qdisc")
-        self._qdisc_changed(d, codec.RTM_NEWQDISC, parent, found.kind, req, emit=False)
+        self._qdisc_changed(d, codec.RTM_NEWQDISC, parent, found.kind, req)
         return found
 
     def _graft_qdisc(self, d: _Device, parent: int, kind: str, req: _NlReq | None) -> _Qdisc:
@@ -1798,8 +1712,6 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         if old is None:
             self._qdisc_changed(d, codec.RTM_NEWQDISC, parent, kind, req)
             return new
-        self._emit(QdiscRemoved(d.ifindex, old.kind, CLSACT_HANDLE, TC_H_CLSACT))
-        self._emit(QdiscAdded(d.ifindex, kind, CLSACT_HANDLE, TC_H_CLSACT))
         flags = req.flags & codec.NLM_F_ECHO if req is not None else 0
         self._nl_notify(codec.RTNLGRP_TC, req, lambda seq, portid: encode_qdisc_msg(
             codec.RTM_DELQDISC, flags, seq, portid, d.ifindex, parent, CLSACT_HANDLE, old.kind)
@@ -1856,11 +1768,7 @@ class MockKernel(Kernel, BpfSyscallsMixin):
             for chain in list(block.chains):
                 self._chain_changed(d, codec.RTM_DELCHAIN, chain)
 
-    def _qdisc_changed(self, d: _Device, mtype: int, parent: int, kind: str, req: _NlReq | None, *,
-                       emit: bool = True) -> None:
-        if emit:
-            ev = QdiscAdded if mtype == codec.RTM_NEWQDISC else QdiscRemoved
-            self._emit(ev(d.ifindex, kind, CLSACT_HANDLE, TC_H_CLSACT))
+    def _qdisc_changed(self, d: _Device, mtype: int, parent: int, kind: str, req: _NlReq | None) -> None:
         flags = req.flags & codec.NLM_F_ECHO if req is not None else 0
         self._nl_notify(codec.RTNLGRP_TC, req, lambda seq, portid: encode_qdisc_msg(
             mtype, flags, seq, portid, d.ifindex, parent, CLSACT_HANDLE, kind))
@@ -2217,25 +2125,11 @@ class MockKernel(Kernel, BpfSyscallsMixin):
 
     def _filter_changed(self, d: _Device, mtype: int, parent: int, tp: _Tp, f: _Filter | None,
                         req: _NlReq | None) -> None:
-        """Tell the old subscribers and the RTNLGRP_TC sockets (and an NLM_F_ECHO requester) of a filter
-        added, replaced or deleted (`f` None: a whole classifier)."""
-        if tp.chain == 0:
-            direction = self._block_direction(d, parent)
-            targets = [f] if f is not None else list(tp.filters)
-            for t in targets:
-                if mtype == codec.RTM_NEWTFILTER:
-                    self._emit(FilterAdded(d.ifindex, direction, t.priority, t.handle, t.kind, t.prog_id, False))
-                else:
-                    self._emit(FilterRemoved(d.ifindex, direction, t.priority, t.handle, t.kind, t.prog_id, False))
+        """Tell the RTNLGRP_TC sockets (and an NLM_F_ECHO requester) of a filter added, replaced or deleted
+        (`f` None: a whole classifier)."""
         wire = self._filter_wire(d, parent, tp, f)
         flags = req.flags if req is not None else 0
         self._nl_notify(codec.RTNLGRP_TC, req, lambda seq, portid: encode_filter_msg(mtype, flags, seq, portid, wire))
-
-    @staticmethod
-    def _block_direction(d: _Device, parent: int) -> Direction:
-        if d.qdisc is not None and d.qdisc.kind == "ingress":
-            return Direction.INGRESS
-        return Direction.EGRESS if parent == codec.EGRESS_PARENT else Direction.INGRESS
 
     # -- the helpers' API ------------------------------------------------------------------------------
     def qdisc_add(self, dev: DevRef, kind: str = "clsact", *, creator: str | None = None) -> None:
@@ -2571,50 +2465,14 @@ class MockKernel(Kernel, BpfSyscallsMixin):
     # ====================================================================================================
     # events
     # ====================================================================================================
-    def subscribe(self, wakeup: Callable[[], None], *, capacity: int = 4096) -> Subscription:
-        """Receive every kernel event from now on in a `Subscription` (bounded by `capacity`: beyond it
-        events are lost and the subscription is marked overflowed, like a netlink socket's ENOBUFS)."""
-        sub = Subscription(self, wakeup, capacity)
-        with self._lock:
-            self._subs.append(sub)
-        return sub
-
-    def unsubscribe(self, sub: Subscription) -> None:
-        with self._lock:
-            if sub in self._subs:
-                self._subs.remove(sub)
-
     def overflow_events(self) -> None:
-        """Make every multicast netlink socket (and subscriber) lose the events it has not read yet, as a
-        netlink reader that fell behind does (its next read raises ENOBUFS); each must re-read the kernel's
-        state and resynchronise."""
+        """Make every multicast netlink socket lose the events it has not read yet, as a netlink reader that
+        fell behind does (its next read raises ENOBUFS); each must re-read the kernel's state and
+        resynchronise."""
         with self._lock:
-            for sub in list(self._subs):
-                sub.overflow()
             for sock in self.rtnl.sockets():
                 if sock.groups:
                     sock.lose_queued()
-
-    def _emit(self, ev: KernelEvent) -> None:
-        for sub in list(self._subs):
-            sub.push(ev)
-
-    def _snapshot_locked(self) -> KernelSnapshot:
-        devices = {d.ifindex: d.name for d in self._devices.values()}
-        qdiscs = {d.ifindex: (d.qdisc.kind, CLSACT_HANDLE, TC_H_CLSACT)
-                  for d in self._devices.values() if d.qdisc is not None}
-        filters = {(d.ifindex, f.direction, f.priority, f.handle): (f.kind, f.prog_id)
-                   for d in self._devices.values() for f in d.filters.values()}
-        return KernelSnapshot(devices, qdiscs, filters)
-
-    def snapshot(self, *, before: Callable[[], None] | None = None) -> KernelSnapshot:
-        """Devices, qdiscs and filters now (what a resynchronising event source re-reads). `before` runs in
-        the same critical section, just before the state is read (a subscriber clears its queue there, so
-        the events queued after it are consistent with the snapshot)."""
-        with self._lock:
-            if before is not None:
-                before()
-            return self._snapshot_locked()
 
     # ====================================================================================================
     # rtnetlink: sockets, requests, notifications

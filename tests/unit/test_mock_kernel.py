@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from asynctc import Direction
-from asynctc.events import FilterAdded, QdiscAdded
 from asynctc.lowlevel import bpf
 from asynctc_mock import MAX_TCX_PROGS, KernelError, MockKernel
 from asynctc_mock._kernel import OPERATIONS
@@ -337,34 +336,6 @@ def test_latency_blocks_the_calling_thread_and_serialises(kernel: MockKernel) ->
     t0 = time.monotonic()
     kernel.link_create("eth0", IN, kernel.program().id)
     assert time.monotonic() - t0 < 0.05
-
-
-def test_events_and_overflow_at_the_kernel(kernel: MockKernel) -> None:
-    wakes: list[int] = []
-    sub = kernel.subscribe(lambda: wakes.append(1), capacity=2)
-    kernel.qdisc_add("eth0")
-    kernel.filter_add("eth0", IN, kernel.program().id, priority=1)
-    assert sub.take_events() == (False, [QdiscAdded(2, "clsact", 0xFFFF0000, 0xFFFFFFF1),
-                                         FilterAdded(2, IN, 1, 1, "bpf", sub_prog_id(kernel), False)])
-    kernel.remove_device("lo")
-    kernel.remove_device("veth0")
-    kernel.remove_device("veth1")  # the third one does not fit: lost
-    assert sub.lost == 1
-    assert sub.take_events() == (True, [])  # the queued ones are unusable now: resync
-    snap = sub.resync()
-    assert set(snap.devices) == {2}
-    assert sub.take_events() == (False, [])
-    kernel.add_device("new0")
-    assert sub.take_events()[1][0].name == "new0"  # type: ignore[union-attr]
-    assert wakes
-    sub.close()
-    kernel.remove_device("new0")
-    assert sub.take_events() == (False, [])
-    assert sub.lost == 1
-
-
-def sub_prog_id(kernel: MockKernel) -> int | None:
-    return kernel.filters("eth0", IN)[0].prog_id
 
 
 def test_kill_process_drops_unpinned_links_keeps_filters(kernel: MockKernel) -> None:
