@@ -63,12 +63,12 @@ def _session_tag(owner: str) -> str:
     return format_session_tag(owner, pid, process_start_time(pid) or "0", serial)
 
 
-def _pin_claims(kernel: object) -> Callable[[str], Claim]:
+def _pin_claims(kernel: object, session_tag: str) -> Callable[[str], Claim]:
     """How a session claims pins: through its kernel (the real one claims them among every process of the
     host; a MockKernel within itself); for a third-party in-memory kernel, host claims named within that
     kernel object."""
     if isinstance(kernel, Kernel):
-        return kernel.pin_claim
+        return lambda path: kernel.pin_claim(path, session_tag)
     prefix = f"{type(kernel).__name__}@{id(kernel):x}:"
     return lambda path: PinClaim(prefix + path)
 
@@ -501,7 +501,7 @@ async def open_session(
                 registry = Registry()
                 fanout = Fanout()
                 lifecycle = Lifecycle(registry, fanout, notify, cleanup_timeout=cleanup_timeout,
-                                      claim=_pin_claims(backends.context.kernel))
+                                      claim=_pin_claims(backends.context.kernel, ctx.session_tag))
                 watcher = Watcher(backends, lifecycle, registry, fanout, runner)
                 session = Session(backends=backends, registry=registry, lifecycle=lifecycle, fanout=fanout,
                                   watcher=watcher, runner=runner, owner=owner)

@@ -126,9 +126,10 @@ class Kernel(abc.ABC):
         `asynctc.lowlevel.devlock.DeviceLocks`)."""
 
     @abc.abstractmethod
-    def pin_claim(self, path: str) -> Claim:
-        """A claim on the pin `path`, exclusive among every asynctc session on this kernel (see
-        `asynctc.lowlevel.devlock.PinClaim`)."""
+    def pin_claim(self, path: str, session_tag: str) -> Claim:
+        """A claim on the pin `path` for the session `session_tag`, exclusive among every live asynctc
+        session on this kernel: a dead session's claim is no claim (see `asynctc.lowlevel.devlock.PinClaim`,
+        which its process's death releases)."""
 
     @abc.abstractmethod
     def session_alive(self, session_tag: str) -> bool:
@@ -166,8 +167,8 @@ class Linux(Kernel):
     def device_locks(self, netns_inode: int) -> DeviceLocks:
         return DeviceLocks(netns_inode)
 
-    def pin_claim(self, path: str) -> PinClaim:
-        return PinClaim(path)
+    def pin_claim(self, path: str, session_tag: str) -> PinClaim:
+        return PinClaim(path)  # an flock: the kernel drops it when the session's process dies
 
     def session_alive(self, session_tag: str) -> bool:
         parsed = tcpolicy.parse_session_tag(session_tag)

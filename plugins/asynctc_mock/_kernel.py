@@ -1,16 +1,16 @@
-"""MockKernel: an in-memory model of the Linux traffic-control rules asynctc depends on (see KERNEL.md).
+"""MockKernel: a simulated kernel, answering asynctc's kernel boundary with Linux's traffic-control rules.
 
 The model keeps the kernel's rules, not a list of successes: tcx hooks are ordered arrays of at most 63
 programs with revisions (including the reset rule), anchors, EEXIST/ENOENT/ERANGE/ESTALE answers, link
 compare-and-swap and severing; the legacy side has clsact/ingress qdiscs with a creator tag, cls_bpf
 filters keyed by (direction, priority, handle) with EXCL/REPLACE semantics and offload flags. Packets can
-be pushed through a hook (`send`), faults and latency can be injected, and every change is published as
-an `asynctc.events` event to subscribers.
+be pushed through a hook (`send`), faults and latency can be injected, and every change is notified on
+the simulated rtnetlink multicast groups (`_rtnl`), as the kernel does.
 
 Threading: every public method takes one re-entrant lock, so the kernel can be driven from many worker
-threads at once (backends call it through `ctx.runner.run`). Injected latency sleeps while holding the
-lock, as the real kernel waits for RCU grace periods under rtnl: it blocks the calling thread, and the
-operations behind it queue up.
+threads at once (backends call it through `ctx.runner.run`). Injected latency blocks the calling thread,
+and the kernel calls behind it queue up, as behind a kernel waiting for RCU grace periods under rtnl;
+the state lock is not held meanwhile, so dup and close of fds go on (see `_delay`).
 
 Errors: low-level operations raise `KernelError` (an OSError with the kernel's errno and the operation
 name); backends turn them into asynctc exceptions with `asynctc.from_errno`.
@@ -165,8 +165,12 @@ def _check_op(op: str, what: str, allowed: frozenset[str] = OPERATIONS) -> None:
                      f"{', '.join(sorted(allowed))})")
 
 
-_NO_RTNL = frozenset({"dup", "close"})
-"""Calls that take no rtnl on the kernel: they never wait behind another call's injected latency."""
+_NO_RTNL = frozenset({"dup", "close", "dev_get"})
+"""Calls that take no rtnl on the kernel (dup, close, the SIOCGIF* device lookups): they never wait behind
+another call's injected latency."""
+_NESTED_STEPS = frozenset({"filter_add_hw", "filter_replace_hw"})
+"""Steps inside another operation (the hardware step of a skip_sw filter): their latency is slept holding the
+lock, so nobody sees the operation half done."""
 
 _FAULT_FAMILIES = {"link_update_cas": "link_update"}
 """An operation that a fault injected under a broader name fails too (every BPF_LINK_UPDATE is a
@@ -668,9 +672,10 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         """Device locks kept by this kernel (sessions on it exclude each other; nothing on the host)."""
         return MockDeviceLocks(self._lock_table, netns_inode)
 
-    def pin_claim(self, path: str) -> MockPinClaim:
-        """A claim on the pin `path` of this kernel's bpffs, exclusive among its sessions."""
-        return MockPinClaim(self._lock_table, path)
+    def pin_claim(self, path: str, session_tag: str) -> MockPinClaim:
+        """A claim on the pin `path` of this kernel's bpffs for the session `session_tag`, exclusive among its
+        live sessions (a session killed with `kill_process` holds none, as a dead process's flock is gone)."""
+        return MockPinClaim(self._lock_table, path, session_tag, self.session_alive)
 
     def session_alive(self, session_tag: str) -> bool:
         """Whether the session with `session_tag` runs: False once `kill_process` killed it (each session
@@ -744,9 +749,9 @@ class MockKernel(Kernel, BpfSyscallsMixin):
 
     def set_latency(self, seconds: float, op: str | None = None) -> None:
         """Make every operation (or only `op`, one of `asynctc_mock._kernel.OPERATIONS`, see `inject_fault`;
-        "close" and "dup" included) block its calling thread for `seconds`, holding the kernel lock like a
-        real kernel waiting for RCU under rtnl. 0 removes the latency. ValueError for an unknown `op` or a
-        negative, infinite or NaN `seconds`."""
+        "close" and "dup" included) block its calling thread for `seconds`; the kernel calls behind it queue up,
+        as behind a real kernel waiting for RCU under rtnl (dup, close and device lookups do not wait). 0
+        removes the latency. ValueError for an unknown `op` or a negative, infinite or NaN `seconds`."""
         if op is not None:
             _check_op(op, "set_latency")
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
@@ -767,6 +772,12 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         held meanwhile: what takes no rtnl (dup and close of fds: `_NO_RTNL`) goes on, as it does on the real
         kernel (a dup of a program fd made on the trio thread must never wait for an attach)."""
         self.calls[op] += 1
+        if op in _NESTED_STEPS:
+            # A step inside another operation, which is half done: it sleeps holding the lock.
+            delay = self._latency.get(op, self._latency.get(None, 0.0))
+            if delay:
+                time.sleep(delay)
+            return
         me = threading.get_ident()
         rtnl = op not in _NO_RTNL
         if rtnl:
@@ -991,6 +1002,7 @@ class MockKernel(Kernel, BpfSyscallsMixin):
             self._gc_progs()
 
     def _link_changed(self, d: _Device, mtype: int) -> None:
+        self.rtnl.dev_base_seq += 1  # a device came or went
         self._nl_notify(codec.RTNLGRP_LINK, None, lambda seq, portid: encode_link_msg(
             mtype, 0, seq, portid, d.ifindex, d.name, d.ifflags, d.loopback))
 
@@ -2526,7 +2538,7 @@ class MockKernel(Kernel, BpfSyscallsMixin):
             sock.start_dump([encode_link_msg(codec.RTM_NEWLINK, codec.NLM_F_MULTI, seq, sock.portid, d.ifindex,
                                              d.name, d.ifflags, d.loopback)
                              for d in sorted(self._devices.values(), key=lambda x: x.ifindex)],
-                            encode_done(seq, sock.portid))
+                            encode_done(seq, sock.portid), consistent=True)
             return
         self._enter("link_get")
         ifindex, name = parse_link(msg)

@@ -8,8 +8,8 @@ the host (no file is created).
 
 from __future__ import annotations
 
-import os
 import threading
+from collections.abc import Callable
 
 import trio
 
@@ -37,10 +37,12 @@ class LockTable:
         with self._mutex:
             self._devices.discard(key)
 
-    def try_claim(self, path: str, holder: str) -> str | None:
+    def try_claim(self, path: str, holder: str, alive: Callable[[str], bool]) -> str | None:
+        """Claim `path` for `holder`; None on success, else who holds it. The claim of a holder that is no
+        longer `alive` is gone, as a dead process's flock is."""
         with self._mutex:
             held = self._claims.get(path)
-            if held is not None:
+            if held is not None and alive(held):
                 return held
             self._claims[path] = holder
             return None
@@ -86,14 +88,15 @@ class MockPinClaim:
     """A claim on a pin path of a MockKernel (`asynctc.lowlevel.devlock.Claim`), exclusive among its
     sessions."""
 
-    def __init__(self, table: LockTable, path: str) -> None:
+    def __init__(self, table: LockTable, path: str, session_tag: str, alive: Callable[[str], bool]) -> None:
         self.path = path
         self._table = table
-        self._holder = f"pid {os.getpid()}, claim {id(self):x}"
+        self._holder = session_tag
+        self._alive = alive
         self._held = False
 
     def try_acquire(self) -> str | None:
-        holder = self._table.try_claim(self.path, self._holder)
+        holder = self._table.try_claim(self.path, self._holder, self._alive)
         if holder is None:
             self._held = True
         return holder

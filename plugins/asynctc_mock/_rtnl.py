@@ -325,7 +325,8 @@ class MockNetlinkSocket:
         self._error = 0  # sk_err: reported (and cleared) by the next recv
         self._dump: deque[bytes] | None = None  # messages of a dump not yet queued
         self._dump_end: bytes = b""
-        self._dump_gen = 0  # the kernel's change count when the dump began
+        self._dump_gen = 0  # the device list's sequence number when the dump began
+        self._dump_checked = False  # whether the dump is checked against it (link dumps)
         self._timeout: float | None = None if blocking else 0.0
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ready = False
@@ -458,13 +459,16 @@ class MockNetlinkSocket:
             self._update_ready()
             self._cond.notify_all()
 
-    def start_dump(self, messages: list[bytes], done: bytes) -> None:
+    def start_dump(self, messages: list[bytes], done: bytes, *, consistent: bool = False) -> None:
         """A dump's answer: its messages (each NLM_F_MULTI) and the NLMSG_DONE that ends it. The first
-        datagram is queued now; the rest as the queue is read, as the kernel continues a dump in recvmsg."""
+        datagram is queued now; the rest as the queue is read, as the kernel continues a dump in recvmsg.
+        `consistent`: the kernel checks this dump's consistency (a link dump, against the device list's
+        sequence number; tc dumps are never checked)."""
         with self._cond:
             self._dump = deque(messages)
             self._dump_end = done
-            self._dump_gen = self._kernel.rtnl.generation
+            self._dump_checked = consistent
+            self._dump_gen = self._kernel.rtnl.dev_base_seq
             self._continue_dump_locked()
             self._update_ready()
             self._cond.notify_all()
@@ -481,9 +485,9 @@ class MockNetlinkSocket:
         if not chunk or (not pending and len(chunk) + len(self._dump_end) <= DUMP_CHUNK):
             chunk += self._dump_end  # the end rides with the last messages when it fits
             self._dump = None
-        if self._kernel.rtnl.generation != self._dump_gen:
-            # nl_dump_check_consistent: the state changed since the dump began; every message written from
-            # now on (NLMSG_DONE included) says so, and the reader must dump again.
+        if self._dump_checked and self._kernel.rtnl.dev_base_seq != self._dump_gen:
+            # nl_dump_check_consistent: devices came or went since the link dump began; every message
+            # written from now on (NLMSG_DONE included) says so, and the reader must dump again.
             for off, _length, _mtype, flags, _seq, _pid in codec.iter_headers(bytes(chunk)):
                 struct.pack_into("=H", chunk, off + 6, flags | codec.NLM_F_DUMP_INTR)
         cost = truesize(len(chunk))
@@ -542,8 +546,9 @@ class RtnlHandler:
         self._lock = threading.Lock()
         self._sockets: list[MockNetlinkSocket] = []
         self._next_portid = 1 << 12
-        self.generation = 0
-        """How many changes the kernel has notified (its rtnetlink state's generation)."""
+        self.dev_base_seq = 0
+        """The device list's sequence number (the kernel's dev_base_seq): one more for every device added or
+        removed; a link dump that spans a change is marked NLM_F_DUMP_INTR."""
 
     def open(self, groups: Iterable[int], rcvbuf: int | None, blocking: bool) -> MockNetlinkSocket:
         with self._lock:
@@ -564,9 +569,7 @@ class RtnlHandler:
 
     def notify(self, group: int, message: bytes, *, exclude: int = 0) -> None:
         """Multicast one notification to every socket joined to `group` but the one (portid `exclude`)
-        whose request caused it. Every change is notified: `generation` counts them (a dump that spans one
-        is marked NLM_F_DUMP_INTR)."""
-        self.generation += 1
+        whose request caused it."""
         for sock in self.sockets():
             if group in sock.groups and sock.portid != exclude:
                 sock.deliver(message, NLMSG_GOODSIZE)

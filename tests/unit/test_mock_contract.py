@@ -556,3 +556,16 @@ async def test_locks_are_the_kernels_own() -> None:
                 await c.adopt_pinned("/sys/fs/bpf/claimed")  # nothing pinned there in that kernel
         await att.unpin()
     assert set(os.listdir(lock_directory())) == host_locks
+
+
+async def test_a_killed_sessions_pin_claim_is_gone(kernel: MockKernel) -> None:
+    """As a dead process's flock: once the session holding a pin is killed, another session adopts it."""
+    async with asynctc.open_session("mock", kernel=kernel) as a, asynctc.open_session("mock", kernel=kernel) as b:
+        att = await a.attach("eth0", IN, kernel.program(), mode="legacy")
+        await att.pin("/sys/fs/bpf/crashed")
+        with pytest.raises(asynctc.NotOwned, match="held by a live asynctc session"):
+            await b.adopt_pinned("/sys/fs/bpf/crashed")
+        kernel.kill_process(kernel.filters("eth0", IN)[0].name)
+        adopted = await b.adopt_pinned("/sys/fs/bpf/crashed")
+        assert adopted.info.prog_id == att.info.prog_id
+        await adopted.unpin()

@@ -308,34 +308,40 @@ def test_helpers_keep_their_errnos(kernel: MockKernel) -> None:
     assert (e.value.errno, e.value.extack) == (errno.EEXIST, "Exclusivity flag on, cannot modify")
 
 
-def test_a_dump_that_spans_a_change_is_marked_interrupted(kernel: MockKernel) -> None:
-    """As the kernel's nl_dump_check_consistent: once the state changed under a dump of several parts, every
-    message written after it (NLMSG_DONE included) carries NLM_F_DUMP_INTR; a dump begun after is clean."""
-    eth0 = kernel.devices()["eth0"]
-    for prio in range(1, 901):
-        kernel.add_foreign_filter("eth0", Direction.INGRESS, kernel.program(), priority=prio)
+def test_a_link_dump_that_spans_a_device_change_is_marked_interrupted(kernel: MockKernel) -> None:
+    """As the kernel's rtnl_dump_ifinfo: once a device came or went under a link dump of several parts, every
+    message written after it (NLMSG_DONE included) carries NLM_F_DUMP_INTR; a dump begun after is clean. A
+    tc dump is never checked (the kernel's are not)."""
+    for i in range(1500):
+        kernel.add_device(f"d{i}")
 
-    def parts(sock: MockNetlinkSocket, seq: int, change: bool) -> list[list[int]]:
-        sock.send(c.encode_dump_request(seq, c.RTM_GETTFILTER, eth0, IN))
+    def parts(sock: MockNetlinkSocket, request: bytes, change: bool) -> list[list[int]]:
+        sock.send(request)
         out: list[list[int]] = []
         while True:
             data = sock.recv(65536)
             out.append([flags for _off, _len, _t, flags, _seq, _pid in c.iter_headers(data)])
             if change and len(out) == 1:
-                kernel.add_foreign_filter("eth0", Direction.INGRESS, kernel.program(), priority=1000)
+                kernel.add_device(f"new{len(kernel.devices())}")
             if any(t == c.NLMSG_DONE for _off, _len, t, _f, _s, _p in c.iter_headers(data)):
                 return out
 
     sock = kernel.open_netlink_socket(blocking=True)
     try:
         sock.settimeout(5)
-        spanned = parts(sock, 1, change=True)
+        links = c.encode_dump_request(1, c.RTM_GETLINK)
+        spanned = parts(sock, links, change=True)
         # Reading a part makes the next one (netlink_recvmsg runs the dump on): the change after the first
         # read lands after the second part was made, so the third part on says so.
         assert len(spanned) >= 3
         assert not any(f & c.NLM_F_DUMP_INTR for part in spanned[:2] for f in part)
         assert all(f & c.NLM_F_DUMP_INTR for part in spanned[2:] for f in part)
-        assert not any(f & c.NLM_F_DUMP_INTR for part in parts(sock, 2, change=False) for f in part)
+        assert not any(f & c.NLM_F_DUMP_INTR for part in parts(sock, links, change=False) for f in part)
+        kernel.qdisc_add("eth0")
+        for prio in range(1, 901):
+            kernel.add_foreign_filter("eth0", Direction.INGRESS, kernel.program(), priority=prio)
+        tc = c.encode_dump_request(2, c.RTM_GETTFILTER, kernel.devices()["eth0"], IN)
+        assert not any(f & c.NLM_F_DUMP_INTR for part in parts(sock, tc, change=True) for f in part)
     finally:
         sock.close()
 
@@ -343,22 +349,21 @@ def test_a_dump_that_spans_a_change_is_marked_interrupted(kernel: MockKernel) ->
 async def test_the_transport_dumps_again_when_a_dump_was_interrupted(kernel: MockKernel, runner: NetnsRunner) -> None:
     """The real transport reads NLM_F_DUMP_INTR from the mock as from the kernel: it dumps again and returns
     a consistent answer."""
-    eth0 = kernel.devices()["eth0"]
-    for prio in range(1, 301):
-        kernel.add_foreign_filter("eth0", Direction.INGRESS, kernel.program(), priority=prio)
+    for i in range(1500):
+        kernel.add_device(f"d{i}")
     real_continue = MockNetlinkSocket._continue_dump_locked
     calls: list[int] = []
 
-    def change_once(self: MockNetlinkSocket) -> None:  # a change lands while the first dump is half read
+    def change_once(self: MockNetlinkSocket) -> None:  # a device comes while the first dump is half read
         calls.append(1)
         if len(calls) == 2:
-            kernel.add_foreign_filter("eth0", Direction.INGRESS, kernel.program(), priority=400)
+            kernel.add_device("late0")
         real_continue(self)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(MockNetlinkSocket, "_continue_dump_locked", change_once)
         async with open_transport(runner, kernel=kernel) as nl:
             with trio.fail_after(10):
-                got = await filters(nl, eth0)
-    got = [f for f in got if f.handle]  # not the per-priority classifier heads
-    assert len(got) == 301 and got[-1].priority == 400  # the dump taken again, after the change
+                msgs = await nl.dump(lambda seq: c.encode_dump_request(seq, c.RTM_GETLINK))
+    names = [m.name for m in msgs if isinstance(m, c.LinkMsg)]
+    assert len(names) == len(kernel.devices()) and names[-1] == "late0"  # dumped again, after the change
