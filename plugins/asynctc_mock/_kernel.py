@@ -1906,67 +1906,48 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         if chain_created:  # tcf_chain_get(create): the chain's first reference announces it
             self._chain_changed(d, codec.RTM_NEWCHAIN, chain)
         try:
-            return self._tc_new_filter_in_chain(op, d, block, parent, prio, allocate, protocol, handle, flags,
-                                                kind, chain, change, req)
+            tps = block.chains.get(chain, [])
+            idx, tp = self._tp_find(op, tps, protocol, prio, allocate)
+            created = False
+            if tp is None:
+                if kind is None or not protocol:
+                    raise KernelError(_errno.EINVAL, op, extack="Filter kind and protocol must be specified")
+                if kind not in ("bpf", "u32"):
+                    raise KernelError(_errno.ENOENT, op, f"MockKernel has cls_bpf and u32 only, not {kind!r}",
+                                      extack="TC classifier not found")
+                if allocate:
+                    prio = tps[idx].priority - 1 if idx < len(tps) else AUTO_PRIO_FIRST
+                    idx, tp = self._tp_find(op, tps, protocol, prio, False)
+                if tp is None:
+                    tp = _Tp(prio, protocol, kind, chain)
+                    if kind == "u32":
+                        tp.ht = self._u32_attach(block)
+                    block.chains.setdefault(chain, tps).insert(idx, tp)
+                    created = True
+            try:
+                if kind is not None and kind != tp.kind:
+                    raise KernelError(_errno.EINVAL, op, f"priority {tp.priority} holds a {tp.kind} classifier",
+                                      extack="Specified filter kind does not match existing one")
+                old, _owner = self._tp_get(block, tp, handle)
+                if old is None and not flags & codec.NLM_F_CREATE:
+                    raise KernelError(_errno.ENOENT, op, f"no filter prio {prio} handle {handle:#x}",
+                                      extack="Need both RTM_NEWTFILTER and NLM_F_CREATE to create a new filter")
+                if old is not None and flags & codec.NLM_F_EXCL:
+                    raise KernelError(_errno.EEXIST, op, f"filter prio {prio} handle {handle:#x} exists",
+                                      extack="Filter already exists")
+                if old == "ht":
+                    raise KernelError(_errno.EOPNOTSUPP, op, "changing a u32 hash table is not modelled by MockKernel")
+                f = change(block, tp, old, handle)
+            except KernelError:
+                if created:
+                    self._tp_remove(block, tp)
+                raise
+            self._filter_changed(d, codec.RTM_NEWTFILTER, parent, tp, f, req)
+            return block, tp, f
         except KernelError:
             if chain_created:
                 self._chain_check(d, block, chain)
             raise
-
-    def _tc_new_filter_in_chain(
-        self,
-        op: str,
-        d: _Device,
-        block: _Block,
-        parent: int,
-        prio: int,
-        allocate: bool,
-        protocol: int,
-        handle: int,
-        flags: int,
-        kind: str | None,
-        chain: int,
-        change: Callable[[_Block, _Tp, _Filter | None, int], _Filter],
-        req: _NlReq | None,
-    ) -> tuple[_Block, _Tp, _Filter]:
-        tps = block.chains.get(chain, [])
-        idx, tp = self._tp_find(op, tps, protocol, prio, allocate)
-        created = False
-        if tp is None:
-            if kind is None or not protocol:
-                raise KernelError(_errno.EINVAL, op, extack="Filter kind and protocol must be specified")
-            if kind not in ("bpf", "u32"):
-                raise KernelError(_errno.ENOENT, op, f"MockKernel has cls_bpf and u32 only, not {kind!r}",
-                                  extack="TC classifier not found")
-            if allocate:
-                prio = tps[idx].priority - 1 if idx < len(tps) else AUTO_PRIO_FIRST
-                idx, tp = self._tp_find(op, tps, protocol, prio, False)
-            if tp is None:
-                tp = _Tp(prio, protocol, kind, chain)
-                if kind == "u32":
-                    tp.ht = self._u32_attach(block)
-                block.chains.setdefault(chain, tps).insert(idx, tp)
-                created = True
-        try:
-            if kind is not None and kind != tp.kind:
-                raise KernelError(_errno.EINVAL, op, f"priority {tp.priority} holds a {tp.kind} classifier",
-                                  extack="Specified filter kind does not match existing one")
-            old, _owner = self._tp_get(block, tp, handle)
-            if old is None and not flags & codec.NLM_F_CREATE:
-                raise KernelError(_errno.ENOENT, op, f"no filter prio {prio} handle {handle:#x}",
-                                  extack="Need both RTM_NEWTFILTER and NLM_F_CREATE to create a new filter")
-            if old is not None and flags & codec.NLM_F_EXCL:
-                raise KernelError(_errno.EEXIST, op, f"filter prio {prio} handle {handle:#x} exists",
-                                  extack="Filter already exists")
-            if old == "ht":
-                raise KernelError(_errno.EOPNOTSUPP, op, "changing a u32 hash table is not modelled by MockKernel")
-            f = change(block, tp, old, handle)
-        except KernelError:
-            if created:
-                self._tp_remove(block, tp)
-            raise
-        self._filter_changed(d, codec.RTM_NEWTFILTER, parent, tp, f, req)
-        return block, tp, f
 
     def _cls_bpf_change(self, op: str, d: _Device, p: _BpfParams, block: _Block, tp: _Tp, old: _Filter | None,
                         handle: int) -> _Filter:
@@ -2012,25 +1993,11 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         return f
 
     def _tc_prog(self, op: str, p: _BpfParams) -> _Prog:
-        prog_id = p.prog_id if p.prog_id is not None else self.lookup_prog_fd(p.fd or 0)
-        rec = self._progs.get(prog_id)
-        if rec is None:
-            raise KernelError(_errno.EBADF, op, f"no program with id {prog_id}")
-        if rec.type != bpf.BPF_PROG_TYPE_SCHED_CLS:
-            raise KernelError(_errno.EINVAL, op, f"program {prog_id} is not SCHED_CLS")
-        return rec
-
-    def lookup_prog_fd(self, fd: int) -> int:
-        """The program id TCA_BPF_FD names: a program fd of this kernel, or a real BPF program fd of this
-        process (which the kernel then holds, as `register_program` does). EBADF for an fd that is not
-        open, EINVAL for one that is not a program."""
-        with self._lock:
-            return self._prog_by_fd(fd, "filter_add").id
-
-    def netlink_prog_fd(self, program: Program) -> int:
-        """The fd that names `program` in TCA_BPF_FD of a netlink request to this kernel: its own fd (a
-        simulated program's is one of this kernel's)."""
-        return program.fd
+        """The SCHED_CLS program a filter names: by id, or by TCA_BPF_FD (a program fd of this kernel, or a
+        real program's fd of this process, which the kernel then holds). Lock held."""
+        if p.prog_id is not None:
+            return self._check_tcx_prog(p.prog_id, op)
+        return self._prog_by_fd(p.fd or 0, op, bpf.BPF_PROG_TYPE_SCHED_CLS)
 
     def _tc_del_filter(self, op: str, d: _Device, parent: int, prio: int, protocol: int, handle: int,
                        kind: str | None, chain: int, req: _NlReq | None) -> None:

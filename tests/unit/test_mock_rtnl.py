@@ -55,7 +55,7 @@ async def filters(nl: NetlinkTransport, ifindex: int, parent: int = IN) -> list[
 async def test_requests_errors_with_extack_and_echo(kernel: MockKernel, nl: NetlinkTransport) -> None:
     eth0 = kernel.devices()["eth0"]
     prog = kernel.program("drop", name="p")
-    fd = kernel.netlink_prog_fd(prog)
+    fd = prog.fd
     with pytest.raises(NetlinkError) as e:
         await nl.request(add(eth0, 1, 1, fd))
     assert (e.value.errno, e.value.extack) == (errno.EINVAL, "Parent Qdisc doesn't exists")
@@ -100,8 +100,8 @@ async def test_dumps_in_run_order_newest_first_with_u32(kernel: MockKernel, nl: 
     a, b, d = (kernel.program(v) for v in ("pass", "drop", "next"))
     await nl.request(lambda seq: c.encode_qdisc_add_clsact(seq, eth0))
     for prog in (a, b, d):  # one priority: each new filter goes to the head
-        await nl.request(add(eth0, 5, 0, kernel.netlink_prog_fd(prog)))
-    await nl.request(add(eth0, 9, 1, kernel.netlink_prog_fd(a)))
+        await nl.request(add(eth0, 5, 0, prog.fd))
+    await nl.request(add(eth0, 9, 1, a.fd))
     kernel.add_foreign_filter("eth0", "ingress", priority=7, classid=0x10001)
     got = [(m.priority, m.handle, m.kind, m.bpf_id) for m in await filters(nl, eth0)]
     assert got == [(5, 0, "bpf", None), (5, 3, "bpf", d.id), (5, 2, "bpf", b.id), (5, 1, "bpf", a.id),
@@ -116,14 +116,15 @@ async def test_dumps_in_run_order_newest_first_with_u32(kernel: MockKernel, nl: 
     assert kernel.send("eth0", "ingress") == "pass"
     assert a.count() == 1
     with pytest.raises(NetlinkError) as e:  # a priority holds one classifier kind
-        await nl.request(add(eth0, 7, 1, kernel.netlink_prog_fd(a)))
+        await nl.request(add(eth0, 7, 1, a.fd))
     assert (e.value.errno, e.value.extack) == (errno.EINVAL, "Specified filter kind does not match existing one")
     assert [m.handle for m in await filters(nl, eth0, c.EGRESS_PARENT)] == []
 
 
 async def test_ingress_qdisc_answers_to_every_spelling(kernel: MockKernel, nl: NetlinkTransport) -> None:
     veth0 = kernel.devices()["veth0"]
-    fd = kernel.netlink_prog_fd(kernel.program())
+    prog = kernel.program()
+    fd = prog.fd
     await nl.request(lambda seq: c._encode_tc(seq, c.RTM_NEWQDISC, NEW, veth0, 0xFFFFFFF1, 0xFFFF0000, 0,
                                               [["TCA_KIND", "ingress"]]))
     with pytest.raises(NetlinkError) as e:  # an ingress qdisc blocks clsact
@@ -295,7 +296,7 @@ async def test_filter_helpers_answer_as_netlink_does(kernel: MockKernel, nl: Net
         ("replace", 1, 1, xdp, REPLACE, errno.EINVAL),  # the program is not SCHED_CLS
     ]
     for call, prio, handle, program, flags, expected in cases:
-        assert await netlink(prio, handle, kernel.netlink_prog_fd(program), flags) == expected, (call, prio)
+        assert await netlink(prio, handle, program.fd, flags) == expected, (call, prio)
         assert helper(call, prio, handle, program.id) == expected, (call, prio)
     assert [(f.priority, f.handle, f.prog_id) for f in kernel.filter_dump("eth0", "ingress") if f.kind == "bpf"] \
         == [(1, 1, prog.id)]
