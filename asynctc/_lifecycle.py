@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno as _errno
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import trio
 
@@ -33,6 +33,16 @@ __all__ = ["Lifecycle", "WatchDemand"]
 log = logging.getLogger("asynctc")
 
 EventKind = Literal["attach", "update", "detach", "sever"]
+
+
+class Observers(Protocol):
+    """Who observes attachment events (the session's `asynctc_attachment_event` hook): `observed` is asked
+    first, so that nobody listening costs no event."""
+
+    @property
+    def observed(self) -> bool: ...
+
+    def notify(self, event: AttachmentEvent) -> None: ...
 
 
 class WatchDemand:
@@ -56,7 +66,7 @@ class Lifecycle:
         self,
         registry: Registry,
         fanout: Fanout,
-        notify: Callable[[AttachmentEvent], None],
+        observers: Observers,
         *,
         cleanup_timeout: float,
         claim: Callable[[str], Claim] = PinClaim,
@@ -66,7 +76,7 @@ class Lifecycle:
         self.demand = WatchDemand()
         self.cleanup_timeout = cleanup_timeout
         self.closed = False
-        self._notify_observers = notify
+        self._observers = observers
         self._new_claim = claim
 
     def claim(self, path: str) -> Claim:
@@ -81,9 +91,11 @@ class Lifecycle:
 
     def _notify(self, kind: EventKind, rec: AttachmentRecord, *, method: str | None = None,
                 reason: str | None = None) -> None:
+        if not self._observers.observed:
+            return
         att = rec.public
         assert att is not None
-        self._notify_observers(AttachmentEvent(kind=kind, info=rec.info, attachment=att, method=method,
+        self._observers.notify(AttachmentEvent(kind=kind, info=rec.info, attachment=att, method=method,
                                                reason=reason))
 
     async def watching(self) -> None:
@@ -91,7 +103,8 @@ class Lifecycle:
         await self.demand.wait_ready()
 
     # -- register ------------------------------------------------------------------------------------
-    def register(self, backend: Backend[Any], handle: BackendAttachment, claim: Claim | None = None) -> Attachment:
+    def register(self, backend: Backend[Any], handle: BackendAttachment,
+                 claim: Claim | None = None) -> AttachmentRecord:
         """Record what a backend attached or adopted (with the claim on its pin, if adopted); the session
         owns it from now on. No checkpoint here, so a caller that just got `handle` from the kernel can
         never lose it to a cancellation."""
@@ -102,7 +115,7 @@ class Lifecycle:
         self.registry.add(rec)
         self._notify("attach", rec)
         self.demand.wanted.set()  # the session now has something to lose: watch for severing
-        return att
+        return rec
 
     # -- operations ----------------------------------------------------------------------------------
     @staticmethod
@@ -140,21 +153,36 @@ class Lifecycle:
         return updated.result
 
     async def detach(self, rec: AttachmentRecord) -> None:
+        """`Attachment.detach()`: waits for the record's lock (cancellably), then detaches shielded."""
         if not rec.live:
             return
         async with held(rec.lock):
-            if not rec.live:
-                return
-            with trio.CancelScope(shield=True):
-                was_attached = await rec.backend.detach(rec.handle)
+            if rec.live:
+                with trio.CancelScope(shield=True):
+                    await self._detach_held(rec)
+
+    async def detach_in_scope(self, rec: AttachmentRecord) -> None:
+        """Take the record's lock and detach, for a caller whose own cancel scope shields and bounds the
+        whole (the end of an `open_attachment` block, the session's close): no scope of its own, since
+        this runs once per lifecycle."""
+        if not rec.live:
+            return
+        async with held(rec.lock):
+            if rec.live:
+                await self._detach_held(rec)
+
+    async def _detach_held(self, rec: AttachmentRecord) -> None:
+        """Detach a live record whose lock the caller holds, shielded by the caller."""
+        was_attached = await rec.backend.detach(rec.handle)
+        if rec.info.pinned is not None:
             rec.change(pinned=None)
-            rec.drop_claim()
-            if was_attached:
-                rec.end(State.DETACHED)
-                self.registry.remove(rec)
-                self._notify("detach", rec)
-            else:
-                self._mark_severed(rec, "already severed by the kernel when detached")
+        rec.drop_claim()
+        if was_attached:
+            rec.end(State.DETACHED)
+            self.registry.remove(rec)
+            self._notify("detach", rec)
+        else:
+            self._mark_severed(rec, "already severed by the kernel when detached")
 
     async def pin(self, rec: AttachmentRecord, path: str) -> None:
         self._check_live(rec, "pin")
@@ -293,7 +321,7 @@ class Lifecycle:
                             rec.released = True
                         rec.drop_claim()
                 else:
-                    await self.detach(rec)
+                    await self.detach_in_scope(rec)  # shielded and bounded below
             except Exception as exc:
                 errors.append(exc)
 

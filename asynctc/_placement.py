@@ -12,6 +12,9 @@ from .backend import Placement
 
 __all__ = ["resolve_placement"]
 
+_FIRST = Placement("first")  # frozen: one of each serves every attach
+_LAST = Placement("last")
+
 
 def resolve_placement(position: Position, ifindex: int, direction: Direction) -> Placement:
     """The Placement for `position` on the hook (ifindex, direction).
@@ -19,10 +22,10 @@ def resolve_placement(position: Position, ifindex: int, direction: Direction) ->
     An Attachment anchor must be attached and on the same hook (AnchorNotFound otherwise); a Program anchor
     or a program id is looked up by the kernel (AnchorNotFound there if it is not on the hook).
     """
-    if isinstance(position, First):
-        return Placement("first")
     if isinstance(position, Last):
-        return Placement("last")
+        return _LAST
+    if isinstance(position, First):
+        return _FIRST
     if isinstance(position, Before | After):
         where: Literal["before", "after"] = "before" if isinstance(position, Before) else "after"
         anchor = position.anchor

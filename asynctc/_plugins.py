@@ -221,6 +221,25 @@ def _fresh_with_backends(plugins: tuple[object, ...]) -> tuple[pluggy.PluginMana
     return pm, collect_backends(pm)
 
 
+class AttachmentEventHook:
+    """The asynctc_attachment_event hook of one session's plugin manager. `observed` is checked before an
+    event is built: with no implementation registered (the usual case) an attach or detach builds no event
+    and makes no pluggy call. It is asked each time, so a plugin registered on the manager later is seen."""
+
+    __slots__ = ("_caller", "_pm")
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self._pm = pm
+        self._caller = pm.hook.asynctc_attachment_event
+
+    @property
+    def observed(self) -> bool:
+        return bool(self._caller.get_hookimpls())
+
+    def notify(self, event: object) -> None:
+        notify(self._pm, event)
+
+
 def notify(pm: pluggy.PluginManager, event: object) -> None:
     """Call the asynctc_attachment_event hook through pluggy, so wrappers, hookwrappers, tryfirst and
     trylast behave as pluggy documents. An exception raised by an implementation ends that call as pluggy

@@ -12,7 +12,6 @@ import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -104,7 +103,7 @@ class Registry:
         self._records: dict[int, AttachmentRecord] = {}
         self._by_device: dict[int, dict[int, AttachmentRecord]] = {}
         self._attaching: dict[int, int] = {}  # ifindex -> attaches in flight
-        self._attach_done = trio.Event()
+        self._attach_done: trio.Event | None = None  # made by the first waiter, set by the next attach's end
         # Keys of attachments that left the registry, until the kernel's removal event for them is seen
         # (bounded: a removal that is never reported must not grow it forever).
         self._departed: OrderedDict[tuple[object, ...], Direction] = OrderedDict()
@@ -114,31 +113,35 @@ class Registry:
         self._by_device.setdefault(record.info.ifindex, {})[record.serial] = record
 
     # -- attaches in flight --------------------------------------------------------------------------
-    @contextmanager
-    def attaching(self, ifindex: int) -> Iterator[None]:
-        """Mark an attach to `ifindex` in flight: the kernel may report its filter before the attachment
-        is registered, and the event's `owned` flag must wait for it (`settled`)."""
+    def begin_attach(self, ifindex: int) -> None:
+        """Mark an attach to `ifindex` in flight (until `end_attach`): the kernel may report its filter
+        before the attachment is registered, and the event's `owned` flag must wait for it (`settled`)."""
         self._attaching[ifindex] = self._attaching.get(ifindex, 0) + 1
-        try:
-            yield
-        finally:
-            left = self._attaching[ifindex] - 1
-            if left:
-                self._attaching[ifindex] = left
-            else:
-                del self._attaching[ifindex]
-            self._attach_done.set()
+
+    def end_attach(self, ifindex: int) -> None:
+        left = self._attaching[ifindex] - 1
+        if left:
+            self._attaching[ifindex] = left
+        else:
+            del self._attaching[ifindex]
+        done, self._attach_done = self._attach_done, None
+        if done is not None:
+            done.set()
+
+    async def _attach_ended(self) -> None:
+        if self._attach_done is None:
             self._attach_done = trio.Event()
+        await self._attach_done.wait()
 
     async def settled(self, ifindex: int) -> None:
         """Wait until no attach to `ifindex` is in flight (callers bound the wait)."""
         while self._attaching.get(ifindex):
-            await self._attach_done.wait()
+            await self._attach_ended()
 
     async def all_settled(self) -> None:
         """Wait until no attach is in flight on any device (callers bound the wait)."""
         while self._attaching:
-            await self._attach_done.wait()
+            await self._attach_ended()
 
     def remove(self, record: AttachmentRecord) -> None:
         for key in _record_keys(record.info):

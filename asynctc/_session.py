@@ -12,13 +12,15 @@
 from __future__ import annotations
 
 import errno as _errno
+import functools
 import itertools
 import logging
 import math
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import TracebackType
 from typing import Any
 
 import trio
@@ -31,11 +33,10 @@ from ._lifecycle import Lifecycle
 from ._monitor import Fanout, Monitor
 from ._placement import resolve_placement
 from ._program import Program
-from ._registry import Registry
+from ._registry import AttachmentRecord, Registry
 from ._types import OFFLOAD_MODES, Direction, Hook, HookEntry, Last, Offload, Position, Probe
 from ._watcher import Watcher
 from .backend import AttachRequest, Backend, BackendContext
-from .events import AttachmentEvent
 from .lowlevel.devlock import Claim, PinClaim
 from .lowlevel.kernel import LINUX, Kernel
 from .lowlevel.netdev import check_dev
@@ -198,6 +199,14 @@ class Session:
             DeviceNotFound, ProgramError, AlreadyAttached, StaleRevision, HookFull, AnchorNotFound,
             PermissionDenied, OffloadError, BackendUnavailable, TCError.
         """
+        rec = await self._attach(dev, direction, program, position, expected_revision, offload, backend, options)
+        att = rec.public
+        assert att is not None
+        return att
+
+    async def _attach(self, dev: str | int, direction: Direction | str, program: Program, position: Position | None,
+                      expected_revision: int | None, offload: Offload, backend: str | None,
+                      options: dict[str, object]) -> AttachmentRecord:
         self._check_open()
         check_dev(dev)
         direction = Direction.coerce(direction)
@@ -238,20 +247,24 @@ class Session:
             offload=offload if be.can_offload else "never",
             options=options,
         )
-        with self._registry.attaching(ifindex), trio.CancelScope(shield=True):
-            handle = await be.attach(request)
-            if self._lifecycle.closed:
-                # The session closed while the kernel attached (its cleanup could not see this one yet):
-                # nothing may outlive it unowned.
-                await be.detach(handle)
-                raise TCError("this session closed while the attach was under way; the program was detached "
-                              "again. Open a new session with asynctc.open_session()")
+        registry = self._registry
+        registry.begin_attach(ifindex)
+        try:
+            with trio.CancelScope(shield=True):
+                handle = await be.attach(request)
+                if self._lifecycle.closed:
+                    # The session closed while the kernel attached (its cleanup could not see this one yet):
+                    # nothing may outlive it unowned.
+                    await be.detach(handle)
+                    raise TCError("this session closed while the attach was under way; the program was "
+                                  "detached again. Open a new session with asynctc.open_session()")
+        finally:
+            registry.end_attach(ifindex)
         # No checkpoint from here to the return: the attachment is registered before any cancellation
         # can be delivered, so it is never lost.
         return self._lifecycle.register(be, handle)
 
-    @asynccontextmanager
-    async def open_attachment(
+    def open_attachment(
         self,
         dev: str | int,
         direction: Direction | str,
@@ -262,38 +275,29 @@ class Session:
         offload: Offload = "never",
         backend: str | None = None,
         **options: object,
-    ) -> AsyncIterator[Attachment]:
+    ) -> AbstractAsyncContextManager[Attachment]:
         """`attach` as an async context manager: the attachment is detached when the block exits, normally,
         by an exception or by cancellation (shielded, bounded by the session's cleanup_timeout). A failing
         detach is raised as CleanupError (its `errors` hold the cause) if the block succeeded, and attached
         as a note (and logged) if the block failed: it never hides the block's own error. The attachment then
         stays in the session, which tries again when it closes. A pinned attachment is left in place."""
-        att = await self.attach(
-            dev, direction, program, position=position, expected_revision=expected_revision,
-            offload=offload, backend=backend, **options,
-        )
-        try:
-            yield att
-        except BaseException as exc:
-            await self._cleanup_detach(att, exc)
-            raise
-        else:
-            await self._cleanup_detach(att, None)
+        return _AttachmentBlock(functools.partial(self._attach, dev, direction, program, position, expected_revision,
+                                                  offload, backend, options), self._cleanup_detach)
 
-    async def _cleanup_detach(self, att: Attachment, original: BaseException | None) -> None:
-        if att.pinned:
+    async def _cleanup_detach(self, rec: AttachmentRecord, original: BaseException | None) -> None:
+        if rec.info.pinned is not None:
             return
         timeout = self.cleanup_timeout
         try:
             with trio.move_on_after(timeout, shield=True) as scope:
-                await att.detach()
+                await self._lifecycle.detach_in_scope(rec)
             if scope.cancelled_caught:
-                raise TCError(f"detaching {att!r} did not finish within {timeout}s")
+                raise TCError(f"detaching {rec.public!r} did not finish within {timeout}s")
         except Exception as exc:
             if original is None:
-                raise CleanupError(f"detaching {att!r} at the end of its block failed: {exc}", [exc]) from exc
-            log.error("asynctc: cleanup of %r failed while handling %r: %r", att, original, exc)
-            original.add_note(f"asynctc: cleanup of {att!r} also failed: {exc!r}")
+                raise CleanupError(f"detaching {rec.public!r} at the end of its block failed: {exc}", [exc]) from exc
+            log.error("asynctc: cleanup of %r failed while handling %r: %r", rec.public, original, exc)
+            original.add_note(f"asynctc: cleanup of {rec.public!r} also failed: {exc!r}")
 
     # -- query, pins, orphans ------------------------------------------------------------------------
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
@@ -345,7 +349,9 @@ class Session:
                 with trio.CancelScope(shield=True):
                     handle = await be.adopt_pinned(spath, foreign=foreign)
                 if handle is not None:
-                    return self._lifecycle.register(be, handle, claim)
+                    att = self._lifecycle.register(be, handle, claim).public
+                    assert att is not None
+                    return att
         except BaseException:
             claim.release()
             raise
@@ -420,6 +426,32 @@ class Session:
         return f"<Session backend={name} netns={self.netns!r} owner={self._owner!r}>"
 
 
+class _AttachmentBlock:
+    """What `Session.open_attachment` returns: attach on entry, detach on exit (see there). A class, not an
+    asynccontextmanager generator: it runs once per lifecycle, on the hot path of every attach+detach."""
+
+    __slots__ = ("_attach", "_cleanup", "_rec")
+
+    def __init__(self, attach: Callable[[], Awaitable[AttachmentRecord]],
+                 cleanup: Callable[[AttachmentRecord, BaseException | None], Awaitable[None]]) -> None:
+        self._attach = attach
+        self._cleanup = cleanup
+        self._rec: AttachmentRecord | None = None
+
+    async def __aenter__(self) -> Attachment:
+        if self._rec is not None:
+            raise RuntimeError("an open_attachment() context manager can be entered only once")
+        self._rec = await self._attach()
+        att = self._rec.public
+        assert att is not None
+        return att
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        assert self._rec is not None
+        await self._cleanup(self._rec, exc)
+
+
 @asynccontextmanager
 async def open_session(
     backend: str = "auto",
@@ -483,9 +515,6 @@ async def open_session(
     kernel = BackendSet.default_kernel(classes, backend, kernel)
     runner = NetnsRunner(netns, trio.CapacityLimiter(max_workers))
 
-    def notify(event: AttachmentEvent) -> None:
-        _plugins.notify(pm, event)
-
     body_exc: BaseException | None = None
     errors: list[BaseException] = []
     session: Session | None = None
@@ -500,7 +529,8 @@ async def open_session(
             else:
                 registry = Registry()
                 fanout = Fanout()
-                lifecycle = Lifecycle(registry, fanout, notify, cleanup_timeout=cleanup_timeout,
+                lifecycle = Lifecycle(registry, fanout, _plugins.AttachmentEventHook(pm),
+                                      cleanup_timeout=cleanup_timeout,
                                       claim=_pin_claims(backends.context.kernel, ctx.session_tag))
                 watcher = Watcher(backends, lifecycle, registry, fanout, runner)
                 session = Session(backends=backends, registry=registry, lifecycle=lifecycle, fanout=fanout,
