@@ -15,6 +15,10 @@ weighs on all of them alike; rates are total cycles over total time. Contenders:
                with cc at start; skipped, saying so, without a C compiler): the anchor of the targets;
   raw Python   the same loop in N Python threads through asynctc.lowlevel.bpf (ctypes): what any Python
                code pays for the GIL and ctypes before doing anything else;
+  hand-off     N trio tasks, no session: each cycle hands BPF_LINK_CREATE, then close(), to a SyscallThreads
+               (asynctc.lowlevel.syscalls, as the bpf_link backend makes them): two round trips between the
+               trio thread and the syscall threads per cycle, as an open_attachment cycle makes, and nothing
+               else: what that hand-off costs by itself on this machine;
   asynctc      N tasks looping `session.open_attachment(dev, "ingress", program)` on the bpf_link backend;
   core only    the same asynctc loop on a backend that is bpf_link with resolve_device, attach and detach
                making no kernel call at all (a checkpoint each): the ceiling that asynctc's core (session,
@@ -42,7 +46,10 @@ import trio
 import asynctc
 from asynctc import AttachmentInfo
 from asynctc.backend import AttachRequest, BackendAttachment
-from asynctc.lowlevel.netns import netns_path
+from asynctc.lowlevel import bpf
+from asynctc.lowlevel.kernel import LINUX
+from asynctc.lowlevel.netns import NetnsRunner, netns_path
+from asynctc.lowlevel.syscalls import DEFAULT_MAX_THREADS, SyscallThreads
 from asynctc_bpf_link import BpfLinkBackend, LinkAttachment
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -173,6 +180,34 @@ async def asynctc_run(netns: str, devs: list[str], concurrency: int, duration: f
         return await open_attachment_cycles(session, devs, concurrency, duration, program)
 
 
+async def handoff_run(netns: str, devs: list[str], concurrency: int, duration: float,
+                      program: asynctc.Program) -> tuple[int, float]:
+    """`concurrency` trio tasks, each looping a tcx link create and a close() on its own device through one
+    SyscallThreads with the session's default limits: the hand-off alone, no asynctc core."""
+    runner = NetnsRunner(netns, trio.CapacityLimiter(DEFAULT_MAX_THREADS))
+    threads = SyscallThreads(runner, max_threads=DEFAULT_MAX_THREADS, name="bench")
+    k = LINUX
+    try:
+        ifindexes = [await threads.run(k.if_nametoindex, dev) for dev in devs[:concurrency]]
+        counts = [0] * concurrency
+
+        async def lifecycle(i: int, deadline: float) -> None:
+            ifindex = ifindexes[i]
+            while time.perf_counter() < deadline:
+                fd = await threads.run(k.bpf.link_create_tcx, program.fd, ifindex, bpf.BPF_TCX_INGRESS)
+                await threads.run(k.bpf.close, fd, must_run=True)
+                counts[i] += 1
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for i in range(concurrency):
+                nursery.start_soon(lifecycle, i, t0 + duration)
+        return sum(counts), time.perf_counter() - t0
+    finally:
+        await threads.aclose()
+        runner.close()
+
+
 @dataclass
 class Tally:
     cycles: int = 0
@@ -194,12 +229,14 @@ class Tally:
 
 def measure(netns: str, devs: list[str], n: int, duration: float, rounds: int, raw_c: str | None,
             program: asynctc.Program) -> dict[str, Tally]:
-    tallies = {"raw C": Tally(), "raw Python": Tally(), "asynctc": Tally(), "core only": Tally()}
+    tallies = {"raw C": Tally(), "raw Python": Tally(), "hand-off": Tally(), "asynctc": Tally(),
+               "core only": Tally()}
     for _ in range(rounds):
         if raw_c is not None:
             tallies["raw C"].add(*run_raw_c(raw_c, netns, devs[:n], duration))
         py = run_threads(netns, n, duration, raw_cycle_factory(program.fd, devs))
         tallies["raw Python"].add(py.cycles, py.seconds)
+        tallies["hand-off"].add(*trio.run(handoff_run, netns, devs, n, duration, program))
         cycles, seconds, lag = trio.run(asynctc_run, netns, devs, n, duration, program)
         tallies["asynctc"].add(cycles, seconds)
         tallies["asynctc"].lags.append(lag)
@@ -239,12 +276,13 @@ def main() -> int:
     anchor = "raw C" if any(r["raw C"].seconds for r in results.values()) else "raw Python"
     print(f"\ntcx attach+detach cycles per second (higher is better); ratios against {anchor} and raw Python, "
           "same run")
-    header = ["rcu_expedited", "conc", "raw C/s", "raw Python/s", "asynctc/s", f"x {anchor}", "x raw Python",
-              "core only/s", f"core only x {anchor}", "step max ms"]
+    header = ["rcu_expedited", "conc", "raw C/s", "raw Python/s", "hand-off/s", f"hand-off x {anchor}",
+              "asynctc/s", f"x {anchor}", "x raw Python", "core only/s", f"core only x {anchor}", "step max ms"]
     rows = []
     for (rcu, n), t in results.items():
         rows.append([rcu, str(n), f"{t['raw C'].rate:.0f}" if t["raw C"].seconds else "-",
-                     f"{t['raw Python'].rate:.0f}", f"{t['asynctc'].rate:.0f}",
+                     f"{t['raw Python'].rate:.0f}", f"{t['hand-off'].rate:.0f}",
+                     f"{t['hand-off'].rate / t[anchor].rate:.2f}", f"{t['asynctc'].rate:.0f}",
                      f"{t['asynctc'].rate / t[anchor].rate:.2f}", f"{t['asynctc'].rate / t['raw Python'].rate:.2f}",
                      f"{t['core only'].rate:.0f}", f"{t['core only'].rate / t[anchor].rate:.2f}",
                      f"{t['asynctc'].step_max_ms:.2f}"])
