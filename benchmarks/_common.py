@@ -351,10 +351,13 @@ def print_lag_verdicts(probes: dict[str, LagProbe], bound_ms: float = 5.0) -> No
 
 
 async def open_attachment_cycles(session: asynctc.Session, devs: Sequence[str], concurrency: int, duration: float,
-                                 program: asynctc.Program, *, freeze: bool = False) -> tuple[int, float, LagProbe]:
+                                 program: asynctc.Program, *, freeze: bool = False,
+                                 probe: bool = True) -> tuple[int, float, LagProbe]:
     """`concurrency` lifecycles on `session`, each looping open_attachment (attach, then detach on exit) on
     its own device of `devs` for `duration` seconds, after one warm-up cycle (which starts the session's
     event watcher and threads); the cycles done, the seconds taken, and the trio loop's lag meanwhile.
+    `probe=False`: no LagProbe runs (the LagProbe returned is empty): its instrument times every task step
+    with two getrusage() calls, which slows a fast loop measurably, so rates are best taken without it.
     `freeze`: gc.freeze() after the warm-up, as a latency-minded application does once it has started
     (the objects alive then are never scanned again by a full collection), gc.unfreeze() afterwards."""
     lag = LagProbe()
@@ -374,7 +377,8 @@ async def open_attachment_cycles(session: asynctc.Session, devs: Sequence[str], 
             counts[i] += 1
 
     async with trio.open_nursery() as outer:
-        await outer.start(lag.run)
+        if probe:
+            await outer.start(lag.run)
         t0 = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for i in range(concurrency):
