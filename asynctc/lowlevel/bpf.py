@@ -334,18 +334,6 @@ class asm:
 # Programs and maps
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 @dataclass(frozen=True, slots=True)
 class ProgInfo:
     """The parts of struct bpf_prog_info asynctc uses."""
@@ -355,18 +343,6 @@ class ProgInfo:
     tag: str
     name: str
     ifindex: int
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,10 +360,6 @@ class LinkInfo:
     attach_type: int
 
 
-
-
-
-
 def _check_attach(prog_fd: int, ifindex: int, attach_type: int, flags: int, relative: int,
                   expected_revision: int) -> None:
     check_field("prog_fd", prog_fd, FD_MAX)
@@ -398,14 +370,6 @@ def _check_attach(prog_fd: int, ifindex: int, attach_type: int, flags: int, rela
     check_field("expected_revision", expected_revision, U64_MAX)
 
 
-
-
-
-
-
-
-
-
 @dataclass(frozen=True, slots=True)
 class HookQuery:
     """BPF_PROG_QUERY's answer for a tcx hook: ids in run order (link_ids[i] = 0 without a link)."""
@@ -413,11 +377,6 @@ class HookQuery:
     revision: int
     prog_ids: tuple[int, ...]
     link_ids: tuple[int, ...]
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -455,18 +414,6 @@ def _elem_attr(
     return attr
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 @dataclass(frozen=True, slots=True)
 class MapInfo:
     """The parts of struct bpf_map_info asynctc uses (the kernel keeps at most 15 bytes of the name)."""
@@ -478,8 +425,6 @@ class MapInfo:
     max_entries: int
     flags: int
     name: str
-
-
 
 
 def possible_cpus() -> int:
@@ -508,7 +453,6 @@ class ProgRunStats:
 
     run_cnt: int
     run_time_ns: int
-
 
 
 # ---------------------------------------------------------------------------------------------------------

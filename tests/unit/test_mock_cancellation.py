@@ -88,12 +88,13 @@ async def test_attach_cancelled_at_every_checkpoint(options: dict[str, Any]) -> 
         pytest.fail("attach never completed")
 
 
-async def test_open_attachment_cancelled_at_every_checkpoint() -> None:
+@pytest.mark.parametrize("mode", ["legacy", "tcx"])
+async def test_open_attachment_cancelled_at_every_checkpoint(mode: str) -> None:
     for n in range(MAX_STEPS):
         kernel = MockKernel()
 
         async def lifecycle(s: asynctc.Session, k: MockKernel = kernel) -> None:
-            async with s.open_attachment("eth0", IN, k.program(), mode="legacy"):
+            async with s.open_attachment("eth0", IN, k.program(), mode=mode):
                 await trio.lowlevel.checkpoint()
 
         async with asynctc.open_session(backend="mock", kernel=kernel) as s:
@@ -105,6 +106,18 @@ async def test_open_attachment_cancelled_at_every_checkpoint() -> None:
             break
     else:
         pytest.fail("the lifecycle never completed")
+
+
+async def test_an_open_attachment_context_manager_is_entered_once(kernel: MockKernel) -> None:
+    async with asynctc.open_session(backend="mock", kernel=kernel) as s:
+        block = s.open_attachment("eth0", IN, kernel.program())
+        async with block as att:
+            with pytest.raises(RuntimeError, match="entered only once"):
+                async with block:
+                    pass  # pragma: no cover - never entered
+            assert s.attachments == (att,)
+        assert att.state is State.DETACHED
+        assert kernel_entries(kernel) == set()
 
 
 @pytest.mark.parametrize("how", ["link_update", "make_before_break", "netlink_replace"])

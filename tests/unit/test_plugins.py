@@ -202,6 +202,23 @@ async def test_attachment_events_reach_observers_and_a_failing_observer_is_harml
     assert "asynctc_attachment_event implementation raised" in caplog.text
 
 
+async def test_an_observer_registered_after_the_session_opened_sees_the_events_from_then_on() -> None:
+    """With no observer the lifecycle builds no event; the hook is asked at every event, so an observer
+    registered on the process-wide plugin manager while a session runs is called from its first event on."""
+    seen: list[str] = []
+    kernel = MockKernel()
+    pm = make_plugin_manager()  # the installed backends, as the process-wide manager has them
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("asynctc._plugins._default_pm", pm)
+        async with asynctc.open_session("mock", kernel=kernel) as s:
+            unseen = await s.attach("eth0", "ingress", kernel.program())
+            pm.register(_plain(seen, "late"))
+            seen_att = await s.attach("veth0", "ingress", kernel.program())
+            await unseen.detach()
+            await seen_att.detach()
+    assert seen == ["late"] * 3
+
+
 def _install_distribution(root: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
     """Install a distribution the way pip leaves one in site-packages: its modules and a .dist-info with
     METADATA and entry_points.txt (importlib.metadata finds it on sys.path)."""
