@@ -104,8 +104,8 @@ class Registry:
         self._by_device: dict[int, dict[int, AttachmentRecord]] = {}
         self._attaching: dict[int, int] = {}  # ifindex -> attaches in flight
         self._attach_done: trio.Event | None = None  # made by the first waiter, set by the next attach's end
-        # Keys of attachments that left the registry, until the kernel's removal event for them is seen
-        # (bounded: a removal that is never reported must not grow it forever).
+        # Keys of filters that left the registry, until the kernel's removal event for them is seen (bounded:
+        # a removal that is never reported must not grow it forever). tcx links have no removal event.
         self._departed: OrderedDict[tuple[object, ...], Direction] = OrderedDict()
 
     def add(self, record: AttachmentRecord) -> None:
@@ -144,8 +144,9 @@ class Registry:
             await self._attach_ended()
 
     def remove(self, record: AttachmentRecord) -> None:
-        for key in _record_keys(record.info):
-            self._departed[(record.info.ifindex, *key)] = record.info.direction
+        info = record.info
+        if info.priority is not None and info.handle is not None:  # a filter: its removal event may follow
+            self._departed[(info.ifindex, "cls_bpf", info.priority, info.handle)] = info.direction
             if len(self._departed) > DEPARTED_MAX:
                 self._departed.popitem(last=False)
         self._records.pop(record.serial, None)
