@@ -12,6 +12,9 @@ kernel's own interface, kept as low as the kernel draws it:
   bytes `asynctc.lowlevel.codec` builds and parses;
 - `if_nametoindex` / `if_indextoname`: device names and indexes of the calling thread's namespace (the
   SIOCGIFINDEX / SIOCGIFNAME ioctls: no rtnl, far cheaper than an RTM_GETLINK);
+- `open_device_names`: the same two lookups bound to the namespace of the thread that opens them, usable
+  from any thread afterwards (the trio thread included: the ioctls never block), a `BoundDeviceNames`.
+  The kernel itself is a `DeviceNames` of the calling thread's namespace;
 - `device_locks` / `pin_claim`: the locks asynctc sessions of every process honour on this kernel (a device
   while its clsact qdisc is checked and changed; a pin path while a session holds it), which a simulated
   kernel keeps to itself;
@@ -25,8 +28,11 @@ as before: the boundary does not change where code runs.
 from __future__ import annotations
 
 import abc
+import errno as _errno
+import fcntl
 import os
 import socket
+import struct
 from collections.abc import Iterable
 from typing import Final, Protocol
 
@@ -36,7 +42,7 @@ from . import tcpolicy
 from .devlock import Claim, DeviceLocking, DeviceLocks, PinClaim
 from .nlsock import open_netlink_socket
 
-__all__ = ["LINUX", "Kernel", "Linux", "NetlinkSocket"]
+__all__ = ["LINUX", "BoundDeviceNames", "DeviceNames", "Kernel", "Linux", "NetlinkSocket", "SocketDeviceNames"]
 
 
 _classifiers_known: set[str] = set()
@@ -84,6 +90,81 @@ class NetlinkSocket(Protocol):
     def close(self) -> None: ...
 
 
+class DeviceNames(Protocol):
+    """Device names and indexes of one network namespace: a `Kernel` (the calling thread's namespace) or
+    the `BoundDeviceNames` its `open_device_names` gives (the namespace it was opened in)."""
+
+    def if_nametoindex(self, name: str) -> int:
+        """The ifindex of device `name` (its own name or an alternative name); OSError (ENODEV) if none."""
+        ...
+
+    def if_indextoname(self, ifindex: int) -> str:
+        """The (own) name of device `ifindex`; OSError (ENXIO) if none."""
+        ...
+
+
+class BoundDeviceNames(DeviceNames, Protocol):
+    """`DeviceNames` bound to the namespace they were opened in, whatever thread asks later; they hold a
+    resource until `close()` (idempotent; a lookup after it raises OSError EBADF). A lookup never blocks."""
+
+    def close(self) -> None: ...
+
+
+# struct ifreq (linux/if.h): ifr_name[IFNAMSIZ], then a union whose ifr_ifindex is an int; 40 bytes on
+# every 64-bit ABI (the union holds a struct ifmap of 24 bytes).
+_IFREQ: Final = struct.Struct("=16si20x")
+_IFNAMSIZ: Final = 16
+_IFINDEX_MAX: Final = 2**31 - 1
+_SIOCGIFNAME: Final = 0x8910
+_SIOCGIFINDEX: Final = 0x8933
+
+
+class SocketDeviceNames:
+    """The real kernel's `BoundDeviceNames`: an AF_UNIX datagram socket made in the namespace, and the
+    SIOCGIFINDEX / SIOCGIFNAME ioctls on it. The kernel answers them in the namespace of the SOCKET
+    (sock_net), not of the calling thread, so any thread may ask once the socket exists. Neither takes
+    rtnl or sleeps: an RCU lookup of the device (alternative names too), and a name copy that retries
+    while a rename is in flight. `close()` must not race with a lookup of another thread (the fd number
+    could be reused)."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    def _ioctl(self, request: int, name: bytes, ifindex: int) -> bytes:
+        sock = self._sock
+        if sock is None:
+            raise OSError(_errno.EBADF, "these device names are closed")
+        return fcntl.ioctl(sock.fileno(), request, _IFREQ.pack(name, ifindex))
+
+    def if_nametoindex(self, name: str) -> int:
+        raw = os.fsencode(name)
+        if not raw or len(raw) >= _IFNAMSIZ or b"\0" in raw:
+            raise OSError(_errno.ENODEV, f"no device named {name!r}: not a valid device name")
+        _, ifindex = _IFREQ.unpack(self._ioctl(_SIOCGIFINDEX, raw, 0))
+        return int(ifindex)
+
+    def if_indextoname(self, ifindex: int) -> str:
+        if isinstance(ifindex, bool) or not isinstance(ifindex, int):
+            raise TypeError(f"an ifindex is an int, got {type(ifindex).__name__} {ifindex!r}")
+        if not 0 < ifindex <= _IFINDEX_MAX:
+            raise OSError(_errno.ENXIO, f"no device with ifindex {ifindex}")
+        try:
+            raw, _ = _IFREQ.unpack(self._ioctl(_SIOCGIFNAME, b"", ifindex))
+        except OSError as exc:
+            if exc.errno == _errno.ENODEV:  # as if_indextoname(3) says it
+                raise OSError(_errno.ENXIO, f"no device with ifindex {ifindex}") from None
+            raise
+        return os.fsdecode(raw.split(b"\0", 1)[0])
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def __repr__(self) -> str:
+        return f"<SocketDeviceNames {'closed' if self._sock is None else f'fd={self._sock.fileno()}'}>"
+
+
 class Kernel(abc.ABC):
     """One kernel as asynctc's backends see it (see the module docstring).
 
@@ -114,6 +195,12 @@ class Kernel(abc.ABC):
     @abc.abstractmethod
     def if_indextoname(self, ifindex: int) -> str:
         """The name of device `ifindex` in the calling thread's namespace; OSError (ENXIO) if none."""
+
+    @abc.abstractmethod
+    def open_device_names(self) -> BoundDeviceNames:
+        """`if_nametoindex` and `if_indextoname` of the calling thread's namespace, bound to it: called in a
+        thread inside a namespace, they answer for THAT namespace from any thread afterwards, and never
+        block (call it in a worker thread: it makes a socket; close the result when done)."""
 
     @abc.abstractmethod
     def classifier_present(self, kind: str) -> bool | None:
@@ -160,6 +247,9 @@ class Linux(Kernel):
 
     def if_indextoname(self, ifindex: int) -> str:
         return socket.if_indextoname(ifindex)
+
+    def open_device_names(self) -> SocketDeviceNames:
+        return SocketDeviceNames()
 
     def classifier_present(self, kind: str) -> bool | None:
         return _classifier_present(kind)

@@ -2,10 +2,14 @@
 
 Shared by the real backends (bpf_link, netlink): both accept a device name or an ifindex and must say
 clearly when the device is not in the session's namespace. Two ways in, one set of rules and messages:
+- `resolve_device` asks a `DeviceNames` (the SIOCGIFINDEX / SIOCGIFNAME ioctls: no rtnl, no sleep):
+  either the names a backend opened inside its namespace (`Kernel.open_device_names`), which answer for
+  that namespace from any thread, the trio thread included (bpf_link's hot path: no thread hop at all);
+  or a `Kernel` itself, which answers in the calling thread's namespace (for code that already runs in a
+  worker thread inside the namespace);
 - `resolve_device_nl` asks the kernel over the namespace's rtnetlink transport (RTM_GETLINK by name or by
-  index): what the backends use on their hot paths (no worker thread, no namespace switch);
-- `resolve_device` asks in the calling thread's namespace (if_nametoindex): for code that already runs in
-  a worker thread inside the namespace.
+  index): no worker thread either, but a request through the transport's I/O thread and its answer to
+  decode.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import errno as _errno
 from typing import TYPE_CHECKING
 
 from .._errors import DeviceNotFound, Op
-from .kernel import LINUX, Kernel
+from .kernel import LINUX, DeviceNames
 from .nlsock import NetlinkError
 
 if TYPE_CHECKING:
@@ -58,17 +62,19 @@ def _not_found(dev: str | int, netns: str | None) -> DeviceNotFound:
                           errno=_errno.ENODEV)
 
 
-def resolve_device(dev: str | int, netns: str | None, kernel: Kernel = LINUX) -> tuple[int, str]:
-    """(ifindex, name) in the calling thread's namespace of `kernel`; DeviceNotFound otherwise (run in a
-    worker).
+def resolve_device(dev: str | int, netns: str | None, names: DeviceNames = LINUX) -> tuple[int, str]:
+    """(ifindex, name) as `names` answer; DeviceNotFound otherwise. `names` is a `Kernel` (the calling
+    thread's namespace: run it in a worker inside the namespace) or what its `open_device_names` gave (the
+    namespace it was opened in, from any thread). A name is returned as given (an alternative name stays
+    one: look the ifindex up again for the device's own name).
 
     `netns` only names the namespace in error messages.
     """
     dev = check_dev(dev)
     try:
         if isinstance(dev, int):
-            return dev, kernel.if_indextoname(dev)
-        return kernel.if_nametoindex(dev), dev
+            return dev, names.if_indextoname(dev)
+        return names.if_nametoindex(dev), dev
     except OSError:
         raise _not_found(dev, netns) from None
 

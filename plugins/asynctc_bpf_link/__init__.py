@@ -13,11 +13,14 @@ hook is never without a program; any failure rolls back to the old program.
 tcx has no hardware path: offload="require" raises OffloadError naming the netlink backend, and "prefer"
 attaches in software (info.offloaded False).
 
-Every kernel call runs in the session's syscall threads (`asynctc.lowlevel.syscalls`). A cycle makes the
-calls it needs and no more: attach = BPF_LINK_CREATE + one link info read (the link id; for tcx it can only
-be read through BPF_OBJ_GET_INFO_BY_FD, which takes rtnl); detach = a link info read (a severed link has
-ifindex 0: detach() then returns False, and BPF_LINK_DETACH could not tell) + BPF_LINK_DETACH (closing our
-fd detaches only if nobody else holds the link: a pin, a forked child, a tool holding it by id) + close().
+Every kernel call that can block runs in the session's syscall threads (`asynctc.lowlevel.syscalls`); a
+device lookup cannot (SIOCGIFINDEX / SIOCGIFNAME on a socket of the session's namespace, opened with the
+backend: `Kernel.open_device_names`) and is made on the trio thread. A cycle makes the calls it needs and no
+more, in two thread round trips: resolve_device = the ioctls, on the trio thread; attach = BPF_LINK_CREATE +
+one link info read (the link id; for tcx it can only be read through BPF_OBJ_GET_INFO_BY_FD, which takes
+rtnl); detach = a link info read (a severed link has ifindex 0: detach() then returns False, and
+BPF_LINK_DETACH could not tell) + BPF_LINK_DETACH (closing our fd detaches only if nobody else holds the
+link: a pin, a forked child, a tool holding it by id) + close().
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import logging
 import struct
 from contextlib import AbstractAsyncContextManager
 from typing import ClassVar
+
+import trio
 
 import asynctc
 from asynctc import (
@@ -51,7 +56,7 @@ from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendCo
 from asynctc.lowlevel import bpf
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel import transport as nllib
-from asynctc.lowlevel.kernel import LINUX, Kernel
+from asynctc.lowlevel.kernel import LINUX, BoundDeviceNames, DeviceNames, Kernel
 from asynctc.lowlevel.netdev import resolve_device as resolve_device_here
 from asynctc.lowlevel.syscalls import SyscallThreads
 from asynctc.lowlevel.tcpolicy import parse_session_tag
@@ -96,15 +101,15 @@ class LinkAttachment(BackendAttachment):
         return fd
 
 
-def _resolve_device(k: Kernel, dev: str | int, netns: str | None) -> tuple[int, str]:
-    """(ifindex, own name) of a device of the calling thread's namespace (an alternative name resolves to
-    the device's own name); DeviceNotFound otherwise."""
+def _resolve_device(names: DeviceNames, dev: str | int, netns: str | None) -> tuple[int, str]:
+    """(ifindex, own name) of a device as `names` see it (an alternative name resolves to the device's own
+    name); DeviceNotFound otherwise."""
     if isinstance(dev, int) and not isinstance(dev, bool) and dev > 0xFFFFFFFF:
         raise DeviceNotFound(f"no device with ifindex {dev}: an ifindex is a 32-bit number", errno=_errno.ENODEV)
-    ifindex, name = resolve_device_here(dev, netns, k)
+    ifindex, name = resolve_device_here(dev, netns, names)
     if isinstance(dev, int):
         return ifindex, name
-    return resolve_device_here(ifindex, netns, k)
+    return resolve_device_here(ifindex, netns, names)
 
 
 def _close_created(k: Kernel, created: tuple[int, bpf.LinkInfo]) -> None:
@@ -277,27 +282,43 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         self._names = hooklib.ProgNameCache(self.kernel.bpf)
         self._nl: nllib.NetlinkTransport | None = None
         self._sys: SyscallThreads | None = None
+        self._devnames: BoundDeviceNames | None = None
 
     async def open(self) -> None:
-        """Open the rtnetlink transport that lists legacy filters in `query` (tcx itself needs
-        none), and the syscall threads that make every bpf(2) call, close() of a link fd and device lookup
-        in the session's namespace (started as calls need them; at most the session's max_workers)."""
-        if self._sys is None:
-            workers = int(self.ctx.runner.limiter.total_tokens)
-            self._sys = SyscallThreads(self.ctx.runner, max_threads=max(1, workers), name="bpf_link")
-        if self._nl is None:
-            self._nl = await nllib.start_transport(self.ctx.runner, kernel=self.kernel)
+        """Open the syscall threads that make every bpf(2) call and close() of a link fd in the session's
+        namespace (started as calls need them; at most the session's max_workers), the device names of the
+        namespace (`Kernel.open_device_names`, made inside it: `resolve_device` then asks them on the trio
+        thread), and the rtnetlink transport that lists legacy filters in `query` (tcx itself needs
+        none). What was opened is closed again if a later step fails."""
+        try:
+            if self._sys is None:
+                workers = int(self.ctx.runner.limiter.total_tokens)
+                self._sys = SyscallThreads(self.ctx.runner, max_threads=max(1, workers), name="bpf_link")
+            if self._devnames is None:
+                self._devnames = await self.ctx.runner.run(self.kernel.open_device_names)
+            if self._nl is None:
+                self._nl = await nllib.start_transport(self.ctx.runner, kernel=self.kernel)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+            raise
 
     async def aclose(self) -> None:
-        """Close the transport, then the syscall threads once every call queued has run (idempotent)."""
+        """Close the transport and the device names, then the syscall threads once every call queued has
+        run (idempotent)."""
         nl, self._nl = self._nl, None
         try:
             if nl is not None:
                 await nl.aclose()
         finally:
-            sys_threads, self._sys = self._sys, None
-            if sys_threads is not None:
-                await sys_threads.aclose()
+            names, self._devnames = self._devnames, None
+            try:
+                if names is not None:
+                    names.close()
+            finally:
+                sys_threads, self._sys = self._sys, None
+                if sys_threads is not None:
+                    await sys_threads.aclose()
 
     @classmethod
     async def probe(cls, ctx: BackendContext) -> Probe:
@@ -318,9 +339,14 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         return self._sys
 
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
-        """(ifindex, the device's own name), asked of the kernel in a syscall thread (two SIOCGIF* ioctls
-        that take no rtnl: far cheaper than an RTM_GETLINK and decoding its answer)."""
-        return await self._syscalls().run(_resolve_device, self.kernel, dev, self.ctx.netns)
+        """(ifindex, the device's own name), asked of the kernel on the trio thread through the device names
+        opened in the session's namespace: two SIOCGIF* ioctls (one for an ifindex) that take no rtnl and
+        never block, so no thread is waited for (a thread round trip costs more than both). Never blocks,
+        and never yields to other tasks either."""
+        names = self._devnames
+        if names is None:
+            raise TCError("the bpf_link backend is closed (its session has ended)")
+        return _resolve_device(names, dev, self.ctx.netns)
 
     def _err(self, exc: bpf.BpfError, req_dev: str | int | None = None, direction: Direction | None = None,
              program: object | None = None) -> TCError:

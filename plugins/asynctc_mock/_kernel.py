@@ -75,6 +75,7 @@ __all__ = [
     "FilterInfo",
     "KernelError",
     "LinkInfo",
+    "MockDeviceNames",
     "MockKernel",
     "QdiscInfo",
     "SimulatedProgram",
@@ -590,6 +591,35 @@ def _device_names(devices: Iterable[str]) -> list[str]:
     return names
 
 
+class MockDeviceNames:
+    """A MockKernel's `asynctc.lowlevel.kernel.BoundDeviceNames` (what its `open_device_names` gives): its
+    device table, as `if_nametoindex` / `if_indextoname` answer it (operation "dev_get": counted, and
+    injected faults apply). Injected latency is not slept here: the real lookups (ioctls on a socket of the
+    namespace) never sleep, and they are made on the trio thread. After `close()` (idempotent) a lookup
+    raises OSError EBADF, as an ioctl on a closed socket would."""
+
+    def __init__(self, kernel: MockKernel) -> None:
+        self._kernel: MockKernel | None = kernel
+
+    def _open(self) -> MockKernel:
+        kernel = self._kernel
+        if kernel is None:
+            raise OSError(_errno.EBADF, "these device names are closed")
+        return kernel
+
+    def if_nametoindex(self, name: str) -> int:
+        return self._open().syscall_ifindex(name)
+
+    def if_indextoname(self, ifindex: int) -> str:
+        return self._open().syscall_ifname(ifindex)
+
+    def close(self) -> None:
+        self._kernel = None
+
+    def __repr__(self) -> str:
+        return f"<MockDeviceNames of {self._kernel!r}>" if self._kernel is not None else "<MockDeviceNames closed>"
+
+
 class MockKernel(Kernel, BpfSyscallsMixin):
     """An in-memory kernel: devices, tcx hooks and links, clsact qdiscs and cls_bpf filters, pins, events.
 
@@ -648,17 +678,36 @@ class MockKernel(Kernel, BpfSyscallsMixin):
     # ====================================================================================================
     def if_nametoindex(self, name: str) -> int:
         """The ifindex of device `name` (SIOCGIFINDEX); OSError ENODEV if there is none."""
+        return self._nametoindex(name, sleep=True)
+
+    def if_indextoname(self, ifindex: int) -> str:
+        """The name of device `ifindex` (SIOCGIFNAME); OSError ENXIO if there is none."""
+        return self._indextoname(ifindex, sleep=True)
+
+    def open_device_names(self) -> MockDeviceNames:
+        """`if_nametoindex` and `if_indextoname` of this kernel (it has one namespace), usable from any
+        thread, the trio thread included: see `MockDeviceNames`."""
+        return MockDeviceNames(self)
+
+    def syscall_ifindex(self, name: str) -> int:
+        """SIOCGIFINDEX on a socket of `open_device_names`: `if_nametoindex`, never sleeping injected latency."""
+        return self._nametoindex(name, sleep=False)
+
+    def syscall_ifname(self, ifindex: int) -> str:
+        """SIOCGIFNAME on a socket of `open_device_names`: `if_indextoname`, never sleeping injected latency."""
+        return self._indextoname(ifindex, sleep=False)
+
+    def _nametoindex(self, name: str, *, sleep: bool) -> int:
         with self._lock:
-            self._enter("dev_get")
+            self._enter("dev_get", sleep=sleep)
             for d in self._devices.values():
                 if d.name == name:
                     return d.ifindex
         raise OSError(_errno.ENODEV, f"no device named {name!r}")
 
-    def if_indextoname(self, ifindex: int) -> str:
-        """The name of device `ifindex` (SIOCGIFNAME); OSError ENXIO if there is none."""
+    def _indextoname(self, ifindex: int, *, sleep: bool) -> str:
         with self._lock:
-            self._enter("dev_get")
+            self._enter("dev_get", sleep=sleep)
             d = self._devices.get(ifindex)
             if d is not None:
                 return d.name
@@ -750,8 +799,9 @@ class MockKernel(Kernel, BpfSyscallsMixin):
     def set_latency(self, seconds: float, op: str | None = None) -> None:
         """Make every operation (or only `op`, one of `asynctc_mock._kernel.OPERATIONS`, see `inject_fault`;
         "close" and "dup" included) block its calling thread for `seconds`; the kernel calls behind it queue up,
-        as behind a real kernel waiting for RCU under rtnl (dup, close and device lookups do not wait). 0
-        removes the latency. ValueError for an unknown `op` or a negative, infinite or NaN `seconds`."""
+        as behind a real kernel waiting for RCU under rtnl (dup, close and device lookups do not wait; the
+        lookups of `open_device_names` do not sleep at all, see `MockDeviceNames`). 0 removes the latency.
+        ValueError for an unknown `op` or a negative, infinite or NaN `seconds`."""
         if op is not None:
             _check_op(op, "set_latency")
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
@@ -798,9 +848,13 @@ class MockKernel(Kernel, BpfSyscallsMixin):
                 self._rtnl_sleeper = None
                 self._sleeping.notify_all()
 
-    def _enter(self, op: str) -> None:
-        """Account for one call of `op`: count it, sleep for injected latency, raise an injected fault."""
-        self._delay(op)
+    def _enter(self, op: str, *, sleep: bool = True) -> None:
+        """Account for one call of `op`: count it, sleep for injected latency (unless not `sleep`: a call
+        the real kernel never lets sleep), raise an injected fault."""
+        if sleep:
+            self._delay(op)
+        else:
+            self.calls[op] += 1
         family = _FAULT_FAMILIES.get(op)
         for f in self._faults:
             if f.op != op and f.op != family:

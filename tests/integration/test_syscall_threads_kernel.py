@@ -14,6 +14,7 @@ import trio
 import asynctc
 from asynctc import programs
 from asynctc.lowlevel import bpf
+from asynctc.lowlevel.kernel import LINUX
 from asynctc.lowlevel.netns import NetnsRunner, current_netns_inode, netns_path
 from asynctc.lowlevel.syscalls import SyscallThreads
 from asynctc.testing import VethPair, ip
@@ -197,6 +198,37 @@ async def test_the_session_stops_its_syscall_threads_when_it_closes(veth: VethPa
         for tid in ours:
             await _wait_thread_gone(tid)
     assert not ours & set(_syscall_thread_ids())
+
+
+async def test_device_names_answer_for_the_namespace_they_were_opened_in(veth: VethPair) -> None:
+    """`LINUX.open_device_names()` made in a thread inside namespace A answers for A from any thread (here
+    the trio thread, which is in the caller's namespace): SIOCGIFINDEX finds alternative names too, and
+    SIOCGIFNAME gives the device's own name."""
+    ip("link", "property", "add", "dev", veth.a, "altname", "names-alt-0", netns=veth.netns_a)
+    runner = NetnsRunner(veth.netns_a, trio.CapacityLimiter(1))
+    in_a = runner.call_in_netns(socket.if_nametoindex, veth.a)
+    names = await runner.run(LINUX.open_device_names)
+    try:
+        assert names.if_nametoindex(veth.a) == in_a
+        assert names.if_nametoindex("names-alt-0") == in_a
+        assert names.if_indextoname(in_a) == veth.a
+        assert names.if_nametoindex("lo") == 1
+        for missing in (veth.b, "nosuchdev", "x" * 16, ""):  # B's device, none, too long, empty
+            with pytest.raises(OSError, match="(?i)no (such )?device") as by_name:
+                names.if_nametoindex(missing)
+            assert by_name.value.errno == errno.ENODEV, missing
+        for absent in (0x7FFFFFF0, 0, -1, 1 << 40):
+            with pytest.raises(OSError, match="no device with ifindex") as by_index:
+                names.if_indextoname(absent)
+            assert by_index.value.errno == errno.ENXIO, absent
+        # from a thread in yet another namespace (B's), still A's answers
+        assert await NetnsRunner(veth.netns_b, trio.CapacityLimiter(1)).run(names.if_nametoindex, veth.a) == in_a
+    finally:
+        names.close()
+        names.close()
+    with pytest.raises(OSError, match="closed") as closed:
+        names.if_nametoindex(veth.a)
+    assert closed.value.errno == errno.EBADF
 
 
 async def test_devices_resolve_in_the_session_namespace(veth: VethPair) -> None:

@@ -169,16 +169,18 @@ _BYPASSES = {
     "pins": {"pin_object", "get_object", "unpin", "pin_over", "rename_over", "read_pinned_value"},
     "os": {"close", "dup", "memfd_create"},
     "socket": {"if_nametoindex", "if_indextoname", "socket"},
+    "fcntl": {"ioctl"},
     "tcpolicy": {"process_alive"},
 }
 
 
-# Helpers that take the kernel and default to the real one: a call must say which (keyword `kernel`, or the
-# argument at this position).
+# Helpers that take the kernel and default to the real one: a call must say which (keyword `kernel`, or
+# `names` for resolve_device's DeviceNames, or the argument at this position).
 _KERNEL_ARGS = {"start_transport": None, "open_transport": None, "open_multicast_socket": None,
                 "open_netlink_event_source": None, "read_record": None, "write_record": None,
                 "rewrite_record": None, "resolve_device": 2, "ProgNameCache": 0}
-_HOST_ONLY = {"DeviceLocks", "PinClaim"}  # the real kernel's locks: `ctx.kernel.device_locks`/`pin_claim`
+# the real kernel's locks (`ctx.kernel.device_locks`/`pin_claim`) and device names (`open_device_names`)
+_HOST_ONLY = {"DeviceLocks", "PinClaim", "SocketDeviceNames"}
 
 
 def kernel_bypasses(tree: ast.Module) -> list[str]:
@@ -186,15 +188,19 @@ def kernel_bypasses(tree: ast.Module) -> list[str]:
     `process_alive(...)`, a helper left to its default kernel (`start_transport(runner)`), the host's own
     locks (`DeviceLocks(...)`)..."""
     bare = {name for names in _BYPASSES.values() for name in names if name not in ("close", "dup", "socket")}
+    # `from m import f as g`: a call of g is a call of f
+    aliases = {a.asname: a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               for a in node.names if a.asname is not None}
     out = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
         f = node.func
-        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+        name = f.attr if isinstance(f, ast.Attribute) else aliases.get(f.id, f.id) if isinstance(f, ast.Name) else ""
         if name in _KERNEL_ARGS:
             pos = _KERNEL_ARGS[name]
-            if not any(k.arg in ("kernel", "calls") for k in node.keywords) and (pos is None or len(node.args) <= pos):
+            said = any(k.arg in ("kernel", "calls", "names") for k in node.keywords)
+            if not said and (pos is None or len(node.args) <= pos):
                 out.append(f"line {node.lineno}: {name}(...) without its kernel")
             continue
         if name in _HOST_ONLY:
@@ -202,7 +208,7 @@ def kernel_bypasses(tree: ast.Module) -> list[str]:
             continue
         if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.attr in _BYPASSES.get(f.value.id, ()):
             out.append(f"line {node.lineno}: {f.value.id}.{f.attr}(...)")
-        elif isinstance(f, ast.Name) and f.id in bare:
+        elif isinstance(f, ast.Name) and name in bare:
             out.append(f"line {node.lineno}: {f.id}(...)")
     return out
 
@@ -211,16 +217,20 @@ def test_kernel_bypasses_are_found() -> None:
     tree = ast.parse("bpf.link_info(fd)\nos.close(fd)\nself.kernel.bpf.link_info(fd)\nprocess_alive(1, 's')\n"
                      "socket.if_indextoname(3)\nk.pins.unpin(p)\npins.unpin(p)\nstart_transport(r)\n"
                      "start_transport(r, kernel=k)\nresolve_device(d, n)\nresolve_device(d, n, k)\n"
-                     "hooklib.ProgNameCache()\nDeviceLocks(1)\n")
+                     "hooklib.ProgNameCache()\nDeviceLocks(1)\nfcntl.ioctl(s, 0x8933, b'')\n"
+                     "from asynctc.lowlevel.netdev import resolve_device as here\nhere(d, n)\nhere(d, n, names)\n"
+                     "kernel.SocketDeviceNames()\nself.ctx.kernel.open_device_names()\n")
     assert kernel_bypasses(tree) == ["line 1: bpf.link_info(...)", "line 2: os.close(...)",
                                      "line 4: process_alive(...)", "line 5: socket.if_indextoname(...)",
                                      "line 7: pins.unpin(...)", "line 8: start_transport(...) without its kernel",
                                      "line 10: resolve_device(...) without its kernel",
-                                     "line 12: ProgNameCache(...) without its kernel", "line 13: DeviceLocks(...)"]
+                                     "line 12: ProgNameCache(...) without its kernel", "line 13: DeviceLocks(...)",
+                                     "line 14: fcntl.ioctl(...)", "line 16: resolve_device(...) without its kernel",
+                                     "line 18: SocketDeviceNames(...)"]
 
 
 @pytest.mark.parametrize("path", KERNEL_BACKENDS, ids=_rel)
 def test_the_real_backends_reach_the_kernel_only_through_ctx_kernel(path: Path) -> None:
     assert kernel_bypasses(ast.parse(path.read_text())) == [], (
         f"{_rel(path)} calls the kernel around its session's kernel: use self.ctx.kernel (bpf, pins, "
-        "if_nametoindex, session_alive...) so that it runs on a MockKernel too")
+        "if_nametoindex, open_device_names, session_alive...) so that it runs on a MockKernel too")

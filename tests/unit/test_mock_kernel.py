@@ -401,3 +401,40 @@ def test_device_names_are_unique() -> None:
 def test_register_program_takes_a_program(kernel: MockKernel, what: object) -> None:
     with pytest.raises(TypeError, match=r"asynctc\.Program"):
         kernel.register_program(what)  # type: ignore[arg-type]
+
+
+def test_device_names_answer_from_the_device_table_without_sleeping(kernel: MockKernel) -> None:
+    """`open_device_names` (the real kernel's SIOCGIF* ioctls on a socket of the namespace): the device table
+    as it is at each call, counted and faulted as "dev_get", never sleeping injected latency (the real
+    ioctls never sleep, and they are made on the trio thread); closed, it answers nothing (EBADF)."""
+    names = kernel.open_device_names()
+    assert (names.if_nametoindex("eth0"), names.if_indextoname(2)) == (2, "eth0")
+    kernel.add_device("late0")
+    ifindex = names.if_nametoindex("late0")
+    assert names.if_indextoname(ifindex) == "late0"
+    kernel.remove_device("late0")
+    with pytest.raises(OSError, match="no device named 'late0'") as by_name:
+        names.if_nametoindex("late0")
+    assert by_name.value.errno == errno.ENODEV
+    with pytest.raises(OSError, match="no device with ifindex") as by_index:
+        names.if_indextoname(ifindex)
+    assert by_index.value.errno == errno.ENXIO
+    before = kernel.calls["dev_get"]
+    kernel.set_latency(0.5)
+    kernel.set_latency(0.5, "dev_get")
+    t0 = time.monotonic()
+    assert names.if_nametoindex("veth0") == 3
+    assert time.monotonic() - t0 < 0.25  # the latency is not slept
+    kernel.set_latency(0)
+    kernel.set_latency(0, "dev_get")
+    assert kernel.calls["dev_get"] == before + 1
+    kernel.inject_fault("dev_get", errno.EIO)
+    with pytest.raises(OSError, match="injected fault") as faulted:
+        names.if_indextoname(1)
+    assert faulted.value.errno == errno.EIO
+    names.close()
+    names.close()  # idempotent
+    with pytest.raises(OSError, match="closed") as closed:
+        names.if_nametoindex("eth0")
+    assert closed.value.errno == errno.EBADF
+    assert kernel.if_nametoindex("eth0") == 2  # the kernel's own lookups are another way in

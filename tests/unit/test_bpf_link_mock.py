@@ -1,0 +1,92 @@
+"""The bpf_link backend's own choices, on a MockKernel: devices looked up on the trio thread (no syscall
+thread is waited for), and what it opens and closes with the session."""
+
+from __future__ import annotations
+
+import errno
+import uuid
+
+import pytest
+import trio
+
+import asynctc
+from asynctc.backend import BackendContext
+from asynctc.lowlevel import transport
+from asynctc.lowlevel.kernel import BoundDeviceNames
+from asynctc.lowlevel.netns import NetnsRunner
+from asynctc_bpf_link import BpfLinkBackend
+from asynctc_mock import MockKernel
+
+
+def _context(kernel: MockKernel) -> BackendContext:
+    return BackendContext(runner=NetnsRunner(None, trio.CapacityLimiter(2)), netns=None, owner="test",
+                          session_tag=f"test:{uuid.uuid4().hex}", kernel=kernel)
+
+
+async def test_devices_resolve_while_every_syscall_thread_is_busy() -> None:
+    """resolve_device waits for no thread: with every syscall thread of the session blocked in a slow
+    BPF_LINK_CREATE and more attaches queued behind them, a device still resolves at once."""
+    kernel = MockKernel(devices=("lo", "mockdev0", "mockdev1", "mockdev2"))
+    kernel.add_device("uplink0")
+    async with asynctc.open_session("bpf_link", kernel=kernel, max_workers=2) as s:
+        kernel.set_latency(1.0, "link_create")
+        async with trio.open_nursery() as nursery:
+            for dev in ("mockdev0", "mockdev1", "mockdev2"):
+                nursery.start_soon(s.attach, dev, "ingress", kernel.program())
+            for _ in range(500):  # until every syscall thread is in a link_create (or queued in the kernel)
+                if kernel.calls["link_create"] >= 3:
+                    break
+                await trio.sleep(0.01)
+            assert kernel.calls["link_create"] >= 3
+            t0 = trio.current_time()
+            assert await s.resolve_device("uplink0") == (5, "uplink0")
+            assert await s.resolve_device(5) == (5, "uplink0")
+            with pytest.raises(asynctc.DeviceNotFound, match="no device named 'nosuch0'") as exc:
+                await s.resolve_device("nosuch0")
+            assert exc.value.errno == errno.ENODEV
+            with pytest.raises(asynctc.DeviceNotFound, match="no device with ifindex 99"):
+                await s.resolve_device(99)
+            assert trio.current_time() - t0 < 0.5  # a link_create takes 1 s: no lookup waited for one
+        kernel.set_latency(0, "link_create")
+        assert len(s.attachments) == 3
+
+
+async def test_the_device_names_live_as_long_as_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """open() opens the device names in the session's namespace (through the runner), aclose() closes them
+    (twice is fine), and a closed backend says so as for every other call. An open() that fails half way
+    closes what it opened."""
+    kernel = MockKernel()
+    opened: list[BoundDeviceNames] = []
+    real_open = kernel.open_device_names
+
+    def recording() -> BoundDeviceNames:
+        opened.append(real_open())
+        return opened[-1]
+
+    monkeypatch.setattr(kernel, "open_device_names", recording)
+    backend = BpfLinkBackend(_context(kernel))
+    await backend.open()
+    assert await backend.resolve_device("eth0") == (2, "eth0")
+    assert len(opened) == 1
+    await backend.aclose()
+    await backend.aclose()
+    with pytest.raises(OSError, match="closed") as closed:
+        opened[0].if_nametoindex("eth0")
+    assert closed.value.errno == errno.EBADF
+    with pytest.raises(asynctc.TCError, match=r"the bpf_link backend is closed \(its session has ended\)"):
+        await backend.resolve_device("eth0")
+
+    async def no_transport(*args: object, **kwargs: object) -> transport.NetlinkTransport:
+        raise OSError(errno.EMFILE, "no transport for this test")
+
+    monkeypatch.setattr(transport, "start_transport", no_transport)
+    half = BpfLinkBackend(_context(kernel))
+    with pytest.raises(OSError, match="no transport for this test"):
+        await half.open()
+    assert len(opened) == 2
+    with pytest.raises(OSError, match="closed") as closed:
+        opened[1].if_indextoname(1)
+    assert closed.value.errno == errno.EBADF
+    with pytest.raises(asynctc.TCError, match="the bpf_link backend is closed"):
+        await half.resolve_device("eth0")
+    await half.aclose()
