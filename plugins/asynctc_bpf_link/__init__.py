@@ -18,9 +18,10 @@ device lookup cannot (SIOCGIFINDEX / SIOCGIFNAME on a socket of the session's na
 backend: `Kernel.open_device_names`) and is made on the trio thread. A cycle makes the calls it needs and no
 more, in two thread round trips: resolve_device = the ioctls, on the trio thread; attach = BPF_LINK_CREATE +
 one link info read (the link id; for tcx it can only be read through BPF_OBJ_GET_INFO_BY_FD, which takes
-rtnl); detach = a link info read (a severed link has ifindex 0: detach() then returns False, and
-BPF_LINK_DETACH could not tell) + BPF_LINK_DETACH (closing our fd detaches only if nobody else holds the
-link: a pin, a forked child, a tool holding it by id) + close().
+rtnl); detach = one SIOCGIFNAME in the thread (the device still there under its ifindex and name: the
+link was not severed; only if it is not, a link info read decides, as a severed link has ifindex 0:
+detach() then returns False, and BPF_LINK_DETACH could not tell) + BPF_LINK_DETACH (closing our fd detaches
+only if nobody else holds the link: a pin, a forked child, a tool holding it by id) + close().
 """
 
 from __future__ import annotations
@@ -256,11 +257,21 @@ def _finish_interrupted_update(k: Kernel, path: str) -> None:
     k.pins.rename_over(path, NEXT_SUFFIX)
 
 
-def _detach_and_close(k: Kernel, fd: int) -> bool:
-    """Detach a link and close its fd; False if the kernel had already severed it (ifindex 0)."""
+def _detach_and_close(k: Kernel, fd: int, ifindex: int, dev: str) -> bool:
+    """Detach a link attached to device `ifindex` (named `dev` when it was attached) and close its fd; False
+    if the kernel had already severed it (its device was deleted). Run in a thread inside the namespace.
+
+    Whether it was severed is first asked without rtnl (the link info read takes it, and BPF_LINK_DETACH
+    succeeds on a severed link, so it cannot tell): the device still in the namespace under its ifindex
+    and name (one SIOCGIFNAME) means that the link was not severed, since the kernel severs a link only when
+    its device goes. Otherwise (deleted, renamed, or moved to another namespace, where a tcx link stays
+    attached) the link info decides: ifindex 0 there means severed. The fd is closed on every path."""
     try:
-        info = k.bpf.link_info(fd)
-        if info.ifindex == 0:
+        try:
+            here = k.if_indextoname(ifindex) == dev
+        except OSError:
+            here = False
+        if not here and k.bpf.link_info(fd).ifindex == 0:
             return False
         k.bpf.link_detach(fd)
         return True
@@ -422,7 +433,8 @@ class BpfLinkBackend(Backend[LinkAttachment]):
         if fd is None:
             return False
         try:
-            return await self._syscalls().run(_detach_and_close, self.kernel, fd, must_run=True)
+            return await self._syscalls().run(_detach_and_close, self.kernel, fd, att.info.ifindex, att.info.dev,
+                                              must_run=True)
         except bpf.BpfError as exc:
             if exc.errno == _errno.ENOLINK:
                 return False
@@ -540,7 +552,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                     if moved:
                         _pin_over(self.kernel, old_fd, pinned)  # type: ignore[arg-type]
                 finally:
-                    _detach_and_close(self.kernel, fd)
+                    _detach_and_close(self.kernel, fd, ifindex, att.info.dev)
                 raise
             # Committed: the new link is the attachment. Nothing from here on may raise (the caller would
             # say "rolled back" and keep a closed fd): the record and the revision are written and read

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from _children import CHILD_TIMEOUT, stop
 import asynctc
 from asynctc import After, Before, Direction, First, Last, programs
 from asynctc.lowlevel import bpf
+from asynctc.lowlevel.netns import NetnsRunner
 from asynctc.testing import VethPair, ip, run_without_capabilities, send_frames
 
 pytestmark = pytest.mark.kernel
@@ -244,6 +246,47 @@ async def test_namespace_deletion_severs(netns: str) -> None:
             await att.detach()
     finally:
         delete_netns(doomed)
+
+
+def _tcx_ingress_count(netns: str, dev: str) -> tuple[int, int]:
+    """(ifindex, number of tcx ingress programs) of `dev` as a thread inside `netns` sees them."""
+
+    def count() -> tuple[int, int]:
+        ifindex = socket.if_nametoindex(dev)
+        return ifindex, len(bpf.prog_query(ifindex, bpf.BPF_TCX_INGRESS).prog_ids)
+
+    return NetnsRunner(netns, trio.CapacityLimiter(1)).call_in_netns(count)
+
+
+async def test_a_link_whose_device_moved_to_another_namespace_is_detached(veth: VethPair) -> None:
+    """A tcx link stays attached to a device moved to another namespace: gone from the session's namespace
+    is no proof of a severed link. detach() detaches it (and says so: DETACHED, not SEVERED), leaving
+    nothing on the device in its new namespace."""
+    async with asynctc.open_session("bpf_link", netns=veth.netns_a) as s:
+        with trio.fail_after(30):
+            att = await s.attach(veth.a, "ingress", programs.constant("pass"))
+            ip("link", "set", "dev", veth.a, "netns", veth.netns_b, netns=veth.netns_a)
+            with pytest.raises(asynctc.DeviceNotFound):
+                await s.resolve_device(veth.a)
+            assert _tcx_ingress_count(veth.netns_b, veth.a)[1] == 1  # still attached, over there
+            await att.detach()
+            assert att.state is asynctc.State.DETACHED
+            assert _tcx_ingress_count(veth.netns_b, veth.a)[1] == 0
+            assert s.attachments == ()
+
+
+async def test_a_link_whose_device_was_renamed_is_detached(veth: VethPair) -> None:
+    """A renamed device is not the name the link was attached under: the link info decides, and the link,
+    still attached, is detached (DETACHED)."""
+    async with asynctc.open_session("bpf_link", netns=veth.netns_a) as s:
+        with trio.fail_after(30):
+            att = await s.attach(veth.a, "ingress", programs.constant("pass"))
+            ip("link", "set", "dev", veth.a, "down", netns=veth.netns_a)
+            ip("link", "set", "dev", veth.a, "name", "renamed0", netns=veth.netns_a)
+            assert await s.resolve_device(att.info.ifindex) == (att.info.ifindex, "renamed0")
+            await att.detach()
+            assert att.state is asynctc.State.DETACHED
+            assert _tcx_ingress_count(veth.netns_a, "renamed0") == (att.info.ifindex, 0)
 
 
 async def test_pin_survives_the_session_and_is_adopted(veth: VethPair, bpffs: str) -> None:

@@ -1,5 +1,6 @@
 """The bpf_link backend's own choices, on a MockKernel: devices looked up on the trio thread (no syscall
-thread is waited for), and what it opens and closes with the session."""
+thread is waited for), what it opens and closes with the session, and a detach that asks the device, not
+the link (no rtnl), whether the kernel severed the link."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import pytest
 import trio
 
 import asynctc
-from asynctc.backend import BackendContext
+from asynctc import Direction
+from asynctc.backend import AttachRequest, BackendContext, Placement
 from asynctc.lowlevel import transport
 from asynctc.lowlevel.kernel import BoundDeviceNames
 from asynctc.lowlevel.netns import NetnsRunner
-from asynctc_bpf_link import BpfLinkBackend
+from asynctc_bpf_link import BpfLinkBackend, LinkAttachment
 from asynctc_mock import MockKernel
 
 
@@ -90,3 +92,57 @@ async def test_the_device_names_live_as_long_as_the_backend(monkeypatch: pytest.
     with pytest.raises(asynctc.TCError, match="the bpf_link backend is closed"):
         await half.resolve_device("eth0")
     await half.aclose()
+
+
+async def _attached(backend: BpfLinkBackend, kernel: MockKernel, dev: str) -> LinkAttachment:
+    ifindex, name = await backend.resolve_device(dev)
+    return await backend.attach(AttachRequest(dev=name, ifindex=ifindex, direction=Direction.INGRESS,
+                                              program=kernel.program(), placement=Placement("last"),
+                                              expected_revision=None, offload="never"))
+
+
+async def test_detach_asks_the_device_not_the_link() -> None:
+    """A detach whose device is still there (same ifindex, same name) takes no rtnl to find out whether the
+    kernel severed the link: one device lookup, no link info read; then BPF_LINK_DETACH and close."""
+    kernel = MockKernel()
+    backend = BpfLinkBackend(_context(kernel))
+    await backend.open()
+    try:
+        att = await _attached(backend, kernel, "veth0")
+        reads, lookups = kernel.calls["link_info"], kernel.calls["dev_get"]
+        assert await backend.detach(att) is True
+        assert (kernel.calls["link_info"], kernel.calls["dev_get"]) == (reads, lookups + 1)
+        assert kernel.calls["link_detach"] == 1
+        assert kernel.links() == () and kernel.hook("veth0", Direction.INGRESS).entries == ()
+        assert await backend.detach(att) is False  # idempotent: the fd is gone
+    finally:
+        await backend.aclose()
+
+
+async def test_detach_of_a_link_whose_device_was_deleted() -> None:
+    """The device gone from the namespace: the link info decides (the kernel severed the link, ifindex 0)
+    and detach() says False; the fd is closed all the same, also when the read fails."""
+    kernel = MockKernel(devices=("lo", "eth0"))
+    kernel.add_device("tmp0")
+    backend = BpfLinkBackend(_context(kernel))
+    await backend.open()
+    try:
+        att = await _attached(backend, kernel, "tmp0")
+        kernel.remove_device("tmp0")
+        reads = kernel.calls["link_info"]
+        assert await backend.detach(att) is False
+        assert kernel.calls["link_info"] == reads + 1
+        assert kernel.calls["link_detach"] == 0
+        assert kernel.links() == ()  # the fd was closed: the kernel dropped the link
+
+        # the same, and the read of the link info fails: the error is reported, the fd closed anyway
+        kernel.add_device("tmp1")
+        att = await _attached(backend, kernel, "tmp1")
+        kernel.remove_device("tmp1")
+        kernel.inject_fault("link_info", errno.EIO)
+        with pytest.raises(asynctc.TCError, match="EIO"):
+            await backend.detach(att)
+        assert kernel.links() == ()
+
+    finally:
+        await backend.aclose()

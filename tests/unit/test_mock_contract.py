@@ -504,7 +504,7 @@ async def test_a_failed_detach_still_releases_the_link(kernel: MockKernel, sessi
     import errno
 
     att = await session.attach("eth0", IN, kernel.program())
-    kernel.inject_fault("link_info", errno.EIO)
+    kernel.inject_fault("link_detach", errno.EIO)
     with pytest.raises(asynctc.TCError, match="EIO"):
         await att.detach()
     assert kernel.links() == ()
