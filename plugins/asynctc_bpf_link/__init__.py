@@ -107,10 +107,7 @@ def _resolve_device(names: DeviceNames, dev: str | int, netns: str | None) -> tu
     name); DeviceNotFound otherwise."""
     if isinstance(dev, int) and not isinstance(dev, bool) and dev > 0xFFFFFFFF:
         raise DeviceNotFound(f"no device with ifindex {dev}: an ifindex is a 32-bit number", errno=_errno.ENODEV)
-    ifindex, name = resolve_device_here(dev, netns, names)
-    if isinstance(dev, int):
-        return ifindex, name
-    return resolve_device_here(ifindex, netns, names)
+    return resolve_device_here(dev, netns, names)
 
 
 def _close_created(k: Kernel, created: tuple[int, bpf.LinkInfo]) -> None:

@@ -84,9 +84,9 @@ from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendCo
 from asynctc.lowlevel import bpf, codec
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel.devlock import DeviceLocking
-from asynctc.lowlevel.kernel import Kernel
+from asynctc.lowlevel.kernel import BoundDeviceNames, Kernel
 from asynctc.lowlevel.locks import held
-from asynctc.lowlevel.netdev import resolve_device, resolve_device_nl
+from asynctc.lowlevel.netdev import resolve_device
 from asynctc.lowlevel.netns import current_netns_inode
 from asynctc.lowlevel.tcpolicy import (
     AUTO_PRIORITY_ATTEMPTS,
@@ -184,6 +184,7 @@ class NetlinkBackend(Backend[FilterAttachment]):
         self._names = hooklib.ProgNameCache(self.kernel.bpf)
         self._locks: defaultdict[int, trio.Lock] = defaultdict(trio.Lock)  # per ifindex
         self._devlocks: DeviceLocking | None = None  # shared with every asynctc process (open())
+        self._devnames: BoundDeviceNames | None = None  # the namespace's device names (open())
         self._created: set[int] = set()  # ifindexes whose clsact qdisc this instance created
         self._held: dict[int, int] = {}  # ifindex -> how many filters this instance holds there
 
@@ -215,15 +216,36 @@ class NetlinkBackend(Backend[FilterAttachment]):
         return Probe(True, f"rtnetlink with CAP_NET_ADMIN: clsact + cls_bpf filters{note}")
 
     async def open(self) -> None:
-        """Open the rtnetlink transport (its I/O thread starts with the first request)."""
-        if self._nl is None:
-            ino = self.ctx.runner.ns_inode or os.stat("/proc/self/ns/net").st_ino
-            try:
-                self._devlocks = self.kernel.device_locks(ino)
-            except OSError as exc:
-                raise BackendUnavailable(f"the netlink backend cannot create its device locks: {exc}; they "
-                                         "keep asynctc processes from deleting each other's filters") from None
+        """Open the device locks, the device names of the session's namespace (`Kernel.open_device_names`,
+        made inside it: `resolve_device` then asks them on the trio thread) and the rtnetlink transport
+        (its I/O thread starts with the first request). What was opened is closed again if a later step
+        fails."""
+        if self._nl is not None:
+            return
+        ino = self.ctx.runner.ns_inode or os.stat("/proc/self/ns/net").st_ino
+        try:
+            self._devlocks = self.kernel.device_locks(ino)
+        except OSError as exc:
+            raise BackendUnavailable(f"the netlink backend cannot create its device locks: {exc}; they "
+                                     "keep asynctc processes from deleting each other's filters") from None
+        try:
+            if self._devnames is None:
+                self._devnames = await self.ctx.runner.run(self.kernel.open_device_names)
             self._nl = await start_transport(self.ctx.runner, kernel=self.kernel)
+        except BaseException:
+            self._close_local()
+            raise
+
+    def _close_local(self) -> None:
+        """Close the device names and the device locks (idempotent)."""
+        names, self._devnames = self._devnames, None
+        locks, self._devlocks = self._devlocks, None
+        try:
+            if names is not None:
+                names.close()
+        finally:
+            if locks is not None:
+                locks.close()
 
     async def aclose(self) -> None:
         """Delete the empty clsact qdiscs this instance created that an earlier cleanup could not, then
@@ -241,9 +263,10 @@ class NetlinkBackend(Backend[FilterAttachment]):
                     failures.append(f"ifindex {ifindex}: {exc}")
         finally:
             self._nl = None
-            await nl.aclose()
-            if self._devlocks is not None:
-                self._devlocks.close()
+            try:
+                await nl.aclose()
+            finally:
+                self._close_local()
         if failures:
             raise TCError("the netlink backend could not delete clsact qdiscs it created: " + "; ".join(failures))
 
@@ -265,8 +288,13 @@ class NetlinkBackend(Backend[FilterAttachment]):
             return await self._transport().dump(build, op=op)
 
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
-        with translated(Op.LINK_GET, backend=self.name, dev=dev):
-            return await resolve_device_nl(self._transport(), dev, self.ctx.netns)
+        """(ifindex, the device's own name), asked on the trio thread of the device names opened in the
+        session's namespace (SIOCGIFINDEX / SIOCGIFNAME: no rtnl, never blocking, no thread waited for).
+        Never blocks, and never yields to other tasks either."""
+        names = self._devnames
+        if names is None:
+            raise TCError("the netlink backend is closed (its session has ended)")
+        return resolve_device(dev, self.ctx.netns, names)
 
     @asynccontextmanager
     async def _device(self, ifindex: int, dev: str | int) -> AsyncIterator[None]:

@@ -82,6 +82,27 @@ async def test_probe_says_available(netns: str) -> None:
         assert "CAP_NET_ADMIN" in probe.reason
 
 
+async def test_devices_resolve_in_the_session_namespace(veth: VethPair) -> None:
+    """Devices are resolved in the session's namespace (by the device names opened there, on the trio
+    thread): an alternative name gives the device's own name, an ifindex its name, and what is not there
+    (the peer's device, in the other namespace) a clear DeviceNotFound."""
+    ip("link", "property", "add", "dev", veth.a, "altname", "nl-alt-0", netns=veth.netns_a)
+    async with asynctc.open_session("netlink", netns=veth.netns_a) as s:
+        with trio.fail_after(30):
+            ifindex, name = await s.resolve_device("nl-alt-0")
+            assert name == veth.a
+            assert await s.resolve_device(ifindex) == (ifindex, veth.a)
+            att = await s.attach("nl-alt-0", "ingress", programs.constant("pass"))
+            assert (att.info.dev, att.info.ifindex) == (veth.a, ifindex)
+            for missing in (veth.b, "nosuchdev", 0x7FFFFFF0):
+                with pytest.raises(asynctc.DeviceNotFound) as exc:
+                    await s.resolve_device(missing)
+                assert exc.value.errno == errno.ENODEV
+                assert repr(veth.netns_a) in str(exc.value)
+    with pytest.raises(asynctc.TCError, match="closed"):
+        await s.resolve_device(veth.a)
+
+
 async def test_attach_query_update_detach_with_packets(veth: VethPair) -> None:
     ns = veth.netns_a
     async with asynctc.open_session("netlink", netns=ns) as s:

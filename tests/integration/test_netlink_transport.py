@@ -27,7 +27,6 @@ from asynctc._errors import AlreadyAttached, DeviceNotFound, OffloadError, Op, S
 from asynctc.lowlevel import bpf
 from asynctc.lowlevel import codec as c
 from asynctc.lowlevel.multicast import EventsLost, MulticastSocket, open_multicast_socket
-from asynctc.lowlevel.netdev import resolve_device, resolve_device_nl
 from asynctc.lowlevel.netns import NetnsRunner
 from asynctc.lowlevel.transport import NetlinkError, NetlinkTransport, RequestBuilder, open_transport
 
@@ -548,30 +547,6 @@ async def test_answers_are_handed_over_ki_protected(nl: NetlinkTransport, nl_net
     monkeypatch.setattr(nl, "_deliver", spy)
     await nl.request(lambda seq: c.encode_qdisc_add_clsact(seq, nl_netns.veth0), op="qdisc_add")
     assert protected and all(protected)
-
-
-async def test_devices_resolve_over_the_transport(nl: NetlinkTransport, nl_netns: NlNetns) -> None:
-    """netdev.resolve_device_nl: one RTM_GETLINK by name (alternative names too) or by ifindex, and the
-    same clear DeviceNotFound as the in-thread resolver for what is not there or cannot be a device."""
-    where = f"network namespace {nl_netns.name!r}"
-    assert await resolve_device_nl(nl, "veth0", nl_netns.name) == (nl_netns.veth0, "veth0")
-    assert await resolve_device_nl(nl, nl_netns.veth1, nl_netns.name) == (nl_netns.veth1, "veth1")
-    nl_netns.ip("link", "property", "add", "dev", "veth0", "altname", "uplink-long-0")
-    assert await resolve_device_nl(nl, "uplink-long-0", nl_netns.name) == (nl_netns.veth0, "veth0")
-    with pytest.raises(DeviceNotFound, match=f"no device named 'nope0' in {where}"):
-        await resolve_device_nl(nl, "nope0", nl_netns.name)
-    with pytest.raises(DeviceNotFound, match=f"no device with ifindex 999 in {where}"):
-        await resolve_device_nl(nl, 999, nl_netns.name)
-    # rejected before asking the kernel
-    with pytest.raises(DeviceNotFound, match="not a valid device name"):
-        await resolve_device_nl(nl, "x" * 16, nl_netns.name)
-    with pytest.raises(DeviceNotFound, match="must be positive"):
-        await resolve_device_nl(nl, 0, nl_netns.name)
-    with pytest.raises(TypeError, match="device name or an ifindex"):
-        await resolve_device_nl(nl, True, nl_netns.name)
-    # the in-thread resolver agrees
-    assert await nl.runner.run(resolve_device, "veth1", nl_netns.name) == (nl_netns.veth1, "veth1")
-    assert nl.in_flight == 0
 
 
 async def test_transports_that_end_leave_no_fd_behind(runner: NetnsRunner, nl_netns: NlNetns) -> None:

@@ -15,6 +15,7 @@ import asynctc
 from asynctc import programs
 from asynctc.lowlevel import bpf
 from asynctc.lowlevel.kernel import LINUX
+from asynctc.lowlevel.netdev import resolve_device
 from asynctc.lowlevel.netns import NetnsRunner, current_netns_inode, netns_path
 from asynctc.lowlevel.syscalls import SyscallThreads
 from asynctc.testing import VethPair, ip
@@ -203,7 +204,7 @@ async def test_the_session_stops_its_syscall_threads_when_it_closes(veth: VethPa
 async def test_device_names_answer_for_the_namespace_they_were_opened_in(veth: VethPair) -> None:
     """`LINUX.open_device_names()` made in a thread inside namespace A answers for A from any thread (here
     the trio thread, which is in the caller's namespace): SIOCGIFINDEX finds alternative names too, and
-    SIOCGIFNAME gives the device's own name."""
+    SIOCGIFNAME gives the device's own name, which `netdev.resolve_device` returns."""
     ip("link", "property", "add", "dev", veth.a, "altname", "names-alt-0", netns=veth.netns_a)
     runner = NetnsRunner(veth.netns_a, trio.CapacityLimiter(1))
     in_a = runner.call_in_netns(socket.if_nametoindex, veth.a)
@@ -223,6 +224,22 @@ async def test_device_names_answer_for_the_namespace_they_were_opened_in(veth: V
             assert by_index.value.errno == errno.ENXIO, absent
         # from a thread in yet another namespace (B's), still A's answers
         assert await NetnsRunner(veth.netns_b, trio.CapacityLimiter(1)).run(names.if_nametoindex, veth.a) == in_a
+        # netdev.resolve_device on them: the own name, and the clear DeviceNotFound of every resolver
+        where = f"network namespace {veth.netns_a!r}"
+        assert resolve_device("names-alt-0", veth.netns_a, names) == (in_a, veth.a)
+        assert resolve_device(in_a, veth.netns_a, names) == (in_a, veth.a)
+        with pytest.raises(asynctc.DeviceNotFound, match=f"no device named {veth.b!r} in {where}"):
+            resolve_device(veth.b, veth.netns_a, names)
+        with pytest.raises(asynctc.DeviceNotFound, match=f"no device with ifindex 999 in {where}"):
+            resolve_device(999, veth.netns_a, names)
+        with pytest.raises(asynctc.DeviceNotFound, match="not a valid device name"):
+            resolve_device("x" * 16, veth.netns_a, names)
+        with pytest.raises(asynctc.DeviceNotFound, match="must be positive"):
+            resolve_device(0, veth.netns_a, names)
+        with pytest.raises(TypeError, match="device name or an ifindex"):
+            resolve_device(True, veth.netns_a, names)
+        # the kernel itself, in a thread inside the namespace, agrees
+        assert await runner.run(resolve_device, "names-alt-0", veth.netns_a, LINUX) == (in_a, veth.a)
     finally:
         names.close()
         names.close()

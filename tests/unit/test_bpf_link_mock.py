@@ -1,6 +1,6 @@
 """The bpf_link backend's own choices, on a MockKernel: devices looked up on the trio thread (no syscall
-thread is waited for), what it opens and closes with the session, and a detach that asks the device, not
-the link (no rtnl), whether the kernel severed the link."""
+thread is waited for), what it opens and closes with the session (the netlink backend's device names
+too), and a detach that asks the device, not the link (no rtnl), whether the kernel severed the link."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import trio
 
 import asynctc
+import asynctc_netlink._backend as netlink_backend_module
 from asynctc import Direction
 from asynctc.backend import AttachRequest, BackendContext, Placement
 from asynctc.lowlevel import transport
@@ -18,6 +19,7 @@ from asynctc.lowlevel.kernel import BoundDeviceNames
 from asynctc.lowlevel.netns import NetnsRunner
 from asynctc_bpf_link import BpfLinkBackend, LinkAttachment
 from asynctc_mock import MockKernel
+from asynctc_netlink import NetlinkBackend
 
 
 def _context(kernel: MockKernel) -> BackendContext:
@@ -53,10 +55,13 @@ async def test_devices_resolve_while_every_syscall_thread_is_busy() -> None:
         assert len(s.attachments) == 3
 
 
-async def test_the_device_names_live_as_long_as_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("backend_class", [BpfLinkBackend, NetlinkBackend], ids=["bpf_link", "netlink"])
+async def test_the_device_names_live_as_long_as_the_backend(
+    monkeypatch: pytest.MonkeyPatch, backend_class: type[BpfLinkBackend | NetlinkBackend]
+) -> None:
     """open() opens the device names in the session's namespace (through the runner), aclose() closes them
     (twice is fine), and a closed backend says so as for every other call. An open() that fails half way
-    closes what it opened."""
+    closes what it opened. No device lookup is an rtnetlink request."""
     kernel = MockKernel()
     opened: list[BoundDeviceNames] = []
     real_open = kernel.open_device_names
@@ -66,30 +71,36 @@ async def test_the_device_names_live_as_long_as_the_backend(monkeypatch: pytest.
         return opened[-1]
 
     monkeypatch.setattr(kernel, "open_device_names", recording)
-    backend = BpfLinkBackend(_context(kernel))
+    backend = backend_class(_context(kernel))
+    closed_message = f"the {backend.name} backend is closed \\(its session has ended\\)"
     await backend.open()
     assert await backend.resolve_device("eth0") == (2, "eth0")
+    assert await backend.resolve_device(3) == (3, "veth0")
+    with pytest.raises(asynctc.DeviceNotFound, match="no device named 'nosuch0' in the caller's network namespace"):
+        await backend.resolve_device("nosuch0")
     assert len(opened) == 1
+    assert kernel.calls["link_get"] == 0
     await backend.aclose()
     await backend.aclose()
     with pytest.raises(OSError, match="closed") as closed:
         opened[0].if_nametoindex("eth0")
     assert closed.value.errno == errno.EBADF
-    with pytest.raises(asynctc.TCError, match=r"the bpf_link backend is closed \(its session has ended\)"):
+    with pytest.raises(asynctc.TCError, match=closed_message):
         await backend.resolve_device("eth0")
 
     async def no_transport(*args: object, **kwargs: object) -> transport.NetlinkTransport:
         raise OSError(errno.EMFILE, "no transport for this test")
 
     monkeypatch.setattr(transport, "start_transport", no_transport)
-    half = BpfLinkBackend(_context(kernel))
+    monkeypatch.setattr(netlink_backend_module, "start_transport", no_transport)
+    half = backend_class(_context(kernel))
     with pytest.raises(OSError, match="no transport for this test"):
         await half.open()
     assert len(opened) == 2
     with pytest.raises(OSError, match="closed") as closed:
         opened[1].if_indextoname(1)
     assert closed.value.errno == errno.EBADF
-    with pytest.raises(asynctc.TCError, match="the bpf_link backend is closed"):
+    with pytest.raises(asynctc.TCError, match=closed_message):
         await half.resolve_device("eth0")
     await half.aclose()
 
