@@ -36,7 +36,7 @@ from ._program import Program
 from ._registry import AttachmentRecord, Registry
 from ._types import OFFLOAD_MODES, Direction, Hook, HookEntry, Last, Offload, Position, Probe
 from ._watcher import Watcher
-from .backend import AttachRequest, Backend, BackendContext
+from .backend import ATOMIC, AttachRequest, Backend, BackendContext
 from .lowlevel.devlock import Claim, PinClaim
 from .lowlevel.kernel import LINUX, Kernel
 from .lowlevel.netdev import check_dev
@@ -250,14 +250,18 @@ class Session:
         registry = self._registry
         registry.begin_attach(ifindex)
         try:
-            with trio.CancelScope(shield=True):
-                handle = await be.attach(request)
-                if self._lifecycle.closed:
-                    # The session closed while the kernel attached (its cleanup could not see this one yet):
-                    # nothing may outlive it unowned.
+            if getattr(be.attach, ATOMIC, False):
+                handle = await be.attach(request)  # completes once called: no shield needed (backend.atomic)
+            else:
+                with trio.CancelScope(shield=True):
+                    handle = await be.attach(request)
+            if self._lifecycle.closed:
+                # The session closed while the kernel attached (its cleanup could not see this one yet):
+                # nothing may outlive it unowned.
+                with trio.CancelScope(shield=True):
                     await be.detach(handle)
-                    raise TCError("this session closed while the attach was under way; the program was "
-                                  "detached again. Open a new session with asynctc.open_session()")
+                raise TCError("this session closed while the attach was under way; the program was detached "
+                              "again. Open a new session with asynctc.open_session()")
         finally:
             registry.end_attach(ifindex)
         # No checkpoint from here to the return: the attachment is registered before any cancellation

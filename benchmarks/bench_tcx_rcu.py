@@ -48,7 +48,7 @@ import trio
 
 import asynctc
 from asynctc import AttachmentInfo
-from asynctc.backend import AttachRequest, BackendAttachment
+from asynctc.backend import AttachRequest, BackendAttachment, atomic
 from asynctc.lowlevel import bpf
 from asynctc.lowlevel.kernel import LINUX
 from asynctc.lowlevel.netns import NetnsRunner, netns_path
@@ -154,8 +154,9 @@ class CoreOnlyBackend(BpfLinkBackend):
         await trio.lowlevel.checkpoint()
         return (dev, f"if{dev}") if isinstance(dev, int) else (1 + int(dev.lstrip("bv") or 0), dev)
 
+    @atomic  # its one checkpoint cannot be cancelled, as bpf_link's one kernel call
     async def attach(self, request: AttachRequest) -> LinkAttachment:
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.cancel_shielded_checkpoint()
         return LinkAttachment(-1, AttachmentInfo(
             backend=self.name, netns=self.ctx.netns, dev=request.dev, ifindex=request.ifindex,
             direction=request.direction, prog_id=request.program.id, link_id=1, handle=None, priority=None,

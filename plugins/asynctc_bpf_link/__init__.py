@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno as _errno
-import functools
 import logging
 import struct
 from contextlib import AbstractAsyncContextManager
@@ -53,7 +52,7 @@ from asynctc import (
     from_errno,
     translated,
 )
-from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource, Updated
+from asynctc.backend import AttachRequest, Backend, BackendAttachment, BackendContext, EventSource, Updated, atomic
 from asynctc.lowlevel import bpf
 from asynctc.lowlevel import hook as hooklib
 from asynctc.lowlevel import transport as nllib
@@ -108,12 +107,6 @@ def _resolve_device(names: DeviceNames, dev: str | int, netns: str | None) -> tu
     if isinstance(dev, int) and not isinstance(dev, bool) and dev > 0xFFFFFFFF:
         raise DeviceNotFound(f"no device with ifindex {dev}: an ifindex is a 32-bit number", errno=_errno.ENODEV)
     return resolve_device_here(dev, netns, names)
-
-
-def _close_created(k: Kernel, created: tuple[int, bpf.LinkInfo]) -> None:
-    """Close the fd of a link made for an attach whose caller was cancelled meanwhile (it is unpinned and
-    ours alone: closing it detaches it)."""
-    k.bpf.close(created[0])
 
 
 def _pin_over(k: Kernel, fd: int, path: str) -> None:
@@ -362,7 +355,11 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                           program=program, detail=exc.log or None)
 
     # -- attach --------------------------------------------------------------------------------------
+    @atomic
     async def attach(self, request: AttachRequest) -> LinkAttachment:
+        """One kernel call (BPF_LINK_CREATE and the link's info, in one syscall-thread job) that runs to
+        completion once queued, whatever happens to the caller (`must_run`): `atomic`, so the core needs no
+        shielded scope around it."""
         prog_fd = request.program.fd
         flags, relative = self._anchor_flags(request)
         attach_type = ATTACH_TYPES[request.direction]
@@ -379,7 +376,7 @@ class BpfLinkBackend(Backend[LinkAttachment]):
                 raise
 
         try:
-            fd, info = await self._syscalls().run(create, discard=functools.partial(_close_created, self.kernel))
+            fd, info = await self._syscalls().run(create, must_run=True)
         except bpf.BpfError as exc:
             p = request.placement
             if exc.errno == _errno.ENOENT and p.where in ("before", "after"):

@@ -9,11 +9,12 @@ import uuid
 
 import pytest
 import trio
+import trio.testing
 
 import asynctc
 import asynctc_netlink._backend as netlink_backend_module
 from asynctc import Direction
-from asynctc.backend import AttachRequest, BackendContext, Placement
+from asynctc.backend import ATOMIC, AttachRequest, BackendContext, Placement
 from asynctc.lowlevel import transport
 from asynctc.lowlevel.kernel import BoundDeviceNames
 from asynctc.lowlevel.netns import NetnsRunner
@@ -157,3 +158,48 @@ async def test_detach_of_a_link_whose_device_was_deleted() -> None:
 
     finally:
         await backend.aclose()
+
+
+class _SlowStartBackend(BpfLinkBackend):
+    """bpf_link with a checkpoint of its own before the attach: an override the `atomic` mark of the
+    parent's attach does not cover."""
+
+    name = "slow_start_bpf_link"
+
+    async def attach(self, request: AttachRequest) -> LinkAttachment:
+        await trio.lowlevel.checkpoint()
+        return await super().attach(request)
+
+
+class _SlowStartPlugin:
+    @asynctc.hookimpl
+    def asynctc_register_backends(self, registry: asynctc.BackendRegistry) -> None:
+        registry.add(_SlowStartBackend)
+
+
+@pytest.mark.parametrize("backend", ["bpf_link", _SlowStartBackend.name])
+async def test_an_attach_cancelled_while_in_the_kernel_completes_and_is_recorded(backend: str) -> None:
+    """bpf_link's attach is `atomic` (one syscall-thread job that runs once queued), so the core runs it
+    without a shield: cancelled while the link is being made, it still finishes and the session records
+    the link before the cancellation is delivered. An override with checkpoints of its own is not atomic
+    and is shielded as before: the same outcome (without the shield its checkpoint would raise)."""
+    assert getattr(BpfLinkBackend.attach, ATOMIC, False) is True
+    assert getattr(_SlowStartBackend.attach, ATOMIC, False) is False
+    kernel = MockKernel()
+    async with asynctc.open_session(backend, kernel=kernel, plugins=[_SlowStartPlugin()]) as s:
+        kernel.set_latency(0.2, "link_create")
+        program = kernel.program()
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(s.attach, "eth0", "ingress", program)
+                await trio.testing.wait_all_tasks_blocked()  # the attach waits for its syscall-thread job
+                scope.cancel()  # queued or under way (sleeping its injected latency): it runs all the same
+        kernel.set_latency(0, "link_create")
+        (att,) = s.attachments
+        assert att.info.prog_id == program.id
+        assert [e.prog_id for e in kernel.hook("eth0", "ingress").entries] == [program.id]
+        with trio.CancelScope() as scope:
+            scope.cancel()  # cancelled before it starts: it runs all the same, as under a shield
+            second = await s.attach("eth0", "ingress", kernel.program())
+        assert second in s.attachments
+    assert kernel.hook("eth0", "ingress").entries == ()
