@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno as _errno
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, Protocol
 
@@ -161,15 +162,22 @@ class Lifecycle:
                 with trio.CancelScope(shield=True):
                     await self._detach_held(rec)
 
-    async def detach_in_scope(self, rec: AttachmentRecord) -> None:
-        """Take the record's lock and detach, for a caller whose own cancel scope shields and bounds the
-        whole (the end of an `open_attachment` block, the session's close): no scope of its own, since
-        this runs once per lifecycle."""
+    async def detach_within(self, rec: AttachmentRecord, seconds: float) -> bool:
+        """Detach at the end of an `open_attachment` block: the wait for the record's lock is bounded by
+        `seconds`, the detach itself (once the lock is held) is shielded with no deadline, as every
+        kernel-changing step (see the module docstring). One cancel scope serves both, its deadline lifted
+        when the lock is taken: this runs once per lifecycle, and trio's scopes are not cheap. False if
+        the lock was not had in time (nothing was done)."""
         if not rec.live:
-            return
-        async with held(rec.lock):
-            if rec.live:
-                await self._detach_held(rec)
+            return True
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + seconds) as scope:
+            async with held(rec.lock):
+                if scope.cancel_called:  # the deadline passed as the lock came: do not start
+                    return False
+                scope.deadline = math.inf
+                if rec.live:
+                    await self._detach_held(rec)
+        return not scope.cancelled_caught
 
     async def _detach_held(self, rec: AttachmentRecord) -> None:
         """Detach a live record whose lock the caller holds, shielded by the caller."""
@@ -321,7 +329,7 @@ class Lifecycle:
                             rec.released = True
                         rec.drop_claim()
                 else:
-                    await self.detach_in_scope(rec)  # shielded and bounded below
+                    await self.detach(rec)
             except Exception as exc:
                 errors.append(exc)
 

@@ -36,7 +36,7 @@ from ._program import Program
 from ._registry import AttachmentRecord, Registry
 from ._types import OFFLOAD_MODES, Direction, Hook, HookEntry, Last, Offload, Position, Probe
 from ._watcher import Watcher
-from .backend import ATOMIC, AttachRequest, Backend, BackendContext
+from .backend import AttachRequest, Backend, BackendContext, is_atomic
 from .lowlevel.devlock import Claim, PinClaim
 from .lowlevel.kernel import LINUX, Kernel
 from .lowlevel.netdev import check_dev
@@ -250,7 +250,7 @@ class Session:
         registry = self._registry
         registry.begin_attach(ifindex)
         try:
-            if getattr(be.attach, ATOMIC, False):
+            if is_atomic(be.attach):
                 handle = await be.attach(request)  # completes once called: no shield needed (backend.atomic)
             else:
                 with trio.CancelScope(shield=True):
@@ -293,10 +293,9 @@ class Session:
             return
         timeout = self.cleanup_timeout
         try:
-            with trio.move_on_after(timeout, shield=True) as scope:
-                await self._lifecycle.detach_in_scope(rec)
-            if scope.cancelled_caught:
-                raise TCError(f"detaching {rec.public!r} did not finish within {timeout}s")
+            if not await self._lifecycle.detach_within(rec, timeout):
+                raise TCError(f"detaching {rec.public!r} could not start within {timeout}s (another operation "
+                              "on it held it); the session detaches it when it closes")
         except Exception as exc:
             if original is None:
                 raise CleanupError(f"detaching {rec.public!r} at the end of its block failed: {exc}", [exc]) from exc

@@ -17,7 +17,8 @@ conformance suite against any backend.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
@@ -33,8 +34,8 @@ from .lowlevel.kernel import LINUX
 from .lowlevel.netns import NetnsRunner
 
 __all__ = [
-    "ATOMIC",
     "atomic",
+    "is_atomic",
     "Backend",
     "BackendAttachment",
     "BackendContext",
@@ -45,10 +46,9 @@ __all__ = [
 ]
 
 
-ATOMIC = "__asynctc_atomic__"
-"""The attribute `atomic` sets on a method."""
+F = TypeVar("F", bound=Callable[..., Any])
 
-F = TypeVar("F")
+_atomic: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
 
 
 def atomic(method: F) -> F:
@@ -58,11 +58,17 @@ def atomic(method: F) -> F:
     Only for a method whose one and only checkpoint is a single kernel call that, once the method is
     called, runs to completion and returns its result even if the caller is cancelled meanwhile, such
     as `SyscallThreads.run(..., must_run=True)`: a cancellation is then delivered at the caller's next
-    checkpoint, after the core has recorded what the call did, exactly as under a shield. The mark
-    belongs to the function, so a subclass that overrides the method is shielded again unless it marks
-    its own. Used for `attach`."""
-    setattr(method, ATOMIC, True)
+    checkpoint, after the core has recorded what the call did, exactly as under a shield. The mark is
+    this very function object: a subclass that overrides the method, or a decorator that wraps it (even
+    with functools.wraps, which copies attributes), is shielded again unless it marks its own function.
+    Used for `attach`."""
+    _atomic.add(method)
     return method
+
+
+def is_atomic(method: Callable[..., Any]) -> bool:
+    """Whether `method` (a function or a bound method) was marked with `atomic`."""
+    return getattr(method, "__func__", method) in _atomic
 
 
 @dataclass(frozen=True, slots=True)

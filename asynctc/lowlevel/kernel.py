@@ -13,7 +13,8 @@ kernel's own interface, kept as low as the kernel draws it:
 - `if_nametoindex` / `if_indextoname`: device names and indexes of the calling thread's namespace (the
   SIOCGIFINDEX / SIOCGIFNAME ioctls: no rtnl, far cheaper than an RTM_GETLINK);
 - `open_device_names`: the same two lookups bound to the namespace of the thread that opens them, usable
-  from any thread afterwards (the trio thread included: the ioctls never block), a `BoundDeviceNames`.
+  from any thread afterwards (the trio thread included: the ioctls take no rtnl and do not wait for the
+  kernel's work, see `SocketDeviceNames`), a `BoundDeviceNames`.
   The kernel itself is a `DeviceNames` of the calling thread's namespace;
 - `device_locks` / `pin_claim`: the locks asynctc sessions of every process honour on this kernel (a device
   while its clsact qdisc is checked and changed; a pin path while a session holds it), which a simulated
@@ -105,7 +106,8 @@ class DeviceNames(Protocol):
 
 class BoundDeviceNames(DeviceNames, Protocol):
     """`DeviceNames` bound to the namespace they were opened in, whatever thread asks later; they hold a
-    resource until `close()` (idempotent; a lookup after it raises OSError EBADF). A lookup never blocks."""
+    resource until `close()` (idempotent; a lookup after it raises OSError EBADF). A lookup takes no rtnl
+    and waits for no kernel work (see `SocketDeviceNames` for the one brief wait older kernels have)."""
 
     def close(self) -> None: ...
 
@@ -123,9 +125,10 @@ class SocketDeviceNames:
     """The real kernel's `BoundDeviceNames`: an AF_UNIX datagram socket made in the namespace, and the
     SIOCGIFINDEX / SIOCGIFNAME ioctls on it. The kernel answers them in the namespace of the SOCKET
     (sock_net), not of the calling thread, so any thread may ask once the socket exists. Neither takes
-    rtnl or sleeps: an RCU lookup of the device (alternative names too), and a name copy that retries
-    while a rename is in flight. `close()` must not race with a lookup of another thread (the fd number
-    could be reused)."""
+    rtnl: an RCU lookup of the device (alternative names too), and a copy of its name that, since Linux
+    6.10, retries while a rename is in flight and never sleeps (before 6.10 it takes the rename semaphore
+    for reading, and so waits while a device of the machine is being renamed: the rename's sysfs move,
+    brief). `close()` must not race with a lookup of another thread (the fd number could be reused)."""
 
     def __init__(self) -> None:
         self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -165,6 +168,27 @@ class SocketDeviceNames:
         return f"<SocketDeviceNames {'closed' if self._sock is None else f'fd={self._sock.fileno()}'}>"
 
 
+class _OwnDeviceNames:
+    """`Kernel.open_device_names` of a kernel whose lookups do not depend on the calling thread."""
+
+    def __init__(self, kernel: DeviceNames) -> None:
+        self._kernel: DeviceNames | None = kernel
+
+    def _names(self) -> DeviceNames:
+        if self._kernel is None:
+            raise OSError(_errno.EBADF, "these device names are closed")
+        return self._kernel
+
+    def if_nametoindex(self, name: str) -> int:
+        return self._names().if_nametoindex(name)
+
+    def if_indextoname(self, ifindex: int) -> str:
+        return self._names().if_indextoname(ifindex)
+
+    def close(self) -> None:
+        self._kernel = None
+
+
 class Kernel(abc.ABC):
     """One kernel as asynctc's backends see it (see the module docstring).
 
@@ -196,11 +220,15 @@ class Kernel(abc.ABC):
     def if_indextoname(self, ifindex: int) -> str:
         """The name of device `ifindex` in the calling thread's namespace; OSError (ENXIO) if none."""
 
-    @abc.abstractmethod
     def open_device_names(self) -> BoundDeviceNames:
         """`if_nametoindex` and `if_indextoname` of the calling thread's namespace, bound to it: called in a
-        thread inside a namespace, they answer for THAT namespace from any thread afterwards, and never
-        block (call it in a worker thread: it makes a socket; close the result when done)."""
+        thread inside a namespace, they answer for THAT namespace from any thread afterwards, and take no
+        rtnl (call it in a worker thread: the real kernel's makes a socket; close the result when done).
+
+        This default answers through this kernel's own `if_nametoindex` / `if_indextoname`, which is right
+        for a kernel whose answers do not depend on the calling thread (an in-memory one); `Linux`
+        overrides it (`SocketDeviceNames`), as a kernel with namespaces per thread must."""
+        return _OwnDeviceNames(self)
 
     @abc.abstractmethod
     def classifier_present(self, kind: str) -> bool | None:

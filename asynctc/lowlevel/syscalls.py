@@ -29,7 +29,7 @@ Cancellation (the contract of `run`): a call that no thread has started yet is w
 (the caller gets Cancelled). A call already running is waited for and its result returned, the
 cancellation being delivered at the caller's next checkpoint, exactly as with `NetnsRunner.run`; unless
 the caller gave `discard=`: then the caller leaves at once and the thread hands the result, when it comes,
-to `discard` (for example to close the fd of a link made for a cancelled attach: nothing is lost). A call
+to `discard` (for example to close an fd the call made, that its caller no longer wants: nothing is lost). A call
 made with `must_run=True` is never withdrawn (for a call that releases something the caller gave up
 already, such as closing a link fd). Calls are bounded by the kernel, as before: nothing here times out.
 

@@ -255,7 +255,12 @@ def _detach_and_close(k: Kernel, fd: int, ifindex: int, dev: str) -> bool:
     succeeds on a severed link, so it cannot tell): the device still in the namespace under its ifindex
     and name (one SIOCGIFNAME) means that the link was not severed, since the kernel severs a link only when
     its device goes. Otherwise (deleted, renamed, or moved to another namespace, where a tcx link stays
-    attached) the link info decides: ifindex 0 there means severed. The fd is closed on every path."""
+    attached) the link info decides: ifindex 0 there means severed. The fd is closed on every path.
+
+    One case it cannot tell: the device deleted and another created under the same name AND ifindex (which
+    takes `ip link add ... index N`, ifindexes being handed out in sequence) before this detach; the link,
+    severed, is then reported detached. The session's watcher reports the deletion itself (the device's
+    attachments are severed when it sees it), so only a detach racing it reads it so."""
     try:
         try:
             here = k.if_indextoname(ifindex) == dev
@@ -342,8 +347,8 @@ class BpfLinkBackend(Backend[LinkAttachment]):
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
         """(ifindex, the device's own name), asked of the kernel on the trio thread through the device names
         opened in the session's namespace: two SIOCGIF* ioctls (one for an ifindex) that take no rtnl and
-        never block, so no thread is waited for (a thread round trip costs more than both). Never blocks,
-        and never yields to other tasks either."""
+        wait for no kernel work (`SocketDeviceNames`), so no thread is waited for (a thread round trip costs
+        more than both). It never yields to other tasks either."""
         names = self._devnames
         if names is None:
             raise TCError("the bpf_link backend is closed (its session has ended)")

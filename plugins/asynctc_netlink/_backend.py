@@ -289,8 +289,8 @@ class NetlinkBackend(Backend[FilterAttachment]):
 
     async def resolve_device(self, dev: str | int) -> tuple[int, str]:
         """(ifindex, the device's own name), asked on the trio thread of the device names opened in the
-        session's namespace (SIOCGIFINDEX / SIOCGIFNAME: no rtnl, never blocking, no thread waited for).
-        Never blocks, and never yields to other tasks either."""
+        session's namespace (SIOCGIFINDEX / SIOCGIFNAME: no rtnl, no kernel work waited for, no thread
+        waited for; `SocketDeviceNames`). It never yields to other tasks either."""
         names = self._devnames
         if names is None:
             raise TCError("the netlink backend is closed (its session has ended)")

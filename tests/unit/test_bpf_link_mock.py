@@ -5,7 +5,10 @@ too), and a detach that asks the device, not the link (no rtnl), whether the ker
 from __future__ import annotations
 
 import errno
+import functools
 import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import pytest
 import trio
@@ -14,9 +17,10 @@ import trio.testing
 import asynctc
 import asynctc_netlink._backend as netlink_backend_module
 from asynctc import Direction
-from asynctc.backend import ATOMIC, AttachRequest, BackendContext, Placement
+from asynctc.backend import AttachRequest, BackendContext, Placement, atomic, is_atomic
 from asynctc.lowlevel import transport
-from asynctc.lowlevel.kernel import BoundDeviceNames
+from asynctc.lowlevel.devlock import Claim, DeviceLocking
+from asynctc.lowlevel.kernel import BoundDeviceNames, Kernel, NetlinkSocket
 from asynctc.lowlevel.netns import NetnsRunner
 from asynctc_bpf_link import BpfLinkBackend, LinkAttachment
 from asynctc_mock import MockKernel
@@ -171,20 +175,55 @@ class _SlowStartBackend(BpfLinkBackend):
         return await super().attach(request)
 
 
+T = TypeVar("T")
+
+
+def _traced(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """A decorator as a tracing library writes one: functools.wraps (which copies the wrapped function's
+    attributes), and a checkpoint of its own after the call."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        handle = await method(*args, **kwargs)
+        await trio.lowlevel.checkpoint()
+        return handle
+
+    return wrapper
+
+
+class _TracedBackend(BpfLinkBackend):
+    """bpf_link whose (atomic) attach is wrapped by a decorator that adds a checkpoint."""
+
+    name = "traced_bpf_link"
+    attach = _traced(BpfLinkBackend.attach)  # type: ignore[assignment]
+
+
 class _SlowStartPlugin:
     @asynctc.hookimpl
     def asynctc_register_backends(self, registry: asynctc.BackendRegistry) -> None:
         registry.add(_SlowStartBackend)
+        registry.add(_TracedBackend)
 
 
-@pytest.mark.parametrize("backend", ["bpf_link", _SlowStartBackend.name])
+def test_only_the_marked_function_itself_is_atomic() -> None:
+    assert is_atomic(BpfLinkBackend.attach)
+    assert not is_atomic(_SlowStartBackend.attach)  # an override
+    assert not is_atomic(_TracedBackend.attach)  # a functools.wraps wrapper of the marked function
+
+    @atomic
+    async def marked() -> None:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    assert is_atomic(marked) and not is_atomic(_traced(marked))
+
+
+@pytest.mark.parametrize("backend", ["bpf_link", _SlowStartBackend.name, _TracedBackend.name])
 async def test_an_attach_cancelled_while_in_the_kernel_completes_and_is_recorded(backend: str) -> None:
     """bpf_link's attach is `atomic` (one syscall-thread job that runs once queued), so the core runs it
     without a shield: cancelled while the link is being made, it still finishes and the session records
-    the link before the cancellation is delivered. An override with checkpoints of its own is not atomic
-    and is shielded as before: the same outcome (without the shield its checkpoint would raise)."""
-    assert getattr(BpfLinkBackend.attach, ATOMIC, False) is True
-    assert getattr(_SlowStartBackend.attach, ATOMIC, False) is False
+    the link before the cancellation is delivered. An override or a wrapper with checkpoints of its own is
+    not atomic and is shielded as before: the same outcome (without the shield its checkpoint would raise,
+    and a wrapper's after the kernel call would lose the link)."""
     kernel = MockKernel()
     async with asynctc.open_session(backend, kernel=kernel, plugins=[_SlowStartPlugin()]) as s:
         kernel.set_latency(0.2, "link_create")
@@ -203,3 +242,58 @@ async def test_an_attach_cancelled_while_in_the_kernel_completes_and_is_recorded
             second = await s.attach("eth0", "ingress", kernel.program())
         assert second in s.attachments
     assert kernel.hook("eth0", "ingress").entries == ()
+
+
+class _TableKernel(Kernel):
+    """A third-party in-memory kernel that implements only what `Kernel` requires (its device lookups do
+    not depend on the calling thread)."""
+
+    def __init__(self) -> None:
+        self.devices = {1: "lo", 7: "uplink0"}
+
+    def open_netlink_socket(self, groups: Iterable[int] = (), rcvbuf: int | None = None,
+                            blocking: bool = False) -> NetlinkSocket:
+        raise OSError(errno.EAFNOSUPPORT, "no netlink here")
+
+    def if_nametoindex(self, name: str) -> int:
+        for ifindex, own in self.devices.items():
+            if own == name:
+                return ifindex
+        raise OSError(errno.ENODEV, name)
+
+    def if_indextoname(self, ifindex: int) -> str:
+        try:
+            return self.devices[ifindex]
+        except KeyError:
+            raise OSError(errno.ENXIO, str(ifindex)) from None
+
+    def classifier_present(self, kind: str) -> bool | None:
+        return None
+
+    def device_locks(self, netns_inode: int) -> DeviceLocking:
+        raise NotImplementedError
+
+    def pin_claim(self, path: str, session_tag: str) -> Claim:
+        raise NotImplementedError
+
+    def session_alive(self, session_tag: str) -> bool:
+        return True
+
+
+def test_a_third_party_kernel_gets_device_names_from_its_own_lookups() -> None:
+    """`Kernel.open_device_names` has a default (a new abstract method would break every Kernel subclass
+    written before it): the kernel's own lookups, closed by close()."""
+    kernel = _TableKernel()
+    names = kernel.open_device_names()
+    assert names.if_nametoindex("uplink0") == 7
+    assert names.if_indextoname(1) == "lo"
+    kernel.devices[9] = "late0"
+    assert names.if_indextoname(9) == "late0"
+    with pytest.raises(OSError, match="nosuch0") as exc:
+        names.if_nametoindex("nosuch0")
+    assert exc.value.errno == errno.ENODEV
+    names.close()
+    names.close()
+    with pytest.raises(OSError, match="closed") as exc:
+        names.if_indextoname(1)
+    assert exc.value.errno == errno.EBADF

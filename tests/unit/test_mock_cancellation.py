@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from _mockutil import assert_consistent, kernel_entries, qdiscs
 
 import asynctc
@@ -291,3 +292,59 @@ async def test_failing_session_cleanup_is_a_cleanup_error(kernel: MockKernel) ->
     with pytest.raises(ZeroDivisionError, match="body") as z:
         await failing_body()
     assert any("session cleanup also failed" in note for note in z.value.__notes__)
+
+
+@pytest.mark.parametrize("backend", ["netlink", "bpf_link"])
+async def test_a_slow_detach_at_the_end_of_a_block_is_not_cut_by_cleanup_timeout(backend: str) -> None:
+    """cleanup_timeout bounds the wait to START the detach at a block's end (another operation may hold
+    the attachment); once started, the detach runs to its end with no deadline, like every kernel-changing
+    step: a deadline could only cut it between steps (netlink: the filter deleted, its clsact qdisc left)."""
+    kernel = MockKernel()
+    severed: list[object] = []
+    async with asynctc.open_session(backend, kernel=kernel, cleanup_timeout=0.05) as s:
+        async with s.open_monitor() as monitor, trio.open_nursery() as nursery:
+            async def watch() -> None:
+                async for event in monitor:
+                    if isinstance(event, asynctc.events.AttachmentSevered):
+                        severed.append(event)
+
+            nursery.start_soon(watch)
+            async with s.open_attachment("eth0", IN, kernel.program()) as att:
+                kernel.set_latency(0.2, "filter_delete" if backend == "netlink" else "link_detach")
+            kernel.set_latency(0)
+            assert att.state is State.DETACHED
+            assert kernel_entries(kernel) == set() and qdiscs(kernel) == {}
+            nursery.cancel_scope.cancel()
+        # the session closes with its own attach+detach finished: nothing for the close to do either
+        attached = await s.attach("eth0", IN, kernel.program())
+        kernel.set_latency(0.2, "filter_delete" if backend == "netlink" else "link_detach")
+    kernel.set_latency(0)
+    assert attached.state is State.DETACHED
+    assert severed == []
+    assert_clean(kernel)
+
+
+async def test_a_block_whose_attachment_is_busy_past_cleanup_timeout_leaves_it_to_the_session() -> None:
+    """The block's exit waits at most cleanup_timeout for the attachment's lock (here an update holds it):
+    then it raises CleanupError saying it did not start the detach, and the session detaches it at close."""
+    kernel = MockKernel()
+    async with asynctc.open_session("bpf_link", kernel=kernel, cleanup_timeout=0.05) as s:
+        old, new = kernel.program(), kernel.program()
+        blocks: list[asynctc.Attachment] = []
+
+        async def block(nursery: trio.Nursery) -> None:
+            async with s.open_attachment("eth0", IN, old) as att:
+                blocks.append(att)
+                kernel.set_latency(0.3, "link_update")
+                nursery.start_soon(att.update, new)
+                await trio.testing.wait_all_tasks_blocked()  # the update holds the lock, in the kernel
+
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(asynctc.CleanupError, match="could not start within 0.05s"):
+                await block(nursery)
+            kernel.set_latency(0)
+        (att,) = blocks
+        assert (att.state, att.info.prog_id) == (State.ATTACHED, new.id)
+        assert s.attachments == (att,)
+    assert att.state is State.DETACHED
+    assert_clean(kernel)
