@@ -34,7 +34,7 @@ import fcntl
 import os
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final, Protocol
 
 from . import bpf as _bpf
@@ -43,7 +43,8 @@ from . import tcpolicy
 from .devlock import Claim, DeviceLocking, DeviceLocks, PinClaim
 from .nlsock import open_netlink_socket
 
-__all__ = ["LINUX", "BoundDeviceNames", "DeviceNames", "Kernel", "Linux", "NetlinkSocket", "SocketDeviceNames"]
+__all__ = ["LINUX", "BoundDeviceNames", "DeviceNameLookups", "DeviceNames", "Kernel", "Linux", "NetlinkSocket",
+           "SocketDeviceNames"]
 
 
 _classifiers_known: set[str] = set()
@@ -168,25 +169,30 @@ class SocketDeviceNames:
         return f"<SocketDeviceNames {'closed' if self._sock is None else f'fd={self._sock.fileno()}'}>"
 
 
-class _OwnDeviceNames:
-    """`Kernel.open_device_names` of a kernel whose lookups do not depend on the calling thread."""
+class DeviceNameLookups:
+    """`BoundDeviceNames` made of two lookups that do not depend on the calling thread (an in-memory
+    kernel's device table): what `Kernel.open_device_names` gives by default. After `close()`
+    (idempotent) a lookup raises OSError EBADF, as an ioctl on a closed socket would."""
 
-    def __init__(self, kernel: DeviceNames) -> None:
-        self._kernel: DeviceNames | None = kernel
+    def __init__(self, nametoindex: Callable[[str], int], indextoname: Callable[[int], str]) -> None:
+        self._lookups: tuple[Callable[[str], int], Callable[[int], str]] | None = (nametoindex, indextoname)
 
-    def _names(self) -> DeviceNames:
-        if self._kernel is None:
+    def _open(self) -> tuple[Callable[[str], int], Callable[[int], str]]:
+        if self._lookups is None:
             raise OSError(_errno.EBADF, "these device names are closed")
-        return self._kernel
+        return self._lookups
 
     def if_nametoindex(self, name: str) -> int:
-        return self._names().if_nametoindex(name)
+        return self._open()[0](name)
 
     def if_indextoname(self, ifindex: int) -> str:
-        return self._names().if_indextoname(ifindex)
+        return self._open()[1](ifindex)
 
     def close(self) -> None:
-        self._kernel = None
+        self._lookups = None
+
+    def __repr__(self) -> str:
+        return f"<DeviceNameLookups {'closed' if self._lookups is None else 'open'}>"
 
 
 class Kernel(abc.ABC):
@@ -228,7 +234,7 @@ class Kernel(abc.ABC):
         This default answers through this kernel's own `if_nametoindex` / `if_indextoname`, which is right
         for a kernel whose answers do not depend on the calling thread (an in-memory one); `Linux`
         overrides it (`SocketDeviceNames`), as a kernel with namespaces per thread must."""
-        return _OwnDeviceNames(self)
+        return DeviceNameLookups(self.if_nametoindex, self.if_indextoname)
 
     @abc.abstractmethod
     def classifier_present(self, kind: str) -> bool | None:

@@ -49,7 +49,7 @@ from typing import Literal, NoReturn, TypeAlias
 
 from asynctc import Direction, Program, ProgramError
 from asynctc.lowlevel import bpf, codec
-from asynctc.lowlevel.kernel import Kernel
+from asynctc.lowlevel.kernel import DeviceNameLookups, Kernel
 from asynctc.lowlevel.tcpolicy import parse_session_tag, parse_tag, process_alive
 
 from ._locks import LockTable, MockDeviceLocks, MockPinClaim
@@ -75,7 +75,6 @@ __all__ = [
     "FilterInfo",
     "KernelError",
     "LinkInfo",
-    "MockDeviceNames",
     "MockKernel",
     "QdiscInfo",
     "SimulatedProgram",
@@ -591,35 +590,6 @@ def _device_names(devices: Iterable[str]) -> list[str]:
     return names
 
 
-class MockDeviceNames:
-    """A MockKernel's `asynctc.lowlevel.kernel.BoundDeviceNames` (what its `open_device_names` gives): its
-    device table, as `if_nametoindex` / `if_indextoname` answer it (operation "dev_get": counted, and
-    injected faults apply). Injected latency is not slept here: the real lookups (ioctls on a socket of the
-    namespace) never sleep, and they are made on the trio thread. After `close()` (idempotent) a lookup
-    raises OSError EBADF, as an ioctl on a closed socket would."""
-
-    def __init__(self, kernel: MockKernel) -> None:
-        self._kernel: MockKernel | None = kernel
-
-    def _open(self) -> MockKernel:
-        kernel = self._kernel
-        if kernel is None:
-            raise OSError(_errno.EBADF, "these device names are closed")
-        return kernel
-
-    def if_nametoindex(self, name: str) -> int:
-        return self._open().syscall_ifindex(name)
-
-    def if_indextoname(self, ifindex: int) -> str:
-        return self._open().syscall_ifname(ifindex)
-
-    def close(self) -> None:
-        self._kernel = None
-
-    def __repr__(self) -> str:
-        return f"<MockDeviceNames of {self._kernel!r}>" if self._kernel is not None else "<MockDeviceNames closed>"
-
-
 class MockKernel(Kernel, BpfSyscallsMixin):
     """An in-memory kernel: devices, tcx hooks and links, clsact qdiscs and cls_bpf filters, pins, events.
 
@@ -684,10 +654,12 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         """The name of device `ifindex` (SIOCGIFNAME); OSError ENXIO if there is none."""
         return self._indextoname(ifindex, sleep=True)
 
-    def open_device_names(self) -> MockDeviceNames:
+    def open_device_names(self) -> DeviceNameLookups:
         """`if_nametoindex` and `if_indextoname` of this kernel (it has one namespace), usable from any
-        thread, the trio thread included: see `MockDeviceNames`."""
-        return MockDeviceNames(self)
+        thread, the trio thread included, as SIOCGIFINDEX / SIOCGIFNAME on a socket of the namespace:
+        its device table (operation "dev_get": counted, and injected faults apply), never sleeping
+        injected latency (the real lookups never sleep, and they are made on the trio thread)."""
+        return DeviceNameLookups(self.syscall_ifindex, self.syscall_ifname)
 
     def syscall_ifindex(self, name: str) -> int:
         """SIOCGIFINDEX on a socket of `open_device_names`: `if_nametoindex`, never sleeping injected latency."""
@@ -800,7 +772,7 @@ class MockKernel(Kernel, BpfSyscallsMixin):
         """Make every operation (or only `op`, one of `asynctc_mock._kernel.OPERATIONS`, see `inject_fault`;
         "close" and "dup" included) block its calling thread for `seconds`; the kernel calls behind it queue up,
         as behind a real kernel waiting for RCU under rtnl (dup, close and device lookups do not wait; the
-        lookups of `open_device_names` do not sleep at all, see `MockDeviceNames`). 0 removes the latency.
+        lookups of `open_device_names` do not sleep at all). 0 removes the latency.
         ValueError for an unknown `op` or a negative, infinite or NaN `seconds`."""
         if op is not None:
             _check_op(op, "set_latency")
