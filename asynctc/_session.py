@@ -204,6 +204,9 @@ class Session:
         assert att is not None
         return att
 
+    # KI-protected: a Ctrl-C between the kernel's answer and the registration would lose the link (it is
+    # delivered at the next checkpoint instead, once the session owns the attachment).
+    @trio.lowlevel.enable_ki_protection
     async def _attach(self, dev: str | int, direction: Direction | str, program: Program, position: Position | None,
                       expected_revision: int | None, offload: Offload, backend: str | None,
                       options: dict[str, object]) -> AttachmentRecord:

@@ -348,3 +348,43 @@ async def test_a_block_whose_attachment_is_busy_past_cleanup_timeout_leaves_it_t
         assert s.attachments == (att,)
     assert att.state is State.DETACHED
     assert_clean(kernel)
+
+
+@pytest.mark.skipif(
+    signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
+    reason="SIGINT is ignored in this process (started as a background job?): trio cannot turn a raised "
+           "SIGINT into KeyboardInterrupt, so there is no Ctrl-C to test",
+)
+@pytest.mark.parametrize("backend", ["bpf_link", "mock"])
+def test_a_ctrl_c_between_the_kernels_answer_and_the_registration_loses_nothing(
+    monkeypatch: pytest.MonkeyPatch, backend: str,
+) -> None:
+    """The attach is KI-protected: a Ctrl-C arriving after the kernel made the link and before the session
+    recorded it is delivered at the next checkpoint, once the session owns the attachment (which its
+    cleanup then detaches), not in the middle of the registration."""
+    from asynctc._lifecycle import Lifecycle
+
+    kernel = MockKernel()
+    register = Lifecycle.register
+
+    def interrupted_register(self: Lifecycle, *args: Any, **kwargs: Any) -> Any:
+        signal.raise_signal(signal.SIGINT)  # a real Ctrl-C: its handler runs at the next bytecode
+        return register(self, *args, **kwargs)
+
+    monkeypatch.setattr(Lifecycle, "register", interrupted_register)
+    recorded: list[int] = []
+
+    async def main() -> None:
+        async with asynctc.open_session(backend, kernel=kernel) as s:
+            try:
+                async with s.open_attachment("eth0", IN, kernel.program()):
+                    recorded.append(len(s.attachments))
+                    with trio.fail_after(10):  # TooSlowError, not KeyboardInterrupt, if it never comes
+                        await trio.sleep_forever()
+            finally:
+                recorded.append(len(s.attachments))
+
+    with pytest.raises(KeyboardInterrupt):
+        trio.run(main)
+    assert recorded[-1] == 0  # detached by the block's cleanup
+    assert_clean(kernel)
