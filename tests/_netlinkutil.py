@@ -1,11 +1,15 @@
-"""A raw rtnetlink transport into a test namespace, for tests that talk to the kernel below asynctc."""
+"""A raw rtnetlink transport into a test namespace, and a bare namespace to point it at, for tests that
+talk to the kernel below asynctc."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import trio
+from _children import CHILD_TIMEOUT
 
 from asynctc.lowlevel.netns import NetnsRunner
 from asynctc.lowlevel.transport import NetlinkTransport, open_transport
@@ -20,3 +24,17 @@ async def raw_netlink(netns: str) -> AsyncIterator[NetlinkTransport]:
             yield nl
     finally:
         runner.close()
+
+
+@contextmanager
+def veth_pair_netns(prefix: str) -> Iterator[str]:
+    """A fresh namespace PREFIX-XXXXXXXX holding one veth pair, veth0 and veth1, left down (nothing in it
+    changes until the test does); deleted by name afterwards."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=CHILD_TIMEOUT)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1"],
+                       check=True, capture_output=True, timeout=CHILD_TIMEOUT)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=CHILD_TIMEOUT)

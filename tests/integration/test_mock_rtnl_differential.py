@@ -16,7 +16,6 @@ import json
 import os
 import random
 import subprocess
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 import trio
 from _children import CHILD_TIMEOUT
+from _netlinkutil import veth_pair_netns
 
 import asynctc
 from asynctc.lowlevel import codec as c
@@ -89,14 +89,8 @@ async def _dump(nl: NetlinkTransport, build: Callable[[int], bytes]) -> Any:
 
 @pytest.fixture
 def diff_netns() -> Iterator[str]:
-    name = f"atcd-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=CHILD_TIMEOUT)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1"],
-                       check=True, capture_output=True, timeout=CHILD_TIMEOUT)
+    with veth_pair_netns("atcd") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=CHILD_TIMEOUT)
 
 
 def _links(ns: str) -> list[tuple[int, str]]:

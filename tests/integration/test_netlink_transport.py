@@ -12,7 +12,6 @@ import random
 import socket
 import subprocess
 import threading
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +21,7 @@ import pytest
 import trio
 import trio.testing
 from _children import CHILD_TIMEOUT
+from _netlinkutil import veth_pair_netns
 
 from asynctc._errors import AlreadyAttached, DeviceNotFound, OffloadError, Op, Severed, TCError, translated
 from asynctc.lowlevel import bpf
@@ -59,14 +59,8 @@ def _ifindex(ns: str, dev: str) -> int:
 @pytest.fixture
 def nl_netns() -> Iterator[NlNetns]:
     """A fresh namespace atc-XXXXXXXX with veth0/veth1 inside; deleted (by name) after the test."""
-    name = f"atc-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=CHILD_TIMEOUT)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1"],
-                       check=True, capture_output=True, timeout=CHILD_TIMEOUT)
+    with veth_pair_netns("atc") as name:
         yield NlNetns(name, _ifindex(name, "veth0"), _ifindex(name, "veth1"))
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=CHILD_TIMEOUT)
 
 
 @pytest.fixture
