@@ -568,11 +568,16 @@ class Bpf:
         (ifindex,) = struct.unpack_from("=I", info, 80)
         return ProgInfo(type=ptype, id=pid, tag=tag, name=name, ifindex=ifindex)
 
-    def prog_get_fd_by_id(self, prog_id: int) -> int:
-        check_field("prog_id", prog_id)
+    def _fd_by_id(self, cmd: int, obj_id: int, op: str, *, field: str) -> int:
+        """BPF_{PROG,MAP,LINK}_GET_FD_BY_ID: an fd on the object with this id (id@0); `field` names the id
+        in the error for a value no u32 holds."""
+        check_field(field, obj_id)
         attr = _attr()
-        _put(attr, "=I", 0, prog_id)
-        return self._sys_bpf(BPF_PROG_GET_FD_BY_ID, attr, "prog_get_fd_by_id")
+        _put(attr, "=I", 0, obj_id)
+        return self._sys_bpf(cmd, attr, op)
+
+    def prog_get_fd_by_id(self, prog_id: int) -> int:
+        return self._fd_by_id(BPF_PROG_GET_FD_BY_ID, prog_id, "prog_get_fd_by_id", field="prog_id")
 
     def obj_pin(self, fd: int, path: str) -> None:
         """BPF_OBJ_PIN: pin a program, map or link at `path` on a bpffs mount."""
@@ -605,10 +610,7 @@ class Bpf:
         return LinkInfo(type=ltype, id=lid, prog_id=prog_id, ifindex=ifindex, attach_type=attach_type)
 
     def link_get_fd_by_id(self, link_id: int) -> int:
-        check_field("link_id", link_id)
-        attr = _attr()
-        _put(attr, "=I", 0, link_id)
-        return self._sys_bpf(BPF_LINK_GET_FD_BY_ID, attr, "link_get_fd_by_id")
+        return self._fd_by_id(BPF_LINK_GET_FD_BY_ID, link_id, "link_get_fd_by_id", field="link_id")
 
     def link_ids(self) -> list[int]:
         """The ids of every BPF link that exists now, system-wide (BPF_LINK_GET_NEXT_ID, as `bpftool link`
@@ -759,10 +761,8 @@ class Bpf:
         return nxt.raw if found else None
 
     def map_get_fd_by_id(self, map_id: int) -> int:
-        """BPF_MAP_GET_FD_BY_ID (needs CAP_SYS_ADMIN): map_id@0."""
-        attr = _attr()
-        _put(attr, "<I", 0, map_id)
-        return self._sys_bpf(BPF_MAP_GET_FD_BY_ID, attr, "map_get_fd_by_id")
+        """BPF_MAP_GET_FD_BY_ID (needs CAP_SYS_ADMIN)."""
+        return self._fd_by_id(BPF_MAP_GET_FD_BY_ID, map_id, "map_get_fd_by_id", field="map_id")
 
     def map_info(self, map_fd: int) -> MapInfo:
         """BPF_OBJ_GET_INFO_BY_FD on a map fd: type@0 id@4 key_size@8 value_size@12 max_entries@16

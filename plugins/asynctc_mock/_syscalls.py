@@ -25,7 +25,7 @@ import hashlib
 import os
 import re
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, ClassVar, Literal, cast
 
 from asynctc import Direction, PinError
@@ -291,11 +291,15 @@ class BpfSyscallsMixin:
         _write(nxt, struct.pack("=I", i + 1), op)
         return 0
 
-    def _sys_map_get_fd_by_id(self, attr: Attr, op: str) -> int:
-        (map_id,) = struct.unpack_from("=I", attr, 0)
-        if map_id not in self._maps:
+    def _fd_by_id(self, kind: FileKind, objects: Mapping[int, object], attr: Attr, op: str) -> int:
+        """BPF_{MAP,LINK}_GET_FD_BY_ID: a new fd on the object whose id is at attr@0, ENOENT if none."""
+        (obj_id,) = struct.unpack_from("=I", attr, 0)
+        if obj_id not in objects:
             raise _err(_errno.ENOENT, op)
-        return self._new_fd("map", map_id)
+        return self._new_fd(kind, obj_id)
+
+    def _sys_map_get_fd_by_id(self, attr: Attr, op: str) -> int:
+        return self._fd_by_id("map", self._maps, attr, op)
 
     # -- programs -------------------------------------------------------------------------------------------
     def _sys_prog_load(self, attr: Attr, op: str) -> int:
@@ -541,10 +545,7 @@ class BpfSyscallsMixin:
         return 0
 
     def _sys_link_get_fd_by_id(self, attr: Attr, op: str) -> int:
-        (link_id,) = struct.unpack_from("=I", attr, 0)
-        if link_id not in self._links:
-            raise _err(_errno.ENOENT, op)
-        return self._new_fd("link", link_id)
+        return self._fd_by_id("link", self._links, attr, op)
 
     def _sys_link_get_next_id(self, attr: Attr, op: str) -> int:
         (start,) = struct.unpack_from("=I", attr, 0)
