@@ -149,6 +149,15 @@ class Mismatch(AssertionError):
     pass
 
 
+async def _request(side: Side, build: Callable[[int], bytes]) -> None:
+    """One rtnetlink request of the test's own (a foreign tc user) on `side`; the kernel's refusal as the
+    OSError the comparison reads."""
+    try:
+        await side.nl.request(build)
+    except NetlinkError as exc:
+        raise OSError(exc.errno, str(exc)) from None
+
+
 def _exc_answer(exc: BaseException) -> Answer:
     return ("err", type(exc).__name__, errno.errorcode.get(getattr(exc, "errno", None) or 0,
                                                            getattr(exc, "errno", None)))
@@ -516,12 +525,9 @@ class Differential:
 
         async def add(s: Side) -> None:
             ifindex = s.ifindex[dev]
-            try:
-                await s.nl.request(lambda seq: codec.encode_filter(
-                    seq, codec.RTM_NEWTFILTER, flags, ifindex, parent, prio, 1, codec.ETH_P_ALL, self.progs[p].fd,
-                    "foreign", True, 0))
-            except NetlinkError as exc:
-                raise OSError(exc.errno, str(exc)) from None
+            await _request(s, lambda seq: codec.encode_filter(
+                seq, codec.RTM_NEWTFILTER, flags, ifindex, parent, prio, 1, codec.ETH_P_ALL, self.progs[p].fd,
+                "foreign", True, 0))
 
         await self.both(f"foreign-bpf P{p} {dev} {direction} prio {prio}", add)
 
@@ -534,11 +540,8 @@ class Differential:
 
         async def delete(s: Side) -> None:
             ifindex = s.ifindex[dev]
-            try:
-                await s.nl.request(lambda seq: codec.encode_filter(
-                    seq, codec.RTM_DELTFILTER, codec.NLM_F_REQUEST | codec.NLM_F_ACK, ifindex, parent, prio, 0))
-            except NetlinkError as exc:
-                raise OSError(exc.errno, str(exc)) from None
+            await _request(s, lambda seq: codec.encode_filter(
+                seq, codec.RTM_DELTFILTER, codec.NLM_F_REQUEST | codec.NLM_F_ACK, ifindex, parent, prio, 0))
 
         await self.both(f"foreign-del {dev} {direction} prio {prio}", delete)
 

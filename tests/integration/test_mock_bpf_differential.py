@@ -237,6 +237,13 @@ class Differential:
             expected_revision=rev))
         self.adopt_link(real, mock)
 
+    def close_and_check(self, real: Answer, mock: Answer) -> None:
+        """Answers not kept: close the fd of each side that made one, then compare (failing if they differ)."""
+        for side, ans in zip(self.sides, (real, mock), strict=True):
+            if ans[0] == "ok":
+                side.bpf.close(int(ans[1]))  # type: ignore[call-overload]
+        self.check(real, mock)
+
     def adopt_link(self, real: Answer, mock: Answer) -> None:
         """Record a link both made (compare first; an fd only one side made is closed before failing)."""
         if real[0] == "ok" and mock[0] == "ok":
@@ -245,10 +252,7 @@ class Differential:
             self.links.append(Link(ids, fds))
             self.log[-1] += f" -> L{len(self.links) - 1}"
             return
-        for side, ans in zip(self.sides, (real, mock), strict=True):
-            if ans[0] == "ok":
-                side.bpf.close(int(ans[1]))  # type: ignore[call-overload]
-        self.check(real, mock)
+        self.close_and_check(real, mock)
 
     def op_burst(self) -> None:
         """Fill one hook: create links for programs in order until the kernel says no (the 64th: ERANGE)."""
@@ -333,10 +337,7 @@ class Differential:
             for side, ans in zip(self.sides, (real, mock), strict=True):
                 self.links[i].fds[side.name].append(int(ans[1]))  # type: ignore[call-overload]
             return
-        for side, ans in zip(self.sides, (real, mock), strict=True):
-            if ans[0] == "ok":
-                side.bpf.close(int(ans[1]))  # type: ignore[call-overload]
-        self.check(real, mock)
+        self.close_and_check(real, mock)
 
     def op_info(self) -> None:
         links = self.open_links()
