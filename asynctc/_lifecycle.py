@@ -94,9 +94,7 @@ class Lifecycle:
                 reason: str | None = None) -> None:
         if not self._observers.observed:
             return
-        att = rec.public
-        assert att is not None
-        self._observers.notify(AttachmentEvent(kind=kind, info=rec.info, attachment=att, method=method,
+        self._observers.notify(AttachmentEvent(kind=kind, info=rec.info, attachment=rec.public, method=method,
                                                reason=reason))
 
     async def watching(self) -> None:
@@ -109,10 +107,8 @@ class Lifecycle:
         """Record what a backend attached or adopted (with the claim on its pin, if adopted); the session
         owns it from now on. No checkpoint here, so a caller that just got `handle` from the kernel can
         never lose it to a cancellation."""
-        rec = AttachmentRecord(backend, handle)
+        rec = AttachmentRecord(backend, handle, lambda r: Attachment(r, self))
         rec.claim = claim
-        att = Attachment(rec, self)
-        rec.public = att
         self.registry.add(rec)
         self._notify("attach", rec)
         self.demand.wanted.set()  # the session now has something to lose: watch for severing
@@ -232,9 +228,7 @@ class Lifecycle:
         rec.end(State.SEVERED, reason)
         self.registry.remove(rec)
         self._notify("sever", rec, reason=reason)
-        att = rec.public
-        assert att is not None
-        self.fanout.publish(AttachmentSevered(att, reason))
+        self.fanout.publish(AttachmentSevered(rec.public, reason))
 
     async def _release_severed(self, rec: AttachmentRecord) -> None:
         with trio.move_on_after(self.cleanup_timeout, shield=True):

@@ -11,7 +11,7 @@ import dataclasses
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -44,7 +44,8 @@ class AttachmentRecord:
     __slots__ = ("__weakref__", "backend", "claim", "ended", "handle", "lock", "public", "released", "serial",
                  "sever_reason", "state")
 
-    def __init__(self, backend: Backend[Any], handle: BackendAttachment) -> None:
+    def __init__(self, backend: Backend[Any], handle: BackendAttachment,
+                 public: Callable[[AttachmentRecord], Attachment]) -> None:
         self.serial = next_serial()
         self.backend = backend
         self.handle = handle
@@ -53,8 +54,8 @@ class AttachmentRecord:
         self.ended = trio.Event()  # set when the state leaves ATTACHED
         self.released = False  # the session let go of it (pinned, at session close)
         self.sever_reason: str | None = None
-        self.public: Attachment | None = None  # the handle users hold, set right after creation
         self.claim: Claim | None = None  # held while the session holds it pinned
+        self.public: Attachment = public(self)  # the handle users hold, made over this record
 
     def drop_claim(self) -> None:
         claim, self.claim = self.claim, None

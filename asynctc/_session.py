@@ -126,7 +126,7 @@ class Session:
     @property
     def attachments(self) -> tuple[Attachment, ...]:
         """The live attachments this session owns (attached, not severed), oldest first."""
-        return tuple(rec.public for rec in self._registry.records() if rec.public is not None)
+        return tuple(rec.public for rec in self._registry.records())
 
     @property
     def runner(self) -> NetnsRunner:
@@ -200,9 +200,7 @@ class Session:
             PermissionDenied, OffloadError, BackendUnavailable, TCError.
         """
         rec = await self._attach(dev, direction, program, position, expected_revision, offload, backend, options)
-        att = rec.public
-        assert att is not None
-        return att
+        return rec.public
 
     # KI-protected: a Ctrl-C between the kernel's answer and the registration would lose the link (it is
     # delivered at the next checkpoint instead, once the session owns the attachment).
@@ -343,7 +341,7 @@ class Session:
         if not isinstance(foreign, bool):
             raise TypeError(f"foreign must be a bool, got {foreign!r}")
         mine = self._registry.pinned_at(spath)
-        if mine is not None and mine.public is not None:
+        if mine is not None:
             return mine.public
         claim = self._lifecycle.claim(spath)
         errors: list[str] = []
@@ -355,9 +353,7 @@ class Session:
                 with trio.CancelScope(shield=True):
                     handle = await be.adopt_pinned(spath, foreign=foreign)
                 if handle is not None:
-                    att = self._lifecycle.register(be, handle, claim).public
-                    assert att is not None
-                    return att
+                    return self._lifecycle.register(be, handle, claim).public
         except BaseException:
             claim.release()
             raise
@@ -448,9 +444,7 @@ class _AttachmentBlock:
         if self._rec is not None:
             raise RuntimeError("an open_attachment() context manager can be entered only once")
         self._rec = await self._attach()
-        att = self._rec.public
-        assert att is not None
-        return att
+        return self._rec.public
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:

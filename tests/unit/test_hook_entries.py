@@ -232,7 +232,7 @@ async def test_query_hook_puts_tcx_first_and_keeps_the_filters_order(monkeypatch
 def _record(prio: int, handle: int) -> AttachmentRecord:
     info = AttachmentInfo(backend="netlink", netns=None, dev="veth0", ifindex=IFX, direction=Direction.INGRESS,
                           prog_id=70, link_id=None, handle=handle, priority=prio, offloaded=False, pinned=None)
-    return AttachmentRecord(cast(Any, None), BackendAttachment(info))
+    return AttachmentRecord(cast(Any, None), BackendAttachment(info), cast(Any, lambda rec: None))
 
 
 def test_an_entry_without_a_program_is_never_owned() -> None:
